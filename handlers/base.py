@@ -1,0 +1,154 @@
+"""The thin shared base of every handler: the batch contract and error mapping, in one place.
+
+Workflow of a handler built on ``BatchHandler``:
+
+1. ``load(context, config)``: load the model and build everything per-request work needs;
+2. ``preprocess(request)``: ONE request dict -> a prepared item (raise a ``HandlerError`` to fail
+   only that request);
+3. ``inference(items)``: the prepared items of the batch that survived step 2 -> model outputs;
+4. ``postprocess(outputs, items)``: -> one JSON-serialisable response per item.
+
+``handle`` runs the steps, guarantees N responses for N requests, and turns every error into a
+per-request status with a JSON body. ``initialize`` sizes torch's thread pool for the worker count
+and warms the model up at every batch size the worker can receive.
+
+Minimal example::
+
+    class Echo(BatchHandler):
+        def load(self, context, config): pass
+        def preprocess(self, request): return request["body"]
+        def inference(self, items): return items
+        def postprocess(self, outputs, items): return [{"echo": len(o)} for o in outputs]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from handlers.errors import HandlerError, InferenceError, error_payload
+
+logger = logging.getLogger(__name__)
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(config: dict, model_yaml_config: dict) -> int:
+    """Torch intra-op threads: the handler's ``threads`` setting, else cores // minWorkers.
+
+    TorchServe's default gives every worker torch's default thread count (all cores), so N workers
+    oversubscribe the CPU N times over; dividing the cores avoids that.
+    """
+    if config.get("threads"):
+        return max(1, int(config["threads"]))
+    workers = max(1, int(model_yaml_config.get("minWorkers") or 1))
+    return max(1, available_cores() // workers)
+
+
+class BatchHandler:
+    """Base class: subclasses implement ``load``, ``preprocess``, ``inference``, ``postprocess``."""
+
+    warmup_rounds = 2
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.context: Any = None
+        self.config: dict = {}
+        self.batch_size = 1
+
+    # ----------------------------------------------------------------- lifecycle
+    def initialize(self, context: Any) -> None:
+        self.context = context
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        self.config = dict(yaml_config.get("handler") or {})
+        self.batch_size = max(1, int(context.system_properties.get("batch_size") or 1))
+        threads = threads_per_worker(self.config, yaml_config)
+        torch.set_num_threads(threads)
+        started = time.perf_counter()
+        self.load(context, self.config)
+        loaded = time.perf_counter()
+        self.warm_up()
+        logger.info(
+            "initialized: %d torch threads, load %.2fs, warm-up for batch sizes 1..%d %.2fs",
+            threads,
+            loaded - started,
+            self.batch_size,
+            time.perf_counter() - loaded,
+        )
+        self.initialized = True
+
+    def warm_up(self) -> None:
+        """Run every batch size the worker can receive, so no client pays for first-call costs."""
+        for size in range(1, self.batch_size + 1):
+            items = self.warmup_items(size)
+            for _ in range(self.warmup_rounds):
+                self.postprocess(self.inference(items), items)
+
+    # ----------------------------------------------------------------- the batch contract
+    def handle(self, data: list[dict], context: Any) -> list[Any]:
+        """N requests in, N responses out; a failure costs only the request it belongs to."""
+        responses: list[Any] = [None] * len(data)
+        ready: list[tuple[int, Any]] = []
+        for idx, request in enumerate(data):
+            try:
+                ready.append((idx, self.preprocess(request)))
+            except Exception as exc:  # noqa: BLE001 - every error becomes this request's status
+                responses[idx] = self._fail(context, idx, exc)
+
+        if ready:
+            items = [item for _, item in ready]
+            try:
+                outputs = self.postprocess(self.inference(items), items)
+                if len(outputs) != len(items):
+                    raise InferenceError(
+                        f"{type(self).__name__}.postprocess returned {len(outputs)} results for "
+                        f"{len(items)} inputs. Hint: return exactly one result per prepared item."
+                    )
+            except Exception as exc:  # noqa: BLE001
+                logger.exception("inference failed for a batch of %d", len(items))
+                outputs = [exc] * len(items)
+            for (idx, _), output in zip(ready, outputs, strict=True):
+                if isinstance(output, BaseException):
+                    responses[idx] = self._fail(context, idx, output)
+                else:
+                    context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+                    responses[idx] = output
+        return responses
+
+    @staticmethod
+    def _fail(context: Any, idx: int, exc: BaseException) -> dict:
+        status, payload = error_payload(exc)
+        if not isinstance(exc, HandlerError):
+            logger.error("request %d failed unexpectedly: %r", idx, exc)
+        # The reason phrase goes into the HTTP status line: one line, bounded.
+        phrase = " ".join(payload["error"].split())[:200]
+        context.set_response_status(status, phrase, idx=idx)
+        context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+        return payload
+
+    # ----------------------------------------------------------------- to implement
+    def load(self, context: Any, config: dict) -> None:
+        raise NotImplementedError
+
+    def preprocess(self, request: dict) -> Any:
+        raise NotImplementedError
+
+    def inference(self, items: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any, items: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def warmup_items(self, batch_size: int) -> list[Any]:
+        raise NotImplementedError

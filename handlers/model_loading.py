@@ -1,0 +1,49 @@
+"""Loading a serialized model, one loader per precision.
+
+Archives carry a frozen TorchScript program (``model.pt``): a format that needs no Python class
+definitions and runs no pickled Python code when loaded. FP32 and INT8 models differ only here:
+an INT8 program needs the quantized kernel engine it was converted for.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        # torch.jit.load is marked deprecated in favour of torch.export; it is still the format
+        # with working quantized CPU kernels for eager serving in this torch release.
+        warnings.simplefilter("ignore", FutureWarning)
+        model = torch.jit.load(str(path), map_location="cpu")
+    return model.eval()
+
+
+def load_fp32(path: Path, config: dict) -> torch.jit.ScriptModule:
+    return _load_torchscript(path)
+
+
+def load_int8(path: Path, config: dict) -> torch.jit.ScriptModule:
+    engine = config.get("quantized_engine", "x86")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            f"quantized engine {engine!r} is not available here "
+            f"(supported: {torch.backends.quantized.supported_engines})"
+        )
+    torch.backends.quantized.engine = engine
+    return _load_torchscript(path)
+
+
+LOADERS: dict[str, Callable[[Path, dict], torch.jit.ScriptModule]] = {"fp32": load_fp32, "int8": load_int8}
+
+
+def load_model(path: Path, precision: str, config: dict) -> torch.jit.ScriptModule:
+    try:
+        loader = LOADERS[precision]
+    except KeyError:
+        raise ValueError(f"precision {precision!r} is not one of {sorted(LOADERS)}") from None
+    return loader(path, config)

@@ -1,0 +1,177 @@
+"""Image preprocessing as one named, parameterised object, built once per worker.
+
+``ImagePreprocessor`` turns a decoded PIL image into the model's input tensor. The same object is
+used by the archive build (training, calibration, evaluation) and by the handler, so the model is
+always evaluated on exactly what it will see when served.
+
+Two geometries are supported:
+
+* ``resize`` + ``crop`` (ImageNet style): scale the shorter side, then take the centre square;
+* ``fit_content`` (digit style): find the ink, crop to it, pad to a square and scale it into a
+  ``crop`` x ``crop`` canvas with ``margin`` pixels of border, so a digit drawn anywhere on a page
+  of any size lands where the model expects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handlers.errors import InvalidInput
+
+COLOR_MODES = {"L": 1, "RGB": 3}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Validated preprocessing parameters (the spec's ``preprocessing`` section)."""
+
+    color_mode: str = "RGB"
+    resize: int | None = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    invert: bool = False
+    fit_content: bool = False
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if self.color_mode not in COLOR_MODES:
+            raise ValueError(f"color_mode: {self.color_mode!r} is not one of {sorted(COLOR_MODES)}")
+        channels = COLOR_MODES[self.color_mode]
+        if not isinstance(self.crop, int) or isinstance(self.crop, bool) or self.crop < 1:
+            raise ValueError(f"crop: must be a positive integer, got {self.crop!r}")
+        if self.resize is not None and (not isinstance(self.resize, int) or self.resize < self.crop):
+            raise ValueError(f"resize: must be an integer >= crop ({self.crop}) or null, got {self.resize!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != channels or not all(isinstance(v, int | float) for v in value):
+                raise ValueError(f"{name}: needs {channels} numbers for color_mode {self.color_mode}, got {value!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std: every value must be > 0, got {self.std!r}")
+        if not isinstance(self.margin, int) or not 0 <= 2 * self.margin < self.crop:
+            raise ValueError(f"margin: must be an integer with 0 <= 2*margin < crop, got {self.margin!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Preprocessing:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key (valid keys: {', '.join(sorted(known))})")
+        for name in ("mean", "std"):
+            if name in data:
+                if not isinstance(data[name], list | tuple):
+                    raise ValueError(f"{name}: must be a list of numbers, got {data[name]!r}")
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @property
+    def channels(self) -> int:
+        return COLOR_MODES[self.color_mode]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.crop, self.crop)
+
+
+def to_model_mode(image: Image.Image, color_mode: str) -> Image.Image:
+    """Convert any PIL mode (16-bit, float, palette, alpha, CMYK, ...) to ``L`` or ``RGB``.
+
+    Transparent pixels are composited on white: a drawing exported with a transparent background
+    is ink on paper to the person who made it.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+    elif mode == "P" or mode == "PA":
+        image = image.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    elif mode == "1":
+        image = image.convert("L")
+
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode != color_mode:
+        image = image.convert(color_mode)
+    return image
+
+
+class ImagePreprocessor:
+    """Callable: PIL image -> float tensor of shape ``input_shape``.
+
+    >>> pre = ImagePreprocessor(Preprocessing(color_mode="L", resize=None, crop=16, mean=(0.5,), std=(0.5,)))
+    >>> pre(Image.new("L", (40, 30))).shape
+    torch.Size([1, 16, 16])
+    """
+
+    def __init__(self, params: Preprocessing) -> None:
+        self.params = params
+        std = torch.tensor(params.std, dtype=torch.float32).view(-1, 1, 1)
+        mean = torch.tensor(params.mean, dtype=torch.float32).view(-1, 1, 1)
+        # x/255 then (x - mean)/std folded into one multiply-add.
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        p = self.params
+        image = to_model_mode(image, p.color_mode)
+        if p.invert:
+            image = Image.eval(image, lambda v: 255 - v)
+        image = self._fit_content(image) if p.fit_content else self._resize_crop(image)
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+        return tensor * self._scale + self._shift
+
+    def _resize_crop(self, image: Image.Image) -> Image.Image:
+        p = self.params
+        if p.resize is not None:
+            w, h = image.size
+            scale = p.resize / min(w, h)
+            size = (max(p.crop, round(w * scale)), max(p.crop, round(h * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        w, h = image.size
+        if (w, h) != (p.crop, p.crop):
+            if min(w, h) < p.crop:
+                image = image.resize((max(w, p.crop), max(h, p.crop)), Image.Resampling.BILINEAR)
+                w, h = image.size
+            left, top = (w - p.crop) // 2, (h - p.crop) // 2
+            image = image.crop((left, top, left + p.crop, top + p.crop))
+        return image
+
+    def _fit_content(self, image: Image.Image) -> Image.Image:
+        """Crop to the ink (bright after inversion), pad to a square, scale into the canvas."""
+        p = self.params
+        gray = np.asarray(image.convert("L"), dtype=np.float32)
+        lo, hi = float(gray.min()), float(gray.max())
+        if hi - lo < 16:
+            raise InvalidInput("image has no visible content (it is blank or nearly uniform)")
+        # Stretch contrast so faint pencil on grey paper looks like the training ink.
+        stretched = (np.asarray(image, dtype=np.float32) - lo) * (255.0 / (hi - lo))
+        image = Image.fromarray(np.clip(stretched, 0, 255).astype(np.uint8), image.mode)
+        ys, xs = np.nonzero((gray - lo) > 0.35 * (hi - lo))
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        content = image.crop(box)
+        side = max(content.size)
+        square = Image.new(image.mode, (side, side), 0)
+        square.paste(content, ((side - content.size[0]) // 2, (side - content.size[1]) // 2))
+        inner = p.crop - 2 * p.margin
+        square = square.resize((inner, inner), Image.Resampling.BILINEAR)
+        canvas = Image.new(image.mode, (p.crop, p.crop), 0)
+        canvas.paste(square, (p.margin, p.margin))
+        return canvas

@@ -1,0 +1,237 @@
+"""Building versioned ``.mar`` archives from the spec, and the manifest of what was built.
+
+For each model version: get the FP32 weights (train or load), quantize if INT8, export a frozen
+TorchScript program, measure held-out accuracy (and gate INT8 against FP32), then package the
+program, the handler package, ``model-config.yaml``, labels and metadata with torch-model-archiver
+into ``<store>/<name>_v<version>.mar`` and record it in ``<store>/manifest.json``.
+
+Versions are immutable: the manifest keeps a fingerprint of each archive's inputs (the resolved
+spec entry, the handler code, the weights' source); rebuilding a version whose inputs changed is
+refused unless ``force`` is given, and rebuilding with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+import servekit
+from servekit.convert import (
+    evaluation_set,
+    export_torchscript,
+    load_program,
+    quantize_static,
+    top1_accuracy,
+)
+from servekit.progress import Progress
+from servekit.spec import ModelVersionSpec
+from servekit.training import BuildError, file_sha256, fp32_weights, load_fp32_model, recipe_key
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HANDLERS_DIR = REPO_ROOT / "handlers"
+MANIFEST_NAME = "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def read_manifest(store: Path) -> dict:
+    path = store / MANIFEST_NAME
+    if not path.is_file():
+        return {"format": 1, "archives": {}}
+    return json.loads(path.read_text())
+
+
+def write_manifest(store: Path, manifest: dict) -> None:
+    path = store / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def handler_code_sha256() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(HANDLERS_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(spec: ModelVersionSpec) -> str:
+    """What determines an archive: a change to any of these makes it a different version."""
+    if spec.weights.file:
+        source = file_sha256(spec.weights.file)
+    elif spec.weights.torchvision:
+        source = spec.weights.torchvision
+    else:
+        source = f"train:{recipe_key(spec)}"
+    parts = {"spec": spec.spec_hash(), "handler_code": handler_code_sha256(), "weights_source": source}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- build
+@dataclass(frozen=True)
+class BuildResult:
+    spec: ModelVersionSpec
+    status: str  # "built" | "up to date"
+    record: dict
+
+
+def build_version(
+    spec: ModelVersionSpec, store: Path, cache_dir: Path, force: bool = False, stream=None
+) -> BuildResult:
+    log = Progress(f"{spec.name} {spec.version}", stream)
+    store.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(store)
+    fingerprint = inputs_fingerprint(spec)
+    existing = manifest["archives"].get(spec.archive_name)
+    archive_path = store / spec.archive_name
+    if existing and archive_path.is_file() and not force:
+        if existing.get("inputs_fingerprint") != fingerprint:
+            raise BuildError(
+                f"{spec.name} {spec.version}: {spec.archive_name} was already built from different inputs "
+                "(spec, handler code or weights changed). Versions are immutable: give the change a new "
+                "version in the spec, or rebuild this one with --force"
+            )
+        if file_sha256(archive_path) != existing.get("sha256"):
+            raise BuildError(
+                f"{spec.name} {spec.version}: {archive_path} does not match the sha256 in the manifest "
+                "(modified after the build?); rebuild it with --force"
+            )
+        log("up to date, skipped")
+        return BuildResult(spec, "up to date", existing)
+
+    weights_path = fp32_weights(spec, cache_dir, log)
+    model = load_fp32_model(spec, weights_path)
+    example = torch.zeros((1, *spec.preprocessing.input_shape))
+    eval_data = evaluation_set(spec)
+
+    with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-") as tmp:
+        stage = Path(tmp)
+        program_path = stage / "model.pt"
+        accuracy = None
+        if spec.precision == "int8":
+            quantized = quantize_static(model, spec, log)
+            fp32_top1 = None
+            if eval_data is not None:
+                reference = stage / "fp32_reference.pt"
+                export_torchscript(model, example, reference)
+                fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
+            log("exporting INT8 TorchScript program")
+            export_torchscript(quantized, example, program_path)
+        else:
+            log("exporting FP32 TorchScript program")
+            export_torchscript(model, example, program_path)
+
+        if eval_data is not None:
+            log(f"evaluating on {spec.evaluation} held-out split ({len(eval_data[1])} images)")
+            top1 = top1_accuracy(load_program(program_path, spec), *eval_data)
+            accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
+            log(f"held-out top-1 {top1:.2f}%")
+            if spec.precision == "int8":
+                accuracy["fp32_top1"] = fp32_top1
+                allowed = spec.quantization.max_top1_drop
+                accuracy["gate"] = {"max_top1_drop": allowed, "drop": round(fp32_top1 - top1, 4)}
+                if top1 < fp32_top1 - allowed:
+                    raise BuildError(
+                        f"{spec.name} {spec.version}: accuracy gate failed: INT8 top-1 {top1:.2f}% is more "
+                        f"than {allowed} points below FP32 {fp32_top1:.2f}%"
+                    )
+                log(f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> INT8 {top1:.2f}% (max drop {allowed})")
+        elif spec.precision == "int8":
+            log("WARNING: no evaluation set, so the INT8 accuracy gate cannot run")
+
+        metadata = {
+            "model": spec.name,
+            "version": spec.version,
+            "architecture": spec.architecture,
+            "precision": spec.precision,
+            "spec_hash": spec.spec_hash(),
+            "inputs_fingerprint": fingerprint,
+            "weights_sha256": file_sha256(weights_path),
+            "program_sha256": file_sha256(program_path),
+            "accuracy": accuracy,
+            "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "toolkit_version": servekit.__version__,
+            "torch_version": torch.__version__,
+        }
+        log("packaging with torch-model-archiver")
+        built = _package(spec, stage, metadata)
+        tmp_target = store / f".{spec.archive_name}.{os.getpid()}.tmp"
+        shutil.copyfile(built, tmp_target)
+        tmp_target.replace(archive_path)
+
+    record = {
+        **{k: metadata[k] for k in ("model", "version", "precision", "spec_hash", "inputs_fingerprint")},
+        "weights_sha256": metadata["weights_sha256"],
+        "accuracy": accuracy,
+        "sha256": file_sha256(archive_path),
+        "size_bytes": archive_path.stat().st_size,
+        "built_at": metadata["built_at"],
+    }
+    manifest = read_manifest(store)  # re-read: another build may have finished meanwhile
+    manifest["archives"][spec.archive_name] = record
+    write_manifest(store, manifest)
+    log(f"wrote {archive_path} ({record['size_bytes'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]})")
+    return BuildResult(spec, "built", record)
+
+
+def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:
+    from dataclasses import replace
+
+    return replace(spec, precision="fp32", quantization=None)
+
+
+def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
+    extra = stage / "extra"
+    shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (extra / "labels.json").write_text(json.dumps(list(spec.labels)))
+    (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    config = {**spec.serving.model_config(), "handler": spec.handler_config()}
+    (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    out = stage / "out"
+    out.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "model_archiver.model_packaging",
+        "--model-name",
+        spec.name,
+        "--version",
+        spec.version,
+        "--serialized-file",
+        str(stage / "model.pt"),
+        "--handler",
+        str(REPO_ROOT / spec.handler_file),
+        "--extra-files",
+        str(extra),
+        "--config-file",
+        str(stage / "model-config.yaml"),
+        "--export-path",
+        str(out),
+        "--archive-format",
+        "default",
+        "--force",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    archive = out / f"{spec.name}.mar"
+    if result.returncode != 0 or not archive.is_file():
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise BuildError(
+            f"{spec.name} {spec.version}: torch-model-archiver failed: {detail[-1] if detail else result.returncode}"
+        )
+    return archive
+
+
+def build_all(
+    specs: list[ModelVersionSpec], store: Path, cache_dir: Path, force: bool = False, stream=None
+) -> list[BuildResult]:
+    return [build_version(spec, store, cache_dir, force, stream) for spec in specs]

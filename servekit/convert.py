@@ -1,0 +1,78 @@
+"""From an FP32 ``nn.Module`` to the program an archive carries: INT8 quantization, export, evaluation."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from handlers.model_loading import load_model
+from handlers.transforms import ImagePreprocessor
+from servekit.datasets import DATASETS
+from servekit.spec import ModelVersionSpec
+from servekit.training import to_tensors
+
+
+def calibration_inputs(spec: ModelVersionSpec) -> torch.Tensor:
+    """Training images for calibration (never held-out ones), or random ones for ``synthetic``."""
+    q = spec.quantization
+    assert q is not None
+    if q.calibration == "synthetic":
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn((q.calibration_images, *spec.preprocessing.input_shape), generator=generator)
+    x, _ = to_tensors(DATASETS[q.calibration]("train"), ImagePreprocessor(spec.preprocessing))
+    return x[: q.calibration_images]
+
+
+def quantize_static(model: nn.Module, spec: ModelVersionSpec, log: Callable[[str], None]) -> nn.Module:
+    """Post-training static INT8 quantization in FX graph mode, calibrated on ``calibration_inputs``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    q = spec.quantization
+    assert q is not None
+    torch.backends.quantized.engine = q.backend
+    calibration = calibration_inputs(spec)
+    example = calibration[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX quantization deprecation notices
+        prepared = prepare_fx(model.eval(), get_default_qconfig_mapping(q.backend), (example,))
+        with torch.inference_mode():
+            batches = range(0, len(calibration), 32)
+            for i, start in enumerate(batches, 1):
+                prepared(calibration[start : start + 32])
+                if i == 1 or i % 4 == 0 or i == len(batches):
+                    log(f"calibrating ({q.calibration}): batch {i}/{len(batches)}")
+        return convert_fx(prepared)
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Trace and freeze ``model`` into a TorchScript program at ``path``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning and torch.jit deprecation notices
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(model.eval(), example)
+            frozen = torch.jit.freeze(traced)
+            torch.jit.save(frozen, str(path))
+
+
+def load_program(path: Path, spec: ModelVersionSpec) -> torch.jit.ScriptModule:
+    """Load an exported program exactly as the handler will."""
+    return load_model(path, spec.precision, spec.handler_config())
+
+
+@torch.inference_mode()
+def top1_accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    correct = 0
+    for start in range(0, len(x), 128):
+        correct += int((model(x[start : start + 128]).argmax(1) == y[start : start + 128]).sum())
+    return 100.0 * correct / len(x)
+
+
+def evaluation_set(spec: ModelVersionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if spec.evaluation is None:
+        return None
+    return to_tensors(DATASETS[spec.evaluation]("holdout"), ImagePreprocessor(spec.preprocessing))

@@ -1,0 +1,396 @@
+"""The declarative model spec (``models.yaml``), parsed once into frozen, validated dataclasses.
+
+Layout::
+
+    models:
+      digits:                      # model name (TorchServe's model name)
+        architecture: digits_cnn   # see servekit.architectures.ARCHITECTURES
+        handler: image_classifier  # see HANDLERS
+        labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list)
+        topk: 3
+        preprocessing: {...}       # handlers.transforms.Preprocessing
+        limits: {...}              # handlers.image_io.DecodeLimits
+        serving: {...}             # Serving below: TorchServe's batch and worker settings
+        evaluation: digits         # data set for measured accuracy (servekit.datasets), or omit
+        versions:
+          "1.0": {precision: fp32, weights: {train: digits}}
+          "2.0": {precision: int8, weights: {train: digits}, quantization: {calibration: digits}}
+
+A version inherits every model-level key and may override any of them. Every error names the
+model, the version and the field, and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from handlers.image_io import DecodeLimits
+from handlers.transforms import Preprocessing
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
+HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
+PRECISIONS = ("fp32", "int8")
+VERSION_KEYS = {
+    "architecture",
+    "handler",
+    "precision",
+    "weights",
+    "labels",
+    "labels_file",
+    "topk",
+    "preprocessing",
+    "limits",
+    "serving",
+    "evaluation",
+    "quantization",
+    "description",
+}
+MODEL_KEYS = VERSION_KEYS | {"versions"}
+
+
+class SpecError(ValueError):
+    """A mistake in the spec, located by model, version and field."""
+
+    def __init__(self, message: str, model: str | None = None, version: str | None = None, field: str | None = None):
+        where = " ".join(part for part in (model, version) if part)
+        location = ": ".join(part for part in (where, field) if part)
+        super().__init__(f"{location}: {message}" if location else message)
+        self.model, self.version, self.field = model, version, field
+
+
+def _check_keys(data: dict, valid: set[str], what: str) -> None:
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key in {what} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Serving:
+    """TorchServe settings for one version, written into the archive's model-config.yaml."""
+
+    batch_size: int = 1
+    max_batch_delay_ms: int = 10
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: int = 60
+    startup_timeout_s: int = 120
+    job_queue_size: int | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("max_batch_delay_ms", self.max_batch_delay_ms, 0)
+        _positive_int("min_workers", self.min_workers, 0)
+        _positive_int("max_workers", self.max_workers)
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers: must be >= min_workers ({self.min_workers}), got {self.max_workers}")
+        _positive_int("response_timeout_s", self.response_timeout_s)
+        _positive_int("startup_timeout_s", self.startup_timeout_s)
+        if self.job_queue_size is not None:
+            _positive_int("job_queue_size", self.job_queue_size)
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Serving:
+        data = data or {}
+        _check_keys(data, {f.name for f in fields(cls)}, "serving")
+        return cls(**data)
+
+    def model_config(self) -> dict:
+        """TorchServe's frontend keys for model-config.yaml."""
+        config = {
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+            "startupTimeout": self.startup_timeout_s,
+            "deviceType": "cpu",
+        }
+        if self.job_queue_size is not None:
+            config["jobQueueSize"] = self.job_queue_size
+        return config
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where the weights come from: exactly one of ``train``, ``file`` or ``torchvision``."""
+
+    train: str | None = None
+    file: str | None = None
+    torchvision: str | None = None
+    sha256: str | None = None
+    seed: int = 0
+    epochs: int = 40
+
+    @classmethod
+    def from_dict(cls, data: Any, base_dir: Path) -> Weights:
+        if not isinstance(data, dict):
+            raise ValueError("weights: must be a mapping such as {file: weights.pt} or {train: digits}")
+        _check_keys(data, {f.name for f in fields(cls)}, "weights")
+        weights = cls(**data)
+        sources = [name for name in ("train", "file", "torchvision") if getattr(weights, name)]
+        if len(sources) != 1:
+            raise ValueError(f"weights: give exactly one of train, file, torchvision (got {sources or 'none'})")
+        if weights.file:
+            path = (base_dir / weights.file).resolve()
+            if not path.is_file():
+                raise ValueError(f"weights.file: weights file not found: {path}")
+            weights = cls(**{**asdict(weights), "file": str(path)})
+        if weights.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(weights.sha256)):
+            raise ValueError(f"weights.sha256: must be 64 lowercase hex digits, got {weights.sha256!r}")
+        _positive_int("weights.epochs", weights.epochs)
+        return weights
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Static post-training INT8 quantization and its accuracy gate."""
+
+    calibration: str = "synthetic"
+    calibration_images: int = 256
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    max_top1_drop: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Quantization:
+        data = data or {}
+        _check_keys(data, {f.name for f in fields(cls)}, "quantization")
+        q = cls(**data)
+        _positive_int("quantization.calibration_images", q.calibration_images)
+        if q.backend not in ("x86", "fbgemm", "qnnpack"):
+            raise ValueError(f"quantization.backend: must be x86, fbgemm or qnnpack, got {q.backend!r}")
+        if not isinstance(q.max_top1_drop, int | float) or q.max_top1_drop < 0:
+            raise ValueError(f"quantization.max_top1_drop: must be a number >= 0, got {q.max_top1_drop!r}")
+        return q
+
+
+@dataclass(frozen=True)
+class ModelVersionSpec:
+    """One model version, fully resolved: everything needed to build its archive."""
+
+    name: str
+    version: str
+    architecture: str
+    handler: str
+    precision: str
+    weights: Weights
+    labels: tuple[str, ...]
+    topk: int
+    preprocessing: Preprocessing
+    limits: DecodeLimits
+    serving: Serving
+    evaluation: str | None = None
+    quantization: Quantization | None = None
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def archive_name(self) -> str:
+        return f"{self.name}_v{self.version}.mar"
+
+    @property
+    def handler_file(self) -> str:
+        return HANDLERS[self.handler]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("extra")
+        data["preprocessing"] = self.preprocessing.to_dict()
+        data["labels"] = list(self.labels)
+        return data
+
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def handler_config(self) -> dict:
+        """The ``handler:`` section of model-config.yaml, read by the handler in the worker."""
+        config = {
+            "precision": self.precision,
+            "topk": self.topk,
+            "labels_file": "labels.json",
+            "preprocessing": self.preprocessing.to_dict(),
+            "limits": asdict(self.limits),
+        }
+        if self.serving.threads is not None:
+            config["threads"] = self.serving.threads
+        if self.quantization is not None:
+            config["quantized_engine"] = self.quantization.backend
+        return config
+
+
+def _resolve_version(
+    name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
+) -> ModelVersionSpec:
+    from servekit.datasets import DATASETS  # local: keeps the spec importable without sklearn
+
+    if not isinstance(version, str):
+        hint = " (quote it in YAML: '1.0', or YAML reads it as a number)" if isinstance(version, int | float) else ""
+        raise SpecError(f"version must be a string like '1.0', got {version!r}{hint}", name, str(version), "version")
+    if not VERSION_RE.match(version):
+        raise SpecError(
+            f"bad version string {version!r}: use 1 to 3 dot-separated numbers, e.g. '1.0' or '2.1.3'",
+            name,
+            version,
+            "version",
+        )
+    if override is None:
+        override = {}
+    if not isinstance(override, dict):
+        raise SpecError("must be a mapping of settings", name, version)
+    merged = {k: v for k, v in model.items() if k != "versions"}
+    for key, value in override.items():
+        if key not in VERSION_KEYS:
+            raise SpecError(f"unknown key (valid keys: {', '.join(sorted(VERSION_KEYS))})", name, version, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+
+    def fail(field_name: str, message: str) -> SpecError:
+        return SpecError(message, name, version, field_name)
+
+    def nested(section: str, build):
+        try:
+            return build()
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            # Messages of the nested dataclasses start with their own field name.
+            head, sep, tail = message.partition(": ")
+            if sep and " " not in head:
+                head = head if head.startswith(section) else f"{section}.{head}"
+                raise fail(head, tail) from exc
+            raise fail(section, message) from exc
+
+    for required in ("architecture", "handler", "precision", "weights"):
+        if required not in merged:
+            raise fail(required, "is required")
+    if merged["architecture"] not in architectures:
+        raise fail("architecture", f"unknown architecture {merged['architecture']!r} (known: {sorted(architectures)})")
+    if merged["handler"] not in HANDLERS:
+        raise fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(HANDLERS)})")
+    if merged["precision"] not in PRECISIONS:
+        raise fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
+
+    weights = nested("weights", lambda: Weights.from_dict(merged["weights"], base_dir))
+
+    if "labels" in merged and "labels_file" in merged:
+        raise fail("labels", "give labels or labels_file, not both")
+    if "labels_file" in merged:
+        path = (base_dir / str(merged["labels_file"])).resolve()
+        if not path.is_file():
+            raise fail("labels_file", f"labels file not found: {path}")
+        try:
+            labels = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise fail("labels_file", f"{path} is not valid JSON: {exc}") from exc
+    elif "labels" in merged:
+        labels = merged["labels"]
+    else:
+        raise fail("labels", "is required (a list of class names, or labels_file)")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str | int) for x in labels):
+        raise fail("labels", "must be a non-empty list of class names")
+    labels = tuple(str(x) for x in labels)
+
+    topk = merged.get("topk", min(5, len(labels)))
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= len(labels):
+        raise fail("topk", f"must be an integer between 1 and {len(labels)} (the number of labels), got {topk!r}")
+
+    preprocessing = nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing")))
+    limits = nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits")))
+    serving = nested("serving", lambda: Serving.from_dict(merged.get("serving")))
+
+    evaluation = merged.get("evaluation")
+    if evaluation is not None and evaluation not in DATASETS:
+        raise fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(DATASETS)})")
+
+    quantization = None
+    if merged["precision"] == "int8":
+        quantization = nested("quantization", lambda: Quantization.from_dict(merged.get("quantization")))
+        if quantization.calibration != "synthetic" and quantization.calibration not in DATASETS:
+            raise fail(
+                "quantization.calibration",
+                f"unknown data set {quantization.calibration!r} (known: synthetic, {', '.join(sorted(DATASETS))})",
+            )
+    elif "quantization" in merged:
+        raise fail("quantization", "only applies to precision int8")
+
+    return ModelVersionSpec(
+        name=name,
+        version=version,
+        architecture=merged["architecture"],
+        handler=merged["handler"],
+        precision=merged["precision"],
+        weights=weights,
+        labels=labels,
+        topk=topk,
+        preprocessing=preprocessing,
+        limits=limits,
+        serving=serving,
+        evaluation=evaluation,
+        quantization=quantization,
+        description=str(merged.get("description", "")),
+    )
+
+
+def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:
+    """Validate a loaded spec document; returns every model x version, in spec order."""
+    from servekit.architectures import ARCHITECTURES
+
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
+        raise SpecError("the spec needs a non-empty 'models:' mapping at the top level")
+    extra = sorted(set(data) - {"models"})
+    if extra:
+        raise SpecError(f"unknown top-level key {extra[0]!r} (valid: models)")
+    specs = []
+    for name, model in data["models"].items():
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise SpecError(
+                "bad model name: use letters, digits, '_' or '-', starting with a letter", str(name), None, "name"
+            )
+        if not isinstance(model, dict):
+            raise SpecError("must be a mapping of settings", name)
+        for key in model:
+            if key not in MODEL_KEYS:
+                raise SpecError(f"unknown key (valid keys: {', '.join(sorted(MODEL_KEYS))})", name, None, key)
+        versions = model.get("versions")
+        if not isinstance(versions, dict) or not versions:
+            raise SpecError("needs at least one entry under 'versions:'", name, None, "versions")
+        for version, override in versions.items():
+            specs.append(_resolve_version(name, version, model, override, base_dir, set(ARCHITECTURES)))
+    return specs
+
+
+def load_spec(path: str | Path) -> list[ModelVersionSpec]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_spec(data, path.parent.resolve())
+
+
+def select(specs: list[ModelVersionSpec], model: str | None, version: str | None) -> list[ModelVersionSpec]:
+    chosen = [s for s in specs if (model is None or s.name == model) and (version is None or s.version == version)]
+    if not chosen:
+        known = ", ".join(f"{s.name} {s.version}" for s in specs)
+        raise SpecError(f"no model/version matches --model {model} --version {version} (known: {known})")
+    return chosen

@@ -1,0 +1,148 @@
+"""Getting FP32 weights for a spec entry: train them on a bundled data set, or load a local file.
+
+Trained weights are cached under ``build/cache/`` by a hash of the training recipe, so the FP32
+and INT8 versions of one model are built from the very same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from handlers.transforms import ImagePreprocessor
+from servekit.architectures import build_architecture
+from servekit.datasets import DATASETS, LabelledImages
+from servekit.spec import ModelVersionSpec
+
+TRAIN_SIZES = (16, 32, 64)  # render training digits at several sizes: users send any size
+
+
+class BuildError(RuntimeError):
+    """The build of one model version failed; the message names it and says why."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def to_tensors(data: LabelledImages, preprocessor: ImagePreprocessor) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs = torch.stack([preprocessor(image) for image in data.images])
+    return inputs, torch.tensor(data.labels, dtype=torch.long)
+
+
+def recipe_key(spec: ModelVersionSpec) -> str:
+    recipe = {
+        "architecture": spec.architecture,
+        "train": spec.weights.train,
+        "seed": spec.weights.seed,
+        "epochs": spec.weights.epochs,
+        "labels": list(spec.labels),
+        "preprocessing": spec.preprocessing.to_dict(),
+        "sizes": TRAIN_SIZES,
+        "recipe_version": 1,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shift(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to one pixel: cheap augmentation for hand-placed digits."""
+    dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator))
+    return torch.roll(batch, shifts=(dy, dx), dims=(2, 3))
+
+
+def train(spec: ModelVersionSpec, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Train ``spec.architecture`` on the ``train`` split of ``spec.weights.train``."""
+    dataset = DATASETS[spec.weights.train]
+    preprocessor = ImagePreprocessor(spec.preprocessing)
+    log(f"training {spec.architecture} on {spec.weights.train}: rendering images")
+    x, y = to_tensors(dataset("train", TRAIN_SIZES), preprocessor)
+    torch.manual_seed(spec.weights.seed)
+    generator = torch.Generator().manual_seed(spec.weights.seed)
+    model = build_architecture(spec.architecture, len(spec.labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=3e-3, total_steps=spec.weights.epochs * ((len(x) + 63) // 64)
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    for epoch in range(1, spec.weights.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), 64):
+            index = order[start : start + 64]
+            optimizer.zero_grad()
+            loss = loss_fn(model(_shift(x[index], generator)), y[index])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(index)
+        if epoch == 1 or epoch % 5 == 0 or epoch == spec.weights.epochs:
+            log(f"epoch {epoch}/{spec.weights.epochs}: train loss {total / len(x):.4f}")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fp32_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[[str], None]) -> Path:
+    """Path of a state_dict file holding the version's FP32 weights (trained and cached if needed)."""
+    if spec.weights.file:
+        path = Path(spec.weights.file)
+        if spec.weights.sha256 and file_sha256(path) != spec.weights.sha256:
+            raise BuildError(f"weights.file: sha256 of {path} does not match the spec's weights.sha256")
+        return path
+    if spec.weights.torchvision:
+        return _torchvision_weights(spec, cache_dir, log)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{spec.name}-{recipe_key(spec)}.pt"
+    if path.is_file():
+        log(f"using cached trained weights {path}")
+        return path
+    state = train(spec, log)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _torchvision_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[[str], None]) -> Path:
+    """torchvision's named weights (needs internet the first time; cached as a state_dict)."""
+    import torchvision
+
+    weights = torchvision.models.get_weight(spec.weights.torchvision)
+    path = cache_dir / f"{spec.weights.torchvision}.pt"
+    if not path.is_file():
+        log(f"downloading {spec.weights.torchvision}")
+        try:
+            state = weights.get_state_dict(progress=True)
+        except Exception as exc:  # noqa: BLE001 - no network here is the common case
+            raise BuildError(
+                f"weights.torchvision: cannot download {spec.weights.torchvision} ({exc}); "
+                "save a state_dict locally and use weights.file instead"
+            ) from exc
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    return path
+
+
+def load_fp32_model(spec: ModelVersionSpec, weights_path: Path) -> nn.Module:
+    """The architecture with the weights loaded (never unpickling anything but tensors)."""
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    model = build_architecture(spec.architecture, len(spec.labels))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:2]
+        raise BuildError(
+            f"weights: {weights_path} does not fit architecture {spec.architecture} "
+            f"with {len(spec.labels)} classes: {' '.join(first)}"
+        ) from exc
+    return model.eval()
