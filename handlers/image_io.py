@@ -187,7 +187,7 @@ def decode_image(payload: bytes, limits: DecodeLimits) -> Image.Image:
 
 def parse_topk(value: Any, num_classes: int) -> int:
     """A per-request ``topk`` option, validated against the number of classes."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise InvalidInput(f"topk must be an integer, got {value!r}")
     try:
         k = value if isinstance(value, int) else int(_as_text(value).strip())

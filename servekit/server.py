@@ -12,6 +12,7 @@ as a test's, never collides with ``make serve``). Stopping signals only that pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -207,15 +208,11 @@ class TorchServeProcess:
             time.sleep(0.2)
         else:
             if pid is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         if self.process is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
         self.pid_file.unlink(missing_ok=True)
 
 
@@ -256,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "key":
             if not server.key_file.is_file():
-                print(f"serve: error: no key file at {server.key_file}: is TorchServe running? (make serve)", file=sys.stderr)
+                print(f"serve: error: no key file at {server.key_file}: is TorchServe running?", file=sys.stderr)
                 return 1
             keys = server.keys()
             if args.kind.lower() not in keys:
@@ -292,7 +289,8 @@ Keys are in {server.key_file}. Try:
   INF=$(.venv/bin/python -m servekit.server key inference)
   MGT=$(.venv/bin/python -m servekit.server key management)
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits -T samples/digit_7.png
-  curl -H "Authorization: Bearer $MGT" -X POST "{management}/models?url=digits_v2.0.mar&initial_workers=1&synchronous=true"
+  curl -H "Authorization: Bearer $MGT" -X POST \\
+       "{management}/models?url=digits_v2.0.mar&initial_workers=1&synchronous=true"
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits/2.0 -T samples/digit_7.png
   curl -H "Authorization: Bearer $MGT" -X PUT "{management}/models/digits/2.0?min_worker=2&synchronous=true"
   curl -H "Authorization: Bearer $MGT" {management}/models/digits/all

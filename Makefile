@@ -1,0 +1,63 @@
+# The toolkit's entry points. `make serve` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv java archive serve stop test test-unit test-integration lint format check clean
+
+help:
+	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
+	@echo "make test     set up, build, and run every test against a real TorchServe"
+	@echo "make archive  build model_store/*.mar from models.yaml"
+	@echo "make check    format check, lint and unit tests"
+
+# TorchServe's frontend needs a Java 17+ runtime.
+java:
+	@if java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])'; then \
+		echo "java: $$(java -version 2>&1 | head -1)"; \
+	else \
+		echo "java 17 missing: installing openjdk-17-jre-headless"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
+	fi
+
+# pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: java $(STAMP)
+
+archive: venv
+	$(PY) build_mar.py
+
+serve: archive
+	$(PY) -m servekit.server start
+
+stop:
+	@if test -x $(PY); then $(PY) -m servekit.server stop; else echo "nothing to stop"; fi
+
+test: archive
+	$(PY) -m pytest tests
+
+test-unit: venv
+	$(PY) -m pytest tests/unit -m unit
+
+test-integration: archive
+	$(PY) -m pytest tests/integration -m integration
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+check: lint test-unit
+
+clean:
+	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache
