@@ -128,6 +128,13 @@ def extract_image_request(request: dict) -> ImageRequest:
             if stripped.startswith(("{", "[")):
                 return _json_text(stripped, options)
             raise UnsupportedMediaType("request body is text, not an image")
+        if not isinstance(value, bytes | bytearray | memoryview):
+            # TorchServe parses an application/json body: a bare JSON number or boolean arrives
+            # here as int/bool, and bytes(<int>) would allocate that many zero bytes.
+            raise InvalidInput(
+                f"request {field!r} must be image bytes or a JSON object like "
+                f'{{"data": "<base64 image>"}}, got {type(value).__name__}'
+            )
         payload = bytes(value)
         if not payload:
             raise InvalidInput("request body is empty: send the image bytes, a multipart file or JSON")

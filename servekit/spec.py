@@ -6,7 +6,8 @@ Layout::
       digits:                      # model name (TorchServe's model name)
         architecture: digits_cnn   # see servekit.architectures.ARCHITECTURES
         handler: image_classifier  # see HANDLERS
-        labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list)
+        labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list); with
+                                   # weights.torchvision, the weights' own categories by default
         topk: 3
         preprocessing: {...}       # handlers.transforms.Preprocessing
         limits: {...}              # handlers.image_io.DecodeLimits
@@ -34,8 +35,8 @@ import yaml
 from handlers.image_io import DecodeLimits
 from handlers.transforms import Preprocessing
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}$")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
+VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
 HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
 PRECISIONS = ("fp32", "int8")
 VERSION_KEYS = {
@@ -235,6 +236,16 @@ class ModelVersionSpec:
         return config
 
 
+def _torchvision_categories(weights_name: str) -> list[str] | None:
+    """Class names shipped in torchvision's code with its named weights (no download needed)."""
+    import torchvision
+
+    try:
+        return list(torchvision.models.get_weight(weights_name).meta["categories"])
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
 def _resolve_version(
     name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
 ) -> ModelVersionSpec:
@@ -298,10 +309,14 @@ def _resolve_version(
             raise fail("labels_file", f"labels file not found: {path}")
         try:
             labels = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise fail("labels_file", f"{path} is not valid JSON: {exc}") from exc
     elif "labels" in merged:
         labels = merged["labels"]
+    elif weights.torchvision:
+        labels = _torchvision_categories(weights.torchvision)
+        if labels is None:
+            raise fail("weights.torchvision", f"unknown torchvision weights {weights.torchvision!r}")
     else:
         raise fail("labels", "is required (a list of class names, or labels_file)")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str | int) for x in labels):
@@ -383,8 +398,11 @@ def load_spec(path: str | Path) -> list[ModelVersionSpec]:
         raise SpecError(f"spec file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path} is not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
+        # PyYAML's messages span several lines; errors are reported on one line.
+        raise SpecError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     return parse_spec(data, path.parent.resolve())
 
 
