@@ -5,12 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv java archive serve stop test test-unit test-integration lint format check clean
+.PHONY: help venv java tools archive serve stop test test-unit test-integration bench lint format check clean
 
 help:
 	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
 	@echo "make test     set up, build, and run every test against a real TorchServe"
 	@echo "make archive  build model_store/*.mar from models.yaml"
+	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
 	@echo "make check    format check, lint and unit tests"
 
 # TorchServe's frontend needs a Java 17+ runtime.
@@ -22,11 +23,15 @@ java:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
 	fi
 
+# hey: a compiled load generator, so the benchmark's client steals little CPU from the server.
+tools:
+	@command -v hey >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey; }
+
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $(STAMP)
 
 venv: java $(STAMP)
@@ -40,14 +45,17 @@ serve: archive
 stop:
 	@if test -x $(PY); then $(PY) -m servekit.server stop; else echo "nothing to stop"; fi
 
-test: archive
+test: archive tools
 	$(PY) -m pytest tests
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -m unit
 
-test-integration: archive
+test-integration: archive tools
 	$(PY) -m pytest tests/integration -m integration
+
+bench: venv tools
+	$(PY) -m servekit.bench
 
 lint: venv
 	$(PY) -m ruff check .

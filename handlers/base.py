@@ -59,7 +59,8 @@ def threads_per_worker(config: dict, model_yaml_config: dict) -> int:
 class BatchHandler:
     """Base class: subclasses implement ``load``, ``preprocess``, ``inference``, ``postprocess``."""
 
-    warmup_rounds = 2
+    # TorchScript's profiling executor specialises a graph on its first calls for each shape.
+    warmup_rounds = 3
 
     def __init__(self) -> None:
         self.initialized = False

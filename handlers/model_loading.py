@@ -24,7 +24,12 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 
 def load_fp32(path: Path, config: dict) -> torch.jit.ScriptModule:
-    return _load_torchscript(path)
+    model = _load_torchscript(path)
+    if config.get("optimize", True):
+        # oneDNN-prepacked convolutions: 1.4-1.9x faster for ResNet-18 on CPU. Done at load time
+        # because the optimized graph cannot be serialized.
+        model = torch.jit.optimize_for_inference(model)
+    return model
 
 
 def load_int8(path: Path, config: dict) -> torch.jit.ScriptModule:

@@ -139,20 +139,24 @@ class ImagePreprocessor:
         return tensor * self._scale + self._shift
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shorter side to ``resize`` then centre-crop ``crop``, as one resampling.
+
+        The crop is mapped back to a box in the source image and resized straight to the output:
+        the same pixels as resize-then-crop at a fraction of the cost (no full-size intermediate).
+        """
         p = self.params
-        if p.resize is not None:
-            w, h = image.size
-            scale = p.resize / min(w, h)
-            size = (max(p.crop, round(w * scale)), max(p.crop, round(h * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR)
         w, h = image.size
-        if (w, h) != (p.crop, p.crop):
-            if min(w, h) < p.crop:
-                image = image.resize((max(w, p.crop), max(h, p.crop)), Image.Resampling.BILINEAR)
-                w, h = image.size
-            left, top = (w - p.crop) // 2, (h - p.crop) // 2
-            image = image.crop((left, top, left + p.crop, top + p.crop))
-        return image
+        short = max(p.crop, p.resize if p.resize is not None else min(w, h))
+        # The resized size and crop offsets torchvision's Resize + CenterCrop would use ...
+        if w <= h:
+            rw, rh = short, int(short * h / w)
+        else:
+            rw, rh = int(short * w / h), short
+        left, top = int(round((rw - p.crop) / 2.0)), int(round((rh - p.crop) / 2.0))
+        # ... mapped back to a box in the source image.
+        sx, sy = w / rw, h / rh
+        box = (left * sx, top * sy, (left + p.crop) * sx, (top + p.crop) * sy)
+        return image.resize((p.crop, p.crop), Image.Resampling.BILINEAR, box=box)
 
     def _fit_content(self, image: Image.Image) -> Image.Image:
         """Crop to the ink (bright after inversion), pad to a square, scale into the canvas."""

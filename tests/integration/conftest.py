@@ -68,9 +68,7 @@ class Client:
         described = self.manage("GET", f"/models/digits/{version}")
         if described.status_code == 200:
             return
-        response = self.manage(
-            "POST", f"/models?url=digits_v{version}.mar&initial_workers={workers}&synchronous=true"
-        )
+        response = self.manage("POST", f"/models?url=digits_v{version}.mar&initial_workers={workers}&synchronous=true")
         assert response.status_code == 200, response.text
 
     def metrics(self) -> str:

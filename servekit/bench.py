@@ -1,0 +1,460 @@
+"""``make bench``: our served ResNet-18 (FP32 and INT8) against TorchServe's stock handler and the
+machine's own in-process limit, measured side by side in one run.
+
+Steps (each printed as it goes):
+
+1. build ResNet-18 archives in FP32 and INT8 from one locally saved, randomly initialised
+   state_dict (speed does not depend on the weight values), plus an archive of the same FP32
+   weights for TorchServe's stock ``image_classifier`` handler;
+2. the in-process limit: one Python process, all cores, decode + preprocess + infer the same JPEG
+   at each batch size, FP32 and INT8; the best batch size counts;
+3. one real TorchServe on loopback; each archive in turn is registered (cold start: registration
+   to first answer), loaded by ``hey`` at each concurrency for a bounded time, and unregistered;
+4. ``results/bench/latest.json``, ``latest.md`` (tables and ratios) and ``latency_vs_throughput.png``.
+
+    python -m servekit.bench [--quick] [--seconds 10] [--out results/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+
+from handlers.image_io import DecodeLimits, decode_image
+from handlers.model_loading import load_model
+from handlers.transforms import ImagePreprocessor
+from servekit.build import REPO_ROOT, build_all, file_sha256
+from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.spec import load_spec
+
+WORKDIR = REPO_ROOT / "build" / "bench"
+SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"
+WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does not depend on the weight values"
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def make_photo(path: Path) -> bytes:
+    """A real photograph (scikit-learn's bundled china.jpg) as a 640x480 JPEG."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    image = Image.fromarray(load_sample_image("china.jpg")).resize((640, 480), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def make_weights(path: Path) -> None:
+    import torchvision
+
+    (path.parent / "labels.json").write_text(json.dumps([f"class_{i}" for i in range(1000)]))
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18().state_dict(), path)
+
+
+STOCK_MODEL_FILE = '''"""ResNet-18 as a class with a no-argument constructor, as TorchServe's stock handler expects."""
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class ResNet18(ResNet):
+    def __init__(self):
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+'''
+
+
+def build_stock_archive(weights: Path, store: Path) -> Path:
+    """The same FP32 weights for TorchServe's stock image_classifier handler, with its defaults."""
+    target = store / "resnet18_stock.mar"
+    stage = WORKDIR / "stock"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "model.py").write_text(STOCK_MODEL_FILE)
+    (stage / "index_to_name.json").write_text(json.dumps({str(i): [f"n{i:08d}", f"class_{i}"] for i in range(1000)}))
+    fingerprint = file_sha256(weights)
+    marker = stage / "built_from"
+    if target.is_file() and marker.is_file() and marker.read_text() == fingerprint:
+        return target
+    command = [
+        sys.executable, "-m", "model_archiver.model_packaging",
+        "--model-name", "resnet18_stock", "--version", "1.0",
+        "--model-file", str(stage / "model.py"), "--serialized-file", str(weights),
+        "--handler", "image_classifier", "--extra-files", str(stage / "index_to_name.json"),
+        "--export-path", str(store), "--force",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    marker.write_text(fingerprint)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ in-process limit
+def in_process_limit(program_path: Path, spec, jpeg: bytes, batch_sizes: list[int], seconds: float) -> dict:
+    """Decode + preprocess + infer ``jpeg`` in this process with all cores; img/s per batch size."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    config = spec.handler_config()
+    model = load_model(program_path, spec.precision, config)
+    preprocess = ImagePreprocessor(spec.preprocessing)
+    limits = DecodeLimits()
+    by_batch = {}
+    with torch.inference_mode():
+        for size in batch_sizes:
+
+            def step(n=size):
+                batch = torch.stack([preprocess(decode_image(jpeg, limits)) for _ in range(n)])
+                return model(batch)
+
+            for _ in range(3):
+                step()
+            images, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                step()
+                images += size
+            by_batch[size] = round(images / (time.perf_counter() - started), 1)
+            log(f"in-process {spec.precision}: batch {size}: {by_batch[size]} img/s")
+    best = max(by_batch, key=by_batch.get)
+    return {"best_batch": best, "img_per_s": by_batch[best], "by_batch": by_batch}
+
+
+# ------------------------------------------------------------------------------------------ served
+@dataclass(frozen=True)
+class Variant:
+    key: str  # stock | fp32 | int8
+    archive: str
+    model: str
+    version: str
+    register_params: str  # extra query parameters for registration
+    description: str
+
+
+def run_hey(url: str, token: str, jpeg_path: Path, concurrency: int, seconds: float, requests_n: int | None) -> dict:
+    hey = shutil.which("hey")
+    if hey is None:
+        raise SystemExit("bench: error: the load generator 'hey' is not installed (make bench installs it)")
+    bound = ["-n", str(requests_n)] if requests_n else ["-z", f"{seconds}s"]
+    command = [
+        hey, *bound, "-c", str(concurrency), "-m", "POST", "-T", "image/jpeg", "-D", str(jpeg_path),
+        "-H", f"Authorization: Bearer {token}", "-t", "60", "-o", "csv", url,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - started
+    rows = list(csv.DictReader(io.StringIO(output)))
+    latencies = sorted(float(r["response-time"]) * 1000 for r in rows if r.get("status-code") == "200")
+    errors = sum(1 for r in rows if r.get("status-code") != "200")
+    # hey's wall time includes its start-up; the requests' own span is the fairer denominator.
+    span = max((float(r["offset"]) + float(r["response-time"]) for r in rows), default=wall)
+    return {
+        "concurrency": concurrency,
+        "requests": len(rows),
+        "errors": errors,
+        "rps": round(len(latencies) / span, 1) if span else 0.0,
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p95_ms": round(percentile(latencies, 95), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))
+    return values[index]
+
+
+def serve_variant(
+    server: TorchServeProcess, variant: Variant, jpeg_path: Path, concurrencies: list[int], seconds: float, quick: bool
+) -> dict:
+    management = server.headers("management")
+    inference_token = server.keys()["inference"]
+    url = server.url("inference", f"/predictions/{variant.model}/{variant.version}")
+    log(f"{variant.key}: registering {variant.archive}")
+    started = time.perf_counter()
+    response = requests.post(
+        server.url("management", f"/models?url={variant.archive}&synchronous=true{variant.register_params}"),
+        headers=management,
+        timeout=600,
+    )
+    if response.status_code != 200:
+        raise SystemExit(f"bench: error: registering {variant.archive} failed: {response.status_code} {response.text}")
+    registered = time.perf_counter()
+    first = requests.post(
+        url,
+        data=jpeg_path.read_bytes(),
+        headers={"Authorization": f"Bearer {inference_token}", "Content-Type": "image/jpeg"},
+        timeout=120,
+    )
+    answered = time.perf_counter()
+    described = requests.get(
+        server.url("management", f"/models/{variant.model}/{variant.version}"), headers=management, timeout=30
+    ).json()[0]
+    result = {
+        "description": variant.description,
+        "settings": {
+            "workers": len(described.get("workers", [])),
+            "batch_size": described.get("batchSize"),
+            "max_batch_delay_ms": described.get("maxBatchDelay"),
+        },
+        "cold_start": {
+            "first_status": first.status_code,
+            "registration_s": round(registered - started, 2),
+            "registration_to_first_answer_s": round(answered - started, 2),
+            "first_answer_ms": round((answered - registered) * 1000, 1),
+        },
+        "runs": [],
+    }
+    for concurrency in concurrencies:
+        run = run_hey(url, inference_token, jpeg_path, concurrency, seconds, 4 * concurrency if quick else None)
+        log(
+            f"{variant.key}: c={concurrency}: {run['rps']} req/s, p50 {run['p50_ms']} ms, "
+            f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}"
+        )
+        result["runs"].append(run)
+    steady_p50 = next(r["p50_ms"] for r in result["runs"] if r["concurrency"] == concurrencies[0])
+    result["cold_start"]["steady_p50_ms"] = steady_p50
+    result["cold_start"]["first_over_steady_p50"] = round(result["cold_start"]["first_answer_ms"] / steady_p50, 2)
+    requests.delete(
+        server.url("management", f"/models/{variant.model}/{variant.version}"), headers=management, timeout=120
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------ report
+def machine() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "gpu": "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchserve": _version("torchserve"),
+    }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_at(result: dict, key: str, concurrency: int) -> dict:
+    return next(r for r in result["served"][key]["runs"] if r["concurrency"] == concurrency)
+
+
+def compute_ratios_and_bars(result: dict, top: int) -> None:
+    served, limit = result["served"], result["in_process"]
+    stock = run_at(result, "stock", top)["rps"]
+    ratios, bars = {}, {}
+    for key, min_stock, min_limit in (("int8", 10.0, 0.70), ("fp32", 3.0, 0.80)):
+        rps = run_at(result, key, top)["rps"]
+        ratios[f"{key}_vs_stock"] = round(rps / stock, 2) if stock else None
+        ratios[f"{key}_vs_in_process"] = round(rps / limit[key]["img_per_s"], 2)
+        bars[f"{key} c={top} >= {min_stock:g}x stock"] = bool(
+            ratios[f"{key}_vs_stock"] and ratios[f"{key}_vs_stock"] >= min_stock
+        )
+        bars[f"{key} c={top} >= {min_limit:.0%} of in-process limit"] = ratios[f"{key}_vs_in_process"] >= min_limit
+    if any(r["concurrency"] == 4 for r in served["int8"]["runs"]):
+        bars["int8 p99 at c=4 < 150 ms"] = run_at(result, "int8", 4)["p99_ms"] < 150
+    bars["zero errors in every served run"] = all(r["errors"] == 0 for v in served.values() for r in v["runs"])
+    for key in ("fp32", "int8"):
+        bars[f"{key} first answer <= 2x steady p50"] = served[key]["cold_start"]["first_over_steady_p50"] <= 2.0
+    sizes = result["archives"]
+    bars["int8 archive <= 30% of fp32"] = sizes["int8_bytes"] <= 0.30 * sizes["fp32_bytes"]
+    result["ratios"], result["bars"] = ratios, bars
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    m = result["machine"]
+    lines = [
+        f"# Benchmark: ResNet-18, 640x480 JPEG ({'quick' if result['quick'] else 'full'} run, {result['date']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; Python {m['python']}, "
+        f"torch {m['torch']}, TorchServe {m['torchserve']}. {WEIGHTS_NOTE}.",
+        "",
+        "## In-process limit (one Python process, all cores, decode + preprocess + infer)",
+        "",
+        "| precision | best batch | img/s | by batch size |",
+        "|---|---|---|---|",
+    ]
+    for key, limit in result["in_process"].items():
+        by_batch = ", ".join(f"{b}: {v}" for b, v in limit["by_batch"].items())
+        lines.append(f"| {key} | {limit['best_batch']} | {limit['img_per_s']} | {by_batch} |")
+    lines += [
+        "",
+        "## Served by TorchServe (hey on loopback)",
+        "",
+        "| variant | workers | batch | concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, served in result["served"].items():
+        s = served["settings"]
+        for r in served["runs"]:
+            lines.append(
+                f"| {key} | {s['workers']} | {s['batch_size']} | {r['concurrency']} | {r['requests']} | {r['rps']} "
+                f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |"
+            )
+    lines += ["", "| variant | registration s | registration to first answer s | first answer ms | steady p50 ms |"]
+    lines.append("|---|---|---|---|---|")
+    for key, served in result["served"].items():
+        c = served["cold_start"]
+        lines.append(
+            f"| {key} | {c['registration_s']} | {c['registration_to_first_answer_s']} | {c['first_answer_ms']} "
+            f"| {c['steady_p50_ms']} |"
+        )
+    lines += ["", "## Ratios and bars", ""]
+    lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["bars"].items()]
+    a = result["archives"]
+    lines += ["", f"Archives: FP32 {a['fp32_bytes'] / 1e6:.1f} MB, INT8 {a['int8_bytes'] / 1e6:.1f} MB.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, served in result["served"].items():
+        runs = served["runs"]
+        rps = [r["rps"] for r in runs]
+        line = ax.plot(rps, [r["p50_ms"] for r in runs], marker="o", label=f"{key} p50")[0]
+        ax.plot(
+            rps, [r["p99_ms"] for r in runs], marker="x", linestyle="--", color=line.get_color(), label=f"{key} p99"
+        )
+        for r in runs:
+            ax.annotate(
+                f"c={r['concurrency']}", (r["rps"], r["p50_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    for key, limit in result["in_process"].items():
+        ax.axvline(limit["img_per_s"], linestyle=":", color="grey")
+        ax.annotate(f"{key} in-process limit", (limit["img_per_s"], ax.get_ylim()[0]), rotation=90, fontsize=7)
+    ax.set_xlabel("throughput (req/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"ResNet-18, 640x480 JPEG, {result['machine']['cores']} cores ({result['date']})")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Served vs stock vs in-process benchmark (ResNet-18).")
+    parser.add_argument("--quick", action="store_true", help="few requests: a smoke run for the test suite")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each load run (full mode)")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
+    parser.add_argument("--spec", default=str(SPEC_TEMPLATE), help="bench spec (ResNet-18 fp32 1.0 and int8 2.0)")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    warnings.simplefilter("ignore")
+
+    log(f"step 1/4: archives ({WEIGHTS_NOTE})")
+    make_weights(WORKDIR / "resnet18_random.pt")
+    jpeg = make_photo(WORKDIR / "photo_640x480.jpg")
+    specs = {s.precision: s for s in load_spec(args.spec)}
+    store = WORKDIR / "store"
+    build_all(list(specs.values()), store, WORKDIR / "cache", force=True)
+    build_stock_archive(WORKDIR / "resnet18_random.pt", store)
+    fp32, int8 = specs["fp32"], specs["int8"]
+
+    log("step 2/4: in-process limit")
+    import zipfile
+
+    programs = {}
+    for key, spec in specs.items():
+        with zipfile.ZipFile(store / spec.archive_name) as archive:
+            programs[key] = WORKDIR / f"{key}_model.pt"
+            programs[key].write_bytes(archive.read("model.pt"))
+    batch_sizes = [1, 8] if args.quick else [1, 4, 8, 16]
+    seconds = 0.5 if args.quick else 4.0
+    in_process = {key: in_process_limit(programs[key], specs[key], jpeg, batch_sizes, seconds) for key in specs}
+
+    log("step 3/4: served (one TorchServe on loopback)")
+    cores = os.cpu_count() or 1
+    stock_note = f"TorchServe's stock image_classifier, its defaults: {cores} workers (one per core), batch size 1"
+    variants = [
+        Variant("stock", "resnet18_stock.mar", "resnet18_stock", "1.0", f"&initial_workers={cores}&batch_size=1",
+                stock_note),
+        Variant("fp32", fp32.archive_name, fp32.name, fp32.version, "", "servekit handler, FP32, spec's settings"),
+        Variant("int8", int8.archive_name, int8.name, int8.version, "", "servekit handler, INT8, spec's settings"),
+    ]  # fmt: skip
+    server = TorchServeProcess(
+        workdir=WORKDIR / "torchserve",
+        model_store=store,
+        ports={kind: free_port() for kind in ADDRESS_KEYS},
+        load_models="",
+    )
+    server.start()
+    try:
+        photo = WORKDIR / "photo_640x480.jpg"
+        served = {v.key: serve_variant(server, v, photo, concurrencies, args.seconds, args.quick) for v in variants}
+    finally:
+        server.stop()
+
+    log("step 4/4: report")
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": args.quick,
+        "machine": machine(),
+        "weights": WEIGHTS_NOTE,
+        "input": "scikit-learn's china.jpg resized to 640x480, JPEG quality 90",
+        "load": f"hey, concurrency {concurrencies}, "
+        + ("4 x concurrency requests" if args.quick else f"{args.seconds:g} s each"),
+        "in_process": in_process,
+        "served": served,
+        "archives": {
+            "fp32_bytes": (store / fp32.archive_name).stat().st_size,
+            "int8_bytes": (store / int8.archive_name).stat().st_size,
+            "stock_bytes": (store / "resnet18_stock.mar").stat().st_size,
+        },
+    }
+    compute_ratios_and_bars(result, max(concurrencies))
+    stem = "quick" if args.quick else "latest"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out / f"{stem}.md")
+    write_plot(result, out / f"{stem}_latency_vs_throughput.png")
+    print((out / f"{stem}.md").read_text())
+    log(f"wrote {out / f'{stem}.json'}, {stem}.md, {stem}_latency_vs_throughput.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The benchmark's quick variant, so `make bench` cannot rot. It asserts completeness, not speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit.bench", "--quick", "--concurrency", "1,4", "--out", str(tmp_path)],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert set(report["served"]) == {"stock", "fp32", "int8"}
+    for key, served in report["served"].items():
+        assert [r["concurrency"] for r in served["runs"]] == [1, 4], key
+        for run in served["runs"]:
+            assert run["requests"] == 4 * run["concurrency"]
+            assert run["errors"] == 0, (key, run)
+            assert run["rps"] > 0
+            assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+        assert served["cold_start"]["first_status"] == 200
+    assert report["served"]["stock"]["settings"]["batch_size"] == 1
+    assert report["served"]["int8"]["settings"]["batch_size"] == 8
+    for key in ("fp32", "int8"):
+        assert report["in_process"][key]["img_per_s"] > 0
+    assert report["archives"]["int8_bytes"] < report["archives"]["fp32_bytes"]
+    assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
+    assert (tmp_path / "quick_latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
