@@ -269,7 +269,8 @@ def _resolve_version(
     for key, value in override.items():
         if key not in VERSION_KEYS:
             raise SpecError(f"unknown key (valid keys: {', '.join(sorted(VERSION_KEYS))})", name, version, key)
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        # Sections merge key by key, except weights: a version names its own source outright.
+        if key != "weights" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value

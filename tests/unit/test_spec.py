@@ -108,6 +108,20 @@ def test_weights_file_is_resolved_relative_to_the_spec(tmp_path: Path) -> None:
     assert spec.weights.file == str((tmp_path / "weights" / "w.pt").resolve())
 
 
+def test_version_weights_replace_the_model_level_source(tmp_path: Path) -> None:
+    (tmp_path / "w.pt").write_bytes(b"not really weights")
+    data = base_spec()
+    model = data["models"]["digits"]
+    model["weights"] = {"train": "digits", "epochs": 5}
+    model["versions"]["1.0"] = {"precision": "fp32"}
+    model["versions"]["1.1"] = {"precision": "fp32", "weights": {"file": "w.pt"}}
+
+    trained, from_file = load_spec(write_spec(tmp_path, data))
+
+    assert (trained.weights.train, trained.weights.epochs, trained.weights.file) == ("digits", 5, None)
+    assert (from_file.weights.train, from_file.weights.file) == (None, str((tmp_path / "w.pt").resolve()))
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_unknown_key_at_model_level_names_model_and_field(tmp_path: Path) -> None:
     data = base_spec()
