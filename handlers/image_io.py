@@ -102,7 +102,7 @@ def _decode_base64(text: Any, field: str) -> bytes:
 def _from_json(document: Any) -> ImageRequest:
     if not isinstance(document, dict):
         raise InvalidInput(
-            f"JSON body must be an object like {{\"data\": \"<base64 image>\"}}, got {type(document).__name__}"
+            f'JSON body must be an object like {{"data": "<base64 image>"}}, got {type(document).__name__}'
         )
     for field in JSON_IMAGE_FIELDS:
         if field in document:
