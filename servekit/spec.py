@@ -246,6 +246,23 @@ def _torchvision_categories(weights_name: str) -> list[str] | None:
         return None
 
 
+def _torchvision_preprocessing(weights_name: str) -> dict | None:
+    """The resize, crop, mean and std that torchvision's named weights were evaluated with."""
+    import torchvision
+
+    try:
+        transforms = torchvision.models.get_weight(weights_name).transforms()
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return {
+        "color_mode": "RGB",
+        "resize": int(transforms.resize_size[0]),
+        "crop": int(transforms.crop_size[0]),
+        "mean": list(transforms.mean),
+        "std": list(transforms.std),
+    }
+
+
 def _resolve_version(
     name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
 ) -> ModelVersionSpec:
@@ -328,6 +345,8 @@ def _resolve_version(
     if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= len(labels):
         raise fail("topk", f"must be an integer between 1 and {len(labels)} (the number of labels), got {topk!r}")
 
+    if "preprocessing" not in merged and weights.torchvision:
+        merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
     preprocessing = nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing")))
     limits = nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits")))
     serving = nested("serving", lambda: Serving.from_dict(merged.get("serving")))

@@ -378,3 +378,20 @@ def test_cli_unreadable_spec_gives_one_error_line(
     assert lines[0].startswith(f"build_mar: error: {bad}")
     assert expected in lines[0]
     assert not (tmp_path / "store").exists()
+
+
+def test_torchvision_weights_bring_their_categories_and_transforms(tmp_path: Path) -> None:
+    data = base_spec()
+    model = data["models"]["digits"]
+    for key in ("labels", "topk", "preprocessing"):
+        del model[key]
+    model["architecture"] = "resnet50"
+    model["versions"]["1.0"]["weights"] = {"torchvision": "ResNet50_Weights.IMAGENET1K_V2"}
+
+    (spec,) = load_spec(write_spec(tmp_path, data))
+
+    assert len(spec.labels) == 1000
+    assert spec.labels[0] == "tench"
+    # IMAGENET1K_V2 weights were evaluated at resize 232, crop 224 (not the usual 256).
+    assert (spec.preprocessing.resize, spec.preprocessing.crop) == (232, 224)
+    assert spec.preprocessing.mean == (0.485, 0.456, 0.406)
