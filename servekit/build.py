@@ -194,6 +194,13 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
     extra = stage / "extra"
     shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (extra / "labels.json").write_text(json.dumps(list(spec.labels)))
+    if spec.golden_set:
+        golden = extra / "golden"
+        golden.mkdir()
+        for item in spec.golden_set:
+            shutil.copyfile(item.path, golden / item.name)
+        entries = [{"file": item.name, "label": item.label} for item in spec.golden_set]
+        (golden / "golden.json").write_text(json.dumps(entries, indent=1))
     (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
     config = {**spec.serving.model_config(), "handler": spec.handler_config()}
     (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

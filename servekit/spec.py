@@ -53,6 +53,7 @@ VERSION_KEYS = {
     "evaluation",
     "quantization",
     "description",
+    "golden_set",
 }
 MODEL_KEYS = VERSION_KEYS | {"versions"}
 
@@ -182,6 +183,45 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class GoldenItem:
+    """One golden-set input: a file and the label the model must give it before promotion."""
+
+    name: str
+    label: str
+    sha256: str
+    path: str = field(compare=False)
+
+
+def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail) -> tuple[GoldenItem, ...]:
+    """``golden_set: path/to/golden.json``, a JSON list of ``{"file": ..., "label": ...}``."""
+    if value is None:
+        return ()
+    path = (base_dir / str(value)).resolve()
+    if not path.is_file():
+        raise fail("golden_set", f"golden set file not found: {path}")
+    try:
+        entries = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise fail("golden_set", f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise fail("golden_set", f"{path} must be a non-empty JSON list of {{file, label}}")
+    items = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"file", "label"}:
+            raise fail("golden_set", f'entry {i} of {path} must be {{"file": ..., "label": ...}}')
+        file = (path.parent / str(entry["file"])).resolve()
+        if not file.is_file():
+            raise fail("golden_set", f"entry {i}: file not found: {file}")
+        if str(entry["label"]) not in labels:
+            raise fail("golden_set", f"entry {i}: label {entry['label']!r} is not one of the model's labels")
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        items.append(GoldenItem(file.name, str(entry["label"]), digest, str(file)))
+    if len({item.name for item in items}) != len(items):
+        raise fail("golden_set", f"{path}: file names must be unique")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
 class ModelVersionSpec:
     """One model version, fully resolved: everything needed to build its archive."""
 
@@ -199,6 +239,7 @@ class ModelVersionSpec:
     evaluation: str | None = None
     quantization: Quantization | None = None
     description: str = ""
+    golden_set: tuple[GoldenItem, ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -214,6 +255,10 @@ class ModelVersionSpec:
         data.pop("extra")
         data["preprocessing"] = self.preprocessing.to_dict()
         data["labels"] = list(self.labels)
+        # Content, not location: the fingerprint must not change when the checkout moves.
+        if self.weights.file:
+            data["weights"]["file"] = Path(self.weights.file).name
+        data["golden_set"] = [{"name": g.name, "label": g.label, "sha256": g.sha256} for g in self.golden_set]
         return data
 
     def spec_hash(self) -> str:
@@ -381,6 +426,7 @@ def _resolve_version(
         evaluation=evaluation,
         quantization=quantization,
         description=str(merged.get("description", "")),
+        golden_set=_golden_set(merged.get("golden_set"), base_dir, labels, fail),
     )
 
 
