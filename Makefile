@@ -24,8 +24,11 @@ java:
 	fi
 
 # hey: a compiled load generator, so the benchmark's client steals little CPU from the server.
+# nginx: the reverse proxy for canary and shadow traffic (servekit proxy/canary/shadow).
 tools:
-	@command -v hey >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey; }
+	@if ! command -v hey >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx; \
+	fi
 
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
 $(STAMP): pyproject.toml

@@ -8,6 +8,9 @@
     servekit rollback NAME                # previous default again, from the deployment history
     servekit compare NAME V1 V2 --inputs DIR
     servekit history [NAME]
+    servekit proxy start|stop|status      # nginx in front of TorchServe (--proxy-port, default 8090)
+    servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
+    servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
@@ -22,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from servekit.deploy import Deployer, DeployError, History, TorchServeClient, status
+from servekit.deploy import Deployer, DeployError, History, TorchServeClient, require_version, status
+from servekit.proxy import NginxProxy, ProxyError
 from servekit.server import BASE_CONFIG, REPO_ROOT, read_properties
 
 
@@ -35,6 +39,8 @@ def _defaults() -> dict[str, str]:
         "store": str(REPO_ROOT / "model_store"),
         "spec": str(REPO_ROOT / "models.yaml"),
         "history": str(REPO_ROOT / "var" / "deployments.jsonl"),
+        "proxy_dir": str(REPO_ROOT / "var" / "proxy"),
+        "proxy_port": "8090",
     }
 
 
@@ -67,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true")
     history = commands.add_parser("history", help="print the deployment history")
     history.add_argument("name", nargs="?")
+    proxy = commands.add_parser("proxy", help="start, stop or show the nginx proxy")
+    proxy.add_argument("action", choices=["start", "stop", "status"])
+    canary = commands.add_parser("canary", help="send a share of traffic to a version through the proxy")
+    canary.add_argument("name")
+    canary.add_argument("version")
+    canary.add_argument("--percent", type=int, required=True)
+    shadow = commands.add_parser("shadow", help="mirror traffic to a version through the proxy")
+    shadow.add_argument("name")
+    shadow.add_argument("version")
+    shadow.add_argument("--off", action="store_true", help="stop mirroring")
     return parser
 
 
@@ -93,6 +109,8 @@ def run(args: argparse.Namespace) -> str:
     client = TorchServeClient(args.management_url.rstrip("/"), args.inference_url.rstrip("/"), Path(args.key_file))
     history = History(Path(args.history))
     deployer = Deployer(client, Path(args.store), Path(args.spec), history)
+    upstream = args.inference_url.rstrip("/").split("//", 1)[-1]
+    proxy = NginxProxy(Path(args.proxy_dir), int(args.proxy_port), upstream)
     if args.command == "status":
         states = status(client)
         return json.dumps([s.as_dict() for s in states], indent=2) if args.json else format_status(states)
@@ -107,6 +125,8 @@ def run(args: argparse.Namespace) -> str:
         return f"retired {args.name} {args.version}"
     if args.command == "promote":
         event = deployer.promote(args.name, args.version)
+        if proxy.state_file.is_file():
+            proxy.promoted(args.name, args.version)
         return (
             f"promoted {args.name} {args.version} (golden set {event['golden']}/{event['golden']} correct); "
             f"previous default {event['previous_default']} keeps serving until retired"
@@ -124,6 +144,31 @@ def run(args: argparse.Namespace) -> str:
             f"mean {report['mean_probability_diff']} max {report['max_probability_diff']}; latency p50 "
             f"{args.v1} {lat[args.v1]['p50']} ms, {args.v2} {lat[args.v2]['p50']} ms"
         )
+    if args.command == "proxy":
+        if args.action == "start":
+            proxy.start()
+            return f"proxy listening on {proxy.url()} in front of {upstream}"
+        if args.action == "stop":
+            proxy.stop()
+            return "proxy stopped"
+        pid = proxy.running_pid()
+        return json.dumps({"running": pid is not None, "pid": pid, **proxy.state()}, indent=2)
+    if args.command == "canary":
+        if args.percent > 0:
+            require_version(client, args.name, args.version)
+        proxy.set_canary(args.name, args.version, args.percent)
+        history.append("canary", args.name, version=args.version, percent=args.percent)
+        if args.percent == 0:
+            return f"canary of {args.name} {args.version} aborted: all traffic to the default"
+        return f"canary: {args.percent}% of {args.name} traffic through {proxy.url()} goes to {args.version}"
+    if args.command == "shadow":
+        if not args.off:
+            require_version(client, args.name, args.version)
+        proxy.set_shadow(args.name, None if args.off else args.version)
+        history.append("shadow-off" if args.off else "shadow", args.name, version=args.version)
+        if args.off:
+            return f"shadow of {args.name} {args.version} stopped"
+        return f"shadow: every {args.name} request through {proxy.url()} is mirrored to {args.version}"
     if args.command == "history":
         return "\n".join(json.dumps(e, sort_keys=True) for e in history.events(args.name))
     raise DeployError(f"unknown command {args.command}")
@@ -133,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output = run(args)
-    except DeployError as exc:
+    except (DeployError, ProxyError) as exc:
         print(f"servekit: error: {exc}", file=sys.stderr)
         return 1
     if output:

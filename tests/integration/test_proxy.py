@@ -1,0 +1,148 @@
+"""Canary and shadow traffic through a real nginx in front of a real TorchServe."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from servekit.proxy import NginxProxy
+from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
+    server = TorchServeProcess(
+        workdir=tmp_path_factory.mktemp("torchserve"),
+        model_store=model_store,
+        ports={kind: free_port() for kind in ADDRESS_KEYS},
+        load_models="digits_v1.0.mar",
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    state = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+
+    def run(*args: str, fails: bool = False) -> str:
+        command = [
+            sys.executable, "-m", "servekit.cli",
+            "--management-url", server.url("management"), "--inference-url", server.url("inference"),
+            "--key-file", str(server.key_file), "--store", str(model_store),
+            "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
+            *args,
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
+        if fails:
+            assert result.returncode == 1, result.stdout
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            return result.stderr
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    run.proxy = NginxProxy(state / "proxy", port, server.url("inference").split("//")[1])
+    run("register", "digits", "2.0")
+    run("proxy", "start")
+    try:
+        yield run
+    finally:
+        run.proxy.stop()
+
+
+def through_proxy(cli, server: TorchServeProcess, payload: bytes, count: int, workers: int = 8) -> Counter:
+    url = cli.proxy.url("/predictions/digits")
+    headers = server.headers("inference")
+
+    def one(_: int) -> str:
+        response = requests.post(url, data=payload, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] == "3"
+        return response.json()["version"]
+
+    with ThreadPoolExecutor(workers) as pool:
+        return Counter(pool.map(one, range(count)))
+
+
+def inference_count(server: TorchServeProcess, version: str) -> float:
+    metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
+    pattern = rf'^ts_inference_requests_total\{{model_name="digits",model_version="{version}",[^}}]*\}} (\S+)$'
+    match = re.search(pattern, metrics, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_twenty_percent_canary_splits_a_thousand_requests(cli, server, samples_dir: Path) -> None:
+    cli("canary", "digits", "2.0", "--percent", "20")
+    try:
+        counts = through_proxy(cli, server, (samples_dir / "digit_3.png").read_bytes(), 1000)
+    finally:
+        cli("canary", "digits", "2.0", "--percent", "0")
+    assert sum(counts.values()) == 1000
+    assert set(counts) == {"1.0", "2.0"}
+    # Binomial(1000, 0.2): mean 200, sd 12.6; 4.5 sd leaves a 1-in-150,000 chance of a false failure.
+    assert 143 <= counts["2.0"] <= 257, counts
+
+
+def test_canary_zero_aborts_and_hundred_then_promote_completes(cli, server, samples_dir: Path) -> None:
+    digit = (samples_dir / "digit_3.png").read_bytes()
+    cli("canary", "digits", "2.0", "--percent", "30")
+    cli("canary", "digits", "2.0", "--percent", "0")
+    assert through_proxy(cli, server, digit, 40) == Counter({"1.0": 40})
+    assert "digits" not in cli.proxy.state()["routes"]
+
+    cli("canary", "digits", "2.0", "--percent", "100")
+    assert through_proxy(cli, server, digit, 40) == Counter({"2.0": 40})
+    cli("promote", "digits", "2.0")
+    try:
+        assert "digits" not in cli.proxy.state()["routes"]  # the rollout is complete: no split left
+        assert through_proxy(cli, server, digit, 40) == Counter({"2.0": 40})
+    finally:
+        cli("rollback", "digits")
+    assert through_proxy(cli, server, digit, 20) == Counter({"1.0": 20})
+
+
+def test_shadow_mirrors_every_request_and_clients_see_the_default(cli, server, samples_dir: Path) -> None:
+    before = inference_count(server, "2.0")
+    cli("shadow", "digits", "2.0")
+    try:
+        counts = through_proxy(cli, server, (samples_dir / "digit_3.png").read_bytes(), 60)
+        deadline = time.monotonic() + 20
+        while inference_count(server, "2.0") - before < 60 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        cli("shadow", "digits", "2.0", "--off")
+    assert counts == Counter({"1.0": 60})
+    assert inference_count(server, "2.0") - before == 60
+
+
+def test_proxy_passes_the_token_through(cli, samples_dir: Path) -> None:
+    response = requests.post(
+        cli.proxy.url("/predictions/digits"), data=(samples_dir / "digit_3.png").read_bytes(), timeout=30
+    )
+    assert response.status_code == 400
+    assert "Token Authorization failed" in response.json()["message"]
+
+
+def test_refused_changes_leave_the_running_configuration_alone(cli) -> None:
+    config = cli.proxy.conf.read_text()
+    assert config.startswith("# Written by servekit.proxy")
+    assert "percent must be between 0 and 100" in cli("canary", "digits", "2.0", "--percent", "150", fails=True)
+    assert "digits has no registered version '7.7'" in cli("canary", "digits", "7.7", "--percent", "10", fails=True)
+    assert cli.proxy.conf.read_text() == config
+    status = json.loads(cli("proxy", "status"))
+    assert status["running"] is True
+    assert status["routes"] == {}
