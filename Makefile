@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv java tools archive serve stop test test-unit test-integration bench lint format check clean
+.PHONY: help venv java tools archive serve stop test test-unit test-integration bench lint format check clean \
+	status register promote rollback canary shadow proxy
 
 help:
 	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
@@ -69,6 +70,23 @@ format: venv
 	$(PY) -m ruff check --fix .
 
 check: lint test-unit
+
+# Deployment shortcuts over the servekit command line (see README, "Deploying versions"):
+#   make register NAME=digits VERSION=2.0; make promote ...; make rollback NAME=digits
+#   make proxy; make canary NAME=digits VERSION=2.0 PERCENT=20; make shadow NAME=digits VERSION=2.0
+SERVEKIT := $(VENV)/bin/servekit
+status: venv
+	$(SERVEKIT) status
+register promote: venv
+	$(SERVEKIT) $@ $(NAME) $(VERSION)
+rollback: venv
+	$(SERVEKIT) rollback $(NAME)
+proxy: venv tools
+	$(SERVEKIT) proxy start
+canary: venv
+	$(SERVEKIT) canary $(NAME) $(VERSION) --percent $(PERCENT)
+shadow: venv
+	$(SERVEKIT) shadow $(NAME) $(VERSION)
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache
