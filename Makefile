@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv java tools archive serve stop test test-unit test-integration bench lint format check clean \
+.PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean \
 	status register promote rollback canary shadow proxy
 
 help:
@@ -13,6 +13,7 @@ help:
 	@echo "make test     set up, build, and run every test against a real TorchServe"
 	@echo "make archive  build model_store/*.mar from models.yaml"
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
+	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
 	@echo "make check    format check, lint and unit tests"
 
 # TorchServe's frontend needs a Java 17+ runtime.
@@ -43,8 +44,9 @@ venv: java $(STAMP)
 archive: venv
 	$(PY) build_mar.py
 
+# Restores the versions registered at runtime from TorchServe's last snapshot; FRESH=1 ignores it.
 serve: archive
-	$(PY) -m servekit.server start
+	$(PY) -m servekit.server start $(if $(FRESH),--fresh)
 
 stop:
 	@if test -x $(PY); then $(PY) -m servekit.server stop; else echo "nothing to stop"; fi
@@ -60,6 +62,10 @@ test-integration: archive tools
 
 bench: venv tools
 	$(PY) -m servekit.bench
+
+# 10 minutes at 70 % of measured capacity with a scale-up and scale-down in the middle (loopback only).
+soak: archive
+	$(PY) -m servekit.soak --minutes 10 --rate-fraction 0.7
 
 lint: venv
 	$(PY) -m ruff check .

@@ -7,6 +7,33 @@ requests of the batch.
 
 from __future__ import annotations
 
+# An error message is at most this long, whatever part of the request it quotes.
+MAX_MESSAGE_CHARS = 1000
+
+
+def safe_message(text: str) -> str:
+    """``text`` as printable ASCII of at most ``MAX_MESSAGE_CHARS`` characters.
+
+    The message becomes the HTTP reason phrase as well as the JSON ``error``, and TorchServe 0.12
+    frames the phrase with its length in characters but sends its UTF-8 bytes: one non-ASCII
+    character corrupts the worker's reply and the frontend kills the worker ("Worker died.", every
+    request of the batch lost). A reply over ``max_response_size`` kills it too, hence the bound.
+    Whitespace becomes a space; any other character outside printable ASCII is escaped
+    (``\\xe9``, ``\\u2603``).
+    """
+    out = []
+    for ch in str(text):
+        if " " <= ch <= "~":
+            out.append(ch)
+        elif ch.isspace():
+            out.append(" ")
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    message = "".join(out)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return message
+
 
 class HandlerError(Exception):
     """Base of the errors a request can fail with; ``status`` is its HTTP code."""
@@ -14,6 +41,7 @@ class HandlerError(Exception):
     status = 500
 
     def __init__(self, message: str) -> None:
+        message = safe_message(message)
         super().__init__(message)
         self.message = message
 
@@ -50,7 +78,7 @@ def error_payload(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, HandlerError):
         return exc.status, exc.to_payload()
     return InferenceError.status, {
-        "error": f"internal error: {type(exc).__name__}: {exc}",
+        "error": safe_message(f"internal error: {type(exc).__name__}: {exc}"),
         "code": InferenceError.status,
         "type": InferenceError.__name__,
     }

@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,21 @@ _KNOWN_SIGNATURES = {
     b"<?xml": "an XML document",
     b"<svg": "an SVG drawing (vector images are not accepted)",
 }
+# How files of the accepted formats start: bytes that begin like one of these but that PIL cannot
+# open are a damaged image (400), not a file of another kind (415).
+_RASTER_SIGNATURES = (
+    (re.compile(rb"\x89PNG\r\n\x1a\n"), "PNG"),
+    (re.compile(rb"\xff\xd8\xff"), "JPEG"),
+    (re.compile(rb"GIF8[79]a"), "GIF"),
+    (re.compile(rb"BM.{4}\x00{4}", re.DOTALL), "BMP"),
+    (re.compile(rb"RIFF.{4}WEBP", re.DOTALL), "WEBP"),
+    (re.compile(rb"II\*\x00|MM\x00\*"), "TIFF"),
+    (re.compile(rb"P[1-6]\s+(#|\d)"), "PPM"),
+)
+# Client-supplied text quoted in an error message is cut to this many characters, and at most
+# this many JSON field names are listed: an error must stay small whatever the request holds.
+_QUOTE_CHARS = 40
+_QUOTE_FIELDS = 8
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """The encoded image of one request and its options (JSON fields or query parameters)."""
+    """The encoded image of one request and its options (JSON or multipart fields: TorchServe does not pass query parameters to handlers)."""
 
     payload: bytes
     options: dict[str, Any]
@@ -83,6 +99,18 @@ def _as_text(value: Any) -> str:
         except UnicodeDecodeError as exc:
             raise InvalidInput("request parameter is not valid UTF-8 text") from exc
     return str(value)
+
+
+def _quote(value: Any) -> str:
+    """``ascii()`` of client-supplied text (no raw control or non-ASCII characters), cut short."""
+    text = ascii(value)
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+
+
+def _quote_fields(document: dict) -> str:
+    names = [_quote(name) for name in sorted(document)[:_QUOTE_FIELDS]]
+    more = len(document) - len(names)
+    return "[" + ", ".join(names) + (f", ... {more} more" if more > 0 else "") + "]"
 
 
 def _decode_base64(text: Any, field: str) -> bytes:
@@ -109,7 +137,7 @@ def _from_json(document: Any) -> ImageRequest:
             options = {k: v for k, v in document.items() if k != field}
             return ImageRequest(_decode_base64(document[field], field), options)
     raise InvalidInput(
-        f"JSON body has no image: expected a base64 string in field 'data', got fields {sorted(document)}"
+        f"JSON body has no image: expected a base64 string in field 'data', got fields {_quote_fields(document)}"
     )
 
 
@@ -151,6 +179,10 @@ def _json_text(text: str | bytes, options: dict) -> ImageRequest:
         raise InvalidInput("JSON body is not valid UTF-8") from exc
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"malformed JSON body: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidInput("malformed JSON body: nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidInput(f"malformed JSON body: {exc}") from exc
     parsed = _from_json(document)
     return ImageRequest(parsed.payload, {**options, **parsed.options})
 
@@ -184,6 +216,11 @@ def decode_image(payload: bytes, limits: DecodeLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"image refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
+        for signature, fmt in _RASTER_SIGNATURES:
+            if signature.match(payload):
+                raise InvalidInput(
+                    f"image data is corrupt or truncated: it starts like a {fmt} file but its header cannot be read"
+                ) from exc
         raise UnsupportedMediaType(
             f"body is not an image in a supported format (accepted: {', '.join(ALLOWED_FORMATS)})"
         ) from exc
@@ -199,7 +236,7 @@ def parse_topk(value: Any, num_classes: int) -> int:
     try:
         k = value if isinstance(value, int) else int(_as_text(value).strip())
     except ValueError as exc:
-        raise InvalidInput(f"topk must be an integer, got {_as_text(value)!r}") from exc
+        raise InvalidInput(f"topk must be an integer, got {_quote(_as_text(value))}") from exc
     if not 1 <= k <= num_classes:
-        raise InvalidInput(f"topk must be between 1 and {num_classes}, got {k}")
+        raise InvalidInput(f"topk must be between 1 and {num_classes}, got {_quote(k)}")
     return k

@@ -171,11 +171,13 @@ class ImagePreprocessor:
         ys, xs = np.nonzero((gray - lo) > 0.35 * (hi - lo))
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         content = image.crop(box)
-        side = max(content.size)
-        square = Image.new(image.mode, (side, side), 0)
-        square.paste(content, ((side - content.size[0]) // 2, (side - content.size[1]) // 2))
+        # Scale first, then pad: padding a W x 1 strip to a W x W square first would cost W^2 pixels
+        # (a 276-byte PNG could ask for 40 G), while the result is the same either way.
         inner = p.crop - 2 * p.margin
-        square = square.resize((inner, inner), Image.Resampling.BILINEAR)
+        w, h = content.size
+        side = max(w, h)
+        size = (max(1, round(w * inner / side)), max(1, round(h * inner / side)))
+        scaled = content.resize(size, Image.Resampling.BILINEAR)
         canvas = Image.new(image.mode, (p.crop, p.crop), 0)
-        canvas.paste(square, (p.margin, p.margin))
+        canvas.paste(scaled, (p.margin + (inner - size[0]) // 2, p.margin + (inner - size[1]) // 2))
         return canvas

@@ -5,6 +5,13 @@ directory that holds everything the server writes: the effective config.properti
 logs, config snapshots and the launcher's pid file (TMPDIR points there, so a second server, such
 as a test's, never collides with ``make serve``). Stopping signals only that process group.
 
+Snapshots: with ``snapshots=True`` TorchServe writes its state (registered versions, worker counts,
+the default version) to ``workdir/logs/config/*.cfg`` after every change and at shutdown. TorchServe
+restores the latest one only when started WITHOUT ``--ts-config`` (a ``--ts-config`` file wins over
+every snapshot), so ``restore=True`` starts it that way when a snapshot exists: the addresses and
+all other settings then come from the snapshot (``ports`` is set from it), the model store from
+``model_store``.
+
     python -m servekit.server start [--workdir var]   # background, returns when /ping is Healthy
     python -m servekit.server stop  [--workdir var]
 """
@@ -65,6 +72,7 @@ class TorchServeProcess:
     ports: dict[str, int] | None = None
     load_models: str | None = None
     snapshots: bool = False
+    restore: bool = False  # start from the latest snapshot in workdir/logs/config, if any (needs snapshots)
     overrides: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
@@ -74,9 +82,15 @@ class TorchServeProcess:
         self.props = read_properties(BASE_CONFIG)
         if self.ports is None:
             self.ports = {kind: int(self.props[key].rsplit(":", 1)[1]) for kind, key in ADDRESS_KEYS.items()}
+        else:
+            # A server on chosen ports (tests, bench) must not collide with another one's gRPC ports.
+            self.props.setdefault("grpc_inference_port", str(free_port()))
+            self.props.setdefault("grpc_management_port", str(free_port()))
         for kind, key in ADDRESS_KEYS.items():
             self.props[key] = f"http://127.0.0.1:{self.ports[kind]}"
         self.props["model_store"] = str(self.model_store)
+        if self.restore and not self.snapshots:
+            raise ValueError("restore=True needs snapshots=True")
         if self.load_models is not None:
             if self.load_models:
                 self.props["load_models"] = self.load_models
@@ -112,6 +126,12 @@ class TorchServeProcess:
         return path
 
     def start(self, timeout: float = 180.0) -> None:
+        snapshot = self.latest_snapshot() if self.restore else None
+        if snapshot is not None:  # Java properties escape ':' as '\:'
+            saved = read_properties(snapshot)
+            self.ports = {
+                kind: int(saved[key].replace("\\", "").rsplit(":", 1)[1]) for kind, key in ADDRESS_KEYS.items()
+            }
         for kind, port in self.ports.items():
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -126,15 +146,12 @@ class TorchServeProcess:
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
         }
-        command = [
-            str(Path(sys.executable).with_name("torchserve")),
-            "--start",
-            "--foreground",
-            "--ts-config",
-            str(config),
-            "--model-store",
-            str(self.model_store),
-        ]
+        command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground"]
+        if snapshot is not None:
+            env.pop("TS_CONFIG_FILE", None)  # TorchServe reads the latest snapshot itself
+        else:
+            command += ["--ts-config", str(config)]
+        command += ["--model-store", str(self.model_store)]
         if not self.snapshots:
             command.append("--ncs")
         log = open(self.workdir / "torchserve.out", "ab")  # noqa: SIM115 - handed to the child
@@ -149,6 +166,11 @@ class TorchServeProcess:
         except BaseException:
             self.stop()
             raise
+
+    def latest_snapshot(self) -> Path | None:
+        """The snapshot TorchServe restores at start: the newest ``<timestamp>-<kind>.cfg``."""
+        snapshots = sorted((self.workdir / "logs" / "config").glob("*.cfg"))
+        return snapshots[-1] if snapshots else None
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -248,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", nargs="?", default="inference", help="for key: inference, management or api")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "var"))
     parser.add_argument("--model-store", default=str(REPO_ROOT / "model_store"))
+    parser.add_argument(
+        "--fresh", action="store_true", help="start from config.properties, ignoring the saved snapshot of versions"
+    )
     args = parser.parse_args(argv)
-    server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True)
+    # Versions registered at runtime, their workers and the default come back after make stop / make serve.
+    server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh)
     try:
         if args.action == "key":
             if not server.key_file.is_file():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from handlers.errors import MAX_MESSAGE_CHARS, InvalidInput, PayloadTooLarge, UnsupportedMediaType, error_payload
 from handlers.image_io import DecodeLimits, decode_image, extract_image_request, parse_topk
 
 LIMITS = DecodeLimits()
@@ -359,3 +359,75 @@ def test_importing_the_handlers_leaves_pils_bomb_limit_alone(repo_root: Path) ->
     assert after == before
     assert Image.MAX_IMAGE_PIXELS is not None
     assert str(Image.MAX_IMAGE_PIXELS) == before
+
+
+# ------------------------------------------------------------------------------------ hostile inputs
+@pytest.mark.parametrize(
+    ("payload", "fmt"),
+    [
+        (b"\x89PNG\r\n\x1a\n", "PNG"),
+        (b"\xff\xd8\xff", "JPEG"),
+        (b"GIF89a", "GIF"),
+        (b"II*\x00", "TIFF"),
+        (b"MM\x00*", "TIFF"),
+        (b"RIFF\x00\x00\x00\x00WEBP", "WEBP"),
+        (b"BM" + b"\x00" * 12, "BMP"),
+    ],
+)
+def test_unreadable_header_of_an_accepted_format_is_invalid_input_not_415(payload: bytes, fmt: str) -> None:
+    # A damaged image is a 400 (README), even when PIL cannot even identify it.
+    with pytest.raises(InvalidInput) as info:
+        decode_image(payload, LIMITS)
+
+    assert info.value.message == (
+        f"image data is corrupt or truncated: it starts like a {fmt} file but its header cannot be read"
+    )
+
+
+def test_json_nested_too_deeply_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput) as info:
+        extract_image_request({"body": b"[" * 100_000 + b"]" * 100_000})
+
+    assert info.value.message == "malformed JSON body: nested too deeply"
+
+
+def test_json_integer_of_5000_digits_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput) as info:
+        extract_image_request({"body": b'{"data": "AAAA", "topk": 1' + b"0" * 5000 + b"}"})
+
+    assert info.value.message.startswith("malformed JSON body: Exceeds the limit (4300 digits)")
+
+
+def test_error_messages_are_short_printable_ascii() -> None:
+    # The message is also the HTTP reason phrase: TorchServe 0.12 frames it with its length in
+    # characters, so one non-ASCII character used to kill the worker.
+    error = InvalidInput("caf\u00e9 \u2603\tnew\nline \x00" + "x" * 5000)
+
+    assert error.message.startswith("caf\\xe9 \\u2603 new line \\x00xxx")
+    assert error.message.isascii()
+    assert len(error.message) == MAX_MESSAGE_CHARS
+    assert error.message.endswith("...")
+    assert error.to_payload()["error"] == error.message
+
+
+def test_internal_error_payload_is_short_printable_ascii() -> None:
+    status, payload = error_payload(RuntimeError("d\u00e9j\u00e0 vu " * 500))
+
+    assert status == 500
+    assert payload["error"].startswith("internal error: RuntimeError: d\\xe9j\\xe0 vu ")
+    assert payload["error"].isascii()
+    assert len(payload["error"]) == MAX_MESSAGE_CHARS
+
+
+def test_client_text_quoted_in_errors_is_bounded() -> None:
+    with pytest.raises(InvalidInput) as info:
+        extract_image_request({"body": {f"f\u00e9{i:03d}": i for i in range(100)}})
+    assert info.value.message == (
+        "JSON body has no image: expected a base64 string in field 'data', got fields "
+        "['f\\xe9000', 'f\\xe9001', 'f\\xe9002', 'f\\xe9003', 'f\\xe9004', 'f\\xe9005', 'f\\xe9006', "
+        "'f\\xe9007', ... 92 more]"
+    )
+
+    with pytest.raises(InvalidInput) as info:
+        parse_topk("\\" * 3_000_000, 10)
+    assert info.value.message == "topk must be an integer, got '" + "\\\\" * 18 + "..."
