@@ -78,7 +78,7 @@ class DecodeLimits:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """The encoded image of one request and its options (JSON or multipart fields: TorchServe does not pass query parameters to handlers)."""
+    """The encoded image of one request and its options (JSON or multipart fields, never the query string)."""
 
     payload: bytes
     options: dict[str, Any]
