@@ -30,6 +30,8 @@ from pathlib import Path
 
 import requests
 
+from servekit.server import process_table
+
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
 
@@ -279,13 +281,4 @@ def _check_route(model: str, version: str) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    children = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                children.append(int(proc.name))
-    return children
+    return [child for child, _, parent, _ in process_table() if parent == pid]

@@ -245,6 +245,19 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+def process_table() -> list[tuple[int, str, int, int]]:
+    """``(pid, state, parent pid, process group)`` of every process, from /proc."""
+    table = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table.append((int(proc.name), fields[0], int(fields[1]), int(fields[2])))
+    return table
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -253,15 +266,7 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     # A group whose members are all zombies still answers; look for a live member.
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+    return any(group == pgid and state != "Z" for _, state, _, group in process_table())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,19 +27,24 @@ def model_store(repo_root: Path) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
-def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
+@contextlib.contextmanager
+def running_torchserve(workdir: Path, model_store: Path, **kwargs) -> Iterator[TorchServeProcess]:
+    """A TorchServe on free loopback ports, loading digits 1.0 unless told otherwise; always stopped."""
+    kwargs.setdefault("load_models", "digits_v1.0.mar")
     server = TorchServeProcess(
-        workdir=tmp_path_factory.mktemp("torchserve"),
-        model_store=model_store,
-        ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models="digits_v1.0.mar",
+        workdir=workdir, model_store=model_store, ports={kind: free_port() for kind in ADDRESS_KEYS}, **kwargs
     )
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), model_store) as server:
+        yield server
 
 
 class Client:

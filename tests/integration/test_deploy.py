@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from servekit.build import build_all
-from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.server import TorchServeProcess, free_port
 from servekit.spec import load_spec, select
+from tests.integration.conftest import running_torchserve
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +39,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Iterator[TorchServeProcess]:
-    server = TorchServeProcess(
-        workdir=tmp_path_factory.mktemp("torchserve"),
-        model_store=store,
-        ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models="digits_v1.0.mar",
-    )
-    server.start()
-    try:
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), store) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -16,22 +16,14 @@ import pytest
 import requests
 
 from servekit.proxy import NginxProxy
-from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.server import TorchServeProcess, free_port
+from tests.integration.conftest import running_torchserve
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
-    server = TorchServeProcess(
-        workdir=tmp_path_factory.mktemp("torchserve"),
-        model_store=model_store,
-        ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models="digits_v1.0.mar",
-    )
-    server.start()
-    try:
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), model_store) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
