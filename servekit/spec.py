@@ -192,17 +192,22 @@ class GoldenItem:
     path: str = field(compare=False)
 
 
+def _read_json_file(base_dir: Path, value: Any, field_name: str, what: str, fail) -> tuple[Path, Any]:
+    """Resolve ``value`` against the spec's folder and parse it as JSON; errors name ``field_name``."""
+    path = (base_dir / str(value)).resolve()
+    if not path.is_file():
+        raise fail(field_name, f"{what} not found: {path}")
+    try:
+        return path, json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise fail(field_name, f"{path} is not valid JSON: {exc}") from exc
+
+
 def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail) -> tuple[GoldenItem, ...]:
     """``golden_set: path/to/golden.json``, a JSON list of ``{"file": ..., "label": ...}``."""
     if value is None:
         return ()
-    path = (base_dir / str(value)).resolve()
-    if not path.is_file():
-        raise fail("golden_set", f"golden set file not found: {path}")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise fail("golden_set", f"{path} is not valid JSON: {exc}") from exc
+    path, entries = _read_json_file(base_dir, value, "golden_set", "golden set file", fail)
     if not isinstance(entries, list) or not entries:
         raise fail("golden_set", f"{path} must be a non-empty JSON list of {{file, label}}")
     items = []
@@ -367,13 +372,7 @@ def _resolve_version(
     if "labels" in merged and "labels_file" in merged:
         raise fail("labels", "give labels or labels_file, not both")
     if "labels_file" in merged:
-        path = (base_dir / str(merged["labels_file"])).resolve()
-        if not path.is_file():
-            raise fail("labels_file", f"labels file not found: {path}")
-        try:
-            labels = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise fail("labels_file", f"{path} is not valid JSON: {exc}") from exc
+        _, labels = _read_json_file(base_dir, merged["labels_file"], "labels_file", "labels file", fail)
     elif "labels" in merged:
         labels = merged["labels"]
     elif weights.torchvision:

@@ -31,9 +31,9 @@ import psutil
 import pytest
 import requests
 
-from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, RAW, Case, corpus, digit_png
-from tests.integration.conftest import Client
+from tests.integration.conftest import Client, running_torchserve
 
 MODEL = "digits"
 BATCH_MODEL = "digits_hostile_batch"
@@ -170,19 +170,9 @@ class Workers:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Iterator[TorchServeProcess]:
     """A TorchServe of this module's own (so nothing another module did changes what we see)."""
-    process = TorchServeProcess(
-        workdir=tmp_path_factory.mktemp("torchserve_hostile"),
-        model_store=model_store,
-        ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models=f"digits_v{VERSION}.mar",
-        # gRPC is on by default at 7070/7071: free ports, so a server already running cannot clash.
-        overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())},
-    )
-    process.start()
-    try:
+    workdir = tmp_path_factory.mktemp("torchserve_hostile")
+    with running_torchserve(workdir, model_store, load_models=f"digits_v{VERSION}.mar") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
