@@ -44,8 +44,10 @@ venv: java $(STAMP)
 archive: venv
 	$(PY) build_mar.py
 
-# Restores the versions registered at runtime from TorchServe's last snapshot; FRESH=1 ignores it.
-serve: archive
+# Restores the versions registered at runtime from the last snapshot under today's config.properties
+# (FRESH=1 ignores it); checks every archive against model_store/manifest.json first; nginx guards
+# the management API (servekit/guard.py).
+serve: archive tools
 	$(PY) -m servekit.server start $(if $(FRESH),--fresh)
 
 stop:

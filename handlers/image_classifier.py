@@ -25,7 +25,7 @@ import torch
 
 from handlers.base import BatchHandler
 from handlers.image_io import DecodeLimits, PreparedImage, decode_image, extract_image_request, parse_topk
-from handlers.model_loading import load_model
+from handlers.model_loading import load_model, verify_program
 from handlers.transforms import ImagePreprocessor, Preprocessing
 
 
@@ -38,6 +38,7 @@ class ImageClassifier(BatchHandler):
         serialized = manifest.get("model", {}).get("serializedFile", "model.pt")
         self.model_name = manifest.get("model", {}).get("modelName", context.model_name)
         self.model_version = manifest.get("model", {}).get("modelVersion", "")
+        verify_program(model_dir, serialized)
         self.model = load_model(model_dir / serialized, config.get("precision", "fp32"), config)
         self.labels = json.loads((model_dir / config.get("labels_file", "labels.json")).read_text())
         self.topk = min(int(config.get("topk", 5)), len(self.labels))

@@ -7,11 +7,42 @@ an INT8 program needs the quantized kernel engine it was converted for.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+
+class TamperedArchive(RuntimeError):
+    """The archive's program is not the one its build recorded: the worker refuses to serve it."""
+
+
+def verify_program(model_dir: Path, serialized: str) -> str:
+    """Check ``model_dir/serialized`` against ``program_sha256`` in the archive's metadata.json.
+
+    The build records the program's sha256 next to it; a program changed after the build (one
+    flipped byte is enough to change what a model answers) fails here, at load, so the worker
+    never serves it. Returns the verified digest.
+    """
+    metadata_path = Path(model_dir) / "metadata.json"
+    try:
+        expected = json.loads(metadata_path.read_text())["program_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TamperedArchive(f"refusing to serve: no program_sha256 in {metadata_path.name} ({exc!r})") from exc
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / serialized, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise TamperedArchive(
+            f"refusing to serve: {serialized} has sha256 {actual[:16]}... but the build recorded "
+            f"{str(expected)[:16]}...: the archive was modified after it was built"
+        )
+    return actual
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:

@@ -32,6 +32,13 @@ from pathlib import Path
 
 import requests
 
+from servekit.guard import GuardError, ManagementGuard
+from servekit.processes import group_alive, owned_pid, process_table, read_pid
+from servekit.store import IntegrityError, verify_store
+from servekit.worker_guard import ENV_ROOT, ensure_installed
+
+__all__ = ["ServerError", "TorchServeProcess", "free_port", "process_table", "read_keys", "read_properties"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO_ROOT / "config.properties"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
@@ -63,18 +70,78 @@ def read_keys(key_file: Path) -> dict[str, str]:
     return {kind.lower(): entry["key"] for kind, entry in data.items() if isinstance(entry, dict) and "key" in entry}
 
 
+def _unescape_java(value: str) -> str:
+    """A value as ``java.util.Properties`` stores it (``\\:`` for ``:``, ``\\uXXXX``) back to text."""
+    out, i = [], 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            nxt = value[i + 1]
+            if nxt == "u" and i + 5 < len(value):
+                out.append(chr(int(value[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+            out.append({"t": "\t", "n": "\n", "r": "\r", "f": "\f"}.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def read_snapshot(path: Path) -> tuple[dict[str, str], dict]:
+    """A TorchServe snapshot file: its settings (unescaped) and its parsed ``model_snapshot``."""
+    props = {key: _unescape_java(value) for key, value in read_properties(path).items()}
+    try:
+        models = json.loads(props.get("model_snapshot", "{}"))
+    except ValueError as exc:
+        raise ServerError(f"snapshot {path} has an unreadable model_snapshot: {exc}") from exc
+    if not isinstance(models, dict):
+        raise ServerError(f"snapshot {path}: model_snapshot is not a JSON object")
+    return props, models
+
+
+def snapshot_archives(models: dict) -> list[str]:
+    """The archive of every version a snapshot would restore (``marName``)."""
+    names = []
+    for versions in (models.get("models") or {}).values():
+        for version in (versions or {}).values():
+            names.append(str(version.get("marName", "")))
+    return names
+
+
+def load_models_archives(value: str | None, store: Path) -> list[str]:
+    """The archives that ``load_models`` names (``all`` = every archive in the store)."""
+    if not value:
+        return []
+    if value.strip().lower() == "all":
+        return sorted(p.name for p in store.glob("*.mar"))
+    return [part.split("=", 1)[-1].strip() for part in value.split(",") if part.strip()]
+
+
+# Keys that describe where a server runs, not how it behaves: they differ between snapshots and
+# today's file by design (the launcher chooses them), so they are not reported as differences.
+_LOCATION_KEYS = {"model_store", "model_snapshot", "load_models", "tsConfigFile", *ADDRESS_KEYS.values()}
+
+
 @dataclass
 class TorchServeProcess:
-    """One TorchServe, its files under ``workdir``; ports from ``config.properties`` or chosen free."""
+    """One TorchServe, its files under ``workdir``; ports from ``config.properties`` or chosen free.
+
+    The management API is reached through the guard (``servekit.guard``) on ``ports["management"]``;
+    TorchServe's own management listener is a Unix socket in ``workdir/run`` (mode 0700).
+    """
 
     workdir: Path
     model_store: Path = REPO_ROOT / "model_store"
     ports: dict[str, int] | None = None
     load_models: str | None = None
     snapshots: bool = False
-    restore: bool = False  # start from the latest snapshot in workdir/logs/config, if any (needs snapshots)
+    restore: bool = False  # re-register what the latest snapshot in workdir/logs/config holds (needs snapshots)
     overrides: dict[str, str] = field(default_factory=dict)
+    verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
     process: subprocess.Popen | None = None
+    snapshot_differences: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -88,6 +155,7 @@ class TorchServeProcess:
             self.props.setdefault("grpc_management_port", str(free_port()))
         for kind, key in ADDRESS_KEYS.items():
             self.props[key] = f"http://127.0.0.1:{self.ports[kind]}"
+        self.props["management_address"] = f"unix:{self.management_socket}"
         self.props["model_store"] = str(self.model_store)
         if self.restore and not self.snapshots:
             raise ValueError("restore=True needs snapshots=True")
@@ -97,10 +165,17 @@ class TorchServeProcess:
             else:
                 self.props.pop("load_models", None)
         self.props.update(self.overrides)
+        self.guard = ManagementGuard(
+            self.workdir / "guard", f"127.0.0.1:{self.ports['management']}", self.management_socket
+        )
 
     # ------------------------------------------------------------------ addresses and keys
     def url(self, kind: str, path: str = "") -> str:
         return f"http://127.0.0.1:{self.ports[kind]}{path}"
+
+    @property
+    def management_socket(self) -> Path:
+        return self.workdir / "run" / "management.sock"
 
     @property
     def key_file(self) -> Path:
@@ -116,6 +191,10 @@ class TorchServeProcess:
     def headers(self, kind: str = "inference") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys()[kind]}"}
 
+    def running_pid(self) -> int | None:
+        """The launcher recorded in the pid file, only if it is still our TorchServe in ``workdir``."""
+        return owned_pid(self.pid_file, ("torchserve", "--foreground"), cwd=self.workdir)
+
     # ------------------------------------------------------------------ lifecycle
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,19 +204,52 @@ class TorchServeProcess:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    def apply_snapshot(self) -> Path | None:
+        """Carry the latest snapshot's registrations (only them) into today's configuration.
+
+        TorchServe restores a snapshot only when started without ``--ts-config``, and then the
+        snapshot's copy of every setting wins over today's config.properties: a hardened
+        ``allowed_urls`` or limit would be silently undone by a restart. Instead the snapshot's
+        ``model_snapshot`` (versions, workers, default) is put into today's configuration, and
+        every other setting that differs is listed in ``snapshot_differences``.
+        """
+        snapshot = self.latest_snapshot()
+        if snapshot is None:
+            return None
+        saved, models = read_snapshot(snapshot)
+        if not models.get("models"):
+            return None
+        self.props.pop("load_models", None)
+        self.props["model_snapshot"] = json.dumps(models, separators=(",", ":"), sort_keys=True)
+        self.snapshot_differences = [
+            f"{key}: snapshot {saved.get(key, '(unset)')!r}, config.properties {value!r}"
+            for key, value in sorted(self.props.items())
+            if key not in _LOCATION_KEYS and saved.get(key) != value
+        ]
+        return snapshot
+
+    def archives_to_load(self) -> list[str]:
+        names = load_models_archives(self.props.get("load_models"), self.model_store)
+        if "model_snapshot" in self.props:
+            names += snapshot_archives(json.loads(self.props["model_snapshot"]))
+        return sorted(set(names))
+
     def start(self, timeout: float = 180.0) -> None:
-        snapshot = self.latest_snapshot() if self.restore else None
-        if snapshot is not None:  # Java properties escape ':' as '\:'
-            saved = read_properties(snapshot)
-            self.ports = {
-                kind: int(saved[key].replace("\\", "").rsplit(":", 1)[1]) for kind, key in ADDRESS_KEYS.items()
-            }
+        snapshot = self.apply_snapshot() if self.restore else None
+        if self.verify:
+            try:
+                verify_store(self.model_store, self.archives_to_load())
+            except IntegrityError as exc:
+                raise ServerError(f"refusing to start: {exc}") from exc
         for kind, port in self.ports.items():
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     raise ServerError(f"port {port} ({kind}) is already in use: is a TorchServe running? (make stop)")
         config = self.write_config()
         (self.workdir / "tmp").mkdir(exist_ok=True)
+        self.management_socket.parent.mkdir(mode=0o700, exist_ok=True)
+        self.management_socket.parent.chmod(0o700)
+        self.management_socket.unlink(missing_ok=True)
         self.key_file.unlink(missing_ok=True)
         env = {
             **os.environ,
@@ -145,21 +257,35 @@ class TorchServeProcess:
             "TEMP": str(self.workdir / "tmp"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
+            # Workers run only code unpacked from archives here (servekit.worker_guard).
+            ENV_ROOT: str(self.workdir / "tmp" / "models"),
         }
+        ensure_installed()
+        env.pop("TS_CONFIG_FILE", None)  # would win over --ts-config
         command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground"]
-        if snapshot is not None:
-            env.pop("TS_CONFIG_FILE", None)  # TorchServe reads the latest snapshot itself
-        else:
-            command += ["--ts-config", str(config)]
-        command += ["--model-store", str(self.model_store)]
+        command += ["--ts-config", str(config), "--model-store", str(self.model_store)]
         if not self.snapshots:
             command.append("--ncs")
+        try:
+            self.guard.start()
+        except GuardError as exc:
+            raise ServerError(str(exc)) from exc
         log = open(self.workdir / "torchserve.out", "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(
-            command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        try:
+            self.process = subprocess.Popen(
+                command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError:
+            self.guard.stop()
+            raise
+        finally:
+            log.close()
         self.pid_file.write_text(str(self.process.pid))
+        if snapshot is not None:
+            restored = f"restored registrations from {snapshot.name} under today's {BASE_CONFIG.name}"
+            (self.workdir / "restore.log").write_text(
+                "\n".join([restored, *self.snapshot_differences]) + "\n", encoding="utf-8"
+            )
         try:
             self.wait_healthy(timeout)
             self.wait_models_ready(timeout)
@@ -168,7 +294,7 @@ class TorchServeProcess:
             raise
 
     def latest_snapshot(self) -> Path | None:
-        """The snapshot TorchServe restores at start: the newest ``<timestamp>-<kind>.cfg``."""
+        """The newest ``<timestamp>-<kind>.cfg`` that TorchServe wrote under ``workdir/logs/config``."""
         snapshots = sorted((self.workdir / "logs" / "config").glob("*.cfg"))
         return snapshots[-1] if snapshots else None
 
@@ -212,61 +338,33 @@ class TorchServeProcess:
         return str(self.workdir / "logs" / "ts_log.log")
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop the process group this object started (or the one recorded in the pid file)."""
-        pid = self.process.pid if self.process is not None else _read_pid(self.pid_file)
-        if pid is None:
-            return
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pid = None
-        deadline = time.monotonic() + timeout
-        while pid is not None and time.monotonic() < deadline:
-            if self.process is not None:
-                if self.process.poll() is not None and not _group_alive(pid):
-                    break
-            elif not _group_alive(pid):
-                break
-            time.sleep(0.2)
-        else:
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+        """Stop the process group this object started (or the one its pid file still names), and the guard.
+
+        A pid file whose process is gone or is no longer our TorchServe (pids are reused) is
+        removed without signalling anything.
+        """
+        pid = self.process.pid if self.process is not None else self.running_pid()
+        if pid is not None:
+            self._stop_group(pid, timeout)
         if self.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
+        self.guard.stop()
 
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def process_table() -> list[tuple[int, str, int, int]]:
-    """``(pid, state, parent pid, process group)`` of every process, from /proc."""
-    table = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table.append((int(proc.name), fields[0], int(fields[1]), int(fields[2])))
-    return table
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A group whose members are all zombies still answers; look for a live member.
-    return any(group == pgid and state != "Z" for _, state, _, group in process_table())
+    def _stop_group(self, pid: int, timeout: float) -> None:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            exited = self.process is None or self.process.poll() is not None
+            if exited and not group_alive(pid):
+                return
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,32 +379,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Versions registered at runtime, their workers and the default come back after make stop / make serve.
     server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh)
+    actions = {"key": _print_key, "stop": _stop, "start": _start}
     try:
-        if args.action == "key":
-            if not server.key_file.is_file():
-                print(f"serve: error: no key file at {server.key_file}: is TorchServe running?", file=sys.stderr)
-                return 1
-            keys = server.keys()
-            if args.kind.lower() not in keys:
-                print(f"serve: error: no {args.kind!r} key (have: {', '.join(sorted(keys))})", file=sys.stderr)
-                return 1
-            print(keys[args.kind.lower()])
-            return 0
-        if args.action == "stop":
-            if _read_pid(server.pid_file) is None:
-                print("TorchServe (started by make serve) is not running")
-                return 0
-            server.stop()
-            print("TorchServe stopped")
-            return 0
-        if (pid := _read_pid(server.pid_file)) is not None and _group_alive(pid):
-            print(f"TorchServe is already running (pid {pid}); make stop first", file=sys.stderr)
-            return 1
-        server.start()
+        return actions[args.action](server, args)
     except ServerError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _print_key(server: TorchServeProcess, args: argparse.Namespace) -> int:
+    if not server.key_file.is_file():
+        raise ServerError(f"no key file at {server.key_file}: is TorchServe running?")
+    keys = server.keys()
+    if args.kind.lower() not in keys:
+        raise ServerError(f"no {args.kind!r} key (have: {', '.join(sorted(keys))})")
+    print(keys[args.kind.lower()])
+    return 0
+
+
+def _stop(server: TorchServeProcess, args: argparse.Namespace) -> int:
+    recorded = read_pid(server.pid_file)
+    running = server.running_pid()
+    if recorded is not None and running is None:
+        print(f"pid file {server.pid_file} named {recorded}, which is not our TorchServe: removed, nothing signalled")
+    server.stop()
+    print("TorchServe stopped" if running is not None else "TorchServe (started by make serve) is not running")
+    return 0
+
+
+def _start(server: TorchServeProcess, args: argparse.Namespace) -> int:
+    if (pid := server.running_pid()) is not None:
+        raise ServerError(f"TorchServe is already running (pid {pid}); make stop first")
+    server.start()
     server.process = None  # leave it running in the background
+    if server.snapshot_differences:
+        print(
+            "note: restored the registered versions from the last snapshot; these settings differ from it and "
+            "today's config.properties applies:\n  " + "\n  ".join(server.snapshot_differences)
+        )
     print_usage(server)
     return 0
 

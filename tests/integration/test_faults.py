@@ -75,10 +75,11 @@ def failing_init_archive(source: Path, target: Path, version: str) -> None:
             zout.writestr(item, body)
 
 
+# Names of the form the management guard lets through, so that TorchServe itself meets the damage.
 BAD_ARCHIVES = {
-    "digits_v2.0-truncated.mar": "the first half of digits_v2.0.mar",
-    "digits_v2.0-garbled.mar": "digits_v2.0.mar with every 97th byte flipped",
-    "digits_v2.0-notzip.mar": "a text file named .mar",
+    "digits_v2.1.mar": "the first half of digits_v2.0.mar",
+    "digits_v2.2.mar": "digits_v2.0.mar with every 97th byte flipped",
+    "digits_v2.3.mar": "a text file named .mar",
 }
 FAILING_INIT_VERSION = "9.9"
 
@@ -87,12 +88,13 @@ FAILING_INIT_VERSION = "9.9"
 def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Path:
     """The two good archives, three corrupted ones and one whose handler fails to initialize."""
     store = tmp_path_factory.mktemp("store")
-    for name in ("digits_v1.0.mar", "digits_v2.0.mar"):
+    for name in ("digits_v1.0.mar", "digits_v2.0.mar", "manifest.json"):
         shutil.copyfile(model_store / name, store / name)
     data = (model_store / "digits_v2.0.mar").read_bytes()
-    (store / "digits_v2.0-truncated.mar").write_bytes(data[: len(data) // 2])
-    (store / "digits_v2.0-garbled.mar").write_bytes(garbled(data))
-    (store / "digits_v2.0-notzip.mar").write_bytes(b"not a model archive\n" * 64)
+    truncated, damaged, text = BAD_ARCHIVES
+    (store / truncated).write_bytes(data[: len(data) // 2])
+    (store / damaged).write_bytes(garbled(data))
+    (store / text).write_bytes(b"not a model archive\n" * 64)
     failing_init_archive(model_store / "digits_v1.0.mar", store / f"digits_v{FAILING_INIT_VERSION}.mar", "9.9")
     return store
 
@@ -193,8 +195,8 @@ def test_restart_restores_versions_workers_and_default(
     assert snapshot is not None
     assert snapshot.name.endswith("-shutdown.cfg"), snapshot
 
-    # Same workdir, model store and (from the snapshot) ports; no load_models: TorchServe restores
-    # the shutdown snapshot itself because it is started without --ts-config.
+    # Same workdir, model store and ports; no load_models: the launcher carries the shutdown
+    # snapshot's registrations into today's configuration (servekit.server.apply_snapshot).
     second = TorchServeProcess(
         workdir=workdir, model_store=store, ports=first.ports, load_models="", snapshots=True, restore=True
     )
@@ -205,7 +207,6 @@ def test_restart_restores_versions_workers_and_default(
         after = settled_state(client)
         restart_s = time.monotonic() - started
         assert after == before
-        assert second.ports == first.ports  # read back from the snapshot
         assert second.keys() != keys_before, "the restarted server kept the old keys"
         assert not pids_before & set(our_worker_processes(second))
         assert_answers_every_digit(client, samples, "digits", "2.0")
@@ -392,7 +393,8 @@ def test_corrupted_archives_are_refused_and_serving_is_untouched(
         assert 400 <= response.status_code < 600, response.text
         assert response.json()["message"].strip(), response.text
         assert elapsed < REGISTER_LIMIT_S
-        assert client.manage("GET", "/models/digits/2.0").status_code == 404, f"{name} left a registration"
+        for version in ("2.0", name.removeprefix("digits_v").removesuffix(".mar")):
+            assert client.manage("GET", f"/models/digits/{version}").status_code == 404, f"{name} left a registration"
     report(record_property, "corrupted archives", figures)
 
     assert worker_pids(client, "1.0") == pids_before
