@@ -47,7 +47,9 @@ _TOKEN = (
 )
 # The whole query string of an accepted registration: tokens joined by '&', nothing else
 # (no percent-encoding, no ';', no handler=/runtime=/s3 options).
-REGISTER_QUERY = rf"^(?:(?:{_TOKEN})(?:&(?=.)|$))+$"
+# "(?![\s\S])" is the true end of the text in both PCRE and Python ("$" accepts a trailing newline).
+_END = r"(?![\s\S])"
+REGISTER_QUERY = rf"^(?:(?:{_TOKEN})(?:&(?=.)|{_END}))+{_END}"
 REFUSALS = {
     "route": "this method and path are not allowed through the management API guard",
     "register": (
@@ -82,9 +84,9 @@ def render_guard_config(prefix: Path, listen: str, socket_path: Path) -> str:
         [
             '        default "route";',
             '        "~^(GET|HEAD|OPTIONS) " "";',
-            '        "~^POST /models$" "register";',
-            f'        {_quoted(f"~^PUT /models/{NAME_PATTERN}(/{VERSION_PATTERN}(/set-default)?)?$")} "";',
-            f'        {_quoted(f"~^DELETE /models/{NAME_PATTERN}(/{VERSION_PATTERN})?$")} "";',
+            f'        {_quoted(f"~^POST /models{_END}")} "register";',
+            f'        {_quoted(f"~^PUT /models/{NAME_PATTERN}(/{VERSION_PATTERN}(/set-default)?)?{_END}")} "";',
+            f'        {_quoted(f"~^DELETE /models/{NAME_PATTERN}(/{VERSION_PATTERN})?{_END}")} "";',
         ]
     )
     # nginx started as root runs its workers as "nobody", which cannot connect to a socket in a
