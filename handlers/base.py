@@ -9,8 +9,9 @@ Workflow of a handler built on ``BatchHandler``:
 4. ``postprocess(outputs, items)``: -> one JSON-serialisable response per item.
 
 ``handle`` runs the steps, guarantees N responses for N requests, and turns every error into a
-per-request status with a JSON body. ``initialize`` sizes torch's thread pool for the worker count
-and warms the model up at every batch size the worker can receive.
+per-request status with a JSON body. ``initialize`` joins the machine-wide CPU budget
+(``handlers.cpu_budget``: torch's thread pool follows the number of live workers, re-checked
+between batches) and warms the model up at every batch size the worker can receive.
 
 Minimal example::
 
@@ -30,30 +31,12 @@ from typing import Any
 
 import torch
 
+from handlers.cpu_budget import CpuBudget
 from handlers.errors import HandlerError, InferenceError, error_payload
 
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_worker(config: dict, model_yaml_config: dict) -> int:
-    """Torch intra-op threads: the handler's ``threads`` setting, else cores // minWorkers.
-
-    TorchServe's default gives every worker torch's default thread count (all cores), so N workers
-    oversubscribe the CPU N times over; dividing the cores avoids that.
-    """
-    if config.get("threads"):
-        return max(1, int(config["threads"]))
-    workers = max(1, int(model_yaml_config.get("minWorkers") or 1))
-    return max(1, available_cores() // workers)
 
 
 class BatchHandler:
@@ -67,6 +50,7 @@ class BatchHandler:
         self.context: Any = None
         self.config: dict = {}
         self.batch_size = 1
+        self.cpu: CpuBudget | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
@@ -74,8 +58,10 @@ class BatchHandler:
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         self.config = dict(yaml_config.get("handler") or {})
         self.batch_size = max(1, int(context.system_properties.get("batch_size") or 1))
-        threads = threads_per_worker(self.config, yaml_config)
-        torch.set_num_threads(threads)
+        pinned = int(self.config["threads"]) if self.config.get("threads") else None
+        self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
+        self.cpu.register()
+        threads = self.resize_threads(force=True)
         started = time.perf_counter()
         self.load(context, self.config)
         loaded = time.perf_counter()
@@ -96,9 +82,20 @@ class BatchHandler:
             for _ in range(self.warmup_rounds):
                 self.postprocess(self.inference(items), items)
 
+    def resize_threads(self, force: bool = False) -> int:
+        """Follow this worker's share of the CPU budget; logs every change with its reason."""
+        if self.cpu is None:
+            return torch.get_num_threads()
+        threads, reason = self.cpu.refresh(force=force)
+        if reason is not None:
+            torch.set_num_threads(threads)
+            logger.info("cpu budget: %s", reason)
+        return threads
+
     # ----------------------------------------------------------------- the batch contract
     def handle(self, data: list[dict], context: Any) -> list[Any]:
         """N requests in, N responses out; a failure costs only the request it belongs to."""
+        self.resize_threads()
         responses: list[Any] = [None] * len(data)
         ready: list[tuple[int, Any]] = []
         for idx, request in enumerate(data):

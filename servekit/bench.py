@@ -84,7 +84,7 @@ class ResNet18(ResNet):
 
 def build_stock_archive(weights: Path, store: Path) -> Path:
     """The same FP32 weights for TorchServe's stock image_classifier handler, with its defaults."""
-    target = store / "resnet18_stock.mar"
+    target = store / "resnet18_stock_v1.0.mar"
     stage = WORKDIR / "stock"
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "model.py").write_text(STOCK_MODEL_FILE)
@@ -101,6 +101,8 @@ def build_stock_archive(weights: Path, store: Path) -> Path:
         "--export-path", str(store), "--force",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
+    # <name>_v<version>.mar: the only form the management guard registers.
+    (store / "resnet18_stock.mar").replace(target)
     marker.write_text(fingerprint)
     return target
 
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     stock_note = f"TorchServe's stock image_classifier, its defaults: {cores} workers (one per core), batch size 1"
     variants = [
-        Variant("stock", "resnet18_stock.mar", "resnet18_stock", "1.0", f"&initial_workers={cores}&batch_size=1",
+        Variant("stock", "resnet18_stock_v1.0.mar", "resnet18_stock", "1.0", f"&initial_workers={cores}&batch_size=1",
                 stock_note),
         Variant("fp32", fp32.archive_name, fp32.name, fp32.version, "", "servekit handler, FP32, spec's settings"),
         Variant("int8", int8.archive_name, int8.name, int8.version, "", "servekit handler, INT8, spec's settings"),
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,
-            "stock_bytes": (store / "resnet18_stock.mar").stat().st_size,
+            "stock_bytes": (store / "resnet18_stock_v1.0.mar").stat().st_size,
         },
     }
     compute_ratios_and_bars(result, max(concurrencies))

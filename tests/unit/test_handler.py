@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import os
+import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -13,8 +16,8 @@ import torch
 import yaml
 from ts.utils.util import list_classes_from_module
 
-import handlers.base
-from handlers.base import threads_per_worker
+from handlers import cpu_budget
+from handlers.cpu_budget import ENV_REGISTRY
 from handlers.image_classifier import ImageClassifier
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -261,28 +264,13 @@ def test_an_empty_batch_gives_no_responses(handler: ImageClassifier, context: Fa
 
 
 # ------------------------------------------------------------------------------------ threads
-def test_threads_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handlers.base, "available_cores", lambda: 16)
-
-    assert threads_per_worker({"threads": 3}, {"minWorkers": 4}) == 3
-    assert threads_per_worker({"threads": 24}, {"minWorkers": 1}) == 24
-
-
-@pytest.mark.parametrize(
-    ("yaml_config", "expected"),
-    [({"minWorkers": 1}, 16), ({"minWorkers": 4}, 4), ({"minWorkers": 3}, 5), ({"minWorkers": 32}, 1), ({}, 16)],
-)
-def test_threads_default_to_cores_divided_by_min_workers(
-    monkeypatch: pytest.MonkeyPatch, yaml_config: dict, expected: int
+def test_initialize_joins_the_cpu_budget_and_sets_torch_threads(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(handlers.base, "available_cores", lambda: 16)
-
-    assert threads_per_worker({}, yaml_config) == expected
-
-
-def test_initialize_sets_torch_threads(model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(handlers.base, "available_cores", lambda: 12)
+    monkeypatch.setenv(ENV_REGISTRY, str(tmp_path / "registry"))
+    monkeypatch.setattr(cpu_budget, "affinity_cpus", lambda: 12)
+    monkeypatch.setattr(cpu_budget, "cgroup_cpu_limit", lambda root=None: None)
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
 
     ImageClassifier().initialize(make_context(model_dirs["1.0"], batch_size=1, minWorkers=3))
@@ -290,7 +278,41 @@ def test_initialize_sets_torch_threads(model_dirs: dict[str, Path], monkeypatch:
     context.model_yaml_config["handler"]["threads"] = 2
     ImageClassifier().initialize(context)
 
-    assert calls == [4, 2]
+    # One live worker (this process) gets the whole budget; serving.threads pins its value.
+    assert calls == [12, 2]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "registry").glob("*.json")]
+    assert [(r["pid"], r["threads"], r["pinned"]) for r in records] == [(os.getpid(), 2, 2)]
+
+
+def test_a_worker_resizes_between_batches_when_another_joins(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    registry = tmp_path / "registry"
+    monkeypatch.setenv(ENV_REGISTRY, str(registry))
+    monkeypatch.setattr(cpu_budget, "affinity_cpus", lambda: 4)
+    monkeypatch.setattr(cpu_budget, "cgroup_cpu_limit", lambda root=None: None)
+    monkeypatch.setattr(cpu_budget, "REFRESH_SECONDS", 0.0)
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    handler = ImageClassifier()
+    context = make_context(model_dirs["1.0"], batch_size=1)
+    handler.initialize(context)
+    assert calls == [4]
+
+    other = subprocess.Popen(["sleep", "30"])  # stands in for a second worker process
+    try:
+        deadline = time.monotonic() + 10
+        while cpu_budget.process_start_time(other.pid) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        peer = cpu_budget.CpuBudget("peer", registry=registry, pid=other.pid)
+        peer.register()
+        handler.handle([{"body": b"not an image"}], context)
+        assert calls == [4, 2]
+    finally:
+        other.kill()
+        other.wait()
+    handler.handle([{"body": b"not an image"}], context)  # the peer died without unregistering
+    assert calls == [4, 2, 4]
 
 
 # ------------------------------------------------------------------------------------ TorchServe's contract

@@ -1,0 +1,113 @@
+"""Workers share one CPU budget and follow it at runtime (real TorchServe, real scaling; not timed).
+
+Each test gives its server a private worker registry (``SERVEKIT_CPU_REGISTRY``), so workers of
+other servers alive in this test session do not count; the registry entries record the thread
+count each worker uses now, which is what these tests read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from handlers.cpu_budget import ENV_CGROUP_ROOT, ENV_REGISTRY, cpu_budget, live_members, share
+from servekit.server import TorchServeProcess
+from tests.integration.conftest import Client, running_torchserve
+
+SETTLE_S = 60.0
+
+
+def thread_counts(registry: Path) -> dict[int, int]:
+    import json
+
+    counts = {}
+    for member in live_members(registry):
+        record = json.loads((registry / f"{member.pid}.json").read_text())
+        counts[member.pid] = record["threads"]
+    return counts
+
+
+def settle(client: Client, registry: Path, workers: int, digit: bytes, budget: int) -> dict[int, int]:
+    """Send requests until ``workers`` live workers all hold their share of ``budget``."""
+    deadline = time.monotonic() + SETTLE_S
+    counts: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        for _ in range(4):  # every worker gets batches, and so a chance to re-read the registry
+            assert client.predict("digits", data=digit).status_code == 200
+        counts = thread_counts(registry)
+        members = live_members(registry)
+        expected = {m.pid: share(budget, members, m.pid) for m in members}
+        if len(counts) == workers and counts == expected:
+            return counts
+        time.sleep(0.3)
+    raise AssertionError(f"workers did not settle on {workers} shares of {budget} CPUs: {counts}")
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "registry"
+    monkeypatch.setenv(ENV_REGISTRY, str(folder))  # inherited by the TorchServe started below
+    return folder
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_store: Path, registry: Path) -> Iterator[TorchServeProcess]:
+    with running_torchserve(tmp_path / "ts", model_store) as process:
+        yield process
+
+
+def test_threads_follow_scaling_up_down_and_a_killed_worker(
+    server: TorchServeProcess, registry: Path, samples_dir: Path
+) -> None:
+    client = Client(server)
+    digit = (samples_dir / "digit_3.png").read_bytes()
+    budget = cpu_budget().cpus
+
+    one = settle(client, registry, 1, digit, budget)
+    assert list(one.values()) == [budget]
+
+    response = client.manage("PUT", "/models/digits/1.0?min_worker=2&max_worker=2&synchronous=true")
+    assert response.status_code == 200, response.text
+    two = settle(client, registry, 2, digit, budget)
+    assert sum(two.values()) <= max(budget, 2)
+    assert all(threads >= 1 for threads in two.values())
+
+    # A worker killed with SIGKILL never unregisters; the survivor and its replacement still settle.
+    victim = max(two)
+    os.kill(victim, signal.SIGKILL)
+    after_kill = settle(client, registry, 2, digit, budget)
+    assert victim not in after_kill
+
+    response = client.manage("PUT", "/models/digits/1.0?min_worker=1&max_worker=1&synchronous=true")
+    assert response.status_code == 200, response.text
+    back = settle(client, registry, 1, digit, budget)
+    assert list(back.values()) == [budget]
+
+    log = (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
+    assert "cpu budget: threads - -> " in log
+    assert "live servekit workers share a budget of" in log
+
+
+def test_threads_follow_the_cgroup_quota(
+    tmp_path: Path, model_store: Path, registry: Path, samples_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container limited to one CPU (a fake cgroup tree where the workers look) gets one thread."""
+    own = Path("/proc/self/cgroup").read_text().splitlines()
+    path = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), "/")
+    fake = tmp_path / "cgroup"
+    folder = fake / path.lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "cpu.max").write_text("100000 100000\n")
+    monkeypatch.setenv(ENV_CGROUP_ROOT, str(fake))
+    with running_torchserve(tmp_path / "ts", model_store) as process:
+        client = Client(process)
+        digit = (samples_dir / "digit_8.png").read_bytes()
+        counts = settle(client, registry, 1, digit, 1)
+        assert list(counts.values()) == [1]
+        log = (process.workdir / "logs" / "model_log.log").read_text(errors="replace")
+        assert "budget of 1 CPUs (cgroup CPU quota 1 CPUs" in log
