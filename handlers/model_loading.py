@@ -74,7 +74,34 @@ def load_int8(path: Path, config: dict) -> torch.jit.ScriptModule:
     return _load_torchscript(path)
 
 
-LOADERS: dict[str, Callable[[Path, dict], torch.jit.ScriptModule]] = {"fp32": load_fp32, "int8": load_int8}
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in BF16 natively (AVX512-BF16 or AMX); elsewhere BF16 is emulated and slow."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def load_bf16(path: Path, config: dict) -> torch.jit.ScriptModule:
+    """A BF16 program (it casts its FP32 input itself); refused on CPUs without native BF16."""
+    if not native_bf16():
+        raise RuntimeError(
+            f"precision bf16 needs a CPU with native BF16 ({' or '.join(NATIVE_BF16_FLAGS)}); this one has "
+            "neither: serve the fp32 or int8 version of this model here"
+        )
+    return _load_torchscript(path)
+
+
+LOADERS: dict[str, Callable[[Path, dict], torch.jit.ScriptModule]] = {
+    "fp32": load_fp32,
+    "int8": load_int8,
+    "bf16": load_bf16,
+}
 
 
 def load_model(path: Path, precision: str, config: dict) -> torch.jit.ScriptModule:

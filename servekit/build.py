@@ -27,11 +27,13 @@ import torch
 import yaml
 
 import servekit
+from handlers.model_loading import native_bf16
 from servekit.convert import (
     evaluation_set,
     export_torchscript,
     load_program,
     quantize_static,
+    to_bf16,
     top1_accuracy,
 )
 from servekit.progress import Progress
@@ -118,15 +120,23 @@ def build_version(
         stage = Path(tmp)
         program_path = stage / "model.pt"
         accuracy = None
+        fp32_top1 = None
+        if spec.precision != "fp32" and eval_data is not None:
+            reference = stage / "fp32_reference.pt"
+            export_torchscript(model, example, reference)
+            fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
         if spec.precision == "int8":
             quantized = quantize_static(model, spec, log)
-            fp32_top1 = None
-            if eval_data is not None:
-                reference = stage / "fp32_reference.pt"
-                export_torchscript(model, example, reference)
-                fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
             log("exporting INT8 TorchScript program")
             export_torchscript(quantized, example, program_path)
+        elif spec.precision == "bf16":
+            if not native_bf16():
+                raise BuildError(
+                    f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
+                    "amx_bf16) to build and to serve; this CPU has neither"
+                )
+            log("exporting BF16 TorchScript program")
+            export_torchscript(to_bf16(model), example, program_path)
         else:
             log("exporting FP32 TorchScript program")
             export_torchscript(model, example, program_path)
@@ -136,18 +146,14 @@ def build_version(
             top1 = top1_accuracy(load_program(program_path, spec), *eval_data)
             accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
             log(f"held-out top-1 {top1:.2f}%")
-            if spec.precision == "int8":
-                accuracy["fp32_top1"] = fp32_top1
-                allowed = spec.quantization.max_top1_drop
-                accuracy["gate"] = {"max_top1_drop": allowed, "drop": round(fp32_top1 - top1, 4)}
-                if top1 < fp32_top1 - allowed:
-                    raise BuildError(
-                        f"{spec.name} {spec.version}: accuracy gate failed: INT8 top-1 {top1:.2f}% is more "
-                        f"than {allowed} points below FP32 {fp32_top1:.2f}%"
-                    )
-                log(f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> INT8 {top1:.2f}% (max drop {allowed})")
-        elif spec.precision == "int8":
-            log("WARNING: no evaluation set, so the INT8 accuracy gate cannot run")
+            if fp32_top1 is not None:
+                accuracy.update(accuracy_gate(spec, fp32_top1, top1))
+                log(
+                    f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> {spec.precision.upper()} {top1:.2f}% "
+                    f"(max drop {spec.max_top1_drop})"
+                )
+        elif spec.precision != "fp32":
+            log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
 
         metadata = {
             "model": spec.name,
@@ -187,7 +193,18 @@ def build_version(
 def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:
     from dataclasses import replace
 
-    return replace(spec, precision="fp32", quantization=None)
+    return replace(spec, precision="fp32", quantization=None, bf16=None)
+
+
+def accuracy_gate(spec: ModelVersionSpec, fp32_top1: float, top1: float) -> dict:
+    """The gate of a reduced-precision version: at most ``max_top1_drop`` points below FP32, else BuildError."""
+    allowed = spec.max_top1_drop
+    if top1 < fp32_top1 - allowed:
+        raise BuildError(
+            f"{spec.name} {spec.version}: accuracy gate failed: {spec.precision.upper()} top-1 {top1:.2f}% is more "
+            f"than {allowed} points below FP32 {fp32_top1:.2f}%"
+        )
+    return {"fp32_top1": fp32_top1, "gate": {"max_top1_drop": allowed, "drop": round(fp32_top1 - top1, 4)}}
 
 
 def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:

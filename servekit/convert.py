@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,22 @@ def quantize_static(model: nn.Module, spec: ModelVersionSpec, log: Callable[[str
                 if i == 1 or i % 4 == 0 or i == len(batches):
                     log(f"calibrating ({q.calibration}): batch {i}/{len(batches)}")
         return convert_fx(prepared)
+
+
+class Bf16Program(nn.Module):
+    """``net`` in BF16 behind an FP32 interface: the handler's tensors and outputs stay FP32."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(torch.bfloat16)).float()
+
+
+def to_bf16(model: nn.Module) -> nn.Module:
+    """A BF16 copy of ``model`` (the FP32 one is left as it is, for the accuracy reference)."""
+    return Bf16Program(copy.deepcopy(model)).eval()
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -38,7 +38,7 @@ from handlers.transforms import Preprocessing
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
 HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
 VERSION_KEYS = {
     "architecture",
     "handler",
@@ -52,6 +52,7 @@ VERSION_KEYS = {
     "serving",
     "evaluation",
     "quantization",
+    "bf16",
     "description",
     "golden_set",
 }
@@ -183,6 +184,23 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Bf16:
+    """BF16 weights and activations (CPUs with native BF16 only) and the accuracy gate against FP32."""
+
+    max_top1_drop: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_top1_drop, int | float) or self.max_top1_drop < 0:
+            raise ValueError(f"bf16.max_top1_drop: must be a number >= 0, got {self.max_top1_drop!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Bf16:
+        data = data or {}
+        _check_keys(data, {f.name for f in fields(cls)}, "bf16")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class GoldenItem:
     """One golden-set input: a file and the label the model must give it before promotion."""
 
@@ -243,9 +261,16 @@ class ModelVersionSpec:
     serving: Serving
     evaluation: str | None = None
     quantization: Quantization | None = None
+    bf16: Bf16 | None = None
     description: str = ""
     golden_set: tuple[GoldenItem, ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def max_top1_drop(self) -> float | None:
+        """The accuracy gate of a reduced-precision version against its FP32 sibling (None for FP32)."""
+        gate = self.quantization or self.bf16
+        return gate.max_top1_drop if gate is not None else None
 
     @property
     def archive_name(self) -> str:
@@ -258,6 +283,8 @@ class ModelVersionSpec:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("extra")
+        if self.bf16 is None:
+            data.pop("bf16")  # absent, not null: fingerprints of fp32/int8 versions stay as they were
         data["preprocessing"] = self.preprocessing.to_dict()
         data["labels"] = list(self.labels)
         # Content, not location: the fingerprint must not change when the checkout moves.
@@ -409,6 +436,9 @@ def _resolve_version(
             )
     elif "quantization" in merged:
         raise fail("quantization", "only applies to precision int8")
+    bf16 = nested("bf16", lambda: Bf16.from_dict(merged.get("bf16"))) if merged["precision"] == "bf16" else None
+    if bf16 is None and "bf16" in merged:
+        raise fail("bf16", "only applies to precision bf16")
 
     return ModelVersionSpec(
         name=name,
@@ -424,6 +454,7 @@ def _resolve_version(
         serving=serving,
         evaluation=evaluation,
         quantization=quantization,
+        bf16=bf16,
         description=str(merged.get("description", "")),
         golden_set=_golden_set(merged.get("golden_set"), base_dir, labels, fail),
     )

@@ -6,18 +6,20 @@ import io
 import json
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import handlers.model_loading
 import servekit.convert
-from handlers.model_loading import load_model
+from handlers.model_loading import load_model, native_bf16
 from handlers.transforms import Preprocessing
 from servekit.build import build_version
 from servekit.convert import evaluation_set, top1_accuracy
-from servekit.spec import ModelVersionSpec, load_spec
+from servekit.spec import Bf16, ModelVersionSpec, load_spec
 from servekit.training import BuildError, file_sha256, recipe_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -126,3 +128,36 @@ def test_gate_refuses_an_int8_model_that_falls_short(
     assert not (store / spec.archive_name).exists()
     assert not (store / "manifest.json").exists()
     assert "accuracy gate passed" not in log.getvalue()
+
+
+# ------------------------------------------------------------------------------------ BF16
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native BF16 (avx512_bf16 or amx_bf16)")
+def test_bf16_version_builds_within_the_gate_and_serves_fp32_tensors(
+    specs: dict[str, ModelVersionSpec], tmp_path: Path
+) -> None:
+    spec = replace(specs["fp32"], version="3.0", precision="bf16", bf16=Bf16(max_top1_drop=1.0))
+    store = tmp_path / "store"
+    result = build_version(spec, store, CACHE, stream=io.StringIO())
+
+    accuracy = result.record["accuracy"]
+    assert accuracy["top1"] >= accuracy["fp32_top1"] - 1.0
+    assert accuracy["gate"] == {"max_top1_drop": 1.0, "drop": round(accuracy["fp32_top1"] - accuracy["top1"], 4)}
+    with zipfile.ZipFile(store / "digits_v3.0.mar") as archive:
+        archive.extractall(tmp_path / "unpacked")
+    config = yaml.safe_load((tmp_path / "unpacked" / "model-config.yaml").read_text())["handler"]
+    assert config["precision"] == "bf16"
+    program = load_model(tmp_path / "unpacked" / "model.pt", "bf16", config)
+    out = program(torch.zeros((2, *spec.preprocessing.input_shape)))
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 10)
+
+
+def test_bf16_is_refused_where_the_cpu_lacks_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni\n")
+    assert not native_bf16(cpuinfo)
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f amx_bf16 amx_tile\n")
+    assert native_bf16(cpuinfo)
+    monkeypatch.setattr(handlers.model_loading, "native_bf16", lambda: False)
+    with pytest.raises(RuntimeError, match="precision bf16 needs a CPU with native BF16"):
+        load_model(tmp_path / "model.pt", "bf16", {})

@@ -225,14 +225,22 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     assert "'digits_cnn'" in str(err)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "FP32", "bf16"])
-def test_precision_must_be_fp32_or_int8(tmp_path: Path, precision: str) -> None:
+@pytest.mark.parametrize("precision", ["fp16", "FP32", "BF16"])
+def test_precision_must_be_fp32_int8_or_bf16(tmp_path: Path, precision: str) -> None:
     data = base_spec()
     data["models"]["digits"]["versions"]["1.0"]["precision"] = precision
 
     err = spec_error(tmp_path, data)
 
-    assert str(err) == f"digits 1.0: precision: must be one of ['fp32', 'int8'], got {precision!r}"
+    assert str(err) == f"digits 1.0: precision: must be one of ['fp32', 'int8', 'bf16'], got {precision!r}"
+
+
+def test_bf16_section_is_validated_and_only_for_bf16(tmp_path: Path) -> None:
+    data = base_spec()
+    data["models"]["digits"]["versions"]["1.0"].update(precision="bf16", bf16={"max_top1_drop": -1})
+    assert str(spec_error(tmp_path, data)) == "digits 1.0: bf16.max_top1_drop: must be a number >= 0, got -1"
+    data["models"]["digits"]["versions"]["1.0"].update(precision="fp32", bf16={"max_top1_drop": 1})
+    assert str(spec_error(tmp_path, data)) == "digits 1.0: bf16: only applies to precision bf16"
 
 
 def test_quantization_given_for_fp32_is_refused(tmp_path: Path) -> None:
