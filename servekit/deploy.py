@@ -9,20 +9,27 @@ TorchServe's key file. Every failure is a ``DeployError`` with a one-line messag
 
 from __future__ import annotations
 
-import datetime as dt
-import getpass
+import hashlib
 import json
 import time
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
-from servekit.build import read_manifest
-from servekit.spec import ModelVersionSpec, SpecError, load_spec
-from servekit.training import file_sha256
+from servekit.history import History
+from servekit.proxy import NginxProxy
+
+if TYPE_CHECKING:
+    from servekit.spec import ModelVersionSpec
+
+__all__ = ["Deployer", "DeployError", "History", "TorchServeClient", "promotions_to_undo", "require_version", "status"]
+
+# A version counts as idle once its job queue has stayed empty this long (see Deployer.wait_until_idle).
+QUIET_S = 1.0
 
 
 class DeployError(RuntimeError):
@@ -169,50 +176,43 @@ def require_version(client: TorchServeClient, model: str, version: str) -> list[
 
 
 # ------------------------------------------------------------------------------------------ history
-class History:
-    """Append-only JSON lines: one event per line, who/when/what; never rewritten."""
+def promotions_to_undo(events: list[dict]) -> list[dict]:
+    """The promotions not yet rolled back, oldest first: each ``promote`` pushes, each ``rollback`` pops.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def append(self, action: str, model: str, **fields: Any) -> dict:
-        event = {
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "user": getpass.getuser(),
-            "action": action,
-            "model": model,
-            **fields,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(event, sort_keys=True) + "\n")
-        return event
-
-    def events(self, model: str | None = None) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        events = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DeployError(f"history file {self.path} line {number} is not JSON: {exc}") from exc
-                if model is None or event.get("model") == model:
-                    events.append(event)
-        return events
+    So ``rollback`` walks back through the promotions (a stack) and never re-promotes the version
+    it just rolled back: after promote 2.0 (from 1.0) and promote 3.0 (from 2.0), rollbacks give
+    2.0, then 1.0, then "nothing left to roll back".
+    """
+    stack: list[dict] = []
+    for event in events:
+        if event["action"] == "promote":
+            stack.append(event)
+        elif event["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
 
 
 # ------------------------------------------------------------------------------------------ workflows
 @dataclass
 class Deployer:
+    """The workflows. State-changing ones must run under the ``servekit`` state lock (the CLI takes it).
+
+    ``proxy`` is the nginx whose routes ``retire`` and ``scale`` respect; ``clock`` and ``sleep``
+    are injectable so the drain wait can be tested without waiting.
+    """
+
     client: TorchServeClient
     store: Path
     spec_path: Path
     history: History
+    proxy: NginxProxy | None = None
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
     def archive(self, model: str, version: str) -> Path:
         """The archive for ``model`` ``version``, verified against the build manifest's sha256."""
+        from servekit.build import read_manifest  # imports torch: only the commands that need it pay
+
         name = f"{model}_v{version}.mar"
         path = Path(self.store) / name
         if not path.is_file():
@@ -220,7 +220,7 @@ class Deployer:
         record = read_manifest(Path(self.store))["archives"].get(name)
         if record is None:
             raise DeployError(f"{name} is not in {Path(self.store) / 'manifest.json'}: refusing an unbuilt archive")
-        actual = file_sha256(path)
+        actual = _file_sha256(path)
         if actual != record["sha256"]:
             raise DeployError(
                 f"sha256 mismatch for {name}: manifest {record['sha256'][:16]}..., file {actual[:16]}...; "
@@ -229,6 +229,8 @@ class Deployer:
         return path
 
     def spec(self, model: str, version: str) -> ModelVersionSpec | None:
+        from servekit.spec import SpecError, load_spec  # imports torch (preprocessing): register only
+
         try:
             specs = load_spec(self.spec_path)
         except SpecError as exc:
@@ -254,24 +256,95 @@ class Deployer:
         self.history.append("register", model, version=version)
         return result
 
-    def scale(self, model: str, version: str, min_workers: int, max_workers: int) -> dict:
-        if min_workers < 0 or max_workers < max(1, min_workers):
-            raise DeployError(f"--max ({max_workers}) must be >= 1 and >= --min ({min_workers})")
-        require_version(self.client, model, version)
+    def scale(self, model: str, version: str, min_workers: int, max_workers: int, drain_timeout: float = 30.0) -> dict:
+        """Set the worker range; refuses to leave the default or a routed version without workers.
+
+        TorchServe stops a worker without draining it, so a scale-down first waits (at most
+        ``drain_timeout`` s; 0 = do not wait) for the version's queue to stay empty.
+        """
+        if min_workers < 0 or max_workers < min_workers:
+            raise DeployError(f"--min ({min_workers}) must be >= 0 and --max ({max_workers}) >= --min")
+        target = _state_of(require_version(self.client, model, version), version)
+        if min_workers == 0:
+            self._refuse_zero_workers(target)
+        if min_workers < len(target.workers):
+            self.wait_until_idle(model, version, drain_timeout, "not scaled down")
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"}
         result = self.client.manage("PUT", f"/models/{model}/{version}", params=params)
         self.history.append("scale", model, version=version, min_workers=min_workers, max_workers=max_workers)
         return result
 
-    def retire(self, model: str, version: str) -> dict:
+    def _refuse_zero_workers(self, target: VersionState) -> None:
+        model, version = target.model, target.version
+        if target.default:
+            raise DeployError(
+                f"refusing to scale {model} {version} to 0 workers: it is the default version, so every request "
+                f"to /predictions/{model} would get 503; promote another version first"
+            )
+        if routes := self._routes_to(model, version):
+            raise DeployError(
+                f"refusing to scale {model} {version} to 0 workers: the proxy sends it {' and '.join(routes)} "
+                f"traffic, which would get 503; {_unroute_hint(model, version)}"
+            )
+
+    def retire(self, model: str, version: str, drop_routes: bool = False, drain_timeout: float = 30.0) -> dict:
+        """Unregister a version that is neither the default, the last one, nor (unless ``drop_routes``) routed.
+
+        With ``drop_routes`` the proxy's canary/shadow routes to it are removed first (nginx checked,
+        reloaded, its old workers' requests finished); then its queue must stay empty for ``QUIET_S``
+        within ``drain_timeout`` s, because TorchServe never answers requests still queued for a
+        version it unregisters.
+        """
         states = require_version(self.client, model, version)
         if len(states) == 1:
             raise DeployError(f"refusing to retire {model} {version}: it is the last registered version")
-        if next(s for s in states if s.version == version).default:
+        if _state_of(states, version).default:
             raise DeployError(f"refusing to retire {model} {version}: it is the default (promote another first)")
+        routes = self._routes_to(model, version)
+        if routes and not drop_routes:
+            raise DeployError(
+                f"refusing to retire {model} {version}: the proxy still sends it {' and '.join(routes)} traffic; "
+                f"{_unroute_hint(model, version)}, or retire with --drop-routes"
+            )
+        if routes:
+            assert self.proxy is not None  # routes come from it
+            self.proxy.drop_routes(model, version, drain_timeout=drain_timeout)
+            self.history.append("drop-routes", model, version=version, routes=routes)
+        self.wait_until_idle(model, version, drain_timeout, "not retired")
         result = self.client.manage("DELETE", f"/models/{model}/{version}")
         self.history.append("retire", model, version=version)
         return result
+
+    def _routes_to(self, model: str, version: str) -> list[str]:
+        return self.proxy.routes_to(model, version) if self.proxy is not None else []
+
+    def wait_until_idle(self, model: str, version: str, timeout: float, refusal: str) -> None:
+        """Return once the version's job queue has been empty for ``QUIET_S`` s in a row; refuse after ``timeout``.
+
+        TorchServe reports queued requests only (``jobQueueStatus.pendingRequests``), not the batch a
+        worker holds: a quiet queue means no request arrived for ``QUIET_S`` s, which a batch in
+        progress has almost always finished within. ``timeout`` 0 skips the wait.
+        """
+        if timeout <= 0:
+            return
+        deadline = self.clock() + timeout
+        quiet_since: float | None = None
+        while True:
+            pending, now = self._pending(model, version), self.clock()
+            quiet_since = None if pending else (now if quiet_since is None else quiet_since)
+            if quiet_since is not None and now - quiet_since >= QUIET_S:
+                return
+            if now >= deadline:
+                raise DeployError(
+                    f"{model} {version} still had queued requests ({pending} pending) after {timeout:g}s: "
+                    f"{refusal}; retry when its traffic has stopped, or pass --drain-timeout 0 to go ahead "
+                    "(TorchServe then fails the requests in flight)"
+                )
+            self.sleep(0.1)
+
+    def _pending(self, model: str, version: str) -> int:
+        described = self.client.manage("GET", f"/models/{model}/{version}")
+        return int(described[0].get("jobQueueStatus", {}).get("pendingRequests", 0))
 
     def golden_check(self, model: str, version: str) -> list[dict]:
         """Send the archive's golden set to ``/predictions/model/version``; one result per input."""
@@ -281,7 +354,7 @@ class Deployer:
                 entries = json.loads(archive.read("golden/golden.json"))
             except KeyError:
                 raise DeployError(
-                    f"{path.name} has no golden set (golden_set in the spec): refusing to promote"
+                    f"{path.name} has no golden set (golden_set in the spec): refusing to make it the default"
                 ) from None
             inputs = [(e["file"], e["label"], archive.read(f"golden/{e['file']}")) for e in entries]
         results = []
@@ -298,37 +371,50 @@ class Deployer:
             )
         return results
 
+    def _golden_gate(self, action: str, model: str, version: str, current: str) -> int:
+        """The golden set of ``version`` must be all correct before it becomes the default; the count checked."""
+        results = self.golden_check(model, version)
+        failed = [r for r in results if not r["ok"]]
+        if failed:
+            detail = ", ".join(f"{r['file']}: expected {r['expected']}, got {r['got']} ({r['status']})" for r in failed)
+            self.history.append(f"{action}-refused", model, version=version, failed=len(failed), total=len(results))
+            raise DeployError(
+                f"golden set failed for {model} {version} ({len(failed)}/{len(results)}): {detail}; "
+                f"default stays {current}"
+            )
+        return len(results)
+
     def promote(self, model: str, version: str) -> dict:
         states = require_version(self.client, model, version)
         previous = next(s.version for s in states if s.default)
         if previous == version:
             raise DeployError(f"{model} {version} is already the default")
-        results = self.golden_check(model, version)
-        failed = [r for r in results if not r["ok"]]
-        if failed:
-            detail = ", ".join(f"{r['file']}: expected {r['expected']}, got {r['got']} ({r['status']})" for r in failed)
-            self.history.append("promote-refused", model, version=version, failed=len(failed), total=len(results))
-            raise DeployError(
-                f"golden set failed for {model} {version} ({len(failed)}/{len(results)}): {detail}; "
-                f"default stays {previous}"
-            )
+        golden = self._golden_gate("promote", model, version, previous)
         self.client.manage("PUT", f"/models/{model}/{version}/set-default")
-        return self.history.append("promote", model, version=version, previous_default=previous, golden=len(results))
+        return self.history.append("promote", model, version=version, previous_default=previous, golden=golden)
 
     def rollback(self, model: str) -> dict:
-        changes = [e for e in self.history.events(model) if e["action"] in ("promote", "rollback")]
-        if not changes:
-            raise DeployError(f"no promotion of {model} in {self.history.path}: nothing to roll back")
-        last = changes[-1]
+        """Undo the latest promotion not yet rolled back (see ``promotions_to_undo``), through the golden gate."""
+        events = self.history.events(model)
+        pending = promotions_to_undo(events)
+        if not pending:
+            raise DeployError(_nothing_to_roll_back(model, self.history.path, events))
+        last = pending[-1]
         target, current = last["previous_default"], default_version(self.client, model)
         if current != last["version"]:
             raise DeployError(
-                f"the default of {model} is {current}, not {last['version']} as the history's last change says: "
+                f"the default of {model} is {current}, not {last['version']} as the history's last promotion says: "
                 "refusing to roll back over a change made outside this tool"
             )
-        require_version(self.client, model, target)
+        if target not in {s.version for s in versions(self.client, model)}:
+            raise DeployError(
+                f"cannot roll back {model} to {target}: it is no longer registered (servekit register {model} {target})"
+            )
+        golden = self._golden_gate("rollback", model, target, current)
         self.client.manage("PUT", f"/models/{model}/{target}/set-default")
-        return self.history.append("rollback", model, version=target, previous_default=current)
+        return self.history.append(
+            "rollback", model, version=target, previous_default=current, undoes=last.get("time"), golden=golden
+        )
 
     def compare(self, model: str, v1: str, v2: str, inputs: Path) -> dict:
         files = sorted(p for p in Path(inputs).iterdir() if p.is_file() and not p.name.startswith("."))
@@ -369,6 +455,34 @@ class Deployer:
             },
             "rows": rows,
         }
+
+
+def _nothing_to_roll_back(model: str, path: Path, events: list[dict]) -> str:
+    if any(e["action"] == "rollback" for e in events):
+        return (
+            f"no promotion of {model} left to roll back: every promotion in {path} has been rolled back "
+            "(promote a version to change the default)"
+        )
+    return f"no promotion of {model} in {path}: nothing to roll back"
+
+
+def _state_of(states: list[VersionState], version: str) -> VersionState:
+    return next(s for s in states if s.version == version)
+
+
+def _unroute_hint(model: str, version: str) -> str:
+    return (
+        f"remove the routes first (servekit canary {model} {version} --percent 0; "
+        f"servekit shadow {model} {version} --off)"
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _median(values: list[float]) -> float:

@@ -11,26 +11,32 @@ configuration:
   discarded, clients only ever see the served version's.
 
 Every change writes the configuration, checks it with ``nginx -t`` and reloads nginx; a
-configuration that fails the check is never installed. The proxy listens on its own loopback port
-and passes TorchServe's ``Authorization`` header through.
+configuration that fails the check is never installed. ``nginx.conf`` and ``state.json`` are each
+replaced whole through a unique temporary file (``servekit.state_lock.atomic_write_text``). nginx is
+signalled by us, never through ``nginx -s``, and only after its pid file's process is checked to be
+this prefix's nginx master (``servekit.pidfile``): a stale pid file is reported and removed. The proxy
+listens on its own loopback port and passes TorchServe's ``Authorization`` header through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
+from servekit.pidfile import pid_matches, signal_if_matches, verified_pid
 from servekit.server import process_table
+from servekit.state_lock import atomic_write_text
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
@@ -38,6 +44,10 @@ VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
 
 class ProxyError(RuntimeError):
     """The proxy could not be configured, checked, started or reloaded."""
+
+
+def _warn(message: str) -> None:
+    print(f"servekit: warning: {message}", file=sys.stderr)
 
 
 def nginx_binary() -> str:
@@ -116,11 +126,16 @@ http {{
 
 @dataclass
 class NginxProxy:
-    """One nginx process of our own, its files under ``prefix``."""
+    """One nginx process of our own, its files under ``prefix``.
+
+    Callers that change routes from several processes must hold the ``servekit`` state lock
+    (``servekit.state_lock``): every change here is read-modify-write of ``state.json``.
+    """
 
     prefix: Path
     listen_port: int = 8090
     upstream: str = "127.0.0.1:8080"
+    warn: Callable[[str], None] = _warn
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -137,45 +152,51 @@ class NginxProxy:
     def pid_file(self) -> Path:
         return self.prefix / "nginx.pid"
 
+    @property
+    def master_fragments(self) -> tuple[str, ...]:
+        """What our master's command line holds (nginx rewrites it to "nginx: master process ... -c CONF")."""
+        return ("nginx: master process", f"-p {self.prefix}", f"-c {self.conf}")
+
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.state()['listen'].rsplit(':', 1)[1]}{path}"
 
     def state(self) -> dict:
-        if self.state_file.is_file():
-            return json.loads(self.state_file.read_text())
-        return {"listen": f"127.0.0.1:{self.listen_port}", "upstream": self.upstream, "routes": {}}
+        if not self.state_file.is_file():
+            return {"listen": f"127.0.0.1:{self.listen_port}", "upstream": self.upstream, "routes": {}}
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProxyError(f"proxy state {self.state_file} is corrupt ({exc}): {_STATE_REPAIR}") from None
+        problem = _state_problem(state)
+        if problem:
+            raise ProxyError(f"proxy state {self.state_file} is invalid ({problem}): {_STATE_REPAIR}")
+        return state
+
+    def routes_to(self, model: str, version: str) -> list[str]:
+        """What the proxy state sends to ``model`` ``version``: e.g. ``["canary (20%)", "shadow"]``."""
+        route = self.state()["routes"].get(model, {})
+        routes = []
+        if route.get("canary", {}).get("version") == version:
+            routes.append(f"canary ({route['canary']['percent']}%)")
+        if route.get("shadow") == version:
+            routes.append("shadow")
+        return routes
 
     def _write_checked(self, state: dict) -> None:
+        """Install ``state``'s configuration, then the state: each file replaced whole, never half-written."""
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-        candidate = self.prefix / "nginx.conf.new"
-        candidate.write_text(render_config(state, self.prefix))
-        check = subprocess.run(
-            [nginx_binary(), "-t", "-q", "-p", str(self.prefix), "-c", str(candidate)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if check.returncode != 0:
-            detail = " ".join(check.stderr.split())[:300]
-            raise ProxyError(f"nginx -t rejected the new configuration (kept the old one): {detail}")
-        candidate.replace(self.conf)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.state_file)
+        atomic_write_text(self.conf, render_config(state, self.prefix), check=_nginx_check)
+        atomic_write_text(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
+        """Our nginx master's pid; a pid file naming anything else is reported, removed and never signalled."""
+        return verified_pid(self.pid_file, self.master_fragments, warn=self.warn)
 
     def start(self, timeout: float = 10.0) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)
-        if self.running_pid():
-            raise ProxyError(f"the proxy is already running (pid {self.running_pid()})")
+        if (pid := self.running_pid()) is not None:
+            raise ProxyError(f"the proxy is already running (pid {pid})")
         self._write_checked(self.state())
         result = subprocess.run(
             [nginx_binary(), "-p", str(self.prefix), "-c", str(self.conf)], capture_output=True, text=True, check=False
@@ -194,41 +215,42 @@ class NginxProxy:
         pid = self.running_pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGQUIT)  # graceful: finish requests in flight
+        signal_if_matches(pid, self.master_fragments, signal.SIGQUIT)  # graceful: finish requests in flight
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not pid_matches(pid, self.master_fragments):
                 return
             time.sleep(0.1)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+        signal_if_matches(pid, self.master_fragments, signal.SIGTERM)
 
-    def apply(self, state: dict) -> None:
-        """Check and install ``state``'s configuration, and reload nginx if it runs."""
+    def apply(self, state: dict, drain_timeout: float = 10.0) -> None:
+        """Check and install ``state``'s configuration, and reload nginx if it runs.
+
+        Returns once nginx runs workers with the new configuration and its old workers, which
+        finish the requests they hold (mirrors included), have exited; at most ``drain_timeout``
+        seconds are spent waiting for them.
+        """
         self.prefix.mkdir(parents=True, exist_ok=True)
         self._write_checked(state)
         pid = self.running_pid()
         if pid is not None:
-            result = subprocess.run(
-                [nginx_binary(), "-p", str(self.prefix), "-c", str(self.conf), "-s", "reload"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise ProxyError(f"nginx reload failed: {' '.join(result.stderr.split())[:300]}")
-            self._wait_reloaded(pid)
+            before = set(_children(pid))
+            if not signal_if_matches(pid, self.master_fragments, signal.SIGHUP):
+                raise ProxyError(f"nginx (pid {pid}) exited before it could be reloaded; servekit proxy start")
+            self._wait_reloaded(pid, before, drain_timeout)
 
-    def _wait_reloaded(self, master: int, timeout: float = 10.0) -> None:
-        """A reload replaces the worker processes; wait until the old ones are gone."""
-        before = set(_children(master))
+    def _wait_reloaded(self, master: int, before: set[int], drain_timeout: float, timeout: float = 10.0) -> None:
+        """A good reload starts new workers (a bad one logs an error and keeps the old ones); wait for both."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            current = set(_children(master))
-            if current and not (current & before):
-                return
+        while not set(_children(master)) - before:
+            if time.monotonic() >= deadline:
+                raise ProxyError(
+                    f"nginx did not start workers with the new configuration within {timeout:.0f}s "
+                    f"(see {self.prefix / 'error.log'}): the previous routes may still be live"
+                )
+            time.sleep(0.05)
+        deadline = time.monotonic() + drain_timeout
+        while set(_children(master)) & before and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def set_canary(self, model: str, version: str, percent: int) -> dict:
@@ -258,6 +280,21 @@ class NginxProxy:
         self.apply(state)
         return state
 
+    def drop_routes(self, model: str, version: str, drain_timeout: float = 30.0) -> list[str]:
+        """Remove every route to ``model`` ``version`` and wait for nginx to finish the requests on them."""
+        dropped = self.routes_to(model, version)
+        if not dropped:
+            return []
+        state = self.state()
+        route = state["routes"][model]
+        if route.get("canary", {}).get("version") == version:
+            route.pop("canary")
+        if route.get("shadow") == version:
+            route.pop("shadow")
+        self._prune(state, model)
+        self.apply(state, drain_timeout=drain_timeout)
+        return dropped
+
     def promoted(self, model: str, version: str) -> None:
         """After ``version`` became the default: a canary of it is complete, so drop the split."""
         state = self.state()
@@ -271,6 +308,42 @@ class NginxProxy:
     def _prune(state: dict, model: str) -> None:
         if not state["routes"].get(model):
             state["routes"].pop(model, None)
+
+
+_STATE_REPAIR = "fix it, or remove it to start again from no routes (then servekit proxy stop and start)"
+
+
+def _state_problem(state: object) -> str | None:
+    """Why ``state`` cannot be rendered, or None; a hand-edited or cut file must not reach nginx."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if not isinstance(state.get("listen"), str) or not isinstance(state.get("upstream"), str):
+        return "listen and upstream must be strings"
+    routes = state.get("routes")
+    if not isinstance(routes, dict) or not all(isinstance(r, dict) for r in routes.values()):
+        return "routes must map model names to objects"
+    for model, route in routes.items():
+        canary, shadow = route.get("canary"), route.get("shadow")
+        if canary is not None and not (
+            isinstance(canary, dict) and isinstance(canary.get("version"), str) and canary.get("percent") in range(101)
+        ):
+            return f"{model}: canary must be {{version, percent 0-100}}"
+        if shadow is not None and not isinstance(shadow, str):
+            return f"{model}: shadow must be a version string"
+    return None
+
+
+def _nginx_check(candidate: Path) -> None:
+    prefix = candidate.parent
+    check = subprocess.run(
+        [nginx_binary(), "-t", "-q", "-p", str(prefix), "-c", str(candidate)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check.returncode != 0:
+        detail = " ".join(check.stderr.split())[:300]
+        raise ProxyError(f"nginx -t rejected the new configuration (kept the old one): {detail}")
 
 
 def _check_route(model: str, version: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from servekit.build import build_all
@@ -45,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Iterator[To
 
 @pytest.fixture
 def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path):
-    history = tmp_path / "deployments.jsonl"
+    history = tmp_path / "deployments.jsonl"  # the state lock lives beside it: one per test
 
     def run(*args: str, store_dir: Path = store, management: str | None = None) -> subprocess.CompletedProcess:
         command = [
@@ -55,6 +56,7 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path)
             "--key-file", str(server.key_file),
             "--store", str(store_dir),
             "--history", str(history),
+            "--proxy-dir", str(tmp_path / "proxy"),  # never the repository's var/proxy
             *args,
         ]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
@@ -91,13 +93,16 @@ def test_register_promote_rollback_returns_to_the_start_and_is_recorded(cli) -> 
         assert default_of(cli) == "2.0"
         status = ok(cli("status"))
         assert "digits  1.0" in status  # the previous default keeps serving
-        assert "rolled back digits: default is 1.0 again (was 2.0)" in ok(cli("rollback", "digits"))
+        assert "rolled back digits: default is 1.0 again (was 2.0; golden set 10/10 correct)" in ok(
+            cli("rollback", "digits")
+        )
         assert default_of(cli) == start
         events = [json.loads(line) for line in cli.history.read_text().splitlines()]
         assert [e["action"] for e in events] == ["register", "promote", "rollback"]
         assert events[1]["previous_default"] == "1.0"
         assert events[1]["version"] == "2.0"
         assert events[2]["version"] == "1.0"
+        assert events[2]["undoes"] == events[1]["time"]
         assert all(e["user"] and e["time"] for e in events)
     finally:
         cli("retire", "digits", "2.0")
@@ -112,6 +117,40 @@ def test_promote_refuses_a_failing_golden_set_and_keeps_the_default(cli) -> None
         assert default_of(cli) == "1.0"
         events = [json.loads(line) for line in cli.history.read_text().splitlines()]
         assert events[-1]["action"] == "promote-refused"
+    finally:
+        ok(cli("retire", "digits", "9.0"))
+
+
+def test_a_second_rollback_does_not_re_promote_the_rolled_back_version(cli) -> None:
+    ok(cli("register", "digits", "2.0"))
+    try:
+        ok(cli("promote", "digits", "2.0"))
+        ok(cli("rollback", "digits"))
+        line = one_error_line(cli("rollback", "digits"))
+        assert line == (
+            f"servekit: error: no promotion of digits left to roll back: every promotion in {cli.history} has "
+            "been rolled back (promote a version to change the default)"
+        )
+        assert default_of(cli) == "1.0"
+    finally:
+        ok(cli("retire", "digits", "2.0"))
+
+
+def test_rollback_refuses_a_target_whose_golden_set_fails(cli, server: TorchServeProcess) -> None:
+    ok(cli("register", "digits", "9.0"))
+    try:
+        # 9.0 became the default outside servekit (it could never pass promote's gate), then 1.0 was promoted.
+        response = requests.put(
+            server.url("management", "/models/digits/9.0/set-default"), headers=server.headers("management"), timeout=60
+        )
+        assert response.status_code == 200, response.text
+        ok(cli("promote", "digits", "1.0"))
+        line = one_error_line(cli("rollback", "digits"))
+        assert line.startswith("servekit: error: golden set failed for digits 9.0 (10/10): ")
+        assert line.endswith("; default stays 1.0")
+        assert default_of(cli) == "1.0"
+        events = [json.loads(line) for line in cli.history.read_text().splitlines()]
+        assert [e["action"] for e in events][-2:] == ["promote", "rollback-refused"]
     finally:
         ok(cli("retire", "digits", "9.0"))
 
