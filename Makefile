@@ -46,12 +46,12 @@ archive: venv
 
 # Restores the versions registered at runtime from the last snapshot under today's config.properties
 # (FRESH=1 ignores it); checks every archive against model_store/manifest.json first; nginx guards
-# the management API (servekit/guard.py).
+# the management API (servekit/ops/guard.py).
 serve: archive tools
-	$(PY) -m servekit.server start $(if $(FRESH),--fresh)
+	$(PY) -m servekit.ops.server start $(if $(FRESH),--fresh)
 
 stop:
-	@if test -x $(PY); then $(PY) -m servekit.server stop; else echo "nothing to stop"; fi
+	@if test -x $(PY); then $(PY) -m servekit.ops.server stop; else echo "nothing to stop"; fi
 
 test: archive tools
 	$(PY) -m pytest tests
@@ -63,11 +63,11 @@ test-integration: archive tools
 	$(PY) -m pytest tests/integration -m integration
 
 bench: venv tools
-	$(PY) -m servekit.bench
+	$(PY) -m servekit.perf.bench
 
 # 10 minutes at 70 % of measured capacity with a scale-up and scale-down in the middle (loopback only).
 soak: archive
-	$(PY) -m servekit.soak --minutes 10 --rate-fraction 0.7
+	$(PY) -m servekit.perf.soak --minutes 10 --rate-fraction 0.7
 
 lint: venv
 	$(PY) -m ruff check .

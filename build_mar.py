@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from servekit.spec import SpecError, load_spec, select  # noqa: E402
-from servekit.training import BuildError  # noqa: E402
+from servekit.build.spec import SpecError, load_spec, select  # noqa: E402
+from servekit.build.training import BuildError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"spec OK: {', '.join(f'{s.name} {s.version}' for s in specs)}")
             return 0
-        from servekit.build import build_all
+        from servekit.build.archive import build_all
 
         results = build_all(specs, Path(args.store), Path(args.cache), force=args.force)
     except (SpecError, BuildError) as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 
 ARCHIVES = ("digits_v1.0.mar", "digits_v2.0.mar")
 
@@ -20,8 +20,8 @@ def model_store(repo_root: Path) -> Path:
     """The repo's model store, built from models.yaml if `make archive` has not run."""
     store = repo_root / "model_store"
     if not all((store / name).is_file() for name in ARCHIVES):
-        from servekit.build import build_all
-        from servekit.spec import load_spec
+        from servekit.build.archive import build_all
+        from servekit.build.spec import load_spec
 
         build_all(load_spec(repo_root / "models.yaml"), store, repo_root / "build" / "cache")
     return store

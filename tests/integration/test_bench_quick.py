@@ -10,7 +10,7 @@ from pathlib import Path
 
 def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "servekit.bench", "--quick", "--concurrency", "1,4", "--out", str(tmp_path)],
+        [sys.executable, "-m", "servekit.perf.bench", "--quick", "--concurrency", "1,4", "--out", str(tmp_path)],
         cwd=repo_root,
         capture_output=True,
         text=True,

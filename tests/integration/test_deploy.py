@@ -13,9 +13,9 @@ import pytest
 import requests
 import yaml
 
-from servekit.build import build_all
-from servekit.server import TorchServeProcess, free_port
-from servekit.spec import load_spec, select
+from servekit.build.archive import build_all
+from servekit.build.spec import load_spec, select
+from servekit.ops.server import TorchServeProcess, free_port
 from tests.integration.conftest import running_torchserve
 
 
@@ -50,7 +50,7 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path)
 
     def run(*args: str, store_dir: Path = store, management: str | None = None) -> subprocess.CompletedProcess:
         command = [
-            sys.executable, "-m", "servekit.cli",
+            sys.executable, "-m", "servekit.ops.cli",
             "--management-url", management or server.url("management"),
             "--inference-url", server.url("inference"),
             "--key-file", str(server.key_file),

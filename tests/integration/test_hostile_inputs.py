@@ -31,7 +31,7 @@ import psutil
 import pytest
 import requests
 
-from servekit.server import TorchServeProcess
+from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, RAW, Case, corpus, digit_png
 from tests.integration.conftest import Client, running_torchserve
 

@@ -1,4 +1,4 @@
-"""The soak script on a very short run, so that `python -m servekit.soak` cannot rot.
+"""The soak script on a very short run, so that `python -m servekit.perf.soak` cannot rot.
 
 It asserts what must hold on any machine: the run completes on schedule, the scaling calls succeed
 and the workers follow them, no request fails outside the scaling window, every answer is the right
@@ -16,7 +16,7 @@ from pathlib import Path
 
 def test_short_soak_runs_scales_and_reports(repo_root: Path, model_store: Path, tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "servekit.soak", "--minutes", "0.5", "--capacity-seconds", "4",
+        sys.executable, "-m", "servekit.perf.soak", "--minutes", "0.5", "--capacity-seconds", "4",
         "--max-rate", "25", "--max-p50-ratio", "100", "--out", str(tmp_path), "--model-store", str(model_store),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)

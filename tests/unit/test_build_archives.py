@@ -13,9 +13,9 @@ import torch
 import torchvision
 import yaml
 
-from servekit.build import build_all, read_manifest
-from servekit.spec import load_spec
-from servekit.training import BuildError, file_sha256
+from servekit.build.archive import build_all, read_manifest
+from servekit.build.spec import load_spec
+from servekit.build.training import BuildError, file_sha256
 
 LABELS = [f"class_{i}" for i in range(10)]
 

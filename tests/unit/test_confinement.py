@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from handlers.model_loading import TamperedArchive, verify_program
-from servekit.guard import REGISTER_QUERY, ManagementGuard, nginx_binary, render_guard_config
-from servekit.processes import command_line, owned_pid, pid_matches
-from servekit.server import TorchServeProcess, load_models_archives, read_snapshot
-from servekit.store import IntegrityError, file_sha256, verify_archive, verify_store
-from servekit.worker_guard import ENV_ROOT, refusal
+from servekit.ops.guard import REGISTER_QUERY, ManagementGuard, nginx_binary, render_guard_config
+from servekit.ops.processes import command_line, owned_pid, pid_matches
+from servekit.ops.server import TorchServeProcess, load_models_archives, read_snapshot
+from servekit.ops.store import IntegrityError, file_sha256, verify_archive, verify_store
+from servekit.ops.worker_guard import ENV_ROOT, refusal
 
 WORKER = ["/venv/bin/python", "/venv/lib/python3.11/site-packages/ts/model_service_worker.py", "--sock-type", "unix"]
 
@@ -110,7 +110,7 @@ def test_worker_guard_ignores_other_processes_and_unguarded_servers(tmp_path: Pa
 
 def test_worker_guard_stops_a_real_interpreter_before_any_import(tmp_path: Path) -> None:
     """The installed .pth runs the check when Python starts: the worker script never runs."""
-    from servekit.worker_guard import ensure_installed
+    from servekit.ops.worker_guard import ensure_installed
 
     ensure_installed()
     script = tmp_path / "model_service_worker.py"

@@ -45,7 +45,7 @@ from PIL import Image
 from handlers.errors import MAX_MESSAGE_CHARS, HandlerError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from handlers.image_io import decode_image, extract_image_request, parse_topk
 from handlers.transforms import ImagePreprocessor
-from servekit.spec import load_spec
+from servekit.build.spec import load_spec
 from tests.conftest import REPO_ROOT
 from tests.hostile_corpus import (
     Case,

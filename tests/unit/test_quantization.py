@@ -14,13 +14,13 @@ import torch
 import yaml
 
 import handlers.model_loading
-import servekit.convert
+import servekit.build.convert
 from handlers.model_loading import load_model, native_bf16
 from handlers.transforms import Preprocessing
-from servekit.build import build_version
-from servekit.convert import evaluation_set, top1_accuracy
-from servekit.spec import Bf16, ModelVersionSpec, load_spec
-from servekit.training import BuildError, file_sha256, recipe_key
+from servekit.build.archive import build_version
+from servekit.build.convert import evaluation_set, top1_accuracy
+from servekit.build.spec import Bf16, ModelVersionSpec, load_spec
+from servekit.build.training import BuildError, file_sha256, recipe_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE = REPO_ROOT / "model_store"
@@ -107,8 +107,8 @@ def test_gate_refuses_an_int8_model_that_falls_short(
         pytest.skip("no cached trained digits weights in build/cache: run `python build_mar.py` first")
     # Miscalibrate on much too faint images, so activation ranges are far too narrow and INT8
     # saturates: a real accuracy collapse, measured by the build itself.
-    real_inputs = servekit.convert.calibration_inputs
-    monkeypatch.setattr(servekit.convert, "calibration_inputs", lambda s: real_inputs(s) * 0.05)
+    real_inputs = servekit.build.convert.calibration_inputs
+    monkeypatch.setattr(servekit.build.convert, "calibration_inputs", lambda s: real_inputs(s) * 0.05)
     store = tmp_path / "store"
     log = io.StringIO()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servekit.spec import SpecError, load_spec, parse_spec
+from servekit.build.spec import SpecError, load_spec, parse_spec
 
 LABELS = [str(i) for i in range(10)]
 DIGITS_PREPROCESSING = {

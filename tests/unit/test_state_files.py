@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import servekit.proxy
-from servekit.pidfile import pid_matches, signal_if_matches, verified_pid
-from servekit.proxy import NginxProxy
-from servekit.state_lock import StateLock, StateLockError, atomic_write_text
+import servekit.ops.proxy
+from servekit.ops.pidfile import pid_matches, signal_if_matches, verified_pid
+from servekit.ops.proxy import NginxProxy
+from servekit.ops.state_lock import StateLock, StateLockError, atomic_write_text
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_second_holder_gives_up_after_the_timeout_naming_the_first(tmp_path: P
 def test_the_lock_is_free_again_when_its_holder_is_killed(tmp_path: Path) -> None:
     lock = tmp_path / "servekit.lock"
     code = (
-        "import sys, time; from servekit.state_lock import StateLock; "
+        "import sys, time; from servekit.ops.state_lock import StateLock; "
         f"StateLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -170,7 +170,7 @@ def test_signal_if_matches_signals_only_a_matching_process(sleeper: subprocess.P
 def test_proxy_stop_and_apply_never_signal_the_process_a_stale_pid_file_names(
     tmp_path: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(servekit.proxy, "_nginx_check", lambda candidate: None)  # no nginx needed here
+    monkeypatch.setattr(servekit.ops.proxy, "_nginx_check", lambda candidate: None)  # no nginx needed here
     reported: list[str] = []
     proxy = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:8080", warn=reported.append)
     proxy.prefix.mkdir()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from handlers.errors import InvalidInput
 from handlers.transforms import ImagePreprocessor, Preprocessing, to_model_mode
-from servekit.datasets import _digits_arrays, render_digit
+from servekit.build.datasets import _digits_arrays, render_digit
 
 DIGITS = Preprocessing(
     color_mode="L", resize=None, crop=16, mean=(0.1,), std=(0.25,), invert=True, fit_content=True, margin=2

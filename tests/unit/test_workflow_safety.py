@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from servekit.cli import main
-from servekit.deploy import QUIET_S, Deployer, DeployError, TorchServeClient, promotions_to_undo
-from servekit.history import History
+from servekit.ops.cli import main
+from servekit.ops.history import History
+from servekit.ops.workflows import QUIET_S, Deployer, DeployError, TorchServeClient, promotions_to_undo
 
 
 @dataclass
@@ -336,11 +336,11 @@ def test_an_append_after_a_cut_line_starts_on_a_new_line(tmp_path: Path) -> None
 
 
 def test_each_append_is_one_write_of_one_whole_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import servekit.history
+    import servekit.ops.history
 
     writes: list[bytes] = []
-    real_write = servekit.history.os.write
-    monkeypatch.setattr(servekit.history.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+    real_write = servekit.ops.history.os.write
+    monkeypatch.setattr(servekit.ops.history.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
     history = History(tmp_path / "history.jsonl")
     history.append("register", "digits", version="2.0")
     history.append("promote", "digits", version="2.0", previous_default="1.0")

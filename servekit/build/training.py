@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from handlers.transforms import ImagePreprocessor
-from servekit.architectures import build_architecture
-from servekit.datasets import DATASETS, LabelledImages
-from servekit.spec import ModelVersionSpec
+from servekit.build.architectures import build_architecture
+from servekit.build.datasets import DATASETS, LabelledImages
+from servekit.build.spec import ModelVersionSpec
 
 TRAIN_SIZES = (16, 32, 64)  # render training digits at several sizes: users send any size
 

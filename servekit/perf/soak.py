@@ -1,6 +1,6 @@
 """Soak: a bounded open-loop load near capacity, with workers scaled up and back down in the middle.
 
-    python -m servekit.soak --minutes 10 --rate-fraction 0.7    # -> results/soak/latest.json, latest.png
+    python -m servekit.perf.soak --minutes 10 --rate-fraction 0.7    # -> results/soak/latest.json, latest.png
 
 1. starts its own TorchServe (free loopback ports, a temporary workdir under build/) with one version;
 2. measures capacity: a closed-loop run of ``--capacity-seconds`` at ``--capacity-concurrency`` with
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import requests
 
-from servekit.server import ADDRESS_KEYS, REPO_ROOT, ServerError, TorchServeProcess, free_port
+from servekit.ops.server import ADDRESS_KEYS, REPO_ROOT, ServerError, TorchServeProcess, free_port
 
 SAMPLES = REPO_ROOT / "samples"
 

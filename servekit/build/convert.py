@@ -12,9 +12,9 @@ from torch import nn
 
 from handlers.model_loading import load_model
 from handlers.transforms import ImagePreprocessor
-from servekit.datasets import DATASETS
-from servekit.spec import ModelVersionSpec
-from servekit.training import to_tensors
+from servekit.build.datasets import DATASETS
+from servekit.build.spec import ModelVersionSpec
+from servekit.build.training import to_tensors
 
 
 def calibration_inputs(spec: ModelVersionSpec) -> torch.Tensor:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from servekit.processes import command_line, read_pid
+from servekit.ops.processes import command_line, read_pid
 
 
 def _warn(message: str) -> None:

@@ -28,7 +28,7 @@ import yaml
 
 import servekit
 from handlers.model_loading import native_bf16
-from servekit.convert import (
+from servekit.build.convert import (
     evaluation_set,
     export_torchscript,
     load_program,
@@ -37,10 +37,10 @@ from servekit.convert import (
     top1_accuracy,
 )
 from servekit.progress import Progress
-from servekit.spec import ModelVersionSpec
-from servekit.training import BuildError, file_sha256, fp32_weights, load_fp32_model, recipe_key
+from servekit.build.spec import ModelVersionSpec
+from servekit.build.training import BuildError, file_sha256, fp32_weights, load_fp32_model, recipe_key
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HANDLERS_DIR = REPO_ROOT / "handlers"
 MANIFEST_NAME = "manifest.json"
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from servekit.deploy import Deployer, DeployError, History, TorchServeClient, require_version, status
-from servekit.proxy import NginxProxy, ProxyError
-from servekit.server import BASE_CONFIG, REPO_ROOT, read_properties
-from servekit.state_lock import StateLock, StateLockError
+from servekit.ops.proxy import NginxProxy, ProxyError
+from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
+from servekit.ops.state_lock import StateLock, StateLockError
+from servekit.ops.workflows import Deployer, DeployError, History, TorchServeClient, require_version, status
 
 LOCK_NAME = "servekit.lock"
 

@@ -12,9 +12,9 @@ configuration:
 
 Every change writes the configuration, checks it with ``nginx -t`` and reloads nginx; a
 configuration that fails the check is never installed. ``nginx.conf`` and ``state.json`` are each
-replaced whole through a unique temporary file (``servekit.state_lock.atomic_write_text``). nginx is
+replaced whole through a unique temporary file (``servekit.ops.state_lock.atomic_write_text``). nginx is
 signalled by us, never through ``nginx -s``, and only after its pid file's process is checked to be
-this prefix's nginx master (``servekit.pidfile``): a stale pid file is reported and removed. The proxy
+this prefix's nginx master (``servekit.ops.pidfile``): a stale pid file is reported and removed. The proxy
 listens on its own loopback port and passes TorchServe's ``Authorization`` header through.
 """
 
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import requests
 
-from servekit.pidfile import pid_matches, signal_if_matches, verified_pid
-from servekit.server import process_table
-from servekit.state_lock import atomic_write_text
+from servekit.ops.pidfile import pid_matches, signal_if_matches, verified_pid
+from servekit.ops.server import process_table
+from servekit.ops.state_lock import atomic_write_text
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
@@ -93,7 +93,7 @@ def render_config(state: dict, prefix: Path) -> str:
             f"            proxy_pass http://torchserve/predictions/{model}{target};\n"
             "        }\n"
         )
-    return f"""# Written by servekit.proxy from {prefix / "state.json"}: do not edit, run `servekit canary/shadow`.
+    return f"""# Written by servekit.ops.proxy from {prefix / "state.json"}: do not edit, run `servekit canary/shadow`.
 worker_processes 1;
 pid {prefix / "nginx.pid"};
 error_log {prefix / "error.log"} warn;
@@ -129,7 +129,7 @@ class NginxProxy:
     """One nginx process of our own, its files under ``prefix``.
 
     Callers that change routes from several processes must hold the ``servekit`` state lock
-    (``servekit.state_lock``): every change here is read-modify-write of ``state.json``.
+    (``servekit.ops.state_lock``): every change here is read-modify-write of ``state.json``.
     """
 
     prefix: Path

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import requests
 
-from servekit.processes import owned_pid
-from servekit.store import NAME_PATTERN, VERSION_PATTERN
+from servekit.ops.processes import owned_pid
+from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
 
 # Unix socket paths are limited to 107 bytes by the kernel.
 MAX_SOCKET_PATH = 100
@@ -93,7 +93,7 @@ def render_guard_config(prefix: Path, listen: str, socket_path: Path) -> str:
     # 0700 directory; the workers then keep the launcher's user (as TorchServe's own processes do).
     user = "user root root;\n" if os.geteuid() == 0 else ""
     messages = "\n".join(f'        "{key}" "{text}";' for key, text in REFUSALS.items())
-    return f"""# Written by servekit.guard: the only way to TorchServe's management API (see servekit/guard.py).
+    return f"""# Written by servekit.ops.guard: the only way to TorchServe's management API (see servekit/ops/guard.py).
 {user}worker_processes 1;
 pid {prefix / "nginx.pid"};
 error_log {prefix / "error.log"} warn;

@@ -4,7 +4,7 @@ Layout::
 
     models:
       digits:                      # model name (TorchServe's model name)
-        architecture: digits_cnn   # see servekit.architectures.ARCHITECTURES
+        architecture: digits_cnn   # see servekit.build.architectures.ARCHITECTURES
         handler: image_classifier  # see HANDLERS
         labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list); with
                                    # weights.torchvision, the weights' own categories by default
@@ -12,7 +12,7 @@ Layout::
         preprocessing: {...}       # handlers.transforms.Preprocessing
         limits: {...}              # handlers.image_io.DecodeLimits
         serving: {...}             # Serving below: TorchServe's batch and worker settings
-        evaluation: digits         # data set for measured accuracy (servekit.datasets), or omit
+        evaluation: digits         # data set for measured accuracy (servekit.build.datasets), or omit
         versions:
           "1.0": {precision: fp32, weights: {train: digits}}
           "2.0": {precision: int8, weights: {train: digits}, quantization: {calibration: digits}}
@@ -343,7 +343,7 @@ def _torchvision_preprocessing(weights_name: str) -> dict | None:
 def _resolve_version(
     name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
 ) -> ModelVersionSpec:
-    from servekit.datasets import DATASETS  # local: keeps the spec importable without sklearn
+    from servekit.build.datasets import DATASETS  # local: keeps the spec importable without sklearn
 
     if not isinstance(version, str):
         hint = " (quote it in YAML: '1.0', or YAML reads it as a number)" if isinstance(version, int | float) else ""
@@ -462,7 +462,7 @@ def _resolve_version(
 
 def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:
     """Validate a loaded spec document; returns every model x version, in spec order."""
-    from servekit.architectures import ARCHITECTURES
+    from servekit.build.architectures import ARCHITECTURES
 
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise SpecError("the spec needs a non-empty 'models:' mapping at the top level")

@@ -12,8 +12,8 @@ every snapshot), so ``restore=True`` starts it that way when a snapshot exists: 
 all other settings then come from the snapshot (``ports`` is set from it), the model store from
 ``model_store``.
 
-    python -m servekit.server start [--workdir var]   # background, returns when /ping is Healthy
-    python -m servekit.server stop  [--workdir var]
+    python -m servekit.ops.server start [--workdir var]   # background, returns when /ping is Healthy
+    python -m servekit.ops.server stop  [--workdir var]
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import requests
 
-from servekit.guard import GuardError, ManagementGuard
-from servekit.processes import group_alive, owned_pid, process_table, read_pid
-from servekit.store import IntegrityError, verify_store
-from servekit.worker_guard import ENV_ROOT, ensure_installed
+from servekit.ops.guard import GuardError, ManagementGuard
+from servekit.ops.processes import group_alive, owned_pid, process_table, read_pid
+from servekit.ops.store import IntegrityError, verify_store
+from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
 
 __all__ = ["ServerError", "TorchServeProcess", "free_port", "process_table", "read_keys", "read_properties"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = REPO_ROOT / "config.properties"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
@@ -128,7 +128,7 @@ _LOCATION_KEYS = {"model_store", "model_snapshot", "load_models", "tsConfigFile"
 class TorchServeProcess:
     """One TorchServe, its files under ``workdir``; ports from ``config.properties`` or chosen free.
 
-    The management API is reached through the guard (``servekit.guard``) on ``ports["management"]``;
+    The management API is reached through the guard (``servekit.ops.guard``) on ``ports["management"]``;
     TorchServe's own management listener is a Unix socket in ``workdir/run`` (mode 0700).
     """
 
@@ -199,7 +199,7 @@ class TorchServeProcess:
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "config.properties"
-        lines = [f"# generated from {BASE_CONFIG} by servekit.server"]
+        lines = [f"# generated from {BASE_CONFIG} by servekit.ops.server"]
         lines += [f"{key}={value}" for key, value in self.props.items()]
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -257,7 +257,7 @@ class TorchServeProcess:
             "TEMP": str(self.workdir / "tmp"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
-            # Workers run only code unpacked from archives here (servekit.worker_guard).
+            # Workers run only code unpacked from archives here (servekit.ops.worker_guard).
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
         }
         ensure_installed()
@@ -427,8 +427,8 @@ def print_usage(server: TorchServeProcess) -> None:
         f"""TorchServe is Healthy: inference {inference}, management {management}, metrics {server.url("metrics")}
 Keys are in {server.key_file}. Try:
 
-  INF=$(.venv/bin/python -m servekit.server key inference)
-  MGT=$(.venv/bin/python -m servekit.server key management)
+  INF=$(.venv/bin/python -m servekit.ops.server key inference)
+  MGT=$(.venv/bin/python -m servekit.ops.server key management)
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits -T samples/digit_7.png
   curl -H "Authorization: Bearer $MGT" -X POST \\
        "{management}/models?url=digits_v2.0.mar&initial_workers=1&synchronous=true"

@@ -12,7 +12,7 @@ Steps (each printed as it goes):
    to first answer), loaded by ``hey`` at each concurrency for a bounded time, and unregistered;
 4. ``results/bench/latest.json``, ``latest.md`` (tables and ratios) and ``latency_vs_throughput.png``.
 
-    python -m servekit.bench [--quick] [--seconds 10] [--out results/bench]
+    python -m servekit.perf.bench [--quick] [--seconds 10] [--out results/bench]
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import torch
 from handlers.image_io import DecodeLimits, decode_image
 from handlers.model_loading import load_model
 from handlers.transforms import ImagePreprocessor
-from servekit.build import REPO_ROOT, build_all, file_sha256
-from servekit.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.spec import load_spec
+from servekit.build.archive import REPO_ROOT, build_all, file_sha256
+from servekit.build.spec import load_spec
+from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 
 WORKDIR = REPO_ROOT / "build" / "bench"
 SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from servekit.history import History
-from servekit.proxy import NginxProxy
+from servekit.ops.history import History
+from servekit.ops.proxy import NginxProxy
 
 if TYPE_CHECKING:
-    from servekit.spec import ModelVersionSpec
+    from servekit.build.spec import ModelVersionSpec
 
 __all__ = ["Deployer", "DeployError", "History", "TorchServeClient", "promotions_to_undo", "require_version", "status"]
 
@@ -211,7 +211,7 @@ class Deployer:
 
     def archive(self, model: str, version: str) -> Path:
         """The archive for ``model`` ``version``, verified against the build manifest's sha256."""
-        from servekit.build import read_manifest  # imports torch: only the commands that need it pay
+        from servekit.build.archive import read_manifest  # imports torch: only the commands that need it pay
 
         name = f"{model}_v{version}.mar"
         path = Path(self.store) / name
@@ -229,7 +229,7 @@ class Deployer:
         return path
 
     def spec(self, model: str, version: str) -> ModelVersionSpec | None:
-        from servekit.spec import SpecError, load_spec  # imports torch (preprocessing): register only
+        from servekit.build.spec import SpecError, load_spec  # imports torch (preprocessing): register only
 
         try:
             specs = load_spec(self.spec_path)

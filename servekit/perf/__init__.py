@@ -1,0 +1,1 @@
+"""Measurement: the benchmark (``make bench``) and the soak (``make soak``)."""
