@@ -56,7 +56,7 @@ stop:
 test: archive tools
 	$(PY) -m pytest tests
 
-test-unit: venv
+test-unit: archive
 	$(PY) -m pytest tests/unit -m unit
 
 test-integration: archive tools

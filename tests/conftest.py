@@ -29,3 +29,18 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return REPO_ROOT / "samples"
+
+
+@pytest.fixture(scope="session")
+def model_store(repo_root: Path) -> Path:
+    """The repo's model store, brought up to date with models.yaml first (up-to-date versions are skipped).
+
+    Every test that reads the built archives depends on this fixture, so none of them can skip or
+    test stale archives because `make archive` did not run.
+    """
+    from servekit.build.archive import build_all
+    from servekit.build.spec import load_spec
+
+    store = repo_root / "model_store"
+    build_all(load_spec(repo_root / "models.yaml"), store, repo_root / "build" / "cache")
+    return store

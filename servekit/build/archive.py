@@ -36,28 +36,13 @@ from servekit.build.convert import (
     to_bf16,
     top1_accuracy,
 )
-from servekit.progress import Progress
 from servekit.build.spec import ModelVersionSpec
-from servekit.build.training import BuildError, file_sha256, fp32_weights, load_fp32_model, recipe_key
+from servekit.build.training import BuildError, fp32_weights, load_fp32_model, recipe_key
+from servekit.ops.store import file_sha256, read_manifest, write_manifest
+from servekit.progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HANDLERS_DIR = REPO_ROOT / "handlers"
-MANIFEST_NAME = "manifest.json"
-
-
-# ---------------------------------------------------------------------------------------- manifest
-def read_manifest(store: Path) -> dict:
-    path = store / MANIFEST_NAME
-    if not path.is_file():
-        return {"format": 1, "archives": {}}
-    return json.loads(path.read_text())
-
-
-def write_manifest(store: Path, manifest: dict) -> None:
-    path = store / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def handler_code_sha256() -> str:
@@ -90,95 +75,126 @@ class BuildResult:
 def build_version(
     spec: ModelVersionSpec, store: Path, cache_dir: Path, force: bool = False, stream=None
 ) -> BuildResult:
+    """Build one version into ``store`` (or skip it when the same inputs built it already)."""
     log = Progress(f"{spec.name} {spec.version}", stream)
     store.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(store)
     fingerprint = inputs_fingerprint(spec)
-    existing = manifest["archives"].get(spec.archive_name)
-    archive_path = store / spec.archive_name
-    if existing and archive_path.is_file() and not force:
-        if existing.get("inputs_fingerprint") != fingerprint:
-            raise BuildError(
-                f"{spec.name} {spec.version}: {spec.archive_name} was already built from different inputs "
-                "(spec, handler code or weights changed). Versions are immutable: give the change a new "
-                "version in the spec, or rebuild this one with --force"
-            )
-        if file_sha256(archive_path) != existing.get("sha256"):
-            raise BuildError(
-                f"{spec.name} {spec.version}: {archive_path} does not match the sha256 in the manifest "
-                "(modified after the build?); rebuild it with --force"
-            )
+    existing = _existing_record(spec, store, fingerprint, force)
+    if existing is not None:
         log("up to date, skipped")
         return BuildResult(spec, "up to date", existing)
 
     weights_path = fp32_weights(spec, cache_dir, log)
     model = load_fp32_model(spec, weights_path)
-    example = torch.zeros((1, *spec.preprocessing.input_shape))
-    eval_data = evaluation_set(spec)
-
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-") as tmp:
         stage = Path(tmp)
         program_path = stage / "model.pt"
-        accuracy = None
-        fp32_top1 = None
-        if spec.precision != "fp32" and eval_data is not None:
-            reference = stage / "fp32_reference.pt"
-            export_torchscript(model, example, reference)
-            fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
-        if spec.precision == "int8":
-            quantized = quantize_static(model, spec, log)
-            log("exporting INT8 TorchScript program")
-            export_torchscript(quantized, example, program_path)
-        elif spec.precision == "bf16":
-            if not native_bf16():
-                raise BuildError(
-                    f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
-                    "amx_bf16) to build and to serve; this CPU has neither"
-                )
-            log("exporting BF16 TorchScript program")
-            export_torchscript(to_bf16(model), example, program_path)
-        else:
-            log("exporting FP32 TorchScript program")
-            export_torchscript(model, example, program_path)
-
-        if eval_data is not None:
-            log(f"evaluating on {spec.evaluation} held-out split ({len(eval_data[1])} images)")
-            top1 = top1_accuracy(load_program(program_path, spec), *eval_data)
-            accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
-            log(f"held-out top-1 {top1:.2f}%")
-            if fp32_top1 is not None:
-                accuracy.update(accuracy_gate(spec, fp32_top1, top1))
-                log(
-                    f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> {spec.precision.upper()} {top1:.2f}% "
-                    f"(max drop {spec.max_top1_drop})"
-                )
-        elif spec.precision != "fp32":
-            log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
-
-        metadata = {
-            "model": spec.name,
-            "version": spec.version,
-            "architecture": spec.architecture,
-            "precision": spec.precision,
-            "spec_hash": spec.spec_hash(),
-            "inputs_fingerprint": fingerprint,
-            "weights_sha256": file_sha256(weights_path),
-            "program_sha256": file_sha256(program_path),
-            "accuracy": accuracy,
-            "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "toolkit_version": servekit.__version__,
-            "torch_version": torch.__version__,
-        }
+        accuracy = _export_and_evaluate(spec, model, program_path, stage, log)
+        metadata = _metadata(spec, fingerprint, weights_path, program_path, accuracy)
         log("packaging with torch-model-archiver")
         built = _package(spec, stage, metadata)
         tmp_target = store / f".{spec.archive_name}.{os.getpid()}.tmp"
         shutil.copyfile(built, tmp_target)
-        tmp_target.replace(archive_path)
+        tmp_target.replace(store / spec.archive_name)
+    record = _record_in_manifest(spec, store, metadata)
+    log(f"wrote {store / spec.archive_name} ({record['size_bytes'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]})")
+    return BuildResult(spec, "built", record)
 
+
+def _existing_record(spec: ModelVersionSpec, store: Path, fingerprint: str, force: bool) -> dict | None:
+    """The manifest record if this exact version is already built; refuses a changed immutable version."""
+    existing = read_manifest(store)["archives"].get(spec.archive_name)
+    archive_path = store / spec.archive_name
+    if not existing or not archive_path.is_file() or force:
+        return None
+    if existing.get("inputs_fingerprint") != fingerprint:
+        raise BuildError(
+            f"{spec.name} {spec.version}: {spec.archive_name} was already built from different inputs "
+            "(spec, handler code or weights changed). Versions are immutable: give the change a new "
+            "version in the spec, or rebuild this one with --force"
+        )
+    if file_sha256(archive_path) != existing.get("sha256"):
+        raise BuildError(
+            f"{spec.name} {spec.version}: {archive_path} does not match the sha256 in the manifest "
+            "(modified after the build?); rebuild it with --force"
+        )
+    return existing
+
+
+def _export_program(spec: ModelVersionSpec, model: torch.nn.Module, example: torch.Tensor, path: Path, log) -> None:
+    """The program of ``spec.precision``: FP32 as trained, INT8 calibrated, or BF16 (native CPUs only)."""
+    if spec.precision == "int8":
+        quantized = quantize_static(model, spec, log)
+        log("exporting INT8 TorchScript program")
+        export_torchscript(quantized, example, path)
+    elif spec.precision == "bf16":
+        if not native_bf16():
+            raise BuildError(
+                f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
+                "amx_bf16) to build and to serve; this CPU has neither"
+            )
+        log("exporting BF16 TorchScript program")
+        export_torchscript(to_bf16(model), example, path)
+    else:
+        log("exporting FP32 TorchScript program")
+        export_torchscript(model, example, path)
+
+
+def _export_and_evaluate(
+    spec: ModelVersionSpec, model: torch.nn.Module, program_path: Path, stage: Path, log
+) -> dict | None:
+    """Export the program and measure it on the held-out split, gating reduced precision against FP32."""
+    example = torch.zeros((1, *spec.preprocessing.input_shape))
+    eval_data = evaluation_set(spec)
+    fp32_top1 = None
+    if spec.precision != "fp32" and eval_data is not None:
+        reference = stage / "fp32_reference.pt"
+        export_torchscript(model, example, reference)
+        fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
+    _export_program(spec, model, example, program_path, log)
+    if eval_data is None:
+        if spec.precision != "fp32":
+            log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
+        return None
+    log(f"evaluating on {spec.evaluation} held-out split ({len(eval_data[1])} images)")
+    top1 = top1_accuracy(load_program(program_path, spec), *eval_data)
+    accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
+    log(f"held-out top-1 {top1:.2f}%")
+    if fp32_top1 is not None:
+        accuracy.update(accuracy_gate(spec, fp32_top1, top1))
+        log(
+            f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> {spec.precision.upper()} {top1:.2f}% "
+            f"(max drop {spec.max_top1_drop})"
+        )
+    return accuracy
+
+
+def _metadata(
+    spec: ModelVersionSpec, fingerprint: str, weights_path: Path, program_path: Path, accuracy: dict | None
+) -> dict:
+    """metadata.json inside the archive: what it was built from, and the program's sha256 the worker checks."""
+    return {
+        "model": spec.name,
+        "version": spec.version,
+        "architecture": spec.architecture,
+        "precision": spec.precision,
+        "spec_hash": spec.spec_hash(),
+        "inputs_fingerprint": fingerprint,
+        "weights_sha256": file_sha256(weights_path),
+        "program_sha256": file_sha256(program_path),
+        "accuracy": accuracy,
+        "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "toolkit_version": servekit.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _record_in_manifest(spec: ModelVersionSpec, store: Path, metadata: dict) -> dict:
+    archive_path = store / spec.archive_name
     record = {
         **{k: metadata[k] for k in ("model", "version", "precision", "spec_hash", "inputs_fingerprint")},
         "weights_sha256": metadata["weights_sha256"],
-        "accuracy": accuracy,
+        "accuracy": metadata["accuracy"],
         "sha256": file_sha256(archive_path),
         "size_bytes": archive_path.stat().st_size,
         "built_at": metadata["built_at"],
@@ -186,8 +202,7 @@ def build_version(
     manifest = read_manifest(store)  # re-read: another build may have finished meanwhile
     manifest["archives"][spec.archive_name] = record
     write_manifest(store, manifest)
-    log(f"wrote {archive_path} ({record['size_bytes'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]})")
-    return BuildResult(spec, "built", record)
+    return record
 
 
 def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:

@@ -340,11 +340,7 @@ def _torchvision_preprocessing(weights_name: str) -> dict | None:
     }
 
 
-def _resolve_version(
-    name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
-) -> ModelVersionSpec:
-    from servekit.build.datasets import DATASETS  # local: keeps the spec importable without sklearn
-
+def _check_version_string(name: str, version: Any) -> str:
     if not isinstance(version, str):
         hint = " (quote it in YAML: '1.0', or YAML reads it as a number)" if isinstance(version, int | float) else ""
         raise SpecError(f"version must be a string like '1.0', got {version!r}{hint}", name, str(version), "version")
@@ -355,6 +351,11 @@ def _resolve_version(
             version,
             "version",
         )
+    return version
+
+
+def _merged_settings(name: str, version: str, model: dict, override: Any) -> dict:
+    """The model's settings with the version's on top: sections merge key by key, except weights."""
     if override is None:
         override = {}
     if not isinstance(override, dict):
@@ -363,16 +364,29 @@ def _resolve_version(
     for key, value in override.items():
         if key not in VERSION_KEYS:
             raise SpecError(f"unknown key (valid keys: {', '.join(sorted(VERSION_KEYS))})", name, version, key)
-        # Sections merge key by key, except weights: a version names its own source outright.
+        # A version names its own weights source outright: merging would mix two sources.
         if key != "weights" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
+    return merged
 
-    def fail(field_name: str, message: str) -> SpecError:
-        return SpecError(message, name, version, field_name)
 
-    def nested(section: str, build):
+@dataclass
+class _VersionResolver:
+    """Turns one version's merged settings into a ``ModelVersionSpec``; every error names the field."""
+
+    name: str
+    version: str
+    merged: dict
+    base_dir: Path
+    architectures: set[str]
+
+    def fail(self, field_name: str, message: str) -> SpecError:
+        return SpecError(message, self.name, self.version, field_name)
+
+    def nested(self, section: str, build):
+        """``build()`` a nested dataclass; its ValueError/TypeError becomes a SpecError on ``section.field``."""
         try:
             return build()
         except (ValueError, TypeError) as exc:
@@ -381,83 +395,110 @@ def _resolve_version(
             head, sep, tail = message.partition(": ")
             if sep and " " not in head:
                 head = head if head.startswith(section) else f"{section}.{head}"
-                raise fail(head, tail) from exc
-            raise fail(section, message) from exc
+                raise self.fail(head, tail) from exc
+            raise self.fail(section, message) from exc
 
-    for required in ("architecture", "handler", "precision", "weights"):
-        if required not in merged:
-            raise fail(required, "is required")
-    if merged["architecture"] not in architectures:
-        raise fail("architecture", f"unknown architecture {merged['architecture']!r} (known: {sorted(architectures)})")
-    if merged["handler"] not in HANDLERS:
-        raise fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(HANDLERS)})")
-    if merged["precision"] not in PRECISIONS:
-        raise fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
+    def check_required(self) -> None:
+        merged = self.merged
+        for required in ("architecture", "handler", "precision", "weights"):
+            if required not in merged:
+                raise self.fail(required, "is required")
+        if merged["architecture"] not in self.architectures:
+            known = sorted(self.architectures)
+            raise self.fail("architecture", f"unknown architecture {merged['architecture']!r} (known: {known})")
+        if merged["handler"] not in HANDLERS:
+            raise self.fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(HANDLERS)})")
+        if merged["precision"] not in PRECISIONS:
+            raise self.fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
 
-    weights = nested("weights", lambda: Weights.from_dict(merged["weights"], base_dir))
+    def labels(self, weights: Weights) -> tuple[str, ...]:
+        merged = self.merged
+        if "labels" in merged and "labels_file" in merged:
+            raise self.fail("labels", "give labels or labels_file, not both")
+        if "labels_file" in merged:
+            _, labels = _read_json_file(self.base_dir, merged["labels_file"], "labels_file", "labels file", self.fail)
+        elif "labels" in merged:
+            labels = merged["labels"]
+        elif weights.torchvision:
+            labels = _torchvision_categories(weights.torchvision)
+            if labels is None:
+                raise self.fail("weights.torchvision", f"unknown torchvision weights {weights.torchvision!r}")
+        else:
+            raise self.fail("labels", "is required (a list of class names, or labels_file)")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str | int) for x in labels):
+            raise self.fail("labels", "must be a non-empty list of class names")
+        return tuple(str(x) for x in labels)
 
-    if "labels" in merged and "labels_file" in merged:
-        raise fail("labels", "give labels or labels_file, not both")
-    if "labels_file" in merged:
-        _, labels = _read_json_file(base_dir, merged["labels_file"], "labels_file", "labels file", fail)
-    elif "labels" in merged:
-        labels = merged["labels"]
-    elif weights.torchvision:
-        labels = _torchvision_categories(weights.torchvision)
-        if labels is None:
-            raise fail("weights.torchvision", f"unknown torchvision weights {weights.torchvision!r}")
-    else:
-        raise fail("labels", "is required (a list of class names, or labels_file)")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str | int) for x in labels):
-        raise fail("labels", "must be a non-empty list of class names")
-    labels = tuple(str(x) for x in labels)
-
-    topk = merged.get("topk", min(5, len(labels)))
-    if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= len(labels):
-        raise fail("topk", f"must be an integer between 1 and {len(labels)} (the number of labels), got {topk!r}")
-
-    if "preprocessing" not in merged and weights.torchvision:
-        merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
-    preprocessing = nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing")))
-    limits = nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits")))
-    serving = nested("serving", lambda: Serving.from_dict(merged.get("serving")))
-
-    evaluation = merged.get("evaluation")
-    if evaluation is not None and evaluation not in DATASETS:
-        raise fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(DATASETS)})")
-
-    quantization = None
-    if merged["precision"] == "int8":
-        quantization = nested("quantization", lambda: Quantization.from_dict(merged.get("quantization")))
-        if quantization.calibration != "synthetic" and quantization.calibration not in DATASETS:
-            raise fail(
-                "quantization.calibration",
-                f"unknown data set {quantization.calibration!r} (known: synthetic, {', '.join(sorted(DATASETS))})",
+    def topk(self, labels: tuple[str, ...]) -> int:
+        topk = self.merged.get("topk", min(5, len(labels)))
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= len(labels):
+            raise self.fail(
+                "topk", f"must be an integer between 1 and {len(labels)} (the number of labels), got {topk!r}"
             )
-    elif "quantization" in merged:
-        raise fail("quantization", "only applies to precision int8")
-    bf16 = nested("bf16", lambda: Bf16.from_dict(merged.get("bf16"))) if merged["precision"] == "bf16" else None
-    if bf16 is None and "bf16" in merged:
-        raise fail("bf16", "only applies to precision bf16")
+        return topk
 
-    return ModelVersionSpec(
-        name=name,
-        version=version,
-        architecture=merged["architecture"],
-        handler=merged["handler"],
-        precision=merged["precision"],
-        weights=weights,
-        labels=labels,
-        topk=topk,
-        preprocessing=preprocessing,
-        limits=limits,
-        serving=serving,
-        evaluation=evaluation,
-        quantization=quantization,
-        bf16=bf16,
-        description=str(merged.get("description", "")),
-        golden_set=_golden_set(merged.get("golden_set"), base_dir, labels, fail),
-    )
+    def evaluation(self, datasets: dict) -> str | None:
+        evaluation = self.merged.get("evaluation")
+        if evaluation is not None and evaluation not in datasets:
+            raise self.fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(datasets)})")
+        return evaluation
+
+    def quantization(self, datasets: dict) -> Quantization | None:
+        merged = self.merged
+        if merged["precision"] != "int8":
+            if "quantization" in merged:
+                raise self.fail("quantization", "only applies to precision int8")
+            return None
+        quantization = self.nested("quantization", lambda: Quantization.from_dict(merged.get("quantization")))
+        if quantization.calibration != "synthetic" and quantization.calibration not in datasets:
+            raise self.fail(
+                "quantization.calibration",
+                f"unknown data set {quantization.calibration!r} (known: synthetic, {', '.join(sorted(datasets))})",
+            )
+        return quantization
+
+    def bf16(self) -> Bf16 | None:
+        if self.merged["precision"] != "bf16":
+            if "bf16" in self.merged:
+                raise self.fail("bf16", "only applies to precision bf16")
+            return None
+        return self.nested("bf16", lambda: Bf16.from_dict(self.merged.get("bf16")))
+
+    def resolve(self) -> ModelVersionSpec:
+        from servekit.build.datasets import DATASETS  # local: keeps the spec importable without sklearn
+
+        self.check_required()
+        merged = self.merged
+        weights = self.nested("weights", lambda: Weights.from_dict(merged["weights"], self.base_dir))
+        labels = self.labels(weights)
+        if "preprocessing" not in merged and weights.torchvision:
+            merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
+        return ModelVersionSpec(
+            name=self.name,
+            version=self.version,
+            architecture=merged["architecture"],
+            handler=merged["handler"],
+            precision=merged["precision"],
+            weights=weights,
+            labels=labels,
+            topk=self.topk(labels),
+            preprocessing=self.nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing"))),
+            limits=self.nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits"))),
+            serving=self.nested("serving", lambda: Serving.from_dict(merged.get("serving"))),
+            evaluation=self.evaluation(DATASETS),
+            quantization=self.quantization(DATASETS),
+            bf16=self.bf16(),
+            description=str(merged.get("description", "")),
+            golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
+        )
+
+
+def _resolve_version(
+    name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
+) -> ModelVersionSpec:
+    version = _check_version_string(name, version)
+    merged = _merged_settings(name, version, model, override)
+    return _VersionResolver(name, version, merged, base_dir, architectures).resolve()
 
 
 def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:

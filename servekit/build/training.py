@@ -18,20 +18,13 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.architectures import build_architecture
 from servekit.build.datasets import DATASETS, LabelledImages
 from servekit.build.spec import ModelVersionSpec
+from servekit.ops.store import file_sha256
 
 TRAIN_SIZES = (16, 32, 64)  # render training digits at several sizes: users send any size
 
 
 class BuildError(RuntimeError):
     """The build of one model version failed; the message names it and says why."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def to_tensors(data: LabelledImages, preprocessor: ImagePreprocessor) -> tuple[torch.Tensor, torch.Tensor]:

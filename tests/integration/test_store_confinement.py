@@ -236,7 +236,7 @@ def test_directory_registration_past_the_guard_never_runs_its_code(
 
 def grpc_register(server: TorchServeProcess, url: str, model_name: str) -> str:
     """RegisterModel on TorchServe's gRPC management port; returns the gRPC status name."""
-    grpc = pytest.importorskip("grpc")
+    import grpc  # a dev dependency (pyproject.toml)
 
     def field(number: int, value: str | int) -> bytes:
         if isinstance(value, int):

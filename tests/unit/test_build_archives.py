@@ -13,9 +13,10 @@ import torch
 import torchvision
 import yaml
 
-from servekit.build.archive import build_all, read_manifest
+from servekit.build.archive import build_all
 from servekit.build.spec import load_spec
-from servekit.build.training import BuildError, file_sha256
+from servekit.build.training import BuildError
+from servekit.ops.store import file_sha256, read_manifest
 
 LABELS = [f"class_{i}" for i in range(10)]
 

@@ -19,9 +19,8 @@ from ts.utils.util import list_classes_from_module
 from handlers import cpu_budget
 from handlers.cpu_budget import ENV_REGISTRY
 from handlers.image_classifier import ImageClassifier
+from servekit.ops.store import archive_name
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STORE = REPO_ROOT / "model_store"
 VERSIONS = {"1.0": "fp32", "2.0": "int8"}
 
 
@@ -47,10 +46,8 @@ class FakeContext:
         self.content_types.clear()
 
 
-def extract(version: str, into: Path) -> Path:
-    archive = STORE / f"digits_v{version}.mar"
-    if not archive.is_file():
-        pytest.skip(f"{archive} is missing: run `python build_mar.py` first")
+def extract(store: Path, version: str, into: Path) -> Path:
+    archive = store / archive_name("digits", version)
     target = into / f"digits_v{version}"
     with zipfile.ZipFile(archive) as mar:
         mar.extractall(target)
@@ -65,9 +62,9 @@ def make_context(model_dir: Path, batch_size: int | None = None, **yaml_override
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def model_dirs(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mar")
-    return {version: extract(version, root) for version in VERSIONS}
+    return {version: extract(model_store, version, root) for version in VERSIONS}
 
 
 @pytest.fixture(scope="module", params=list(VERSIONS))
@@ -90,7 +87,7 @@ def context(loaded: tuple[ImageClassifier, FakeContext]) -> FakeContext:
 
 
 def sample(n: int) -> bytes:
-    return (REPO_ROOT / "samples" / f"digit_{n}.png").read_bytes()
+    return (Path(__file__).resolve().parents[2] / "samples" / f"digit_{n}.png").read_bytes()
 
 
 # ------------------------------------------------------------------------------------ initialize

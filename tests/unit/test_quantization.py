@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import zipfile
 from dataclasses import replace
@@ -20,7 +19,8 @@ from handlers.transforms import Preprocessing
 from servekit.build.archive import build_version
 from servekit.build.convert import evaluation_set, top1_accuracy
 from servekit.build.spec import Bf16, ModelVersionSpec, load_spec
-from servekit.build.training import BuildError, file_sha256, recipe_key
+from servekit.build.training import BuildError, fp32_weights
+from servekit.ops.store import file_sha256, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE = REPO_ROOT / "model_store"
@@ -35,15 +35,10 @@ def specs() -> dict[str, ModelVersionSpec]:
 
 
 @pytest.fixture(scope="module")
-def manifest() -> dict:
-    path = STORE / "manifest.json"
-    missing = [name for name in [*ARCHIVES.values(), "manifest.json"] if not (STORE / name).is_file()]
-    if missing:
-        pytest.skip(f"model_store/ lacks {', '.join(missing)}: run `python build_mar.py` first")
-    records = json.loads(path.read_text())["archives"]
+def manifest(model_store: Path) -> dict:
+    records = read_manifest(model_store)["archives"]
     for name in ARCHIVES.values():
-        if file_sha256(STORE / name) != records[name]["sha256"]:
-            pytest.fail(f"model_store/{name} does not match its sha256 in manifest.json: rebuild the archives")
+        assert file_sha256(model_store / name) == records[name]["sha256"], f"{name} differs from manifest.json"
     return records
 
 
@@ -103,8 +98,7 @@ def test_gate_refuses_an_int8_model_that_falls_short(
     specs: dict[str, ModelVersionSpec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = specs["int8"]
-    if not (CACHE / f"{spec.name}-{recipe_key(spec)}.pt").is_file():
-        pytest.skip("no cached trained digits weights in build/cache: run `python build_mar.py` first")
+    fp32_weights(spec, CACHE, lambda _: None)  # trained weights in the cache (trains them if `make clean` ran)
     # Miscalibrate on much too faint images, so activation ranges are far too narrow and INT8
     # saturates: a real accuracy collapse, measured by the build itself.
     real_inputs = servekit.build.convert.calibration_inputs
