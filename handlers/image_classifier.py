@@ -24,9 +24,13 @@ from typing import Any
 import torch
 
 from handlers.base import BatchHandler
+from handlers.errors import InvalidInput, PayloadTooLarge
 from handlers.image_io import DecodeLimits, PreparedImage, decode_image, extract_image_request, parse_topk
 from handlers.model_loading import load_model, verify_program
 from handlers.transforms import ImagePreprocessor, Preprocessing
+
+# What converting a decoded image (PIL modes, numpy arithmetic) raises on data it cannot take.
+CONVERSION_FAILURES = (ValueError, TypeError, OSError)
 
 
 class ImageClassifier(BatchHandler):
@@ -52,7 +56,17 @@ class ImageClassifier(BatchHandler):
         if "topk" in image_request.options:
             topk = parse_topk(image_request.options["topk"], len(self.labels))
         image = decode_image(image_request.payload, self.limits)
-        return PreparedImage(self.transform(image), topk)
+        try:
+            tensor = self.transform(image)
+        except MemoryError as exc:
+            raise PayloadTooLarge("image needs more memory to convert than the worker can give it") from exc
+        except CONVERSION_FAILURES as exc:
+            # A decoded image PIL or numpy cannot convert is the client's odd file, not a server fault.
+            width, height = image.size
+            raise InvalidInput(
+                f"image cannot be converted for the model ({image.mode}, {width}x{height}): {exc}"
+            ) from exc
+        return PreparedImage(tensor, topk)
 
     @torch.inference_mode()
     def inference(self, items: list[PreparedImage]) -> torch.Tensor:

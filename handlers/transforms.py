@@ -87,27 +87,57 @@ def to_model_mode(image: Image.Image, color_mode: str) -> Image.Image:
     """Convert any PIL mode (16-bit, float, palette, alpha, CMYK, ...) to ``L`` or ``RGB``.
 
     Transparent pixels are composited on white: a drawing exported with a transparent background
-    is ink on paper to the person who made it.
+    is ink on paper to the person who made it. Every step makes at most one full-size copy, so a
+    25-megapixel image does not cost several hundred megabytes here.
     """
     mode = image.mode
     if mode.startswith("I") or mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
-            array = array / 257.0
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
-    elif mode == "P" or mode == "PA":
+        image = _to_eight_bit_gray(image)
+    elif mode == "La":  # premultiplied alpha (TIFF "associated" alpha): PIL converts it only to LA
+        image = image.convert("LA")
+    elif mode == "PA" or (mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+    elif mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
     elif mode == "1":
         image = image.convert("L")
 
-    if image.mode in ("RGBA", "LA", "La", "RGBa"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode in ("RGBA", "LA", "RGBa"):
+        image = _on_white_paper(image, color_mode)
     if image.mode != color_mode:
         image = image.convert(color_mode)
     return image
+
+
+def _to_eight_bit_gray(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images as 8-bit gray.
+
+    16-bit data (and 32-bit integers beyond 255) are scaled from 0..65535; float data in 0..1 (the
+    convention of PFM and float TIFF) from 0..1; NaN is black and infinities saturate.
+    """
+    array = np.array(image, dtype=np.float32)  # a copy, so the arithmetic can work in place
+    if image.mode == "F":
+        np.nan_to_num(array, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        if array.size and array.max() <= 1.0:
+            array *= 255.0
+    elif image.mode.startswith("I;16") or array.max(initial=0) > 255:
+        array /= 257.0
+    np.clip(array, 0, 255, out=array)
+    return Image.fromarray(array.astype(np.uint8), "L")
+
+
+def _on_white_paper(image: Image.Image, color_mode: str) -> Image.Image:
+    """The image composited over opaque white, in ``color_mode``.
+
+    Pasting through the alpha channel gives the pixels of ``Image.alpha_composite`` over white
+    without its three full-size RGBA copies (the same for colour; for gray, within one level,
+    since the gray conversion comes before the blend instead of after it).
+    """
+    if image.mode == "RGBa":
+        image = image.convert("RGBA")
+    paper = Image.new(color_mode, image.size, "white")
+    paper.paste(image.convert(color_mode), mask=image.getchannel("A"))
+    return paper
 
 
 class ImagePreprocessor:
@@ -161,16 +191,22 @@ class ImagePreprocessor:
     def _fit_content(self, image: Image.Image) -> Image.Image:
         """Crop to the ink (bright after inversion), pad to a square, scale into the canvas."""
         p = self.params
-        gray = np.asarray(image.convert("L"), dtype=np.float32)
-        lo, hi = float(gray.min()), float(gray.max())
+        gray = np.asarray(image if image.mode == "L" else image.convert("L"))
+        lo, hi = int(gray.min()), int(gray.max())
         if hi - lo < 16:
             raise InvalidInput("image has no visible content (it is blank or nearly uniform)")
+        # Per-level arithmetic in float32 on the 256 possible values, applied as a threshold and a
+        # lookup table: the same pixels as doing it on the whole image in float32, without the
+        # full-size float arrays (several hundred MB for a 25-megapixel image).
+        levels = np.arange(256, dtype=np.float32)
+        # Ink: more than 35 % of the way from the darkest to the brightest level.
+        first_ink_level = int(np.argmax((levels - lo) > 0.35 * (hi - lo)))
+        ink = gray >= first_ink_level
+        rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
         # Stretch contrast so faint pencil on grey paper looks like the training ink.
-        stretched = (np.asarray(image, dtype=np.float32) - lo) * (255.0 / (hi - lo))
-        image = Image.fromarray(np.clip(stretched, 0, 255).astype(np.uint8), image.mode)
-        ys, xs = np.nonzero((gray - lo) > 0.35 * (hi - lo))
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        content = image.crop(box)
+        stretch = np.clip((levels - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8).tolist()
+        content = image.crop(box).point(stretch * len(image.getbands()))
         # Scale first, then pad: padding a W x 1 strip to a W x W square first would cost W^2 pixels
         # (a 276-byte PNG could ask for 40 G), while the result is the same either way.
         inner = p.crop - 2 * p.margin
