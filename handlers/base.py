@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from handlers.config import HandlerConfig
 from handlers.cpu_budget import CpuBudget
 from handlers.errors import HandlerError, InferenceError, error_payload
 
@@ -44,11 +45,13 @@ class BatchHandler:
 
     # TorchScript's profiling executor specialises a graph on its first calls for each shape.
     warmup_rounds = 3
+    # The typed ``handler:`` section of model-config.yaml (``from_dict``; a ``threads`` attribute).
+    config_type: type = HandlerConfig
 
     def __init__(self) -> None:
         self.initialized = False
         self.context: Any = None
-        self.config: dict = {}
+        self.settings: Any = None
         self.batch_size = 1
         self.cpu: CpuBudget | None = None
 
@@ -56,14 +59,14 @@ class BatchHandler:
     def initialize(self, context: Any) -> None:
         self.context = context
         yaml_config = getattr(context, "model_yaml_config", None) or {}
-        self.config = dict(yaml_config.get("handler") or {})
+        self.settings = self.config_type.from_dict(yaml_config.get("handler"))
         self.batch_size = max(1, int(context.system_properties.get("batch_size") or 1))
-        pinned = int(self.config["threads"]) if self.config.get("threads") else None
+        pinned = self.settings.threads
         self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
         self.cpu.register()
         threads = self.resize_threads(force=True)
         started = time.perf_counter()
-        self.load(context, self.config)
+        self.load(context, self.settings)
         loaded = time.perf_counter()
         self.warm_up()
         logger.info(
@@ -76,11 +79,20 @@ class BatchHandler:
         self.initialized = True
 
     def warm_up(self) -> None:
-        """Run every batch size the worker can receive, so no client pays for first-call costs."""
+        """Run every batch size the worker can receive, then whole requests, so no client pays first-call costs.
+
+        The model alone is not enough: the first real request also pays for the decoders' and the
+        preprocessing's first calls (codec set-up, resampling kernels, allocator growth), which on
+        some CPUs doubled the first answer. ``warmup_requests`` go through ``handle`` itself.
+        """
         for size in range(1, self.batch_size + 1):
             items = self.warmup_items(size)
             for _ in range(self.warmup_rounds):
                 self.postprocess(self.inference(items), items)
+        requests = self.warmup_requests()
+        for _ in range(self.warmup_rounds if requests else 0):
+            for start in range(0, len(requests), self.batch_size):
+                self.handle(requests[start : start + self.batch_size], _WarmupContext())
 
     def resize_threads(self, force: bool = False) -> int:
         """Follow this worker's share of the CPU budget; logs every change with its reason."""
@@ -136,7 +148,7 @@ class BatchHandler:
         return payload
 
     # ----------------------------------------------------------------- to implement
-    def load(self, context: Any, config: dict) -> None:
+    def load(self, context: Any, config: Any) -> None:
         raise NotImplementedError
 
     def preprocess(self, request: dict) -> Any:
@@ -150,3 +162,17 @@ class BatchHandler:
 
     def warmup_items(self, batch_size: int) -> list[Any]:
         raise NotImplementedError
+
+    def warmup_requests(self) -> list[dict]:
+        """Request dicts like TorchServe's, run through ``handle`` at warm-up (none by default)."""
+        return []
+
+
+class _WarmupContext:
+    """Stands in for TorchServe's context during warm-up: the answers go nowhere."""
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        pass
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass

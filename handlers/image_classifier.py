@@ -1,15 +1,8 @@
-"""TorchServe entry point for image classification (FP32 or INT8).
+"""TorchServe entry point for image classification (FP32, INT8 or BF16).
 
 TorchServe requires this module to define exactly one class: helpers live in the other modules.
-
-The archive's ``model-config.yaml`` carries a ``handler:`` section, written by ``build_mar.py``::
-
-    handler:
-      precision: fp32            # or int8: only the model loader differs
-      topk: 5                    # default k; a request may ask for another (JSON or multipart field "topk")
-      labels_file: labels.json
-      preprocessing: {color_mode: RGB, resize: 256, crop: 224, mean: [...], std: [...]}
-      limits: {max_bytes: 6000000, max_pixels: 25000000}
+Its settings are the archive's ``handler:`` section, typed and validated by
+``handlers.config.HandlerConfig`` (defaults and keys are documented there).
 
 Responses are JSON: ``{"predictions": [{"label": "7", "index": 7, "probability": 0.98}, ...],
 "model": name, "version": version}``.
@@ -17,37 +10,52 @@ Responses are JSON: ``{"predictions": [{"label": "7", "index": 7, "probability":
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from handlers.base import BatchHandler
+from handlers.config import HandlerConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import DecodeLimits, PreparedImage, decode_image, extract_image_request, parse_topk
+from handlers.image_io import PreparedImage, decode_image, extract_image_request, parse_topk
 from handlers.model_loading import load_model, verify_program
-from handlers.transforms import ImagePreprocessor, Preprocessing
+from handlers.transforms import ImagePreprocessor
 
 # What converting a decoded image (PIL modes, numpy arithmetic) raises on data it cannot take.
 CONVERSION_FAILURES = (ValueError, TypeError, OSError)
 
 
+def warmup_images() -> list[bytes]:
+    """A 640x480 JPEG and a 64x64 PNG with structure (gradients and a dark stroke), made in memory."""
+    y, x = np.mgrid[0:480, 0:640]
+    photo = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1).astype(np.uint8)
+    photo[200:280, 100:540] //= 4  # a dark band, so content-fitting preprocessing has ink to find
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo).save(jpeg, format="JPEG", quality=90)
+    Image.fromarray(photo[::8, ::8].copy()).convert("L").resize((64, 64)).save(png, format="PNG")
+    return [jpeg.getvalue(), png.getvalue()]
+
+
 class ImageClassifier(BatchHandler):
     """Decode -> preprocess -> batched softmax classifier -> top-k labels."""
 
-    def load(self, context: Any, config: dict) -> None:
+    def load(self, context: Any, config: HandlerConfig) -> None:
         model_dir = Path(context.system_properties["model_dir"])
         manifest = context.manifest or {}
         serialized = manifest.get("model", {}).get("serializedFile", "model.pt")
         self.model_name = manifest.get("model", {}).get("modelName", context.model_name)
         self.model_version = manifest.get("model", {}).get("modelVersion", "")
         verify_program(model_dir, serialized)
-        self.model = load_model(model_dir / serialized, config.get("precision", "fp32"), config)
-        self.labels = json.loads((model_dir / config.get("labels_file", "labels.json")).read_text())
-        self.topk = min(int(config.get("topk", 5)), len(self.labels))
-        self.limits = DecodeLimits.from_dict(config.get("limits"))
-        self.preprocessing = Preprocessing.from_dict(config.get("preprocessing"))
+        self.model = load_model(model_dir / serialized, config)
+        self.labels = json.loads((model_dir / config.labels_file).read_text())
+        self.topk = min(config.topk, len(self.labels))
+        self.limits = config.limits
+        self.preprocessing = config.preprocessing
         self.transform = ImagePreprocessor(self.preprocessing)
 
     def preprocess(self, request: dict) -> PreparedImage:
@@ -88,3 +96,7 @@ class ImageClassifier(BatchHandler):
     def warmup_items(self, batch_size: int) -> list[PreparedImage]:
         blank = torch.zeros(self.preprocessing.input_shape)
         return [PreparedImage(blank, self.topk) for _ in range(batch_size)]
+
+    def warmup_requests(self) -> list[dict]:
+        """A photo-sized JPEG and a small PNG, in the raw-body form: every decoder and resize path once."""
+        return [{"body": data} for data in warmup_images()]

@@ -234,7 +234,7 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
         entries = [{"file": item.name, "label": item.label} for item in spec.golden_set]
         (golden / "golden.json").write_text(json.dumps(entries, indent=1))
     (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    config = {**spec.serving.model_config(), "handler": spec.handler_config()}
+    config = {**spec.serving.model_config(), "handler": spec.handler_config().to_dict()}
     (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     out = stage / "out"
     out.mkdir()

@@ -78,7 +78,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
 
 def load_program(path: Path, spec: ModelVersionSpec) -> torch.jit.ScriptModule:
     """Load an exported program exactly as the handler will."""
-    return load_model(path, spec.precision, spec.handler_config())
+    return load_model(path, spec.handler_config())
 
 
 @torch.inference_mode()

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
+from handlers.config import HandlerConfig
 from handlers.image_io import DecodeLimits
 from handlers.transforms import Preprocessing
 
@@ -297,20 +298,16 @@ class ModelVersionSpec:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def handler_config(self) -> dict:
-        """The ``handler:`` section of model-config.yaml, read by the handler in the worker."""
-        config = {
-            "precision": self.precision,
-            "topk": self.topk,
-            "labels_file": "labels.json",
-            "preprocessing": self.preprocessing.to_dict(),
-            "limits": asdict(self.limits),
-        }
-        if self.serving.threads is not None:
-            config["threads"] = self.serving.threads
-        if self.quantization is not None:
-            config["quantized_engine"] = self.quantization.backend
-        return config
+    def handler_config(self) -> HandlerConfig:
+        """The ``handler:`` section of model-config.yaml, read back by the worker (``HandlerConfig.from_dict``)."""
+        return HandlerConfig(
+            precision=self.precision,
+            topk=self.topk,
+            preprocessing=self.preprocessing,
+            limits=self.limits,
+            threads=self.serving.threads,
+            quantized_engine=self.quantization.backend if self.quantization is not None else "x86",
+        )
 
 
 def _torchvision_categories(weights_name: str) -> list[str] | None:

@@ -119,7 +119,7 @@ def in_process_limit(program_path: Path, spec, jpeg: bytes, batch_sizes: list[in
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    model = load_model(program_path, spec.precision, spec.handler_config())
+    model = load_model(program_path, spec.handler_config())
     preprocess = ImagePreprocessor(spec.preprocessing)
     limits = DecodeLimits()
 

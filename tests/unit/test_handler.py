@@ -111,9 +111,11 @@ def test_initialize_loads_the_archive_and_warms_up_every_batch_size(
 
     assert handler.initialized
     assert handler.warmup_rounds >= 1
-    assert warmed == [size for size in (1, 2, 3, 4) for _ in range(handler.warmup_rounds)]
+    # Every batch size on the model alone, then the warm-up requests (a JPEG and a PNG) through handle.
+    tensors = [size for size in (1, 2, 3, 4) for _ in range(handler.warmup_rounds)]
+    assert warmed == tensors + [2] * handler.warmup_rounds
     assert (handler.model_name, handler.model_version) == ("digits", version)
-    assert handler.config["precision"] == VERSIONS[version]
+    assert handler.settings.precision == VERSIONS[version]
     assert handler.labels == [str(i) for i in range(10)]
     assert handler.topk == 3
     assert handler.batch_size == 4

@@ -14,6 +14,7 @@ import yaml
 
 import handlers.model_loading
 import servekit.build.convert
+from handlers.config import HandlerConfig
 from handlers.model_loading import load_model, native_bf16
 from handlers.transforms import Preprocessing
 from servekit.build.archive import build_version
@@ -63,7 +64,7 @@ def load_archive_program(name: str, into: Path) -> tuple[torch.jit.ScriptModule,
     with zipfile.ZipFile(STORE / name) as mar:
         mar.extract("model.pt", into)
         config = yaml.safe_load(mar.read("model-config.yaml"))["handler"]
-    return load_model(into / "model.pt", config["precision"], config), config
+    return load_model(into / "model.pt", HandlerConfig.from_dict(config)), config
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_bf16_version_builds_within_the_gate_and_serves_fp32_tensors(
         archive.extractall(tmp_path / "unpacked")
     config = yaml.safe_load((tmp_path / "unpacked" / "model-config.yaml").read_text())["handler"]
     assert config["precision"] == "bf16"
-    program = load_model(tmp_path / "unpacked" / "model.pt", "bf16", config)
+    program = load_model(tmp_path / "unpacked" / "model.pt", HandlerConfig.from_dict(config))
     out = program(torch.zeros((2, *spec.preprocessing.input_shape)))
     assert out.dtype == torch.float32
     assert out.shape == (2, 10)
@@ -154,4 +155,4 @@ def test_bf16_is_refused_where_the_cpu_lacks_it(tmp_path: Path, monkeypatch: pyt
     assert native_bf16(cpuinfo)
     monkeypatch.setattr(handlers.model_loading, "native_bf16", lambda: False)
     with pytest.raises(RuntimeError, match="precision bf16 needs a CPU with native BF16"):
-        load_model(tmp_path / "model.pt", "bf16", {})
+        load_model(tmp_path / "model.pt", HandlerConfig(precision="bf16"))

@@ -72,8 +72,8 @@ def test_real_models_yaml_parses_into_two_versions(repo_root: Path) -> None:
         assert spec.serving.batch_size == 8
         assert spec.evaluation == "digits"
     assert [s.archive_name for s in specs] == ["digits_v1.0.mar", "digits_v2.0.mar"]
-    assert fp32.handler_config()["precision"] == "fp32"
-    assert int8.handler_config()["quantized_engine"] == "x86"
+    assert fp32.handler_config().precision == "fp32"
+    assert int8.handler_config().quantized_engine == "x86"
 
 
 def test_version_override_merges_into_model_level_settings(tmp_path: Path) -> None:

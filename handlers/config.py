@@ -1,0 +1,85 @@
+"""The handler's configuration: one typed definition, written by the build and read by the worker.
+
+The build (``ModelVersionSpec.handler_config``) writes ``HandlerConfig.to_dict()`` as the
+``handler:`` section of the archive's ``model-config.yaml``; the worker reads it back with
+``HandlerConfig.from_dict``. Defaults live here and nowhere else, and every value is validated on
+construction, so a bad archive fails at load with a message naming the key.
+
+    handler:
+      precision: fp32            # fp32 | int8 | bf16: only the model loader differs
+      topk: 5                    # default k; a request may ask for another
+      labels_file: labels.json
+      preprocessing: {...}       # handlers.transforms.Preprocessing
+      limits: {...}              # handlers.image_io.DecodeLimits
+      threads: null              # pin torch threads; null = this worker's share of the CPU budget
+      quantized_engine: x86      # INT8 kernels
+      optimize: true             # FP32: oneDNN-prepacked convolutions at load
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from handlers.image_io import DecodeLimits
+from handlers.transforms import Preprocessing
+
+PRECISIONS = ("fp32", "int8", "bf16")
+QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """What the image classifier needs besides its program (see the module docstring)."""
+
+    precision: str = "fp32"
+    topk: int = 5
+    labels_file: str = "labels.json"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    threads: int | None = None
+    quantized_engine: str = "x86"
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        _positive_int("topk", self.topk)
+        if not isinstance(self.labels_file, str) or not self.labels_file or "/" in self.labels_file:
+            raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
+        if self.threads is not None:
+            _positive_int("threads", self.threads)
+        if self.quantized_engine not in QUANTIZED_ENGINES:
+            raise ValueError(
+                f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {self.quantized_engine!r}"
+            )
+        if not isinstance(self.optimize, bool):
+            raise ValueError(f"optimize: must be true or false, got {self.optimize!r}")
+        if not isinstance(self.preprocessing, Preprocessing) or not isinstance(self.limits, DecodeLimits):
+            raise ValueError("preprocessing and limits must be Preprocessing and DecodeLimits objects")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> HandlerConfig:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]}: unknown key in the handler section (valid keys: {', '.join(sorted(known))})"
+            )
+        if "preprocessing" in data:
+            data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
+        if "limits" in data:
+            data["limits"] = DecodeLimits.from_dict(data["limits"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["preprocessing"] = self.preprocessing.to_dict()
+        data["limits"] = asdict(self.limits)
+        return data
