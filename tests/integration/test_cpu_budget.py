@@ -97,12 +97,20 @@ def test_threads_follow_the_cgroup_quota(
     tmp_path: Path, model_store: Path, registry: Path, samples_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A container limited to one CPU (a fake cgroup tree where the workers look) gets one thread."""
-    own = Path("/proc/self/cgroup").read_text().splitlines()
-    path = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), "/")
     fake = tmp_path / "cgroup"
-    folder = fake / path.lstrip("/")
-    folder.mkdir(parents=True)
-    (folder / "cpu.max").write_text("100000 100000\n")
+    # The workers are in this process's cgroups: write the quota where they will look, in both the
+    # v2 layout (cpu.max) and the v1 layout (cpu/ cfs files), whichever this machine mounts.
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder = fake / path.lstrip("/")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "cpu.max").write_text("100000 100000\n")
+        elif "cpu" in controllers.split(","):
+            folder = fake / "cpu" / path.lstrip("/")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "cpu.cfs_quota_us").write_text("100000\n")
+            (folder / "cpu.cfs_period_us").write_text("100000\n")
     monkeypatch.setenv(ENV_CGROUP_ROOT, str(fake))
     with running_torchserve(tmp_path / "ts", model_store) as process:
         client = Client(process)
