@@ -35,9 +35,9 @@ import yaml
 from handlers.config import HandlerConfig
 from handlers.image_io import DecodeLimits
 from handlers.transforms import Preprocessing
+from servekit.errors import ServekitError
+from servekit.ops.store import NAME_RE, VERSION_RE  # one definition of names and versions ("\Z", not "$")
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")  # \Z: "$" would accept a trailing newline
-VERSION_RE = re.compile(r"^\d+(\.\d+){0,2}\Z")
 HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
 PRECISIONS = ("fp32", "int8", "bf16")
 VERSION_KEYS = {
@@ -60,7 +60,7 @@ VERSION_KEYS = {
 MODEL_KEYS = VERSION_KEYS | {"versions"}
 
 
-class SpecError(ValueError):
+class SpecError(ServekitError, ValueError):
     """A mistake in the spec, located by model, version and field."""
 
     def __init__(self, message: str, model: str | None = None, version: str | None = None, field: str | None = None):

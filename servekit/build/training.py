@@ -18,12 +18,13 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.architectures import build_architecture
 from servekit.build.datasets import DATASETS, LabelledImages
 from servekit.build.spec import ModelVersionSpec
+from servekit.errors import ServekitError
 from servekit.ops.store import file_sha256
 
 TRAIN_SIZES = (16, 32, 64)  # render training digits at several sizes: users send any size
 
 
-class BuildError(RuntimeError):
+class BuildError(ServekitError):
     """The build of one model version failed; the message names it and says why."""
 
 

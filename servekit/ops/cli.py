@@ -1,7 +1,8 @@
 """``servekit``: register, scale, promote, roll back and compare model versions on TorchServe.
 
     servekit status [--json]
-    servekit register NAME VERSION        # sha256 checked against model_store/manifest.json first
+    servekit register NAME VERSION        # sha256 checked against model_store/manifest.json first;
+                                          # workers and batching from the archive's model-config.yaml
     servekit scale NAME VERSION --min N --max M [--drain-timeout S]   # the default never to 0 workers
     servekit retire NAME VERSION [--drop-routes] [--drain-timeout S]  # never the default, the last
                                           # version, or one the proxy routes to (unless --drop-routes)
@@ -9,16 +10,19 @@
     servekit rollback NAME                # undo the latest promotion not yet undone (golden set first)
     servekit compare NAME V1 V2 --inputs DIR
     servekit history [NAME]
+    servekit state [NAME]                 # the deployment state: default, versions, canary, shadow,
+                                          # promotion stack, last event (JSON)
     servekit proxy start|stop|status      # nginx in front of TorchServe (--proxy-port, default 8090)
     servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
-SERVEKIT_STORE, SERVEKIT_SPEC, SERVEKIT_HISTORY, SERVEKIT_PROXY_DIR, SERVEKIT_LOCK_TIMEOUT. Every
-command that changes something (register, scale, retire, promote, rollback, canary, shadow, proxy
-start/stop) holds one lock, ``servekit.lock`` beside the history, and waits at most
-``--lock-timeout`` seconds for it. Errors print one line and exit with status 1.
+SERVEKIT_STORE, SERVEKIT_HISTORY, SERVEKIT_PROXY_DIR, SERVEKIT_PROXY_PORT, SERVEKIT_LOCK_TIMEOUT.
+The deployment state is ``state.json`` in the proxy directory. Every command that changes
+something (register, scale, retire, promote, rollback, canary, shadow, proxy start/stop) holds one
+lock, ``servekit.lock`` beside the history, and waits at most ``--lock-timeout`` seconds for it.
+Errors print one line and exit with status 1. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from servekit.ops.proxy import NginxProxy, ProxyError
+from servekit.errors import ServekitError
+from servekit.ops.client import TorchServeClient
+from servekit.ops.history import History
+from servekit.ops.proxy import NginxProxy
 from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
-from servekit.ops.state_lock import StateLock, StateLockError
-from servekit.ops.workflows import Deployer, DeployError, History, TorchServeClient, require_version, status
+from servekit.ops.state import DeploymentStore
+from servekit.ops.state_lock import StateLock
+from servekit.ops.workflows import Deployer, VersionState, status
 
 LOCK_NAME = "servekit.lock"
 
@@ -47,7 +55,6 @@ def _defaults() -> dict[str, str]:
         "inference_url": props.get("inference_address", "http://127.0.0.1:8080"),
         "key_file": str(REPO_ROOT / "var" / "key_file.json"),
         "store": str(REPO_ROOT / "model_store"),
-        "spec": str(REPO_ROOT / "models.yaml"),
         "history": str(REPO_ROOT / "var" / "deployments.jsonl"),
         "proxy_dir": str(REPO_ROOT / "var" / "proxy"),
         "proxy_port": "8090",
@@ -62,63 +69,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(1, f"servekit: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = _defaults()
-    parser = OneLineParser(prog="servekit", description=__doc__.splitlines()[0])
-    for name, value in defaults.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(
-            flag,
-            default=os.environ.get(f"SERVEKIT_{name.upper()}", value),
-            type=float if name == "lock_timeout" else str,
-            help=f"(default {value})",
-        )
-    commands = parser.add_subparsers(dest="command", required=True)
-    show = commands.add_parser("status", help="models, versions, default, workers, queue")
-    show.add_argument("--json", action="store_true")
-    for name, text in (("register", "register a built version"), ("promote", "golden set, then make it the default")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("name")
-        command.add_argument("version")
-    retire = commands.add_parser("retire", help="unregister a version (never the default, the last, or a routed one)")
-    retire.add_argument("name")
-    retire.add_argument("version")
-    retire.add_argument(
-        "--drop-routes", action="store_true", help="remove the proxy's canary/shadow routes to it first"
-    )
-    scale = commands.add_parser("scale", help="set a version's worker range")
-    scale.add_argument("name")
-    scale.add_argument("version")
-    scale.add_argument("--min", type=int, required=True, dest="min_workers")
-    scale.add_argument("--max", type=int, required=True, dest="max_workers")
-    for command in (retire, scale):
-        command.add_argument(
-            "--drain-timeout", type=float, default=30.0, help="seconds to wait for its queue to empty (0: do not wait)"
-        )
-    rollback = commands.add_parser("rollback", help="undo the latest promotion not yet undone (golden set first)")
-    rollback.add_argument("name")
-    compare = commands.add_parser("compare", help="send the same inputs to two versions")
-    compare.add_argument("name")
-    compare.add_argument("v1")
-    compare.add_argument("v2")
-    compare.add_argument("--inputs", required=True, type=Path)
-    compare.add_argument("--json", action="store_true")
-    history = commands.add_parser("history", help="print the deployment history")
-    history.add_argument("name", nargs="?")
-    proxy = commands.add_parser("proxy", help="start, stop or show the nginx proxy")
-    proxy.add_argument("action", choices=["start", "stop", "status"])
-    canary = commands.add_parser("canary", help="send a share of traffic to a version through the proxy")
-    canary.add_argument("name")
-    canary.add_argument("version")
-    canary.add_argument("--percent", type=int, required=True)
-    shadow = commands.add_parser("shadow", help="mirror traffic to a version through the proxy")
-    shadow.add_argument("name")
-    shadow.add_argument("version")
-    shadow.add_argument("--off", action="store_true", help="stop mirroring")
-    return parser
-
-
-def format_status(states) -> str:
+def format_status(states: list[VersionState]) -> str:
     header = ("MODEL", "VERSION", "DEFAULT", "WORKERS", "READY", "MIN-MAX", "BATCH", "QUEUED")
     rows = [header] + [
         (
@@ -143,19 +94,20 @@ class Context:
 
     args: argparse.Namespace
     client: TorchServeClient
-    history: History
     proxy: NginxProxy
+    deployments: DeploymentStore
     deployer: Deployer
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Context:
-        client = TorchServeClient(args.management_url.rstrip("/"), args.inference_url.rstrip("/"), Path(args.key_file))
-        history = History(Path(args.history))
-        upstream = args.inference_url.rstrip("/").split("//", 1)[-1]
+        client = TorchServeClient(args.management_url, args.inference_url, Path(args.key_file))
+        upstream = client.inference_url.split("//", 1)[-1]
         proxy = NginxProxy(Path(args.proxy_dir), int(args.proxy_port), upstream)
-        return cls(args, client, history, proxy, Deployer(client, Path(args.store), Path(args.spec), history, proxy))
+        deployments = DeploymentStore(proxy.state_file, History(Path(args.history)))
+        return cls(args, client, proxy, deployments, Deployer(client, Path(args.store), deployments, proxy))
 
 
+# ------------------------------------------------------------------------------------------ subcommands
 def cmd_status(ctx: Context) -> str:
     states = status(ctx.client)
     return json.dumps([s.as_dict() for s in states], indent=2) if ctx.args.json else format_status(states)
@@ -179,14 +131,9 @@ def cmd_retire(ctx: Context) -> str:
 
 
 def cmd_promote(ctx: Context) -> str:
-    a = ctx.args
-    if ctx.proxy.state_file.is_file():
-        ctx.proxy.state()  # a corrupt proxy state stops us before the default changes, not after
-    event = ctx.deployer.promote(a.name, a.version)
-    if ctx.proxy.state_file.is_file():
-        ctx.proxy.promoted(a.name, a.version)
+    event = ctx.deployer.promote(ctx.args.name, ctx.args.version)
     return (
-        f"promoted {a.name} {a.version} (golden set {event['golden']}/{event['golden']} correct); "
+        f"promoted {ctx.args.name} {ctx.args.version} (golden set {event['golden']}/{event['golden']} correct); "
         f"previous default {event['previous_default']} keeps serving until retired"
     )
 
@@ -212,24 +159,33 @@ def cmd_compare(ctx: Context) -> str:
     )
 
 
-def cmd_proxy(ctx: Context) -> str:
-    proxy = ctx.proxy
-    if ctx.args.action == "start":
-        proxy.start()
-        return f"proxy listening on {proxy.url()} in front of {proxy.upstream}"
-    if ctx.args.action == "stop":
-        proxy.stop()
-        return "proxy stopped"
-    pid = proxy.running_pid()
-    return json.dumps({"running": pid is not None, "pid": pid, **proxy.state()}, indent=2)
+def cmd_history(ctx: Context) -> str:
+    return "\n".join(json.dumps(e, sort_keys=True) for e in ctx.deployments.events(ctx.args.name))
+
+
+def cmd_state(ctx: Context) -> str:
+    return json.dumps(ctx.deployments.describe(ctx.args.name), indent=2, sort_keys=True)
+
+
+def cmd_proxy_start(ctx: Context) -> str:
+    ctx.proxy.start()
+    return f"proxy listening on {ctx.proxy.url()} in front of {ctx.proxy.current().upstream}"
+
+
+def cmd_proxy_stop(ctx: Context) -> str:
+    ctx.proxy.stop()
+    return "proxy stopped"
+
+
+def cmd_proxy_status(ctx: Context) -> str:
+    state = ctx.proxy.state()
+    pid = ctx.proxy.running_pid()
+    return json.dumps({"running": pid is not None, "pid": pid, **state}, indent=2)
 
 
 def cmd_canary(ctx: Context) -> str:
     a = ctx.args
-    if a.percent > 0:
-        require_version(ctx.client, a.name, a.version)
-    ctx.proxy.set_canary(a.name, a.version, a.percent)
-    ctx.history.append("canary", a.name, version=a.version, percent=a.percent)
+    ctx.deployer.canary(a.name, a.version, a.percent)
     if a.percent == 0:
         return f"canary of {a.name} {a.version} aborted: all traffic to the default"
     return f"canary: {a.percent}% of {a.name} traffic through {ctx.proxy.url()} goes to {a.version}"
@@ -237,50 +193,77 @@ def cmd_canary(ctx: Context) -> str:
 
 def cmd_shadow(ctx: Context) -> str:
     a = ctx.args
-    if not a.off:
-        require_version(ctx.client, a.name, a.version)
-    ctx.proxy.set_shadow(a.name, None if a.off else a.version)
-    ctx.history.append("shadow-off" if a.off else "shadow", a.name, version=a.version)
+    ctx.deployer.shadow(a.name, a.version, on=not a.off)
     if a.off:
         return f"shadow of {a.name} {a.version} stopped"
     return f"shadow: every {a.name} request through {ctx.proxy.url()} is mirrored to {a.version}"
 
 
-def cmd_history(ctx: Context) -> str:
-    return "\n".join(json.dumps(e, sort_keys=True) for e in ctx.history.events(ctx.args.name))
+# ------------------------------------------------------------------------------------------ parser
+Handler = Callable[[Context], str]
 
 
-COMMANDS: dict[str, Callable[[Context], str]] = {
-    "status": cmd_status,
-    "register": cmd_register,
-    "scale": cmd_scale,
-    "retire": cmd_retire,
-    "promote": cmd_promote,
-    "rollback": cmd_rollback,
-    "compare": cmd_compare,
-    "proxy": cmd_proxy,
-    "canary": cmd_canary,
-    "shadow": cmd_shadow,
-    "history": cmd_history,
-}
-READ_ONLY = {"status", "compare", "history"}
+def build_parser() -> argparse.ArgumentParser:
+    defaults = _defaults()
+    parser = OneLineParser(prog="servekit", description=__doc__.splitlines()[0])
+    for name, value in defaults.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=os.environ.get(f"SERVEKIT_{name.upper()}", value),
+            type=float if name == "lock_timeout" else str,
+            help=f"(default {value})",
+        )
+    commands = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, handler: Handler, text: str, *positionals: str, changes: bool = True, into=commands):
+        sub = into.add_parser(name, help=text)
+        sub.set_defaults(handler=handler, changes_state=changes)
+        for positional in positionals:
+            sub.add_argument(positional.rstrip("?"), nargs="?" if positional.endswith("?") else None)
+        return sub
 
-def changes_state(args: argparse.Namespace) -> bool:
-    """Whether the command writes TorchServe, the proxy or the history: those run under the state lock."""
-    if args.command == "proxy":
-        return args.action != "status"
-    return args.command not in READ_ONLY
+    command("status", cmd_status, "models, versions, default, workers, queue", changes=False).add_argument(
+        "--json", action="store_true"
+    )
+    command("register", cmd_register, "register a built version", "name", "version")
+    command("promote", cmd_promote, "golden set, then make it the default", "name", "version")
+    retire = command("retire", cmd_retire, "unregister a version (never the default, the last, or a routed one)",
+                     "name", "version")  # fmt: skip
+    retire.add_argument(
+        "--drop-routes", action="store_true", help="remove the proxy's canary/shadow routes to it first"
+    )
+    scale = command("scale", cmd_scale, "set a version's worker range", "name", "version")
+    scale.add_argument("--min", type=int, required=True, dest="min_workers")
+    scale.add_argument("--max", type=int, required=True, dest="max_workers")
+    for sub in (retire, scale):
+        sub.add_argument(
+            "--drain-timeout", type=float, default=30.0, help="seconds to wait for its queue to empty (0: do not wait)"
+        )
+    command("rollback", cmd_rollback, "undo the latest promotion not yet undone (golden set first)", "name")
+    compare = command("compare", cmd_compare, "send the same inputs to two versions", "name", "v1", "v2", changes=False)
+    compare.add_argument("--inputs", required=True, type=Path)
+    compare.add_argument("--json", action="store_true")
+    command("history", cmd_history, "print the deployment history", "name?", changes=False)
+    command("state", cmd_state, "print the deployment state (JSON)", "name?", changes=False)
+    proxy = commands.add_parser("proxy", help="start, stop or show the nginx proxy")
+    actions = proxy.add_subparsers(dest="action", required=True)
+    command("start", cmd_proxy_start, "start nginx in front of TorchServe", into=actions)
+    command("stop", cmd_proxy_stop, "stop it (requests in flight finish)", into=actions)
+    command("status", cmd_proxy_status, "whether it runs, and the deployment state", changes=False, into=actions)
+    canary = command("canary", cmd_canary, "send a share of traffic to a version through the proxy", "name", "version")
+    canary.add_argument("--percent", type=int, required=True)
+    shadow = command("shadow", cmd_shadow, "mirror traffic to a version through the proxy", "name", "version")
+    shadow.add_argument("--off", action="store_true", help="stop mirroring")
+    return parser
 
 
 def run(args: argparse.Namespace, description: str = "servekit") -> str:
     ctx = Context.from_args(args)
-    command = COMMANDS[args.command]
-    if not changes_state(args):
-        return command(ctx)
+    if not args.changes_state:
+        return args.handler(ctx)
     # One lock for every state-changing command, next to the history it appends to.
     with StateLock(Path(args.history).parent / LOCK_NAME, timeout=args.lock_timeout, holder=description):
-        return command(ctx)
+        return args.handler(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         output = run(args, description=_describe(argv, args))
-    except (DeployError, ProxyError, StateLockError, OSError) as exc:
-        return _fail(str(exc))
+    except (ServekitError, OSError) as exc:
+        return _fail(str(exc), getattr(exc, "exit_code", 1))
     except Exception as exc:  # a bug: still one line, with the traceback on request
         if os.environ.get("SERVEKIT_DEBUG"):
             raise
@@ -305,9 +288,9 @@ def _describe(argv: list[str], args: argparse.Namespace) -> str:
     return " ".join(["servekit", *argv[start:]])
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"servekit: error: {' '.join(message.split())}", file=sys.stderr)
-    return 1
+    return code
 
 
 if __name__ == "__main__":

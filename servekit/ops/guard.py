@@ -21,26 +21,20 @@ Token authorization is still TorchServe's: the guard passes ``Authorization`` th
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from servekit.ops.nginx import NginxError, NginxInstance, config_head, nginx_binary
+from servekit.ops.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
-from servekit.ops.processes import owned_pid
-from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
+__all__ = ["REGISTER_QUERY", "GuardError", "ManagementGuard", "nginx_binary", "render_guard_config"]
 
 # Unix socket paths are limited to 107 bytes by the kernel.
 MAX_SOCKET_PATH = 100
 REGISTER_NUMERIC = ("initial_workers", "batch_size", "max_batch_delay", "response_timeout", "startup_timeout")
 _TOKEN = (
-    rf"url={NAME_PATTERN}_v{VERSION_PATTERN}\.mar"
+    rf"url={ARCHIVE_PATTERN}"
     rf"|model_name={NAME_PATTERN}"
     rf"|(?:{'|'.join(REGISTER_NUMERIC)})=[0-9]{{1,9}}"
     r"|synchronous=(?:true|false)"
@@ -59,15 +53,8 @@ REFUSALS = {
 }
 
 
-class GuardError(RuntimeError):
+class GuardError(NginxError):
     """The guard could not be configured or started; the message says why."""
-
-
-def nginx_binary() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if path is None:
-        raise GuardError("nginx is not installed (make tools installs Debian's nginx)")
-    return path
 
 
 def _quoted(text: str) -> str:
@@ -94,18 +81,7 @@ def render_guard_config(prefix: Path, listen: str, socket_path: Path) -> str:
     user = "user root root;\n" if os.geteuid() == 0 else ""
     messages = "\n".join(f'        "{key}" "{text}";' for key, text in REFUSALS.items())
     return f"""# Written by servekit.ops.guard: the only way to TorchServe's management API (see servekit/ops/guard.py).
-{user}worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {prefix / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log {prefix / "access.log"};
-    client_body_temp_path {prefix / "tmp" / "body"};
-    proxy_temp_path {prefix / "tmp" / "proxy"};
-    fastcgi_temp_path {prefix / "tmp" / "fastcgi"};
-    uwsgi_temp_path {prefix / "tmp" / "uwsgi"};
-    scgi_temp_path {prefix / "tmp" / "scgi"};
-    client_max_body_size 64k;
+{config_head(prefix, 256, user)}    client_max_body_size 64k;
     server_tokens off;
     map "$request_method $uri" $servekit_route {{
 {route_map}
@@ -149,15 +125,17 @@ http {{
 
 
 @dataclass
-class ManagementGuard:
+class ManagementGuard(NginxInstance):
     """One nginx of our own in ``prefix``, listening on ``listen`` in front of ``socket_path``."""
 
-    prefix: Path
     listen: str
     socket_path: Path
+    label = "the management guard"
+    error = GuardError
+    rejected = "the guard configuration"
 
     def __post_init__(self) -> None:
-        self.prefix = Path(self.prefix).resolve()
+        super().__post_init__()
         self.socket_path = Path(self.socket_path)
         if len(str(self.socket_path)) > MAX_SOCKET_PATH:
             raise GuardError(
@@ -165,65 +143,10 @@ class ManagementGuard:
                 "use a shorter working directory"
             )
 
-    @property
-    def conf(self) -> Path:
-        return self.prefix / "nginx.conf"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.prefix / "nginx.pid"
-
-    def running_pid(self) -> int | None:
-        """The guard's nginx master, only if the pid file still names it (never a stale pid's owner)."""
-        return owned_pid(self.pid_file, ("nginx", str(self.conf)))
-
     def write_config(self) -> None:
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-        fd, candidate = tempfile.mkstemp(prefix=".nginx.conf.", dir=self.prefix)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(render_guard_config(self.prefix, self.listen, self.socket_path))
-        check = subprocess.run(
-            [nginx_binary(), "-t", "-q", "-p", str(self.prefix), "-c", candidate],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if check.returncode != 0:
-            Path(candidate).unlink(missing_ok=True)
-            raise GuardError(f"nginx -t rejected the guard configuration: {' '.join(check.stderr.split())[:300]}")
-        os.replace(candidate, self.conf)
+        self.install(render_guard_config(self.prefix, self.listen, self.socket_path))
 
     def start(self, timeout: float = 10.0) -> None:
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        if self.running_pid() is not None:
-            raise GuardError(f"the management guard is already running (pid {self.running_pid()})")
+        self.refuse_if_running()
         self.write_config()
-        result = subprocess.run(
-            [nginx_binary(), "-p", str(self.prefix), "-c", str(self.conf)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise GuardError(f"the management guard (nginx) failed to start: {' '.join(result.stderr.split())[:300]}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(requests.RequestException):
-                requests.get(f"http://{self.listen}/", timeout=1)
-                return
-            time.sleep(0.1)
-        raise GuardError(f"the management guard did not listen on {self.listen} within {timeout:.0f}s")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        pid = self.running_pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return
-        os.kill(pid, signal.SIGQUIT)  # graceful: finish calls in flight
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                return
-            time.sleep(0.1)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+        self.launch(self.listen, timeout)

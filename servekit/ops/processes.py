@@ -1,17 +1,34 @@
-"""Processes we started: the /proc table, pid files, and the check made before any signal.
+"""Processes we started: the /proc table, pid files, and the checks made before any signal.
 
-A pid file can outlive its process, and the kernel reuses pids: signalling whatever a stale pid
-file names can hit an unrelated process (as root, any process). ``owned_pid`` only returns a pid
-whose command line contains every expected fragment (and whose working directory is the expected
-one, when given).
+A pid file outlives its process after a crash or a reboot, and the kernel reuses pids: signalling
+whatever pid the file names can stop an unrelated process (as root, any process). So a pid counts
+as ours only when its command line holds every expected fragment as whole words (``-c /x/a.conf``
+must not match ``-c /x/a.conf.bak``), and, when asked, it runs in the expected directory. Signals go
+through ``signal_if_matches``, which opens a pidfd first, so the process checked is the process
+signalled even if the pid is reused in between.
+
+    pid = verified_pid(prefix / "nginx.pid", ["nginx: master process", f"-c {conf}"])   # stale: warned, removed
+    if pid is not None:
+        signal_if_matches(pid, ["nginx: master process", f"-c {conf}"], signal.SIGHUP)
+    pid = owned_pid(workdir / "torchserve.pid", (launcher, "--foreground"), cwd=workdir)  # stale: None
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+def _warn(message: str) -> None:
+    print(f"servekit: warning: {message}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ /proc
 def process_table() -> list[tuple[int, str, int, int]]:
     """``(pid, state, parent pid, process group)`` of every process, from /proc."""
     table = []
@@ -40,15 +57,8 @@ def group_alive(pgid: int) -> bool:
     return any(group == pgid and state != "Z" for _, state, _, group in process_table())
 
 
-def read_pid(path: Path) -> int | None:
-    try:
-        pid = int(Path(path).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid > 1 else None
-
-
 def command_line(pid: int) -> list[str]:
+    """The process's arguments; empty when it is gone, a zombie or unreadable."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -63,17 +73,96 @@ def working_directory(pid: int) -> Path | None:
         return None
 
 
-def pid_matches(pid: int, fragments: tuple[str, ...], cwd: Path | None = None) -> bool:
-    """Whether ``pid`` runs a command line holding every fragment (and runs in ``cwd`` if given)."""
+# ------------------------------------------------------------------------------------------ matching
+def _has_words(line: str, fragment: str) -> bool:
+    """``fragment`` occurs in ``line`` on word boundaries (white space or either end)."""
+    return re.search(rf"(?:^|\s){re.escape(fragment)}(?=\s|$)", line) is not None
+
+
+def pid_matches(pid: int, fragments: Sequence[str], cwd: Path | None = None) -> bool:
+    """Whether ``pid`` is alive with every fragment in its command line as whole words (and runs in ``cwd``).
+
+    nginx rewrites its arguments into one string ("nginx: master process /usr/sbin/nginx -p ... -c ..."),
+    so the arguments are joined by spaces before matching.
+    """
+    if pid <= 0 or not fragments:
+        return False
     line = " ".join(command_line(pid))
-    if not line or not all(fragment in line for fragment in fragments):
+    if not line or not all(_has_words(line, fragment) for fragment in fragments):
         return False
     return cwd is None or working_directory(pid) == Path(cwd).resolve()
 
 
-def owned_pid(path: Path, fragments: tuple[str, ...], cwd: Path | None = None) -> int | None:
-    """The pid in ``path`` if that process is still the one we started, else None (stale file)."""
+# ------------------------------------------------------------------------------------------ pid files
+def read_pid(path: Path) -> int | None:
+    try:
+        pid = int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 1 else None
+
+
+def owned_pid(path: Path, fragments: Sequence[str], cwd: Path | None = None) -> int | None:
+    """The pid in ``path`` if that process is still the one we started, else None (a stale file, kept)."""
     pid = read_pid(path)
     if pid is None or not pid_matches(pid, fragments, cwd):
         return None
     return pid
+
+
+def verified_pid(pid_file: Path, fragments: Sequence[str], warn: Callable[[str], None] = _warn) -> int | None:
+    """The pid in ``pid_file`` if it names a live process that matches; otherwise None.
+
+    A file that holds no pid, names a dead pid or names a process that is not ours is stale: it
+    is reported through ``warn`` (one line) and removed, and its pid is never signalled.
+    """
+    pid_file = Path(pid_file)
+    if not pid_file.exists():
+        return None
+    pid = read_pid(pid_file)
+    if pid is not None and pid_matches(pid, fragments):
+        return pid
+    warn(f"{pid_file} {_why_stale(pid)}: removed the stale pid file, nothing signalled")
+    with contextlib.suppress(OSError):
+        pid_file.unlink()
+    return None
+
+
+def _why_stale(pid: int | None) -> str:
+    if pid is None:
+        return "does not hold a pid"
+    if not Path(f"/proc/{pid}").exists():
+        return f"names pid {pid}, which is not running"
+    return f"names pid {pid}, which is another process ({_short(' '.join(command_line(pid)))})"
+
+
+def _short(line: str, limit: int = 80) -> str:
+    text = line or "?"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------ signals
+def signal_if_matches(pid: int, fragments: Sequence[str], sig: signal.Signals) -> bool:
+    """Send ``sig`` to ``pid`` only if it matches; True when sent. The check and the signal hit one process."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfd support: check then kill, with the usual small reuse window
+        if not pid_matches(pid, fragments):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            return True
+        return False
+    try:
+        if not pid_matches(pid, fragments):
+            return False
+        # If the process we opened died and its pid was reused after the check, this raises
+        # ProcessLookupError instead of signalling the newcomer.
+        signal.pidfd_send_signal(handle, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(handle)

@@ -30,21 +30,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
-from servekit.ops.guard import GuardError, ManagementGuard
-from servekit.ops.processes import group_alive, owned_pid, process_table, read_pid
-from servekit.ops.store import IntegrityError, verify_store
+from servekit.errors import ServekitError
+from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
+from servekit.ops.guard import ManagementGuard
+from servekit.ops.processes import group_alive, owned_pid, read_pid
+from servekit.ops.store import verify_store
 from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
 
-__all__ = ["ServerError", "TorchServeProcess", "free_port", "process_table", "read_keys", "read_properties"]
+__all__ = ["ServerError", "TorchServeProcess", "free_port", "read_properties"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_CONFIG = REPO_ROOT / "config.properties"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
 
-class ServerError(RuntimeError):
+class ServerError(ServekitError):
     """TorchServe could not be started or stopped; the message says why."""
 
 
@@ -62,12 +62,6 @@ def read_properties(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
-
-
-def read_keys(key_file: Path) -> dict[str, str]:
-    """``{"inference": ..., "management": ..., "api": ...}`` from TorchServe's key_file.json."""
-    data = json.loads(key_file.read_text())
-    return {kind.lower(): entry["key"] for kind, entry in data.items() if isinstance(entry, dict) and "key" in entry}
 
 
 def _unescape_java(value: str) -> str:
@@ -185,15 +179,26 @@ class TorchServeProcess:
     def pid_file(self) -> Path:
         return self.workdir / "torchserve.pid"
 
+    @property
+    def launcher(self) -> Path:
+        """TorchServe's launcher script in this interpreter's environment (its command line names it)."""
+        return Path(sys.executable).with_name("torchserve")
+
+    def client(self, timeout: float = 120.0) -> TorchServeClient:
+        """The TorchServe client for this server: its addresses and its key file."""
+        return TorchServeClient(
+            self.url("management"), self.url("inference"), self.key_file, timeout, metrics_url=self.url("metrics")
+        )
+
     def keys(self) -> dict[str, str]:
         return read_keys(self.key_file)
 
     def headers(self, kind: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+        return self.client().headers(kind)
 
     def running_pid(self) -> int | None:
         """The launcher recorded in the pid file, only if it is still our TorchServe in ``workdir``."""
-        return owned_pid(self.pid_file, ("torchserve", "--foreground"), cwd=self.workdir)
+        return owned_pid(self.pid_file, (str(self.launcher), "--foreground"), cwd=self.workdir)
 
     # ------------------------------------------------------------------ lifecycle
     def write_config(self) -> Path:
@@ -239,7 +244,7 @@ class TorchServeProcess:
         if self.verify:
             try:
                 verify_store(self.model_store, self.archives_to_load())
-            except IntegrityError as exc:
+            except ServekitError as exc:
                 raise ServerError(f"refusing to start: {exc}") from exc
         for kind, port in self.ports.items():
             with socket.socket() as sock:
@@ -262,13 +267,13 @@ class TorchServeProcess:
         }
         ensure_installed()
         env.pop("TS_CONFIG_FILE", None)  # would win over --ts-config
-        command = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground"]
+        command = [str(self.launcher), "--start", "--foreground"]
         command += ["--ts-config", str(config), "--model-store", str(self.model_store)]
         if not self.snapshots:
             command.append("--ncs")
         try:
             self.guard.start()
-        except GuardError as exc:
+        except ServekitError as exc:
             raise ServerError(str(exc)) from exc
         log = open(self.workdir / "torchserve.out", "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -301,16 +306,17 @@ class TorchServeProcess:
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer"
+        client = self.client(timeout=5)
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"TorchServe exited with {self.process.returncode}; see {self.log_tail()}")
             if self.key_file.is_file():
                 try:
-                    response = requests.get(self.url("inference", "/ping"), headers=self.headers(), timeout=5)
+                    response = client.call("inference", "GET", "/ping")
                     if response.status_code == 200 and response.json().get("status") == "Healthy":
                         return
                     last = f"{response.status_code} {response.text.strip()[:200]}"
-                except (requests.RequestException, ValueError, KeyError) as exc:
+                except (TorchServeError, ValueError) as exc:  # the key file half-written, no answer yet
                     last = str(exc)
             time.sleep(0.5)
         raise ServerError(f"TorchServe not Healthy after {timeout:.0f}s (last: {last}); see {self.log_tail()}")
@@ -318,17 +324,15 @@ class TorchServeProcess:
     def wait_models_ready(self, timeout: float) -> None:
         """Wait until every registered model version has a READY worker (a failed load never does)."""
         deadline = time.monotonic() + timeout
+        client = self.client(timeout=5)
         pending: list[str] = []
         while time.monotonic() < deadline:
-            headers = self.headers("management")
-            models = requests.get(self.url("management", "/models"), headers=headers, timeout=5).json()["models"]
-            pending = []
-            for model in models:
-                name = model["modelName"]
-                described = requests.get(self.url("management", f"/models/{name}/all"), headers=headers, timeout=5)
-                for version in described.json():
-                    if not any(w.get("status") == "READY" for w in version.get("workers", [])):
-                        pending.append(f"{name} {version.get('modelVersion')}")
+            pending = [
+                f"{name} {version.get('modelVersion')}"
+                for name in client.models()
+                for version in client.describe(name)
+                if not any(w.get("status") == "READY" for w in version.get("workers", []))
+            ]
             if not pending:
                 return
             time.sleep(0.5)
@@ -382,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     actions = {"key": _print_key, "stop": _stop, "start": _start}
     try:
         return actions[args.action](server, args)
-    except ServerError as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        return 1
+    except ServekitError as exc:
+        print(f"serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
 
 
 def _print_key(server: TorchServeProcess, args: argparse.Namespace) -> int:

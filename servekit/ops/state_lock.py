@@ -29,8 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from servekit.errors import ServekitError
 
-class StateLockError(RuntimeError):
+
+class StateLockError(ServekitError):
     """The lock could not be taken in time; the message says who holds it."""
 
 

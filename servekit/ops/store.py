@@ -15,20 +15,31 @@ import os
 import re
 from pathlib import Path
 
+from servekit.errors import ServekitError
+
 MANIFEST_NAME = "manifest.json"
 # "\Z", not "$": "$" also matches before a trailing newline.
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 VERSION_PATTERN = r"\d+(?:\.\d+){0,2}"
 NAME_RE = re.compile(rf"^{NAME_PATTERN}\Z")
 VERSION_RE = re.compile(rf"^{VERSION_PATTERN}\Z")
-ARCHIVE_RE = re.compile(rf"^(?P<name>{NAME_PATTERN})_v(?P<version>{VERSION_PATTERN})\.mar\Z")
 
 
-class IntegrityError(RuntimeError):
+def archive_pattern(name: str = NAME_PATTERN, version: str = VERSION_PATTERN) -> str:
+    """The regex of an archive name, ``<name>_v<version>.mar`` (the guard's nginx uses it too)."""
+    return rf"{name}_v{version}\.mar"
+
+
+ARCHIVE_PATTERN = archive_pattern()
+ARCHIVE_RE = re.compile(rf"^{archive_pattern(f'(?P<name>{NAME_PATTERN})', f'(?P<version>{VERSION_PATTERN})')}\Z")
+
+
+class IntegrityError(ServekitError):
     """An archive is missing, unrecorded, or differs from the manifest; the message says which."""
 
 
 def archive_name(model: str, version: str) -> str:
+    """The one place an archive's file name is made: ``digits_v2.0.mar``."""
     return f"{model}_v{version}.mar"
 
 

@@ -1,113 +1,52 @@
-"""Safe deployment workflows over TorchServe's management API.
+"""Safe deployment workflows over TorchServe's management API and the canary/shadow proxy.
 
-TorchServe gives the primitives (register, scale, set-default, unregister); this module adds the
-checks around them: archives are verified against the build manifest before registration, a
-version is promoted only after its golden set answers correctly, the default's history is kept in
-an append-only JSON-lines file so it can be rolled back, and tokens are read (and refreshed) from
-TorchServe's key file. Every failure is a ``DeployError`` with a one-line message.
+TorchServe gives the primitives (register, scale, set-default, unregister); ``Deployer`` adds the
+checks around them: archives are verified against the build manifest before registration and
+registered with the serving settings they carry, a version becomes the default only after its
+golden set answers correctly, the default and scale are never left without workers, and routed
+versions are never retired behind the proxy's back. Each workflow reads and writes the one
+deployment state (``servekit.ops.state``: default, versions, canary, shadow, history) and asks the
+proxy to re-render nginx only when a route changed. Every refusal is a ``DeployError`` with a
+one-line message.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import statistics
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import requests
-
+from servekit.errors import ServekitError
+from servekit.ops.client import TorchServeClient
 from servekit.ops.history import History
 from servekit.ops.proxy import NginxProxy
+from servekit.ops.state import DeploymentState, DeploymentStore
+from servekit.ops.store import archive_name, verify_archive
 
-if TYPE_CHECKING:
-    from servekit.build.spec import ModelVersionSpec
-
-__all__ = ["Deployer", "DeployError", "History", "TorchServeClient", "promotions_to_undo", "require_version", "status"]
+__all__ = ["Deployer", "DeployError", "VersionState", "require_version", "serving_settings", "status", "versions"]
 
 # A version counts as idle once its job queue has stayed empty this long (see Deployer.wait_until_idle).
 QUIET_S = 1.0
+# model-config.yaml keys (TorchServe's frontend settings) -> the registration parameter that sets each.
+SERVING_PARAMS = {
+    "minWorkers": "initial_workers",
+    "batchSize": "batch_size",
+    "maxBatchDelay": "max_batch_delay",
+    "responseTimeout": "response_timeout",
+    "startupTimeout": "startup_timeout",
+}
 
 
-class DeployError(RuntimeError):
+class DeployError(ServekitError):
     """A deployment step failed or was refused; the message is one line for the user."""
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(str(text).split())[:limit]
-
-
-@dataclass
-class TorchServeClient:
-    """Management and inference calls with tokens from ``key_file`` (refreshed when expired)."""
-
-    management_url: str
-    inference_url: str
-    key_file: Path
-    timeout: float = 120.0
-
-    def _keys(self) -> dict[str, str]:
-        try:
-            data = json.loads(Path(self.key_file).read_text())
-        except FileNotFoundError:
-            raise DeployError(
-                f"no TorchServe key file at {self.key_file} (is TorchServe running? --key-file)"
-            ) from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DeployError(f"cannot read TorchServe key file {self.key_file}: {exc}") from exc
-        return {
-            kind.lower(): entry["key"] for kind, entry in data.items() if isinstance(entry, dict) and "key" in entry
-        }
-
-    def _refresh(self, kind: str) -> None:
-        api_key = self._keys().get("api")
-        if not api_key:
-            raise DeployError(f"token for {kind} refused and no API key in {self.key_file} to refresh it")
-        response = self._send("GET", f"{self.management_url}/token?type={kind}", api_key)
-        if response.status_code != 200:
-            raise DeployError(f"refreshing the {kind} token failed: {response.status_code} {_one_line(response.text)}")
-
-    def _send(self, method: str, url: str, token: str, **kwargs) -> requests.Response:
-        headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
-        try:
-            return requests.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-        except requests.ConnectionError:
-            base = url.split("/", 3)[:3]
-            raise DeployError(f"TorchServe is not reachable at {'/'.join(base)} (is it running?)") from None
-        except requests.Timeout:
-            raise DeployError(f"TorchServe did not answer {method} {url} within {self.timeout:.0f}s") from None
-
-    def call(self, kind: str, method: str, path: str, **kwargs) -> requests.Response:
-        """``kind`` is ``management`` or ``inference``; retries once after refreshing an expired token."""
-        base = self.management_url if kind == "management" else self.inference_url
-        response = self._send(method, base + path, self._keys()[kind], **kwargs)
-        if response.status_code in (400, 401) and "Token Authorization failed" in response.text:
-            self._refresh(kind)
-            response = self._send(method, base + path, self._keys()[kind], **kwargs)
-        return response
-
-    def manage(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kwargs) -> Any:
-        response = self.call("management", method, path, **kwargs)
-        if response.status_code not in ok:
-            raise DeployError(f"TorchServe refused {method} {path}: {response.status_code} {_message(response)}")
-        try:
-            return response.json()
-        except ValueError:
-            return {}
-
-
-def _message(response: requests.Response) -> str:
-    try:
-        body = response.json()
-        return _one_line(body.get("message") or body.get("error") or body)
-    except ValueError:
-        return _one_line(response.text) or response.reason
-
-
-# ------------------------------------------------------------------------------------------ state
+# ------------------------------------------------------------------------------------------ TorchServe's view
 @dataclass(frozen=True)
 class VersionState:
     model: str
@@ -132,21 +71,9 @@ class VersionState:
         }
 
 
-def default_version(client: TorchServeClient, model: str) -> str:
-    response = client.call("management", "GET", f"/models/{model}")
-    if response.status_code == 404:
-        raise DeployError(f"model {model!r} is not registered")
-    if response.status_code != 200:
-        raise DeployError(f"describing {model} failed: {response.status_code} {_message(response)}")
-    return response.json()[0]["modelVersion"]
-
-
 def versions(client: TorchServeClient, model: str) -> list[VersionState]:
-    response = client.call("management", "GET", f"/models/{model}/all")
-    if response.status_code == 404:
-        raise DeployError(f"model {model!r} is not registered")
-    described = response.json()
-    default = default_version(client, model)
+    described = client.describe(model)
+    default = client.default_version(model)
     return [
         VersionState(
             model=model,
@@ -163,8 +90,7 @@ def versions(client: TorchServeClient, model: str) -> list[VersionState]:
 
 
 def status(client: TorchServeClient) -> list[VersionState]:
-    models = client.manage("GET", "/models").get("models", [])
-    return [state for model in models for state in versions(client, model["modelName"])]
+    return [state for model in client.models() for state in versions(client, model)]
 
 
 def require_version(client: TorchServeClient, model: str, version: str) -> list[VersionState]:
@@ -175,21 +101,33 @@ def require_version(client: TorchServeClient, model: str, version: str) -> list[
     return states
 
 
-# ------------------------------------------------------------------------------------------ history
-def promotions_to_undo(events: list[dict]) -> list[dict]:
-    """The promotions not yet rolled back, oldest first: each ``promote`` pushes, each ``rollback`` pops.
+def serving_settings(archive: Path) -> dict[str, int]:
+    """The registration parameters for the serving settings in the archive's own ``model-config.yaml``.
 
-    So ``rollback`` walks back through the promotions (a stack) and never re-promotes the version
-    it just rolled back: after promote 2.0 (from 1.0) and promote 3.0 (from 2.0), rollbacks give
-    2.0, then 1.0, then "nothing left to roll back".
+    The build wrote them from the spec, so the archive alone says how it is served: no spec and no
+    torch are needed to register it. At least one worker is asked for, whatever ``minWorkers`` says.
     """
-    stack: list[dict] = []
-    for event in events:
-        if event["action"] == "promote":
-            stack.append(event)
-        elif event["action"] == "rollback" and stack:
-            stack.pop()
-    return stack
+    import yaml  # only register needs it
+
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            config = yaml.safe_load(mar.read("model-config.yaml")) or {}
+    except KeyError:
+        config = {}
+    except (zipfile.BadZipFile, yaml.YAMLError, OSError) as exc:
+        raise DeployError(f"cannot read the serving settings of {archive.name}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise DeployError(f"{archive.name}: model-config.yaml is not a mapping")
+    params = {}
+    for key, param in SERVING_PARAMS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 10**9:
+            raise DeployError(f"{archive.name}: model-config.yaml {key} must be a whole number >= 0, got {value!r}")
+        params[param] = value
+    params["initial_workers"] = max(1, params.get("initial_workers", 1))
+    return params
 
 
 # ------------------------------------------------------------------------------------------ workflows
@@ -197,63 +135,53 @@ def promotions_to_undo(events: list[dict]) -> list[dict]:
 class Deployer:
     """The workflows. State-changing ones must run under the ``servekit`` state lock (the CLI takes it).
 
-    ``proxy`` is the nginx whose routes ``retire`` and ``scale`` respect; ``clock`` and ``sleep``
-    are injectable so the drain wait can be tested without waiting.
+    ``deployments`` is the deployment state and history; ``proxy`` the nginx that renders its routes
+    (``None``: the state is saved and no nginx is configured). ``clock`` and ``sleep`` are
+    injectable so the drain wait can be tested without waiting.
     """
 
     client: TorchServeClient
     store: Path
-    spec_path: Path
-    history: History
+    deployments: DeploymentStore
     proxy: NginxProxy | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
+    @property
+    def history(self) -> History:
+        return self.deployments.history
+
+    # ------------------------------------------------------------------ state
+    def _observe(self, state: DeploymentState, model: str, version: str | None = None) -> list[VersionState]:
+        """TorchServe's versions of ``model`` now (``version`` must be one), recorded in ``state`` as last seen."""
+        states = versions(self.client, model) if version is None else require_version(self.client, model, version)
+        default = next((s.version for s in states if s.default), None)
+        state.model(model).observe(default, [s.version for s in states])
+        return states
+
+    def _save(self, state: DeploymentState, reroute: bool = False, drain_timeout: float = 10.0) -> None:
+        """Save ``state``; through the proxy (nginx checked, reloaded, drained) when its routes changed."""
+        if reroute and self.proxy is not None:
+            self.proxy.apply(state, drain_timeout=drain_timeout)
+        else:
+            self.deployments.save(state)
+
+    # ------------------------------------------------------------------ register, scale, retire
     def archive(self, model: str, version: str) -> Path:
         """The archive for ``model`` ``version``, verified against the build manifest's sha256."""
-        from servekit.build.archive import read_manifest  # imports torch: only the commands that need it pay
-
-        name = f"{model}_v{version}.mar"
-        path = Path(self.store) / name
-        if not path.is_file():
-            raise DeployError(f"no archive {name} in {self.store} (run make archive)")
-        record = read_manifest(Path(self.store))["archives"].get(name)
-        if record is None:
-            raise DeployError(f"{name} is not in {Path(self.store) / 'manifest.json'}: refusing an unbuilt archive")
-        actual = _file_sha256(path)
-        if actual != record["sha256"]:
-            raise DeployError(
-                f"sha256 mismatch for {name}: manifest {record['sha256'][:16]}..., file {actual[:16]}...; "
-                "refusing to register a modified archive"
-            )
-        return path
-
-    def spec(self, model: str, version: str) -> ModelVersionSpec | None:
-        from servekit.build.spec import SpecError, load_spec  # imports torch (preprocessing): register only
-
-        try:
-            specs = load_spec(self.spec_path)
-        except SpecError as exc:
-            raise DeployError(f"spec: {exc}") from exc
-        return next((s for s in specs if s.name == model and s.version == version), None)
+        return verify_archive(Path(self.store), archive_name(model, version))
 
     def register(self, model: str, version: str) -> dict:
-        self.archive(model, version)
-        params = {"url": f"{model}_v{version}.mar", "synchronous": "true"}
-        spec = self.spec(model, version)
-        if spec is not None:
-            serving = spec.serving
-            params |= {
-                "initial_workers": max(1, serving.min_workers),
-                "batch_size": serving.batch_size,
-                "max_batch_delay": serving.max_batch_delay_ms,
-                "response_timeout": serving.response_timeout_s,
-            }
+        state = self.deployments.load()
+        path = self.archive(model, version)
+        params: dict[str, Any] = {"url": path.name, "synchronous": "true", **serving_settings(path)}
         existing = self.client.call("management", "GET", f"/models/{model}/{version}")
         if existing.status_code == 200:
             raise DeployError(f"{model} {version} is already registered")
         result = self.client.manage("POST", "/models", params=params)
-        self.history.append("register", model, version=version)
+        self.deployments.record("register", model, version=version)
+        self._observe(state, model)
+        self._save(state)
         return result
 
     def scale(self, model: str, version: str, min_workers: int, max_workers: int, drain_timeout: float = 30.0) -> dict:
@@ -264,24 +192,27 @@ class Deployer:
         """
         if min_workers < 0 or max_workers < min_workers:
             raise DeployError(f"--min ({min_workers}) must be >= 0 and --max ({max_workers}) >= --min")
-        target = _state_of(require_version(self.client, model, version), version)
+        state = self.deployments.load()
+        target = _state_of(self._observe(state, model, version), version)
         if min_workers == 0:
-            self._refuse_zero_workers(target)
+            self._refuse_zero_workers(target, state.model(model).routes_to(version))
         if min_workers < len(target.workers):
             self.wait_until_idle(model, version, drain_timeout, "not scaled down")
         params = {"min_worker": min_workers, "max_worker": max_workers, "synchronous": "true"}
         result = self.client.manage("PUT", f"/models/{model}/{version}", params=params)
-        self.history.append("scale", model, version=version, min_workers=min_workers, max_workers=max_workers)
+        self.deployments.record("scale", model, version=version, min_workers=min_workers, max_workers=max_workers)
+        self._save(state)
         return result
 
-    def _refuse_zero_workers(self, target: VersionState) -> None:
+    @staticmethod
+    def _refuse_zero_workers(target: VersionState, routes: list[str]) -> None:
         model, version = target.model, target.version
         if target.default:
             raise DeployError(
                 f"refusing to scale {model} {version} to 0 workers: it is the default version, so every request "
                 f"to /predictions/{model} would get 503; promote another version first"
             )
-        if routes := self._routes_to(model, version):
+        if routes:
             raise DeployError(
                 f"refusing to scale {model} {version} to 0 workers: the proxy sends it {' and '.join(routes)} "
                 f"traffic, which would get 503; {_unroute_hint(model, version)}"
@@ -295,28 +226,29 @@ class Deployer:
         within ``drain_timeout`` s, because TorchServe never answers requests still queued for a
         version it unregisters.
         """
-        states = require_version(self.client, model, version)
+        state = self.deployments.load()
+        states = self._observe(state, model, version)
         if len(states) == 1:
             raise DeployError(f"refusing to retire {model} {version}: it is the last registered version")
         if _state_of(states, version).default:
             raise DeployError(f"refusing to retire {model} {version}: it is the default (promote another first)")
-        routes = self._routes_to(model, version)
+        record = state.model(model)
+        routes = record.routes_to(version)
         if routes and not drop_routes:
             raise DeployError(
                 f"refusing to retire {model} {version}: the proxy still sends it {' and '.join(routes)} traffic; "
                 f"{_unroute_hint(model, version)}, or retire with --drop-routes"
             )
         if routes:
-            assert self.proxy is not None  # routes come from it
-            self.proxy.drop_routes(model, version, drain_timeout=drain_timeout)
-            self.history.append("drop-routes", model, version=version, routes=routes)
+            record.drop_routes(version)
+            self._save(state, reroute=True, drain_timeout=drain_timeout)
+            self.deployments.record("drop-routes", model, version=version, routes=routes)
         self.wait_until_idle(model, version, drain_timeout, "not retired")
         result = self.client.manage("DELETE", f"/models/{model}/{version}")
-        self.history.append("retire", model, version=version)
+        self.deployments.record("retire", model, version=version)
+        record.observe(record.default, [v for v in record.versions if v != version])
+        self._save(state)
         return result
-
-    def _routes_to(self, model: str, version: str) -> list[str]:
-        return self.proxy.routes_to(model, version) if self.proxy is not None else []
 
     def wait_until_idle(self, model: str, version: str, timeout: float, refusal: str) -> None:
         """Return once the version's job queue has been empty for ``QUIET_S`` s in a row; refuse after ``timeout``.
@@ -346,6 +278,7 @@ class Deployer:
         described = self.client.manage("GET", f"/models/{model}/{version}")
         return int(described[0].get("jobQueueStatus", {}).get("pendingRequests", 0))
 
+    # ------------------------------------------------------------------ promote, rollback
     def golden_check(self, model: str, version: str) -> list[dict]:
         """Send the archive's golden set to ``/predictions/model/version``; one result per input."""
         path = self.archive(model, version)
@@ -360,14 +293,14 @@ class Deployer:
         results = []
         for name, expected, payload in inputs:
             response = self.client.call("inference", "POST", f"/predictions/{model}/{version}", data=payload)
-            got = None
-            if response.status_code == 200:
-                try:
-                    got = response.json()["predictions"][0]["label"]
-                except (ValueError, KeyError, IndexError):
-                    got = None
             results.append(
-                {"file": name, "expected": expected, "got": got, "status": response.status_code, "ok": got == expected}
+                {
+                    "file": name,
+                    "expected": expected,
+                    "got": (got := _top_label(response)),
+                    "status": response.status_code,
+                    "ok": got == expected,
+                }
             )
         return results
 
@@ -377,7 +310,7 @@ class Deployer:
         failed = [r for r in results if not r["ok"]]
         if failed:
             detail = ", ".join(f"{r['file']}: expected {r['expected']}, got {r['got']} ({r['status']})" for r in failed)
-            self.history.append(f"{action}-refused", model, version=version, failed=len(failed), total=len(results))
+            self.deployments.record(f"{action}-refused", model, version=version, failed=len(failed), total=len(results))
             raise DeployError(
                 f"golden set failed for {model} {version} ({len(failed)}/{len(results)}): {detail}; "
                 f"default stays {current}"
@@ -385,37 +318,65 @@ class Deployer:
         return len(results)
 
     def promote(self, model: str, version: str) -> dict:
-        states = require_version(self.client, model, version)
+        """Golden set, then set-default (blue-green); a canary of ``version`` is complete and its split goes."""
+        state = self.deployments.load()  # a damaged state stops us before the default changes, not after
+        states = self._observe(state, model, version)
         previous = next(s.version for s in states if s.default)
         if previous == version:
             raise DeployError(f"{model} {version} is already the default")
         golden = self._golden_gate("promote", model, version, previous)
         self.client.manage("PUT", f"/models/{model}/{version}/set-default")
-        return self.history.append("promote", model, version=version, previous_default=previous, golden=golden)
+        event = self.deployments.record("promote", model, version=version, previous_default=previous, golden=golden)
+        self._save(state, reroute=state.model(model).promoted(version))
+        return event
 
     def rollback(self, model: str) -> dict:
-        """Undo the latest promotion not yet rolled back (see ``promotions_to_undo``), through the golden gate."""
-        events = self.history.events(model)
-        pending = promotions_to_undo(events)
+        """Undo the latest promotion not yet rolled back (the history's promotion stack), through the golden gate."""
+        state = self.deployments.load()
+        events = self.deployments.events(model)
+        pending = self.deployments.promotions(model)
         if not pending:
             raise DeployError(_nothing_to_roll_back(model, self.history.path, events))
         last = pending[-1]
-        target, current = last["previous_default"], default_version(self.client, model)
+        target, current = last["previous_default"], self.client.default_version(model)
         if current != last["version"]:
             raise DeployError(
                 f"the default of {model} is {current}, not {last['version']} as the history's last promotion says: "
                 "refusing to roll back over a change made outside this tool"
             )
-        if target not in {s.version for s in versions(self.client, model)}:
+        if target not in {s.version for s in self._observe(state, model)}:
             raise DeployError(
                 f"cannot roll back {model} to {target}: it is no longer registered (servekit register {model} {target})"
             )
         golden = self._golden_gate("rollback", model, target, current)
         self.client.manage("PUT", f"/models/{model}/{target}/set-default")
-        return self.history.append(
+        event = self.deployments.record(
             "rollback", model, version=target, previous_default=current, undoes=last.get("time"), golden=golden
         )
+        state.model(model).default = target
+        self._save(state)
+        return event
 
+    # ------------------------------------------------------------------ canary, shadow
+    def canary(self, model: str, version: str, percent: int) -> dict:
+        """``percent`` % of ``/predictions/model`` through the proxy to ``version``; 0 removes the split."""
+        state = self.deployments.load()
+        state.model(model).set_canary(version, percent)
+        if percent > 0:
+            self._observe(state, model, version)
+        self._save(state, reroute=True)
+        return self.deployments.record("canary", model, version=version, percent=percent)
+
+    def shadow(self, model: str, version: str, on: bool = True) -> dict:
+        """Mirror every ``/predictions/model`` request through the proxy to ``version`` (or stop)."""
+        state = self.deployments.load()
+        state.model(model).set_shadow(version if on else None)
+        if on:
+            self._observe(state, model, version)
+        self._save(state, reroute=True)
+        return self.deployments.record("shadow" if on else "shadow-off", model, version=version)
+
+    # ------------------------------------------------------------------ compare
     def compare(self, model: str, v1: str, v2: str, inputs: Path) -> dict:
         files = sorted(p for p in Path(inputs).iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
@@ -424,21 +385,21 @@ class Deployer:
         require_version(self.client, model, v2)
         rows, latencies = [], {v1: [], v2: []}
         for path in files:
-            payload, answers = path.read_bytes(), {}
+            payload, top = path.read_bytes(), {}
             for version in (v1, v2):
                 started = time.perf_counter()
                 response = self.client.call("inference", "POST", f"/predictions/{model}/{version}", data=payload)
                 latencies[version].append((time.perf_counter() - started) * 1000)
-                answers[version] = response.json() if response.status_code == 200 else None
-            top = {v: (a["predictions"][0] if a else None) for v, a in answers.items()}
+                top[version] = response.json()["predictions"][0] if response.status_code == 200 else None
+            same = bool(top[v1] and top[v2] and top[v1]["label"] == top[v2]["label"])
             rows.append(
                 {
                     "file": path.name,
                     v1: top[v1]["label"] if top[v1] else None,
                     v2: top[v2]["label"] if top[v2] else None,
-                    "agree": bool(top[v1] and top[v2] and top[v1]["label"] == top[v2]["label"]),
+                    "agree": same,
                     "probability_diff": round(abs(top[v1]["probability"] - top[v2]["probability"]), 6)
-                    if top[v1] and top[v2] and top[v1]["label"] == top[v2]["label"]
+                    if same
                     else None,
                 }
             )
@@ -451,10 +412,20 @@ class Deployer:
             "max_probability_diff": max(diffs, default=None),
             "mean_probability_diff": round(sum(diffs) / len(diffs), 6) if diffs else None,
             "latency_ms": {
-                v: {"p50": round(_median(latencies[v]), 2), "max": round(max(latencies[v]), 2)} for v in latencies
+                v: {"p50": round(statistics.median(latencies[v]), 2), "max": round(max(latencies[v]), 2)}
+                for v in latencies
             },
             "rows": rows,
         }
+
+
+def _top_label(response: Any) -> str | None:
+    if response.status_code != 200:
+        return None
+    try:
+        return response.json()["predictions"][0]["label"]
+    except (ValueError, KeyError, IndexError):
+        return None
 
 
 def _nothing_to_roll_back(model: str, path: Path, events: list[dict]) -> str:
@@ -475,17 +446,3 @@ def _unroute_hint(model: str, version: str) -> str:
         f"remove the routes first (servekit canary {model} {version} --percent 0; "
         f"servekit shadow {model} {version} --off)"
     )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

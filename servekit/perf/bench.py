@@ -31,19 +31,24 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
 import torch
 
 from handlers.image_io import DecodeLimits, decode_image
 from handlers.model_loading import load_model
 from handlers.transforms import ImagePreprocessor
-from servekit.build.archive import REPO_ROOT, build_all, file_sha256
+from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec
+from servekit.errors import ServekitError
+from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.ops.store import archive_name, file_sha256
+from servekit.perf.stats import percentile
 
 WORKDIR = REPO_ROOT / "build" / "bench"
 SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"
 WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does not depend on the weight values"
+STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
+STOCK_ARCHIVE = archive_name(STOCK_MODEL, STOCK_VERSION)  # <name>_v<version>.mar: the only form the guard registers
 
 
 def log(message: str) -> None:
@@ -84,7 +89,7 @@ class ResNet18(ResNet):
 
 def build_stock_archive(weights: Path, store: Path) -> Path:
     """The same FP32 weights for TorchServe's stock image_classifier handler, with its defaults."""
-    target = store / "resnet18_stock_v1.0.mar"
+    target = store / STOCK_ARCHIVE
     stage = WORKDIR / "stock"
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "model.py").write_text(STOCK_MODEL_FILE)
@@ -95,14 +100,13 @@ def build_stock_archive(weights: Path, store: Path) -> Path:
         return target
     command = [
         sys.executable, "-m", "model_archiver.model_packaging",
-        "--model-name", "resnet18_stock", "--version", "1.0",
+        "--model-name", STOCK_MODEL, "--version", STOCK_VERSION,
         "--model-file", str(stage / "model.py"), "--serialized-file", str(weights),
         "--handler", "image_classifier", "--extra-files", str(stage / "index_to_name.json"),
         "--export-path", str(store), "--force",
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
-    # <name>_v<version>.mar: the only form the management guard registers.
-    (store / "resnet18_stock.mar").replace(target)
+    (store / f"{STOCK_MODEL}.mar").replace(target)  # torch-model-archiver names it <name>.mar
     marker.write_text(fingerprint)
     return target
 
@@ -156,7 +160,7 @@ class Variant:
     archive: str
     model: str
     version: str
-    register_params: str  # extra query parameters for registration
+    register_params: dict[str, int]  # registration parameters beyond the archive name
     description: str
 
 
@@ -182,45 +186,30 @@ def run_hey(url: str, token: str, jpeg_path: Path, concurrency: int, seconds: fl
         "requests": len(rows),
         "errors": errors,
         "rps": round(len(latencies) / span, 1) if span else 0.0,
-        "p50_ms": round(percentile(latencies, 50), 1),
-        "p95_ms": round(percentile(latencies, 95), 1),
-        "p99_ms": round(percentile(latencies, 99), 1),
+        **{f"p{q}_ms": _rounded(percentile(latencies, q)) for q in (50, 95, 99)},
     }
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    index = min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))
-    return values[index]
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def serve_variant(
-    server: TorchServeProcess, variant: Variant, jpeg_path: Path, concurrencies: list[int], seconds: float, quick: bool
+    client: TorchServeClient, variant: Variant, jpeg_path: Path, concurrencies: list[int], seconds: float, quick: bool
 ) -> dict:
-    management = server.headers("management")
-    inference_token = server.keys()["inference"]
-    url = server.url("inference", f"/predictions/{variant.model}/{variant.version}")
+    """Register ``variant`` (cold start: registration to first answer), load it with ``hey``, unregister it."""
+    path = f"/models/{variant.model}/{variant.version}"
     log(f"{variant.key}: registering {variant.archive}")
     started = time.perf_counter()
-    response = requests.post(
-        server.url("management", f"/models?url={variant.archive}&synchronous=true{variant.register_params}"),
-        headers=management,
-        timeout=600,
-    )
-    if response.status_code != 200:
-        raise SystemExit(f"bench: error: registering {variant.archive} failed: {response.status_code} {response.text}")
+    params = {"url": variant.archive, "synchronous": "true", **variant.register_params}
+    client.manage("POST", "/models", params=params, timeout=600)
     registered = time.perf_counter()
-    first = requests.post(
-        url,
-        data=jpeg_path.read_bytes(),
-        headers={"Authorization": f"Bearer {inference_token}", "Content-Type": "image/jpeg"},
-        timeout=120,
+    predictions = f"/predictions/{variant.model}/{variant.version}"
+    first = client.call(
+        "inference", "POST", predictions, data=jpeg_path.read_bytes(), headers={"Content-Type": "image/jpeg"}
     )
     answered = time.perf_counter()
-    described = requests.get(
-        server.url("management", f"/models/{variant.model}/{variant.version}"), headers=management, timeout=30
-    ).json()[0]
+    described = client.describe(variant.model, variant.version)[0]
     result = {
         "description": variant.description,
         "settings": {
@@ -236,8 +225,9 @@ def serve_variant(
         },
         "runs": [],
     }
+    url, token = client.url("inference", predictions), client.token("inference")
     for concurrency in concurrencies:
-        run = run_hey(url, inference_token, jpeg_path, concurrency, seconds, 4 * concurrency if quick else None)
+        run = run_hey(url, token, jpeg_path, concurrency, seconds, 4 * concurrency if quick else None)
         log(
             f"{variant.key}: c={concurrency}: {run['rps']} req/s, p50 {run['p50_ms']} ms, "
             f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}"
@@ -246,10 +236,24 @@ def serve_variant(
     steady_p50 = next(r["p50_ms"] for r in result["runs"] if r["concurrency"] == concurrencies[0])
     result["cold_start"]["steady_p50_ms"] = steady_p50
     result["cold_start"]["first_over_steady_p50"] = round(result["cold_start"]["first_answer_ms"] / steady_p50, 2)
-    requests.delete(
-        server.url("management", f"/models/{variant.model}/{variant.version}"), headers=management, timeout=120
-    )
+    client.manage("DELETE", path)
     return result
+
+
+def serve_all(store: Path, variants: list[Variant], concurrencies: list[int], seconds: float, quick: bool) -> dict:
+    """One TorchServe on free loopback ports serving ``store``; every variant in turn; always stopped."""
+    server = TorchServeProcess(
+        workdir=WORKDIR / "torchserve",
+        model_store=store,
+        ports={kind: free_port() for kind in ADDRESS_KEYS},
+        load_models="",
+    )
+    server.start()
+    try:
+        photo, client = WORKDIR / "photo_640x480.jpg", server.client(timeout=120)
+        return {v.key: serve_variant(client, v, photo, concurrencies, seconds, quick) for v in variants}
+    finally:
+        server.stop()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -428,23 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     stock_note = f"TorchServe's stock image_classifier, its defaults: {cores} workers (one per core), batch size 1"
     variants = [
-        Variant("stock", "resnet18_stock_v1.0.mar", "resnet18_stock", "1.0", f"&initial_workers={cores}&batch_size=1",
+        Variant("stock", STOCK_ARCHIVE, STOCK_MODEL, STOCK_VERSION, {"initial_workers": cores, "batch_size": 1},
                 stock_note),
-        Variant("fp32", fp32.archive_name, fp32.name, fp32.version, "", "servekit handler, FP32, spec's settings"),
-        Variant("int8", int8.archive_name, int8.name, int8.version, "", "servekit handler, INT8, spec's settings"),
+        Variant("fp32", fp32.archive_name, fp32.name, fp32.version, {}, "servekit handler, FP32, spec's settings"),
+        Variant("int8", int8.archive_name, int8.name, int8.version, {}, "servekit handler, INT8, spec's settings"),
     ]  # fmt: skip
-    server = TorchServeProcess(
-        workdir=WORKDIR / "torchserve",
-        model_store=store,
-        ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models="",
-    )
-    server.start()
     try:
-        photo = WORKDIR / "photo_640x480.jpg"
-        served = {v.key: serve_variant(server, v, photo, concurrencies, args.seconds, args.quick) for v in variants}
-    finally:
-        server.stop()
+        served = serve_all(store, variants, concurrencies, args.seconds, args.quick)
+    except ServekitError as exc:
+        print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
 
     log("step 4/4: report")
     result = {
@@ -460,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,
-            "stock_bytes": (store / "resnet18_stock_v1.0.mar").stat().st_size,
+            "stock_bytes": (store / STOCK_ARCHIVE).stat().st_size,
         },
     }
     compute_ratios_and_bars(result, max(concurrencies))

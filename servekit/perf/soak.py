@@ -44,12 +44,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
-from servekit.ops.server import ADDRESS_KEYS, REPO_ROOT, ServerError, TorchServeProcess, free_port
+from servekit.errors import ServekitError
+from servekit.ops.client import TorchServeClient
+from servekit.ops.server import ADDRESS_KEYS, REPO_ROOT, TorchServeProcess, free_port
+from servekit.ops.store import archive_name
+from servekit.perf.stats import ms, percentile
 
 SAMPLES = REPO_ROOT / "samples"
 
@@ -62,41 +65,22 @@ class Result:
     detail: str = ""
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[index]
+# ----------------------------------------------------------------------------------------- load
+class DigitSender:
+    """Sends held-out digit images over keep-alive connections (one per thread); checks the top label."""
 
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 2)
-
-
-# ----------------------------------------------------------------------------------------- client
-class Client:
-    """Keep-alive HTTP/1.1 connections to the inference API, one per thread; checks the top label."""
-
-    def __init__(self, port: int, path: str, token: str, samples: list[bytes], timeout: float) -> None:
-        self.port, self.path, self.timeout, self.samples = port, path, timeout, samples
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-        self.local = threading.local()
+    def __init__(self, client: TorchServeClient, path: str, samples: list[bytes]) -> None:
+        self.sender = client.keep_alive(path)
+        self.samples = samples
+        self.timeout = client.timeout
 
     def send(self, digit: int) -> tuple[int, str]:
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
         try:
-            conn.request("POST", self.path, body=self.samples[digit], headers=self.headers)
-            response = conn.getresponse()
-            body = response.read()
+            status, body = self.sender.post(self.samples[digit])
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            self.local.conn = None
             return -1, f"{type(exc).__name__}: {exc}"
-        if response.status != 200:
-            return response.status, body[:200].decode(errors="replace")
+        if status != 200:
+            return status, body[:200].decode(errors="replace")
         try:
             label = json.loads(body)["predictions"][0]["label"]
         except (ValueError, KeyError, IndexError):
@@ -104,7 +88,7 @@ class Client:
         return (200, "") if label == str(digit) else (0, f"sent {digit}, answered {label}")
 
 
-def closed_loop(client: Client, concurrency: int, seconds: float) -> dict:
+def closed_loop(sender: DigitSender, concurrency: int, seconds: float) -> dict:
     """Each thread sends its next request when the previous one is answered."""
     stop_at = time.monotonic() + seconds
     counts = {"ok": 0, "errors": 0}
@@ -113,7 +97,7 @@ def closed_loop(client: Client, concurrency: int, seconds: float) -> dict:
     def run(k: int) -> None:
         i = k
         while time.monotonic() < stop_at:
-            status, _ = client.send(i % 10)
+            status, _ = sender.send(i % 10)
             i += 1
             with lock:
                 counts["ok" if status == 200 else "errors"] += 1
@@ -146,77 +130,133 @@ def hey_closed_loop(url: str, token: str, image: Path, concurrency: int, seconds
     }
 
 
-def open_loop(client: Client, rate: float, seconds: float, threads: int, max_backlog: float, on_tick) -> dict:
-    """Requests due every 1/rate s for ``seconds``; ``threads`` senders take them from a queue in order."""
-    due_queue: queue.Queue[tuple[float, int] | None] = queue.Queue()
-    results: list[Result] = []
-    lock = threading.Lock()
-    start = time.monotonic()
+@dataclass
+class OpenLoop:
+    """Requests due every 1/rate s for ``seconds``; ``threads`` senders take them from a queue in order.
 
-    def sender() -> None:
-        while (item := due_queue.get()) is not None:
+    A request's latency counts from when it was due, so a stalled server shows up as latency even
+    while every sender waits (no coordinated omission). The run is aborted when more than
+    ``max_backlog`` seconds of requests are due but not picked up.
+    """
+
+    sender: DigitSender
+    rate: float
+    seconds: float
+    threads: int
+    max_backlog: float
+    due_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
+    results: list[Result] = field(default_factory=list, init=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def run(self, on_tick: Callable[[float], None]) -> dict:
+        """Send the schedule; ``on_tick(t)`` once per second of due time. The results and why it aborted."""
+        self.start = time.monotonic()
+        senders = [threading.Thread(target=self._send_loop, daemon=True) for _ in range(self.threads)]
+        for thread in senders:
+            thread.start()
+        aborted = self._schedule(on_tick)
+        if aborted:  # drop what was not sent yet
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.due_queue.get_nowait()
+        for _ in senders:
+            self.due_queue.put(None)
+        deadline = time.monotonic() + self.sender.timeout + 10
+        for thread in senders:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            return {"results": list(self.results), "aborted": aborted}
+
+    def _schedule(self, on_tick: Callable[[float], None]) -> str | None:
+        next_tick = 0
+        for i in range(int(self.rate * self.seconds)):
+            due = i / self.rate
+            now = time.monotonic() - self.start
+            if due > now:
+                time.sleep(due - now)
+            # Backlog: requests due but not yet picked up by a sender.
+            if self.due_queue.qsize() > self.max_backlog * self.rate:
+                return f"more than {self.max_backlog:.0f}s of requests behind schedule at t={due:.1f}s"
+            self.due_queue.put((due, i % 10))
+            if due >= next_tick:
+                on_tick(due)
+                next_tick = math.floor(due) + 1
+        return None
+
+    def _send_loop(self) -> None:
+        while (item := self.due_queue.get()) is not None:
             due, digit = item
-            status, detail = client.send(digit)
-            with lock:
-                results.append(Result(due, time.monotonic() - start - due, status, detail))
-
-    senders = [threading.Thread(target=sender, daemon=True) for _ in range(threads)]
-    for thread in senders:
-        thread.start()
-    total = int(rate * seconds)
-    aborted = None
-    next_tick = 0
-    for i in range(total):
-        due = i / rate
-        now = time.monotonic() - start
-        if due > now:
-            time.sleep(due - now)
-        # Backlog: requests due but not yet picked up by a sender.
-        if due_queue.qsize() > max_backlog * rate:
-            aborted = f"more than {max_backlog:.0f}s of requests behind schedule at t={due:.1f}s"
-            break
-        due_queue.put((due, i % 10))
-        if due >= next_tick:
-            on_tick(due)
-            next_tick = math.floor(due) + 1
-    if aborted:  # drop what was not sent yet
-        with contextlib.suppress(queue.Empty):
-            while True:
-                due_queue.get_nowait()
-    for _ in senders:
-        due_queue.put(None)
-    deadline = time.monotonic() + client.timeout + 10
-    for thread in senders:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    with lock:
-        return {"results": list(results), "aborted": aborted}
+            status, detail = self.sender.send(digit)
+            with self.lock:
+                self.results.append(Result(due, time.monotonic() - self.start - due, status, detail))
 
 
-# ----------------------------------------------------------------------------------------- soak
-class Management:
-    def __init__(self, server: TorchServeProcess, model: str, version: str) -> None:
-        self.server, self.model, self.version = server, model, version
+# ----------------------------------------------------------------------------------------- scaling
+class Scaler:
+    """Scales one version beside the load, on the load's clock, and samples its workers once a second."""
 
-    def request(self, method: str, path: str, timeout: float = 300) -> requests.Response:
-        url = self.server.url("management", path)
-        return requests.request(method, url, headers=self.server.headers("management"), timeout=timeout)
+    def __init__(self, client: TorchServeClient, model: str, version: str) -> None:
+        self.client, self.model, self.version = client, model, version
+        self.events: list[dict] = []
+        self.workers: dict[int, int] = {}
+        self.load_over = threading.Event()
+        self.started = time.monotonic()
 
     def describe(self) -> dict:
-        return self.request("GET", f"/models/{self.model}/{self.version}", timeout=10).json()[0]
+        return self.client.describe(self.model, self.version, timeout=10)[0]
+
+    def ready_workers(self) -> int:
+        return sum(w["status"] == "READY" for w in self.describe()["workers"])
 
     def scale(self, min_workers: int, max_workers: int) -> dict:
         started = time.monotonic()
         path = f"/models/{self.model}/{self.version}?min_worker={min_workers}&max_worker={max_workers}&synchronous=true"
-        response = self.request("PUT", path)
+        response = self.client.call("management", "PUT", path, timeout=300)
+        answer = response.json()
         return {
             "min_workers": min_workers,
             "max_workers": max_workers,
             "status": response.status_code,
-            "message": response.json().get("status") or response.json().get("message"),
+            "message": answer.get("status") or answer.get("message"),
             "seconds": round(time.monotonic() - started, 2),
         }
 
+    def start(self, plan: list[tuple[float, tuple[int, int], str]]) -> threading.Thread:
+        """Run ``plan`` ((when, (min, max), name) steps) in a thread, from now."""
+        self.started = time.monotonic()
+        thread = threading.Thread(target=self._run, args=(plan,), daemon=True)
+        thread.start()
+        return thread
 
+    def _run(self, plan: list[tuple[float, tuple[int, int], str]]) -> None:
+        for when, target, key in plan:
+            self._scale_at(when, target, key)
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 2)
+
+    def _scale_at(self, when: float, target: tuple[int, int], key: str) -> None:
+        if self.load_over.wait(max(0.0, when - (time.monotonic() - self.started))):
+            return  # the load was aborted: no more scaling
+        event = {"action": key, "t_start": self.elapsed(), **self.scale(*target)}
+        event["t_end"] = self.elapsed()
+        event["ready_workers_after"] = self.ready_workers()
+        self.events.append(event)
+        print(f"soak: scaled {key} at t={event['t_start']}s: {event['status']} {event['message']}", flush=True)
+
+    def sample_workers(self, t: float) -> None:
+        """Record the worker count at second ``t`` in the background (the load must not wait for it)."""
+
+        def sample() -> None:
+            try:
+                self.workers[int(t)] = len(self.describe()["workers"])
+            except (ServekitError, ValueError, KeyError, IndexError):
+                self.workers[int(t)] = -1
+
+        threading.Thread(target=sample, daemon=True).start()
+
+
+# ----------------------------------------------------------------------------------------- report
 def per_second(results: list[Result], seconds: float, workers: dict[int, int]) -> list[dict]:
     rows = []
     for second in range(math.ceil(seconds)):
@@ -238,20 +278,155 @@ def per_second(results: list[Result], seconds: float, workers: dict[int, int]) -
     return rows
 
 
+def scaling_window(events: list[dict], t_up: float, seconds: float, grace: float) -> tuple[float, float]:
+    """From the scale-up call to ``grace`` seconds after the last scaling call returned."""
+    up = next((e for e in events if e["action"] == "up"), None)
+    return (up["t_start"] if up else t_up, (events[-1]["t_end"] if events else seconds) + grace)
+
+
+def latency_comparison(results: list[Result], seconds: float, max_ratio: float) -> dict:
+    """p50 of the first and of the last minute (or quarter of a shorter run) of answered requests."""
+    span = min(60.0, seconds / 4)
+    first = [r.latency for r in results if r.due < span and r.status == 200]
+    last = [r.latency for r in results if r.due >= seconds - span and r.status == 200]
+    p50_first, p50_last = percentile(first, 50), percentile(last, 50)
+    ratio = None if not (p50_first and p50_last) else round(p50_last / p50_first, 3)
+    return {
+        "span_s": span,
+        "p50_first_ms": ms(p50_first),
+        "p50_last_ms": ms(p50_last),
+        "ratio": ratio,
+        "max_ratio": max_ratio,
+    }
+
+
+def evaluate(args: argparse.Namespace, load: dict, scaler: Scaler, running: int, rate: float) -> dict:
+    """The report's results and checks for one finished load."""
+    seconds, results, events = args.minutes * 60, load["results"], scaler.events
+    window = scaling_window(events, 0.4 * seconds, seconds, args.grace_seconds)
+
+    def overlaps(r: Result) -> bool:
+        return r.due <= window[1] and r.due + r.latency >= window[0]
+
+    errors_outside = [r for r in results if r.status != 200 and not overlaps(r)]
+    comparison = latency_comparison(results, seconds, args.max_p50_ratio)
+    all_ok = [r.latency for r in results if r.status == 200]
+    ready_at_end = scaler.ready_workers()
+    checks = {
+        "completed": load["aborted"] is None and len(results) == int(rate * seconds),
+        "scaling_calls_succeeded": len(events) == 3 and all(e["status"] == 200 for e in events),
+        "workers_followed_scaling": [e["ready_workers_after"] for e in events] == [args.scale_workers, running, running]
+        and ready_at_end == running,
+        "no_errors_outside_scaling_window": not errors_outside,
+        "p50_last_within_ratio_of_first": comparison["ratio"] is not None and comparison["ratio"] <= args.max_p50_ratio,
+    }
+    return {
+        "duration_s": seconds,
+        "ready_workers_at_end": ready_at_end,
+        "load_average_at_end": os.getloadavg(),
+        "requests": {
+            "planned": int(rate * seconds),
+            "sent": len(results),
+            "ok": len(all_ok),
+            "errors": sum(r.status != 200 for r in results),
+            "errors_in_scaling_window": sum(r.status != 200 for r in results if overlaps(r)),
+            "errors_outside_scaling_window": len(errors_outside),
+            "error_examples": sorted({f"{r.status} {r.detail}"[:160] for r in results if r.status != 200})[:10],
+        },
+        "aborted": load["aborted"],
+        "latency_ms": {
+            "p50": ms(percentile(all_ok, 50)),
+            "p95": ms(percentile(all_ok, 95)),
+            "p99": ms(percentile(all_ok, 99)),
+            "max": ms(max(all_ok, default=None)),
+        },
+        "scaling": {
+            "events": events,
+            "window_s": [round(window[0], 2), round(window[1], 2)],
+            "grace_s": args.grace_seconds,
+        },
+        "comparison": comparison,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "per_second": per_second(results, seconds, scaler.workers),
+    }
+
+
+# ----------------------------------------------------------------------------------------- soak
+def measure_capacity(args: argparse.Namespace, client: TorchServeClient, sender: DigitSender, path: str) -> dict:
+    """Closed-loop capacity with the load's own client (or ``hey``), after every digit answered right once."""
+    for digit in range(10):
+        status, detail = sender.send(digit)
+        if status != 200:
+            raise SystemExit(f"soak: error: digit {digit}: {status} {detail}")
+    if args.capacity_tool == "hey":
+        image = SAMPLES / "digit_3.png"
+        capacity = hey_closed_loop(
+            client.url("inference", path), client.token("inference"), image, args.capacity_concurrency,
+            args.capacity_seconds,
+        )  # fmt: skip
+    else:
+        capacity = closed_loop(sender, args.capacity_concurrency, args.capacity_seconds)
+    capacity["concurrency"] = args.capacity_concurrency
+    if capacity["rps"] <= 0:
+        raise SystemExit(f"soak: error: no capacity measured: {capacity}")
+    return capacity
+
+
+def soak(args: argparse.Namespace, server: TorchServeProcess, report: dict) -> dict:
+    """Capacity, then the open-loop load with scaling in the middle; ``report`` filled in and returned."""
+    seconds = args.minutes * 60
+    client = server.client(timeout=args.timeout)
+    scaler = Scaler(client, args.model, args.version)
+    described = scaler.describe()
+    original = (int(described["minWorkers"]), int(described["maxWorkers"]))
+    running = len(described["workers"])
+    report["model"] = {
+        "name": args.model,
+        "version": args.version,
+        "batch_size": described["batchSize"],
+        "max_batch_delay_ms": described["maxBatchDelay"],
+        "min_max_workers": original,
+        "workers": running,
+    }
+    path = f"/predictions/{args.model}/{args.version}"
+    sender = DigitSender(client, path, [(SAMPLES / f"digit_{d}.png").read_bytes() for d in range(10)])
+    capacity = report["capacity"] = measure_capacity(args, client, sender, path)
+    rate = args.rate_fraction * capacity["rps"]
+    if args.max_rate:
+        rate = min(rate, args.max_rate)
+    report["rate_rps"] = round(rate, 1)
+    print(
+        f"soak: capacity {capacity['rps']} req/s ({capacity['tool']}, concurrency {args.capacity_concurrency}); "
+        f"open loop at {rate:.1f} req/s for {seconds:.0f}s",
+        flush=True,
+    )
+    plan = [
+        (0.4 * seconds, (args.scale_workers, args.scale_workers), "up"),
+        (0.6 * seconds, (running, running), "down"),
+        (0.0, original, "limits"),
+    ]
+    scaling = scaler.start(plan)
+    load = OpenLoop(sender, rate, seconds, args.threads, args.max_backlog_seconds).run(scaler.sample_workers)
+    if load["aborted"]:
+        scaler.load_over.set()
+    scaling.join(timeout=600)
+    report.update(evaluate(args, load, scaler, running, rate))
+    return report
+
+
 def run_soak(args: argparse.Namespace) -> dict:
-    samples = [(SAMPLES / f"digit_{d}.png").read_bytes() for d in range(10)]
+    """Start a TorchServe of its own, soak it, stop it; its workdir is removed when the soak passed."""
     build = REPO_ROOT / "build"
     build.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="soak-", dir=build))
-    grpc = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
     server = TorchServeProcess(
         workdir=workdir,
         model_store=Path(args.model_store),
         ports={kind: free_port() for kind in ADDRESS_KEYS},
-        load_models=f"{args.model}_v{args.version}.mar",
-        overrides=grpc,
+        load_models=archive_name(args.model, args.version),
+        overrides={"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())},
     )
-    seconds = args.minutes * 60
     report: dict = {
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
@@ -260,156 +435,11 @@ def run_soak(args: argparse.Namespace) -> dict:
     }
     print(f"soak: starting TorchServe in {workdir}", flush=True)
     server.start()
-    passed = False
     try:
-        management = Management(server, args.model, args.version)
-        described = management.describe()
-        original = (int(described["minWorkers"]), int(described["maxWorkers"]))
-        running = len(described["workers"])
-        report["model"] = {
-            "name": args.model,
-            "version": args.version,
-            "batch_size": described["batchSize"],
-            "max_batch_delay_ms": described["maxBatchDelay"],
-            "min_max_workers": original,
-            "workers": running,
-        }
-        token = server.keys()["inference"]
-        client = Client(
-            server.ports["inference"], f"/predictions/{args.model}/{args.version}", token, samples, args.timeout
-        )
-        for digit in range(10):  # every digit right before anything is measured
-            status, detail = client.send(digit)
-            if status != 200:
-                raise SystemExit(f"soak: error: digit {digit}: {status} {detail}")
-
-        url = server.url("inference", f"/predictions/{args.model}/{args.version}")
-        if args.capacity_tool == "hey":
-            capacity = hey_closed_loop(
-                url, token, SAMPLES / "digit_3.png", args.capacity_concurrency, args.capacity_seconds
-            )
-        else:
-            capacity = closed_loop(client, args.capacity_concurrency, args.capacity_seconds)
-        capacity["concurrency"] = args.capacity_concurrency
-        report["capacity"] = capacity
-        if capacity["rps"] <= 0:
-            raise SystemExit(f"soak: error: no capacity measured: {capacity}")
-        rate = args.rate_fraction * capacity["rps"]
-        if args.max_rate:
-            rate = min(rate, args.max_rate)
-        report["rate_rps"] = round(rate, 1)
-        print(
-            f"soak: capacity {capacity['rps']} req/s ({capacity['tool']}, concurrency {args.capacity_concurrency}); "
-            f"open loop at {rate:.1f} req/s for {seconds:.0f}s",
-            flush=True,
-        )
-
-        # Scaling and worker sampling run beside the load, driven by its clock.
-        events: list[dict] = []
-        workers: dict[int, int] = {}
-        t_up, t_down = 0.4 * seconds, 0.6 * seconds
-        load_started = time.monotonic()
-        load_over = threading.Event()
-
-        def scale_at(when: float, target: tuple[int, int], key: str) -> None:
-            if load_over.wait(max(0.0, when - (time.monotonic() - load_started))):
-                return  # the load was aborted: no more scaling
-            event = {"action": key, "t_start": round(time.monotonic() - load_started, 2)}
-            event.update(management.scale(*target))
-            event["t_end"] = round(time.monotonic() - load_started, 2)
-            event["ready_workers_after"] = sum(w["status"] == "READY" for w in management.describe()["workers"])
-            events.append(event)
-            print(f"soak: scaled {key} at t={event['t_start']}s: {event['status']} {event['message']}", flush=True)
-
-        def scaler() -> None:
-            scale_at(t_up, (args.scale_workers, args.scale_workers), "up")
-            scale_at(t_down, (running, running), "down")
-            scale_at(0, original, "limits")
-
-        def sample_workers(t: float) -> None:
-            try:
-                workers[int(t)] = len(management.describe()["workers"])
-            except (requests.RequestException, ValueError, KeyError, IndexError):
-                workers[int(t)] = -1
-
-        def on_tick(t: float) -> None:
-            threading.Thread(target=sample_workers, args=(t,), daemon=True).start()
-
-        scaling = threading.Thread(target=scaler, daemon=True)
-        scaling.start()
-        load = open_loop(client, rate, seconds, args.threads, args.max_backlog_seconds, on_tick)
-        if load["aborted"]:
-            load_over.set()
-        scaling.join(timeout=600)
-        results: list[Result] = load["results"]
-
-        # The scaling window: from the scale-up call to grace seconds after the last scaling call returned.
-        up = next((e for e in events if e["action"] == "up"), None)
-        window = (up["t_start"] if up else t_up, (events[-1]["t_end"] if events else seconds) + args.grace_seconds)
-
-        def overlaps(r: Result) -> bool:
-            return r.due <= window[1] and r.due + r.latency >= window[0]
-
-        in_window = [r for r in results if overlaps(r)]
-        errors_outside = [r for r in results if r.status != 200 and not overlaps(r)]
-        span = min(60.0, seconds / 4)
-        first = [r.latency for r in results if r.due < span and r.status == 200]
-        last = [r.latency for r in results if r.due >= seconds - span and r.status == 200]
-        p50_first, p50_last = percentile(first, 50), percentile(last, 50)
-        ratio = None if not (p50_first and p50_last) else round(p50_last / p50_first, 3)
-        all_ok = [r.latency for r in results if r.status == 200]
-        ready_at_end = sum(w["status"] == "READY" for w in management.describe()["workers"])
-        expected_ready = [args.scale_workers, running, running]
-        checks = {
-            "completed": load["aborted"] is None and len(results) == int(rate * seconds),
-            "scaling_calls_succeeded": len(events) == 3 and all(e["status"] == 200 for e in events),
-            "workers_followed_scaling": [e["ready_workers_after"] for e in events] == expected_ready
-            and ready_at_end == running,
-            "no_errors_outside_scaling_window": not errors_outside,
-            "p50_last_within_ratio_of_first": ratio is not None and ratio <= args.max_p50_ratio,
-        }
-        passed = all(checks.values())
-        report.update(
-            {
-                "duration_s": seconds,
-                "ready_workers_at_end": ready_at_end,
-                "load_average_at_end": os.getloadavg(),
-                "requests": {
-                    "planned": int(rate * seconds),
-                    "sent": len(results),
-                    "ok": len(all_ok),
-                    "errors": sum(r.status != 200 for r in results),
-                    "errors_in_scaling_window": sum(r.status != 200 for r in in_window),
-                    "errors_outside_scaling_window": len(errors_outside),
-                    "error_examples": sorted({f"{r.status} {r.detail}"[:160] for r in results if r.status != 200})[:10],
-                },
-                "aborted": load["aborted"],
-                "latency_ms": {
-                    "p50": ms(percentile(all_ok, 50)),
-                    "p95": ms(percentile(all_ok, 95)),
-                    "p99": ms(percentile(all_ok, 99)),
-                    "max": ms(max(all_ok, default=None)),
-                },
-                "scaling": {
-                    "events": events,
-                    "window_s": [round(window[0], 2), round(window[1], 2)],
-                    "grace_s": args.grace_seconds,
-                },
-                "comparison": {
-                    "span_s": span,
-                    "p50_first_ms": ms(p50_first),
-                    "p50_last_ms": ms(p50_last),
-                    "ratio": ratio,
-                    "max_ratio": args.max_p50_ratio,
-                },
-                "checks": checks,
-                "passed": passed,
-                "per_second": per_second(results, seconds, workers),
-            }
-        )
+        soak(args, server, report)
     finally:
         server.stop()
-        if passed and not args.keep_workdir:
+        if report.get("passed") and not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return report
 
@@ -514,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--scale-workers must be >= 1")
     try:
         report = run_soak(args)
-    except ServerError as exc:
+    except ServekitError as exc:
         print(f"soak: error: {exc}", file=sys.stderr)
         return 1
     out = Path(args.out)

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-
-ARCHIVES = ("digits_v1.0.mar", "digits_v2.0.mar")
-
-
-@pytest.fixture(scope="session")
-def model_store(repo_root: Path) -> Path:
-    """The repo's model store, built from models.yaml if `make archive` has not run."""
-    store = repo_root / "model_store"
-    if not all((store / name).is_file() for name in ARCHIVES):
-        from servekit.build.archive import build_all
-        from servekit.build.spec import load_spec
-
-        build_all(load_spec(repo_root / "models.yaml"), store, repo_root / "build" / "cache")
-    return store
+from servekit.ops.store import archive_name
 
 
 @contextlib.contextmanager
 def running_torchserve(workdir: Path, model_store: Path, **kwargs) -> Iterator[TorchServeProcess]:
     """A TorchServe on free loopback ports, loading digits 1.0 unless told otherwise; always stopped."""
-    kwargs.setdefault("load_models", "digits_v1.0.mar")
+    kwargs.setdefault("load_models", archive_name("digits", "1.0"))
     server = TorchServeProcess(
         workdir=workdir, model_store=model_store, ports={kind: free_port() for kind in ADDRESS_KEYS}, **kwargs
     )
@@ -48,42 +37,43 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> I
 
 
 class Client:
-    """Thin requests wrapper that adds the right token for each API."""
+    """The tests' short forms over servekit's TorchServe client: answers come back whatever their status.
+
+    Transport failures raise ``requests.RequestException`` (``TorchServeClient.send``), so tests can count them.
+    """
 
     def __init__(self, server: TorchServeProcess) -> None:
-        self.server = server
+        self.api: TorchServeClient = server.client()
 
     def predict(self, path: str, timeout: float = 60, **kwargs) -> requests.Response:
-        return requests.post(
-            self.server.url("inference", f"/predictions/{path}"),
-            headers={**self.server.headers("inference"), **kwargs.pop("headers", {})},
-            timeout=timeout,
-            **kwargs,
-        )
+        return self.api.send("inference", "POST", f"/predictions/{path}", timeout=timeout, **kwargs)
 
     def manage(self, method: str, path: str, timeout: float = 120, **kwargs) -> requests.Response:
-        return requests.request(
-            method,
-            self.server.url("management", path),
-            headers=self.server.headers("management"),
-            timeout=timeout,
-            **kwargs,
-        )
+        return self.api.send("management", method, path, timeout=timeout, **kwargs)
 
     def ensure_registered(self, version: str, workers: int = 1) -> None:
-        described = self.manage("GET", f"/models/digits/{version}")
-        if described.status_code == 200:
+        if self.manage("GET", f"/models/digits/{version}").status_code == 200:
             return
-        response = self.manage("POST", f"/models?url=digits_v{version}.mar&initial_workers={workers}&synchronous=true")
+        params = {"url": archive_name("digits", version), "initial_workers": workers, "synchronous": "true"}
+        response = self.manage("POST", "/models", params=params)
         assert response.status_code == 200, response.text
 
     def metrics(self) -> str:
-        return requests.get(self.server.url("metrics", "/metrics"), timeout=10).text
+        return self.api.metrics()
 
 
 @pytest.fixture(scope="module")
 def client(torchserve: TorchServeProcess) -> Client:
     return Client(torchserve)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one ``servekit: error:`` line of a command that failed as the CLI promises (status 1)."""
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("servekit: error: ")
+    return lines[0]
 
 
 def b64(path: Path) -> str:

@@ -16,7 +16,7 @@ import yaml
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec, select
 from servekit.ops.server import TorchServeProcess, free_port
-from tests.integration.conftest import running_torchserve
+from tests.integration.conftest import one_error_line, running_torchserve
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,6 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path)
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stderr
     return result.stdout
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("servekit: error: ")
-    return lines[0]
 
 
 def default_of(cli, name: str = "digits") -> str:

@@ -22,7 +22,7 @@ import requests
 from servekit.ops.proxy import NginxProxy, render_config
 from servekit.ops.server import TorchServeProcess, free_port
 from servekit.ops.state_lock import StateLock
-from tests.integration.conftest import running_torchserve
+from tests.integration.conftest import one_error_line, running_torchserve
 
 
 @dataclass
@@ -81,14 +81,6 @@ def all_ok(*processes: subprocess.Popen) -> None:
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 1, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("servekit: error: ")
-    return lines[0]
 
 
 def consistent_state(op: Operator) -> dict:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import servekit.ops.proxy
-from servekit.ops.pidfile import pid_matches, signal_if_matches, verified_pid
+from servekit.ops.processes import pid_matches, signal_if_matches, verified_pid
 from servekit.ops.proxy import NginxProxy
 from servekit.ops.state_lock import StateLock, StateLockError, atomic_write_text
 
@@ -170,11 +169,17 @@ def test_signal_if_matches_signals_only_a_matching_process(sleeper: subprocess.P
 def test_proxy_stop_and_apply_never_signal_the_process_a_stale_pid_file_names(
     tmp_path: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(servekit.ops.proxy, "_nginx_check", lambda candidate: None)  # no nginx needed here
+    monkeypatch.setattr(NginxProxy, "check_config", lambda self, candidate: None)  # no nginx needed here
     reported: list[str] = []
     proxy = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:8080", warn=reported.append)
     proxy.prefix.mkdir()
-    for step in (proxy.stop, lambda: proxy.set_shadow("digits", "2.0")):
+
+    def shadow() -> None:
+        state = proxy.current()
+        state.model("digits").set_shadow("2.0")
+        proxy.apply(state)
+
+    for step in (proxy.stop, shadow):
         proxy.pid_file.write_text(str(sleeper.pid))
         step()
         time.sleep(0.1)

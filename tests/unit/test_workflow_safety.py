@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from servekit.ops.cli import main
+from servekit.ops.client import TorchServeClient
 from servekit.ops.history import History
-from servekit.ops.workflows import QUIET_S, Deployer, DeployError, TorchServeClient, promotions_to_undo
+from servekit.ops.state import DeploymentState, DeploymentStore, promotions_to_undo, write_state
+from servekit.ops.workflows import QUIET_S, Deployer, DeployError
 
 
 @dataclass
@@ -76,18 +78,23 @@ class FakeTorchServe(TorchServeClient):
 
 
 class FakeProxy:
-    """The two calls Deployer makes on the proxy, over a routes dict."""
+    """The call Deployer makes on the proxy when routes change: saves the state, records the routes rendered."""
 
-    def __init__(self, routes: dict[tuple[str, str], list[str]] | None = None) -> None:
-        self.routes = routes or {}
-        self.dropped: list[tuple[str, str]] = []
+    def __init__(self, state_file: Path) -> None:
+        self.state_file = state_file
+        self.applied: list[dict] = []
 
-    def routes_to(self, model: str, version: str) -> list[str]:
-        return list(self.routes.get((model, version), []))
+    def apply(self, state: DeploymentState, drain_timeout: float = 10.0) -> None:
+        write_state(self.state_file, state)
+        self.applied.append(state.routes())
 
-    def drop_routes(self, model: str, version: str, drain_timeout: float = 30.0) -> list[str]:
-        self.dropped.append((model, version))
-        return self.routes.pop((model, version), [])
+
+def route(deployer: Deployer, version: str, canary: int = 0, shadow: bool = False) -> None:
+    """Give the proxy routes to ``digits`` ``version``, as ``servekit canary`` / ``shadow`` would."""
+    state = deployer.deployments.load()
+    state.model("digits").set_canary(version, canary)
+    state.model("digits").set_shadow(version if shadow else None)
+    deployer.deployments.save(state)
 
 
 class FakeClock:
@@ -126,10 +133,12 @@ def warnings() -> list[str]:
 @pytest.fixture
 def deployer(server: FakeTorchServe, tmp_path: Path, warnings: list[str]) -> GoldenDeployer:
     clock = FakeClock()
+    deployments = DeploymentStore(
+        tmp_path / "proxy" / "state.json", History(tmp_path / "history.jsonl", warn=warnings.append)
+    )
     deployer = GoldenDeployer(
-        server, tmp_path, tmp_path / "models.yaml", History(tmp_path / "history.jsonl", warn=warnings.append),
-        FakeProxy(), clock=clock, sleep=clock.sleep,
-    )  # fmt: skip
+        server, tmp_path, deployments, FakeProxy(deployments.path), clock=clock, sleep=clock.sleep
+    )
     deployer.golden_ok, deployer.golden_checked = {}, []
     return deployer
 
@@ -159,7 +168,7 @@ def test_scaling_a_non_default_version_to_zero_is_allowed(deployer, server) -> N
 
 
 def test_scaling_a_routed_version_to_zero_is_refused(deployer, server) -> None:
-    deployer.proxy.routes[("digits", "2.0")] = ["canary (20%)"]
+    route(deployer, "2.0", canary=20)
     with pytest.raises(DeployError, match=r"the proxy sends it canary \(20%\) traffic, which would get 503"):
         deployer.scale("digits", "2.0", 0, 0)
     assert server.sent == []
@@ -201,7 +210,7 @@ def test_drain_timeout_zero_scales_down_without_waiting(deployer, server) -> Non
 
 # ------------------------------------------------------------------------------------------ retire
 def test_retiring_a_version_the_proxy_routes_to_is_refused_with_how_to_remove_the_routes(deployer, server) -> None:
-    deployer.proxy.routes[("digits", "2.0")] = ["canary (20%)", "shadow"]
+    route(deployer, "2.0", canary=20, shadow=True)
     with pytest.raises(DeployError) as refused:
         deployer.retire("digits", "2.0")
     assert str(refused.value) == (
@@ -210,13 +219,14 @@ def test_retiring_a_version_the_proxy_routes_to_is_refused_with_how_to_remove_th
         "with --drop-routes"
     )
     assert server.sent == []
-    assert deployer.proxy.dropped == []
+    assert deployer.proxy.applied == []
+    assert deployer.deployments.load().model("digits").routes_to("2.0") == ["canary (20%)", "shadow"]
 
 
 def test_retire_with_drop_routes_removes_the_routes_then_unregisters(deployer, server) -> None:
-    deployer.proxy.routes[("digits", "2.0")] = ["shadow"]
+    route(deployer, "2.0", shadow=True)
     deployer.retire("digits", "2.0", drop_routes=True)
-    assert deployer.proxy.dropped == [("digits", "2.0")]
+    assert deployer.proxy.applied == [{}]  # the routes to 2.0 were dropped through the proxy, before the DELETE
     assert server.sent == [("DELETE", "/models/digits/2.0")]
     assert actions(deployer) == ["drop-routes", "retire"]
     assert deployer.history.events()[0]["routes"] == ["shadow"]
