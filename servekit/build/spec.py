@@ -36,7 +36,7 @@ from handlers.config import HandlerConfig
 from handlers.image_io import DecodeLimits
 from handlers.transforms import Preprocessing
 from servekit.errors import ServekitError
-from servekit.ops.store import NAME_RE, VERSION_RE  # one definition of names and versions ("\Z", not "$")
+from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
 
 HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -275,7 +275,7 @@ class ModelVersionSpec:
 
     @property
     def archive_name(self) -> str:
-        return f"{self.name}_v{self.version}.mar"
+        return archive_name(self.name, self.version)
 
     @property
     def handler_file(self) -> str:
