@@ -63,7 +63,7 @@ class ImageClassifier(BatchHandler):
         topk = self.topk
         if "topk" in image_request.options:
             topk = parse_topk(image_request.options["topk"], len(self.labels))
-        image = decode_image(image_request.payload, self.limits)
+        image = decode_image(image_request.payload, self.limits, self.transform.min_decode_side)
         try:
             tensor = self.transform(image)
         except MemoryError as exc:

@@ -14,6 +14,7 @@ Two geometries are supported:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -21,8 +22,18 @@ import torch
 from PIL import Image
 
 from handlers.errors import InvalidInput
+from handlers.image_io import FULL_FRAME, FullFrame
 
 COLOR_MODES = {"L": 1, "RGB": 3}
+# A JPEG may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (``decode_image``'s ``min_side``)
+# only while the decoded image keeps this many times the pixels the resize maps onto the model's
+# input: the resize then still shrinks by 2x or more, so its own filter, not libjpeg's, decides what
+# the model sees (the reasoning and the measured differences: docs/decoding.md).
+RESIZE_DECODE_FACTOR = 2.0
+# fit_content: the decoded image's shorter side, as a multiple of the canvas (``crop``). The ink's
+# box is found and scaled on the decoded pixels: a digit filling at least 1/16 of the photo's
+# shorter side keeps 2x the canvas there, and top-1 held down to about that (docs/decoding.md).
+FIT_CONTENT_DECODE_FACTOR = 32
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,19 @@ class Preprocessing:
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
         return out
+
+    def min_decode_side(self) -> int | None:
+        """The shorter side a decoded image must keep for this preprocessing; None: decode at full size.
+
+        ``resize`` + ``crop``: ``RESIZE_DECODE_FACTOR`` x ``resize``. Without ``resize`` the crop is
+        taken at the image's own resolution, so no scaling is allowed. ``fit_content``:
+        ``FIT_CONTENT_DECODE_FACTOR`` x ``crop``.
+        """
+        if self.fit_content:
+            return FIT_CONTENT_DECODE_FACTOR * self.crop
+        if self.resize is None:
+            return None
+        return math.ceil(RESIZE_DECODE_FACTOR * self.resize)
 
     @property
     def channels(self) -> int:
@@ -150,6 +174,8 @@ class ImagePreprocessor:
 
     def __init__(self, params: Preprocessing) -> None:
         self.params = params
+        # For decode_image: once per worker, not per request.
+        self.min_decode_side = params.min_decode_side()
         std = torch.tensor(params.std, dtype=torch.float32).view(-1, 1, 1)
         mean = torch.tensor(params.mean, dtype=torch.float32).view(-1, 1, 1)
         # x/255 then (x - mean)/std folded into one multiply-add.
@@ -158,24 +184,30 @@ class ImagePreprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         p = self.params
+        # A DCT-scaled decode: the full size, and the box of these pixels it covers (image_io.FULL_FRAME).
+        frame = image.info.get(FULL_FRAME)
+        if not isinstance(frame, tuple):
+            frame = (image.size, (0, 0, *image.size))
         image = to_model_mode(image, p.color_mode)
         if p.invert:
             image = Image.eval(image, lambda v: 255 - v)
-        image = self._fit_content(image) if p.fit_content else self._resize_crop(image)
+        image = self._fit_content(image) if p.fit_content else self._resize_crop(image, frame)
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
         return tensor * self._scale + self._shift
 
-    def _resize_crop(self, image: Image.Image) -> Image.Image:
+    def _resize_crop(self, image: Image.Image, frame: FullFrame) -> Image.Image:
         """Resize the shorter side to ``resize`` then centre-crop ``crop``, as one resampling.
 
         The crop is mapped back to a box in the source image and resized straight to the output:
         the same pixels as resize-then-crop at a fraction of the cost (no full-size intermediate).
+        The geometry is that of the full-size image (``frame``), so a DCT-scaled decode crops
+        exactly the same part of the scene.
         """
         p = self.params
-        w, h = image.size
+        (w, h), (x0, y0, x1, y1) = frame
         short = max(p.crop, p.resize if p.resize is not None else min(w, h))
         # The resized size and crop offsets torchvision's Resize + CenterCrop would use ...
         if w <= h:
@@ -183,9 +215,9 @@ class ImagePreprocessor:
         else:
             rw, rh = int(short * w / h), short
         left, top = int(round((rw - p.crop) / 2.0)), int(round((rh - p.crop) / 2.0))
-        # ... mapped back to a box in the source image.
-        sx, sy = w / rw, h / rh
-        box = (left * sx, top * sy, (left + p.crop) * sx, (top + p.crop) * sy)
+        # ... mapped back to a box in the source image (its pixels: the frame's box).
+        sx, sy = (x1 - x0) / rw, (y1 - y0) / rh
+        box = (x0 + left * sx, y0 + top * sy, x0 + (left + p.crop) * sx, y0 + (top + p.crop) * sy)
         return image.resize((p.crop, p.crop), Image.Resampling.BILINEAR, box=box)
 
     def _fit_content(self, image: Image.Image) -> Image.Image:

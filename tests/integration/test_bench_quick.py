@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from handlers.model_loading import native_bf16
+
 
 def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_path: Path) -> None:
     result = subprocess.run(
@@ -19,7 +21,8 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "quick.json").read_text())
-    assert set(report["served"]) == {"stock", "fp32", "int8"}
+    expected = {"stock", "fp32", "int8"} | ({"bf16"} if native_bf16() else set())
+    assert set(report["served"]) == expected
     for key, served in report["served"].items():
         assert [r["concurrency"] for r in served["runs"]] == [1, 4], key
         for run in served["runs"]:
@@ -33,5 +36,8 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     for key in ("fp32", "int8"):
         assert report["in_process"][key]["img_per_s"] > 0
     assert report["archives"]["int8_bytes"] < report["archives"]["fp32_bytes"]
+    assert [layout["layout"] for layout in report["sweep"]] == ["2.0 x1", "2.0 x2", "2.0 x2 + 1.0 x2"]
+    assert all(layout["errors"] == 0 and layout["rps"] > 0 for layout in report["sweep"])
+    assert any(name.startswith("sweep:") for name in report["bars"])
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
     assert (tmp_path / "quick_latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -992,10 +992,23 @@ def test_memory_error_while_decoding_is_a_413(monkeypatch: pytest.MonkeyPatch) -
         decode_image(encode(noisy_rgb()), LIMITS)
 
 
+class FunctionTransform:
+    """A function as the handler's transform, with the decode size an ``ImagePreprocessor`` carries."""
+
+    min_decode_side = None
+
+    def __init__(self, function) -> None:
+        self.function = function
+
+    def __call__(self, image: Image.Image):
+        return self.function(image)
+
+
 def classifier_with(transform) -> ImageClassifier:
     """The handler with just what ``preprocess`` uses (no model)."""
     handler = ImageClassifier()
-    handler.labels, handler.topk, handler.limits, handler.transform = [str(d) for d in range(10)], 3, LIMITS, transform
+    handler.labels, handler.topk, handler.limits = [str(d) for d in range(10)], 3, LIMITS
+    handler.transform = FunctionTransform(transform)
     return handler
 
 

@@ -1,0 +1,107 @@
+"""The worker sweep of ``make bench``: one version at 1..4 workers, then two versions x 2 workers.
+
+Every layout is reached the way operators reach it, with the management API on a running server
+(scale, register), and loaded with ``hey`` for the same time at the same total concurrency; with
+two versions the clients are split evenly between them and their rates add up. The CPU budget
+(``handlers.cpu_budget``) is what should keep every layout near the best one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from servekit.ops.client import TorchServeClient
+
+WORKER_COUNTS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class Target:
+    model: str
+    version: str
+    archive: str
+
+
+def _scale(client: TorchServeClient, target: Target, workers: int) -> None:
+    params = {"min_worker": workers, "max_worker": workers, "synchronous": "true"}
+    client.manage("PUT", f"/models/{target.model}/{target.version}", params=params, timeout=600)
+
+
+def _load(
+    client: TorchServeClient,
+    run_hey: Callable[..., dict],
+    photo: Path,
+    targets: list[Target],
+    total: int,
+    seconds: float,
+    quick: bool,
+) -> dict:
+    """All ``targets`` loaded at once, ``total`` clients split between them; rates summed, worst p99 kept."""
+    share = max(1, total // len(targets))
+    token = client.token("inference")
+
+    def one(target: Target) -> dict:
+        url = client.url("inference", f"/predictions/{target.model}/{target.version}")
+        return run_hey(url, token, photo, share, seconds, 4 * share if quick else None)
+
+    with ThreadPoolExecutor(len(targets)) as pool:
+        runs = list(pool.map(one, targets))
+    p99s = [r["p99_ms"] for r in runs if r["p99_ms"] is not None]
+    return {
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "rps": round(sum(r["rps"] for r in runs), 1),
+        "p99_ms": max(p99s) if p99s else None,
+        "per_version": {t.version: r for t, r in zip(targets, runs, strict=True)},
+    }
+
+
+def worker_sweep(
+    client: TorchServeClient,
+    run_hey: Callable[..., dict],
+    photo: Path,
+    main: Target,
+    other: Target,
+    concurrency: int,
+    seconds: float,
+    quick: bool,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """Layouts in order: ``main`` at 1..4 workers, then ``main`` and ``other`` at 2 workers each."""
+    layouts = []
+    client.manage("POST", "/models", params={"url": main.archive, "synchronous": "true"}, timeout=600)
+    try:
+        for workers in WORKER_COUNTS[:2] if quick else WORKER_COUNTS:
+            _scale(client, main, workers)
+            result = _load(client, run_hey, photo, [main], concurrency, seconds, quick)
+            layouts.append({"layout": f"{main.version} x{workers}", "workers": workers, **result})
+            log(f"sweep {layouts[-1]['layout']}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
+        _scale(client, main, 2)
+        client.manage("POST", "/models", params={"url": other.archive, "synchronous": "true"}, timeout=600)
+        try:
+            _scale(client, other, 2)
+            result = _load(client, run_hey, photo, [main, other], concurrency, seconds, quick)
+            layout = f"{main.version} x2 + {other.version} x2"
+            layouts.append({"layout": layout, "workers": 4, **result})
+            log(f"sweep {layout}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
+        finally:
+            client.manage("DELETE", f"/models/{other.model}/{other.version}")
+    finally:
+        client.manage("DELETE", f"/models/{main.model}/{main.version}")
+    return layouts
+
+
+def sweep_bars(layouts: list[dict]) -> dict[str, bool]:
+    """The issue's bars: every layout with 2+ workers >= 90 % of the best req/s, p99 <= 1.5x the best p99."""
+    best_rps = max(layout["rps"] for layout in layouts)
+    p99s = [layout["p99_ms"] for layout in layouts if layout["p99_ms"] is not None]
+    best_p99 = min(p99s) if p99s else None
+    multi = [layout for layout in layouts if layout["workers"] >= 2]
+    return {
+        "sweep: every 2+ worker layout >= 90% of the best req/s": all(m["rps"] >= 0.9 * best_rps for m in multi),
+        "sweep: every 2+ worker layout p99 <= 1.5x the best": best_p99 is not None
+        and all(m["p99_ms"] is not None and m["p99_ms"] <= 1.5 * best_p99 for m in multi),
+    }
