@@ -129,7 +129,7 @@ def in_process_limit(program_path: Path, spec, jpeg: bytes, batch_sizes: list[in
     limits = DecodeLimits()
 
     def one(_: int) -> torch.Tensor:
-        return preprocess(decode_image(jpeg, limits))
+        return preprocess(decode_image(jpeg, limits, preprocess.min_decode_side))
 
     def measure(size: int, mapper) -> float:
         def step() -> None:
