@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if bf16 is not None:
         variants.append(Variant("bf16", bf16.archive_name, bf16.name, bf16.version, {}, "servekit handler, BF16"))
-    sweep = (Target(int8.name, int8.version, int8.archive_name), Target(fp32.name, fp32.version, fp32.archive_name))
+    second = f"{int8.name}_second"  # the same INT8 archive registered again: a second version of equal cost
+    sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
     try:
         served, layouts = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
     except ServekitError as exc:

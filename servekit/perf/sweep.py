@@ -1,9 +1,11 @@
-"""The worker sweep of ``make bench``: one version at 1..4 workers, then two versions x 2 workers.
+"""The worker sweep of ``make bench``: one version at 1..4 workers, then two registrations x 2 workers.
 
 Every layout is reached the way operators reach it, with the management API on a running server
 (scale, register), and loaded with ``hey`` for the same time at the same total concurrency; with
-two versions the clients are split evenly between them and their rates add up. The CPU budget
-(``handlers.cpu_budget``) is what should keep every layout near the best one.
+two registrations the clients are split evenly between them and their rates add up. The second
+registration is the same archive under another model name (``model_name=``): two versions of equal
+cost side by side, as during a rollout, so that the layouts compare the serving, not the models.
+The CPU budget (``handlers.cpu_budget``) is what should keep every layout near the best one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class Target:
     model: str
     version: str
     archive: str
+
+    def register(self, client: TorchServeClient) -> None:
+        params = {"url": self.archive, "model_name": self.model, "synchronous": "true"}
+        client.manage("POST", "/models", params=params, timeout=600)
 
 
 def _scale(client: TorchServeClient, target: Target, workers: int) -> None:
@@ -72,19 +78,19 @@ def worker_sweep(
 ) -> list[dict]:
     """Layouts in order: ``main`` at 1..4 workers, then ``main`` and ``other`` at 2 workers each."""
     layouts = []
-    client.manage("POST", "/models", params={"url": main.archive, "synchronous": "true"}, timeout=600)
+    main.register(client)
     try:
         for workers in WORKER_COUNTS[:2] if quick else WORKER_COUNTS:
             _scale(client, main, workers)
             result = _load(client, run_hey, photo, [main], concurrency, seconds, quick)
-            layouts.append({"layout": f"{main.version} x{workers}", "workers": workers, **result})
+            layouts.append({"layout": f"{main.model} {main.version} x{workers}", "workers": workers, **result})
             log(f"sweep {layouts[-1]['layout']}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
         _scale(client, main, 2)
-        client.manage("POST", "/models", params={"url": other.archive, "synchronous": "true"}, timeout=600)
+        other.register(client)
         try:
             _scale(client, other, 2)
             result = _load(client, run_hey, photo, [main, other], concurrency, seconds, quick)
-            layout = f"{main.version} x2 + {other.version} x2"
+            layout = f"{main.model} {main.version} x2 + {other.model} {other.version} x2"
             layouts.append({"layout": layout, "workers": 4, **result})
             log(f"sweep {layout}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
         finally:

@@ -36,7 +36,11 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     for key in ("fp32", "int8"):
         assert report["in_process"][key]["img_per_s"] > 0
     assert report["archives"]["int8_bytes"] < report["archives"]["fp32_bytes"]
-    assert [layout["layout"] for layout in report["sweep"]] == ["2.0 x1", "2.0 x2", "2.0 x2 + 1.0 x2"]
+    assert [layout["layout"] for layout in report["sweep"]] == [
+        "resnet18 2.0 x1",
+        "resnet18 2.0 x2",
+        "resnet18 2.0 x2 + resnet18_second 2.0 x2",
+    ]
     assert all(layout["errors"] == 0 and layout["rps"] > 0 for layout in report["sweep"])
     assert any(name.startswith("sweep:") for name in report["bars"])
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
