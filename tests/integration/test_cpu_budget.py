@@ -48,6 +48,18 @@ def settle(client: Client, registry: Path, workers: int, digit: bytes, budget: i
     raise AssertionError(f"workers did not settle on {workers} shares of {budget} CPUs: {counts}")
 
 
+def wait_for_replacement(client: Client, victim: int) -> None:
+    """Until TorchServe has replaced the killed worker: two READY workers, neither of them ``victim``."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        workers = client.manage("GET", "/models/digits/1.0").json()[0]["workers"]
+        ready = [w for w in workers if w.get("status") == "READY"]
+        if len(ready) == 2 and victim not in {w.get("pid") for w in workers}:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"TorchServe did not replace worker {victim} within {SETTLE_S:.0f}s")
+
+
 @pytest.fixture
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "registry"
@@ -80,6 +92,7 @@ def test_threads_follow_scaling_up_down_and_a_killed_worker(
     # A worker killed with SIGKILL never unregisters; the survivor and its replacement still settle.
     victim = max(two)
     os.kill(victim, signal.SIGKILL)
+    wait_for_replacement(client, victim)  # a request sent before TorchServe notices the death fails (507)
     after_kill = settle(client, registry, 2, digit, budget)
     assert victim not in after_kill
 
