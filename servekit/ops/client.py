@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,21 @@ class TorchServeError(ServekitError):
     """TorchServe could not be reached, refused a call, or its key file is unusable."""
 
 
+KEY_FILE_READS = 5  # TorchServe rewrites the key file in place on a refresh: a reader can catch it half written
+
+
 def read_keys(key_file: Path) -> dict[str, str]:
     """``{"inference": ..., "management": ..., "api": ...}`` from TorchServe's ``key_file.json``."""
-    try:
-        data = json.loads(Path(key_file).read_text())
-    except FileNotFoundError:
-        raise TorchServeError(f"no TorchServe key file at {key_file} (is TorchServe running? --key-file)") from None
-    except (OSError, ValueError) as exc:
-        raise TorchServeError(f"cannot read TorchServe key file {key_file}: {exc}") from exc
+    for attempt in range(KEY_FILE_READS):
+        try:
+            data = json.loads(Path(key_file).read_text())
+            break
+        except FileNotFoundError:
+            raise TorchServeError(f"no TorchServe key file at {key_file} (is TorchServe running? --key-file)") from None
+        except (OSError, ValueError) as exc:
+            if attempt == KEY_FILE_READS - 1:
+                raise TorchServeError(f"cannot read TorchServe key file {key_file}: {exc}") from exc
+            time.sleep(0.05 * (attempt + 1))  # being rewritten (a refresh): read it again
     if not isinstance(data, dict):
         raise TorchServeError(f"cannot read TorchServe key file {key_file}: not a JSON object")
     return {kind.lower(): entry["key"] for kind, entry in data.items() if isinstance(entry, dict) and "key" in entry}
