@@ -25,10 +25,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.nginx import NginxError, NginxInstance, config_head, nginx_binary
+from servekit.ops.nginx import NginxError, NginxInstance, config_head
 from servekit.ops.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
-__all__ = ["REGISTER_QUERY", "GuardError", "ManagementGuard", "nginx_binary", "render_guard_config"]
+__all__ = ["REGISTER_QUERY", "GuardError", "ManagementGuard", "render_guard_config"]
 
 # Unix socket paths are limited to 107 bytes by the kernel.
 MAX_SOCKET_PATH = 100

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from handlers.model_loading import TamperedArchive, verify_program
-from servekit.ops.guard import REGISTER_QUERY, ManagementGuard, nginx_binary, render_guard_config
+from servekit.ops.guard import REGISTER_QUERY, GuardError, ManagementGuard, render_guard_config
+from servekit.ops.nginx import nginx_binary
 from servekit.ops.processes import command_line, owned_pid, pid_matches
 from servekit.ops.server import TorchServeProcess, load_models_archives, read_snapshot
 from servekit.ops.store import IntegrityError, file_sha256, verify_archive, verify_store
@@ -73,7 +74,7 @@ def test_guard_configuration_passes_nginx_check(tmp_path: Path) -> None:
 
 
 def test_guard_refuses_a_socket_path_the_kernel_would_cut(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="longer than"):
+    with pytest.raises(GuardError, match="longer than 100 bytes"):
         ManagementGuard(tmp_path, "127.0.0.1:1", Path("/" + "x" * 120) / "m.sock")
 
 
