@@ -1,25 +1,21 @@
 """The thin shared base of every handler: the batch contract and error mapping, in one place.
 
-Workflow of a handler built on ``BatchHandler``:
+Workflow of a handler built on ``BatchHandler``, for each server-side batch of requests:
 
-1. ``load(context, config)``: load the model and build everything per-request work needs;
-2. ``preprocess(request)``: ONE request dict -> a prepared item (raise a ``HandlerError`` to fail
-   only that request);
-3. ``inference(items)``: the prepared items of the batch that survived step 2 -> model outputs;
-4. ``postprocess(outputs, items)``: -> one JSON-serialisable response per item.
+1. ``decode(request, headers)``: ONE request dict (and its HTTP headers, lower-case names) -> a
+   call object with a ``size``: how many model inputs the request carries (an OIP or KServe v1
+   request may carry several images; ``handlers.protocols``). Raise a ``HandlerError`` to fail
+   only that request;
+2. ``prepare(call)``: -> the call's model inputs, one per element (failures fail that request);
+3. ``run(items)``: the inputs of every surviving request of the batch, in slices of at most the
+   batch size the model was warmed up for: ``inference`` then ``postprocess`` -> one result per
+   input;
+4. ``encode(call, results)``: -> the request's ``protocols.Reply`` (body, content type, headers).
 
 ``handle`` runs the steps, guarantees N responses for N requests, and turns every error into a
 per-request status with a JSON body. ``initialize`` joins the machine-wide CPU budget
 (``handlers.cpu_budget``: torch's thread pool follows the number of live workers, re-checked
 between batches) and warms the model up at every batch size the worker can receive.
-
-Minimal example::
-
-    class Echo(BatchHandler):
-        def load(self, context, config): pass
-        def preprocess(self, request): return request["body"]
-        def inference(self, items): return items
-        def postprocess(self, outputs, items): return [{"echo": len(o)} for o in outputs]
 """
 
 from __future__ import annotations
@@ -41,7 +37,8 @@ JSON_CONTENT_TYPE = "application/json"
 
 
 class BatchHandler:
-    """Base class: subclasses implement ``load``, ``preprocess``, ``inference``, ``postprocess``."""
+    """Base class: subclasses implement ``load``, ``decode``, ``prepare``, ``inference``, ``postprocess``,
+    ``encode`` and ``warmup_items``."""
 
     # TorchScript's profiling executor specialises a graph on its first calls for each shape.
     warmup_rounds = 3
@@ -109,32 +106,57 @@ class BatchHandler:
         """N requests in, N responses out; a failure costs only the request it belongs to."""
         self.resize_threads()
         responses: list[Any] = [None] * len(data)
-        ready: list[tuple[int, Any]] = []
+        calls: list[tuple[int, Any, list[Any]]] = []
         for idx, request in enumerate(data):
             try:
-                ready.append((idx, self.preprocess(request)))
+                call = self.decode(request, request_headers(context, idx))
+                calls.append((idx, call, self.prepare(call)))
             except Exception as exc:  # noqa: BLE001 - every error becomes this request's status
                 responses[idx] = self._fail(context, idx, exc)
+        if not calls:
+            return responses
 
-        if ready:
-            items = [item for _, item in ready]
+        items = [item for _, _, prepared in calls for item in prepared]
+        try:
+            results = self.run(items)
+            if len(results) != len(items):
+                raise InferenceError(
+                    f"{type(self).__name__}.postprocess returned {len(results)} results for "
+                    f"{len(items)} inputs. Hint: return exactly one result per prepared item."
+                )
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("inference failed for a batch of %d inputs", len(items))
+            results = [exc] * len(items)
+        if len(calls) > 1 or len(items) > 1:
+            logger.info("batch: %d requests, %d inputs", len(calls), len(items))
+        start = 0
+        for idx, call, prepared in calls:
+            mine, start = results[start : start + len(prepared)], start + len(prepared)
+            failure = next((r for r in mine if isinstance(r, BaseException)), None)
             try:
-                outputs = self.postprocess(self.inference(items), items)
-                if len(outputs) != len(items):
-                    raise InferenceError(
-                        f"{type(self).__name__}.postprocess returned {len(outputs)} results for "
-                        f"{len(items)} inputs. Hint: return exactly one result per prepared item."
-                    )
+                if failure is not None:
+                    raise failure
+                reply = self.encode(call, mine)
             except Exception as exc:  # noqa: BLE001
-                logger.exception("inference failed for a batch of %d", len(items))
-                outputs = [exc] * len(items)
-            for (idx, _), output in zip(ready, outputs, strict=True):
-                if isinstance(output, BaseException):
-                    responses[idx] = self._fail(context, idx, output)
-                else:
-                    context.set_response_content_type(idx, JSON_CONTENT_TYPE)
-                    responses[idx] = output
+                responses[idx] = self._fail(context, idx, exc)
+                continue
+            context.set_response_content_type(idx, reply.content_type)
+            for name, value in (reply.headers or {}).items():
+                context.set_response_header(idx, name, value)
+            responses[idx] = reply.body
         return responses
+
+    def run(self, items: list[Any]) -> list[Any]:
+        """``inference`` + ``postprocess`` over ``items``, at most ``batch_size`` at a time.
+
+        A request may carry several inputs, so a batch may hold more than ``batch_size``: slices
+        keep every call to the model at a shape warm-up has already run.
+        """
+        results: list[Any] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            results.extend(self.postprocess(self.inference(chunk), chunk))
+        return results
 
     @staticmethod
     def _fail(context: Any, idx: int, exc: BaseException) -> dict:
@@ -151,7 +173,13 @@ class BatchHandler:
     def load(self, context: Any, config: Any) -> None:
         raise NotImplementedError
 
-    def preprocess(self, request: dict) -> Any:
+    def decode(self, request: dict, headers: dict[str, str]) -> Any:
+        raise NotImplementedError
+
+    def prepare(self, call: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def encode(self, call: Any, results: list[Any]) -> Any:
         raise NotImplementedError
 
     def inference(self, items: list[Any]) -> Any:
@@ -168,6 +196,13 @@ class BatchHandler:
         return []
 
 
+def request_headers(context: Any, idx: int) -> dict[str, str]:
+    """The HTTP headers of request ``idx``, names in lower case (TorchServe keeps the client's case)."""
+    getter = getattr(context, "get_all_request_header", None)
+    headers = getter(idx) if getter is not None else None
+    return {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}
+
+
 class _WarmupContext:
     """Stands in for TorchServe's context during warm-up: the answers go nowhere."""
 
@@ -175,4 +210,7 @@ class _WarmupContext:
         pass
 
     def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
         pass

@@ -14,6 +14,7 @@ construction, so a bad archive fails at load with a message naming the key.
       threads: null              # pin torch threads; null = this worker's share of the CPU budget
       quantized_engine: x86      # INT8 kernels
       optimize: true             # FP32: oneDNN-prepacked convolutions at load
+      protocol: {...}            # handlers.protocols.ProtocolConfig: OIP / KServe tensor names
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from handlers.image_io import DecodeLimits
+from handlers.protocols import ProtocolConfig
 from handlers.transforms import Preprocessing
 
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -45,6 +47,7 @@ class HandlerConfig:
     threads: int | None = None
     quantized_engine: str = "x86"
     optimize: bool = True
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -62,6 +65,8 @@ class HandlerConfig:
             raise ValueError(f"optimize: must be true or false, got {self.optimize!r}")
         if not isinstance(self.preprocessing, Preprocessing) or not isinstance(self.limits, DecodeLimits):
             raise ValueError("preprocessing and limits must be Preprocessing and DecodeLimits objects")
+        if not isinstance(self.protocol, ProtocolConfig):
+            raise ValueError("protocol must be a ProtocolConfig object")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HandlerConfig:
@@ -76,10 +81,16 @@ class HandlerConfig:
             data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
         if "limits" in data:
             data["limits"] = DecodeLimits.from_dict(data["limits"])
+        if "protocol" in data:
+            try:
+                data["protocol"] = ProtocolConfig.from_dict(data["protocol"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"protocol: {exc}") from None
         return cls(**data)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_dict()
         data["limits"] = asdict(self.limits)
+        data["protocol"] = self.protocol.to_dict()
         return data

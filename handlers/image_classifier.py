@@ -4,8 +4,13 @@ TorchServe requires this module to define exactly one class: helpers live in the
 Its settings are the archive's ``handler:`` section, typed and validated by
 ``handlers.config.HandlerConfig`` (defaults and keys are documented there).
 
-Responses are JSON: ``{"predictions": [{"label": "7", "index": 7, "probability": 0.98}, ...],
-"model": name, "version": version}``.
+Every protocol of ``handlers.protocols`` is answered on every route:
+
+* servekit's own (``/predictions/NAME``): ``{"predictions": [{"label": "7", "index": 7,
+  "probability": 0.98}, ...], "model": name, "version": version}``;
+* KServe v1: ``{"predictions": [[...top-k of instance 0...], ...], "model_name", "model_version"}``;
+* Open Inference Protocol v2: tensors ``labels`` (BYTES), ``scores`` (FP32), ``indices`` (INT64),
+  each ``[N, k]``, in JSON or binary.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handlers import protocols
 from handlers.base import BatchHandler
 from handlers.config import HandlerConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import PreparedImage, decode_image, extract_image_request, parse_topk
+from handlers.image_io import PreparedImage, decode_image, parse_topk
 from handlers.model_loading import load_model, verify_program
 from handlers.transforms import ImagePreprocessor
 
@@ -42,7 +48,7 @@ def warmup_images() -> list[bytes]:
 
 
 class ImageClassifier(BatchHandler):
-    """Decode -> preprocess -> batched softmax classifier -> top-k labels."""
+    """Decode -> preprocess -> batched softmax classifier -> top-k labels, in any protocol."""
 
     def load(self, context: Any, config: HandlerConfig) -> None:
         model_dir = Path(context.system_properties["model_dir"])
@@ -56,16 +62,32 @@ class ImageClassifier(BatchHandler):
         self.topk = min(config.topk, len(self.labels))
         self.limits = config.limits
         self.preprocessing = config.preprocessing
+        self.protocol = config.protocol
         self.transform = ImagePreprocessor(self.preprocessing)
 
-    def preprocess(self, request: dict) -> PreparedImage:
-        image_request = extract_image_request(request)
-        topk = self.topk
-        if "topk" in image_request.options:
-            topk = parse_topk(image_request.options["topk"], len(self.labels))
-        image = decode_image(image_request.payload, self.limits, self.transform.min_decode_side)
+    # ------------------------------------------------------------------ per request
+    def decode(self, request: dict, headers: dict[str, str]) -> protocols.Call:
+        return protocols.decode(request, headers, self.protocol, self.preprocessing.input_shape)
+
+    def prepare(self, call: protocols.Call) -> list[PreparedImage]:
+        topk = self.topk if call.topk is None else parse_topk(call.topk, len(self.labels))
+        prepared = []
+        for i, element in enumerate(call.images or call.tensors):
+            try:
+                if call.images:
+                    tensor = self.preprocess_image(element)
+                else:
+                    tensor = torch.from_numpy(np.array(element, dtype=np.float32))
+            except Exception as exc:
+                raise protocols.element_error(call, i, exc) from exc
+            prepared.append(PreparedImage(tensor, topk))
+        return prepared
+
+    def preprocess_image(self, payload: bytes) -> torch.Tensor:
+        """Encoded image bytes -> the model's input tensor, within the decode budget."""
+        image = decode_image(payload, self.limits, self.transform.min_decode_side)
         try:
-            tensor = self.transform(image)
+            return self.transform(image)
         except MemoryError as exc:
             raise PayloadTooLarge("image needs more memory to convert than the worker can give it") from exc
         except CONVERSION_FAILURES as exc:
@@ -74,25 +96,26 @@ class ImageClassifier(BatchHandler):
             raise InvalidInput(
                 f"image cannot be converted for the model ({image.mode}, {width}x{height}): {exc}"
             ) from exc
-        return PreparedImage(tensor, topk)
 
+    def encode(self, call: protocols.Call, results: list[protocols.Classification]) -> protocols.Reply:
+        return call.encode(results, self.model_name, self.model_version, self.protocol)
+
+    # ------------------------------------------------------------------ per batch
     @torch.inference_mode()
     def inference(self, items: list[PreparedImage]) -> torch.Tensor:
         batch = torch.stack([item.tensor for item in items])
         return torch.softmax(self.model(batch).float(), dim=1)
 
-    def postprocess(self, outputs: torch.Tensor, items: list[PreparedImage]) -> list[dict]:
+    def postprocess(self, outputs: torch.Tensor, items: list[PreparedImage]) -> list[protocols.Classification]:
         kmax = max(item.topk for item in items)
         probs, indices = outputs.topk(kmax, dim=1)
         results = []
         for item, row_p, row_i in zip(items, probs.tolist(), indices.tolist(), strict=True):
-            predictions = [
-                {"label": self.labels[i], "index": i, "probability": round(p, 6)}
-                for p, i in zip(row_p[: item.topk], row_i[: item.topk], strict=True)
-            ]
-            results.append({"predictions": predictions, "model": self.model_name, "version": self.model_version})
+            k = item.topk
+            results.append(protocols.Classification([self.labels[i] for i in row_i[:k]], row_i[:k], row_p[:k]))
         return results
 
+    # ------------------------------------------------------------------ warm-up
     def warmup_items(self, batch_size: int) -> list[PreparedImage]:
         blank = torch.zeros(self.preprocessing.input_shape)
         return [PreparedImage(blank, self.topk) for _ in range(batch_size)]

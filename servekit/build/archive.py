@@ -183,6 +183,7 @@ def _metadata(
         "weights_sha256": file_sha256(weights_path),
         "program_sha256": file_sha256(program_path),
         "accuracy": accuracy,
+        "oip": spec.oip_metadata(),
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "toolkit_version": servekit.__version__,
         "torch_version": torch.__version__,

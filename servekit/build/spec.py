@@ -11,6 +11,7 @@ Layout::
         topk: 3
         preprocessing: {...}       # handlers.transforms.Preprocessing
         limits: {...}              # handlers.image_io.DecodeLimits
+        protocol: {...}            # handlers.protocols.ProtocolConfig: OIP/KServe tensor names
         serving: {...}             # Serving below: TorchServe's batch and worker settings
         evaluation: digits         # data set for measured accuracy (servekit.build.datasets), or omit
         versions:
@@ -34,6 +35,7 @@ import yaml
 
 from handlers.config import HandlerConfig
 from handlers.image_io import DecodeLimits
+from handlers.protocols import ProtocolConfig, oip_metadata
 from handlers.transforms import Preprocessing
 from servekit.errors import ServekitError
 from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
@@ -50,6 +52,7 @@ VERSION_KEYS = {
     "topk",
     "preprocessing",
     "limits",
+    "protocol",
     "serving",
     "evaluation",
     "quantization",
@@ -265,6 +268,7 @@ class ModelVersionSpec:
     bf16: Bf16 | None = None
     description: str = ""
     golden_set: tuple[GoldenItem, ...] = ()
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -287,6 +291,7 @@ class ModelVersionSpec:
         if self.bf16 is None:
             data.pop("bf16")  # absent, not null: fingerprints of fp32/int8 versions stay as they were
         data["preprocessing"] = self.preprocessing.to_dict()
+        data["protocol"] = self.protocol.to_dict()
         data["labels"] = list(self.labels)
         # Content, not location: the fingerprint must not change when the checkout moves.
         if self.weights.file:
@@ -307,7 +312,16 @@ class ModelVersionSpec:
             limits=self.limits,
             threads=self.serving.threads,
             quantized_engine=self.quantization.backend if self.quantization is not None else "x86",
+            protocol=self.protocol,
         )
+
+    def oip_metadata(self, versions: list[str] | None = None) -> dict:
+        """What ``GET /v2/models/NAME`` answers for this version (``versions``: those registered)."""
+        return {
+            "name": self.name,
+            "versions": versions if versions is not None else [self.version],
+            **oip_metadata(self.protocol, self.preprocessing.input_shape, len(self.labels)),
+        }
 
 
 def _torchvision_categories(weights_name: str) -> list[str] | None:
@@ -487,6 +501,7 @@ class _VersionResolver:
             bf16=self.bf16(),
             description=str(merged.get("description", "")),
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
+            protocol=self.nested("protocol", lambda: ProtocolConfig.from_dict(merged.get("protocol"))),
         )
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
 from servekit.ops.guard import ManagementGuard
+from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, OipService
 from servekit.ops.processes import group_alive, owned_pid, read_pid
 from servekit.ops.store import verify_store
 from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
@@ -134,6 +135,7 @@ class TorchServeProcess:
     restore: bool = False  # re-register what the latest snapshot in workdir/logs/config holds (needs snapshots)
     overrides: dict[str, str] = field(default_factory=dict)
     verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
+    oip: bool = True  # the Open Inference Protocol address beside it (servekit.ops.oip_service)
     process: subprocess.Popen | None = None
     snapshot_differences: list[str] = field(default_factory=list)
 
@@ -143,7 +145,9 @@ class TorchServeProcess:
         self.props = read_properties(BASE_CONFIG)
         if self.ports is None:
             self.ports = {kind: int(self.props[key].rsplit(":", 1)[1]) for kind, key in ADDRESS_KEYS.items()}
+            self.oip_ports = {"oip_http": DEFAULT_HTTP_PORT, "oip_grpc": DEFAULT_GRPC_PORT}
         else:
+            self.oip_ports = {"oip_http": free_port(), "oip_grpc": free_port()}
             # A server on chosen ports (tests, bench) must not collide with another one's gRPC ports.
             self.props.setdefault("grpc_inference_port", str(free_port()))
             self.props.setdefault("grpc_management_port", str(free_port()))
@@ -162,10 +166,21 @@ class TorchServeProcess:
         self.guard = ManagementGuard(
             self.workdir / "guard", f"127.0.0.1:{self.ports['management']}", self.management_socket
         )
+        self.oip_service = OipService(
+            self.workdir / "oip", self.url("inference"), self.url("management"), self.key_file, self.model_store,
+            http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"],
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
     def url(self, kind: str, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.ports[kind]}{path}"
+        """``kind``: inference, management, metrics or oip_http (``oip_grpc`` is host:port, see ``grpc_address``)."""
+        port = self.oip_ports[kind] if kind in self.oip_ports else self.ports[kind]
+        return f"http://127.0.0.1:{port}{path}"
+
+    @property
+    def grpc_address(self) -> str:
+        """Where the standard OIP gRPC service (``inference.GRPCInferenceService``) listens."""
+        return f"127.0.0.1:{self.oip_ports['oip_grpc']}"
 
     @property
     def management_socket(self) -> Path:
@@ -246,7 +261,7 @@ class TorchServeProcess:
                 verify_store(self.model_store, self.archives_to_load())
             except ServekitError as exc:
                 raise ServerError(f"refusing to start: {exc}") from exc
-        for kind, port in self.ports.items():
+        for kind, port in {**self.ports, **(self.oip_ports if self.oip else {})}.items():
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     raise ServerError(f"port {port} ({kind}) is already in use: is a TorchServe running? (make stop)")
@@ -293,6 +308,8 @@ class TorchServeProcess:
             )
         try:
             self.wait_healthy(timeout)
+            if self.oip:
+                self.oip_service.start()
             self.wait_models_ready(timeout)
         except BaseException:
             self.stop()
@@ -354,6 +371,7 @@ class TorchServeProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
+        self.oip_service.stop()
         self.guard.stop()
 
     def _stop_group(self, pid: int, timeout: float) -> None:
@@ -439,6 +457,9 @@ Keys are in {server.key_file}. Try:
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits/2.0 -T samples/digit_7.png
   curl -H "Authorization: Bearer $MGT" -X PUT "{management}/models/digits/2.0?min_worker=2&synchronous=true"
   curl -H "Authorization: Bearer $MGT" {management}/models/digits/all
+
+Open Inference Protocol (Triton / KServe v2 clients): HTTP {server.url("oip_http")}, gRPC {server.grpc_address}
+  curl -H "Authorization: Bearer $INF" {server.url("oip_http")}/v2/models/digits
   make stop"""
     )
 

@@ -266,7 +266,7 @@ def test_handler_decodes_at_its_preprocessing_size(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr("handlers.image_classifier.decode_image", recording_decode)
 
-    prepared = handler.preprocess({"body": jpeg(Image.new("RGB", (1200, 1100)))})
+    tensor = handler.preprocess_image(jpeg(Image.new("RGB", (1200, 1100))))
 
     assert seen == [512]
-    assert prepared.tensor.shape == (3, 224, 224)
+    assert tensor.shape == (3, 224, 224)

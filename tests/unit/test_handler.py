@@ -34,6 +34,8 @@ class FakeContext:
         self.model_name = manifest["model"]["modelName"]
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
+        self.request_headers: list[dict[str, str]] = []
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
@@ -41,9 +43,17 @@ class FakeContext:
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_types[idx] = value
 
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.request_headers[idx] if idx < len(self.request_headers) else {}
+
     def reset(self) -> None:
         self.statuses.clear()
         self.content_types.clear()
+        self.response_headers.clear()
+        self.request_headers = []
 
 
 def extract(store: Path, version: str, into: Path) -> Path:

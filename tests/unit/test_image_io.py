@@ -1018,7 +1018,7 @@ def test_conversion_failure_in_preprocess_is_a_400(png: bytes, error: Exception)
         raise error
 
     with pytest.raises(InvalidInput) as info:
-        classifier_with(failing).preprocess({"body": png})
+        classifier_with(failing).preprocess_image(png)
 
     assert info.value.message == f"image cannot be converted for the model (RGB, 64x48): {error}"
 
@@ -1028,7 +1028,7 @@ def test_memory_error_in_preprocess_is_a_413(png: bytes) -> None:
         raise MemoryError
 
     with pytest.raises(PayloadTooLarge, match=r"^image needs more memory to convert than the worker can give it$"):
-        classifier_with(failing).preprocess({"body": png})
+        classifier_with(failing).preprocess_image(png)
 
 
 def test_handler_errors_from_the_transform_pass_through(png: bytes) -> None:
@@ -1036,7 +1036,7 @@ def test_handler_errors_from_the_transform_pass_through(png: bytes) -> None:
         raise InvalidInput("image has no visible content (it is blank or nearly uniform)")
 
     with pytest.raises(InvalidInput, match="no visible content"):
-        classifier_with(blank).preprocess({"body": png})
+        classifier_with(blank).preprocess_image(png)
 
 
 # ------------------------------------------------------------------------------------ odd but valid modes

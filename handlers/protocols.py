@@ -1,0 +1,517 @@
+"""The wire protocols a handler answers, decoded into one neutral form and encoded back.
+
+TorchServe routes three kinds of request to the same handler: its own ``/predictions/NAME``,
+KServe v1 (``POST /v1/models/NAME:predict``) and the Open Inference Protocol, KServe v2
+(``POST /v2/models/NAME/infer``). The frontend does not tell the handler which route a request
+came in on, so the protocol is read from the request itself (``decode``):
+
+* an ``Inference-Header-Content-Length`` header, or a JSON object with ``inputs``: OIP v2. The JSON
+  header may be followed by raw tensor bytes (the binary tensor extension ``tritonclient`` uses by
+  default); ``BYTES`` elements there are each a 4-byte little-endian length and the bytes;
+* a JSON object with ``instances``: KServe v1, each instance an image (``{"data": b64}``,
+  ``{"b64": ...}``, ``{"image": ...}`` or a bare base64 string);
+* anything else: servekit's own forms (raw body, multipart, ``{"data": b64}``).
+
+A request becomes a ``Call``: its images (or preprocessed tensors), the options it asked for
+(``top_k``, which outputs, binary or JSON) and how to answer. The handler turns every element into
+one model input; ``Call.encode`` packs the per-element results into the protocol's answer. A
+malformed request raises ``InvalidInput`` (400) or ``PayloadTooLarge`` (413) for itself alone;
+OIP clients read the message from the body's ``error`` field.
+
+What the protocols call inputs and outputs is data (``ProtocolConfig``, the spec's ``protocol:``
+section): the names, and for OIP metadata the datatypes and shapes (``oip_metadata``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from handlers.errors import InvalidInput, PayloadTooLarge
+from handlers.image_io import extract_image_request
+
+# The binary tensor extension's header: the JSON part's length in bytes.
+BINARY_HEADER = "inference-header-content-length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+JSON_CONTENT_TYPE = "application/json"
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
+# Bytes per element of every fixed-size OIP datatype (BYTES is variable).
+DATATYPE_SIZES = {
+    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
+}  # fmt: skip
+_NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8"}
+_QUOTE = 40
+
+
+def _quote(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)[: _QUOTE * 2]
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """Names the protocols use for this model's tensors (the spec's ``protocol:`` section).
+
+    ``image_input``: a BYTES tensor of encoded images, shape ``[N]`` or ``[N, 1]``;
+    ``tensor_input``: an FP32 tensor already preprocessed, shape ``[N, *input_shape]`` (null:
+    refused); outputs ``labels`` (BYTES), ``scores`` (FP32) and ``indices`` (INT64), each
+    ``[N, k]``. ``max_images`` bounds the elements one request may carry (every element takes a
+    slot in the server-side batch).
+    """
+
+    image_input: str = "image"
+    tensor_input: str | None = "pixels"
+    labels_output: str = "labels"
+    scores_output: str = "scores"
+    indices_output: str = "indices"
+    max_images: int = 32
+
+    def __post_init__(self) -> None:
+        named = {"image_input": self.image_input, "labels_output": self.labels_output,
+                 "scores_output": self.scores_output, "indices_output": self.indices_output}  # fmt: skip
+        if self.tensor_input is not None:
+            named["tensor_input"] = self.tensor_input
+        for key, name in named.items():
+            if not isinstance(name, str) or not _NAME_RE.match(name):
+                raise ValueError(
+                    f"{key}: a tensor name starts with a letter or _ and holds at most 64 letters, digits, "
+                    f"_ . -; got {name!r}"
+                )
+        if len(set(named.values())) != len(named):
+            raise ValueError(f"tensor names must be distinct, got {sorted(named.values())}")
+        limit = self.max_images
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1024:
+            raise ValueError(f"max_images: must be an integer from 1 to 1024, got {self.max_images!r}")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """Output name -> datatype, in the order answers list them."""
+        return {self.labels_output: "BYTES", self.scores_output: "FP32", self.indices_output: "INT64"}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> ProtocolConfig:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key in protocol (valid keys: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def oip_metadata(config: ProtocolConfig, input_shape: tuple[int, ...], num_classes: int) -> dict:
+    """The inputs and outputs of ``GET /v2/models/NAME`` (without name and versions)."""
+    inputs = [{"name": config.image_input, "datatype": "BYTES", "shape": [-1]}]
+    if config.tensor_input is not None:
+        inputs.append({"name": config.tensor_input, "datatype": "FP32", "shape": [-1, *input_shape]})
+    outputs = [{"name": name, "datatype": dtype, "shape": [-1, -1]} for name, dtype in config.outputs.items()]
+    return {
+        "platform": "pytorch_torchscript",
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {"num_classes": num_classes, "max_images": config.max_images},
+    }
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class Classification:
+    """One element's answer: its top-k labels, class indices and probabilities, best first."""
+
+    labels: list[str]
+    indices: list[int]
+    scores: list[float]
+
+    def as_predictions(self) -> list[dict]:
+        return [
+            {"label": label, "index": index, "probability": round(score, 6)}
+            for label, index, score in zip(self.labels, self.indices, self.scores, strict=True)
+        ]
+
+
+@dataclass
+class Reply:
+    """What goes back for one request: a JSON-serialisable body or bytes, its type and headers."""
+
+    body: Any
+    content_type: str = JSON_CONTENT_TYPE
+    headers: dict[str, str] | None = None
+
+
+# ------------------------------------------------------------------------------------------ the call
+@dataclass
+class Call:
+    """One request, decoded: its elements and how to answer it.
+
+    ``images`` holds encoded image bytes, ``tensors`` (OIP FP32 input) one preprocessed array per
+    element; exactly one of the two is non-empty.
+    """
+
+    protocol: str  # "native" | "kserve_v1" | "oip_v2"
+    images: list[bytes]
+    tensors: list[np.ndarray]
+    topk: Any = None  # the raw option, validated by the handler (it knows the number of classes)
+    request_id: str | None = None
+    outputs: list[tuple[str, bool]] | None = None  # OIP: (name, binary) in the requested order
+
+    @property
+    def size(self) -> int:
+        return len(self.images) or len(self.tensors)
+
+    def encode(self, results: list[Classification], model: str, version: str, config: ProtocolConfig) -> Reply:
+        if self.protocol == "oip_v2":
+            return _encode_oip(self, results, model, version, config)
+        if self.protocol == "kserve_v1":
+            return Reply({"predictions": [r.as_predictions() for r in results], "model_name": model,
+                          "model_version": version})  # fmt: skip
+        return Reply({"predictions": results[0].as_predictions(), "model": model, "version": version})
+
+
+def element_error(call: Call, index: int, exc: Exception) -> Exception:
+    """``exc`` of element ``index``, its message prefixed with where it is when the call has several."""
+    if call.size <= 1 or not hasattr(exc, "status"):
+        return exc
+    where = "instances" if call.protocol == "kserve_v1" else "input"
+    error = type(exc)(f"{where}[{index}]: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    """Read the protocol of one TorchServe request dict and decode it (see module docstring).
+
+    ``headers`` are the request's HTTP headers with lower-case names.
+    """
+    body = request.get("body")
+    if body is None:
+        body = request.get("data")
+    if BINARY_HEADER in headers:
+        return _decode_oip_binary(body, headers[BINARY_HEADER], config, input_shape)
+    document = body
+    if isinstance(body, bytes | bytearray | memoryview | str):
+        text = bytes(body) if not isinstance(body, str) else body
+        if text.lstrip()[:1] in (b"{", "{"):
+            document = _parse_json(text)
+    if isinstance(document, dict):
+        if "inputs" in document:
+            return _decode_oip(document, b"", config, input_shape)
+        if "instances" in document:
+            return _decode_kserve_v1(document, config)
+        image = extract_image_request({"body": document})
+    else:
+        image = extract_image_request(request)
+    return Call("native", [image.payload], [], topk=image.options.get("topk"))
+
+
+def _parse_json(text: bytes | str) -> Any:
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("JSON body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise InvalidInput("malformed JSON body: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
+        raise InvalidInput(f"malformed JSON body: {exc}") from exc
+
+
+def _b64(text: Any, where: str) -> bytes:
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("ascii", "replace")
+    if not isinstance(text, str):
+        raise InvalidInput(f"{where} must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        payload = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(f"{where} is not valid base64: {exc}") from exc
+    if not payload:
+        raise InvalidInput(f"{where} is empty")
+    return payload
+
+
+def _check_count(count: int, config: ProtocolConfig, what: str) -> None:
+    if count < 1:
+        raise InvalidInput(f"{what}: no images in the request")
+    if count > config.max_images:
+        raise PayloadTooLarge(f"{what}: {count} images in one request; the limit is {config.max_images}")
+
+
+# KServe v1 -----------------------------------------------------------------------------------------
+_V1_IMAGE_KEYS = ("data", "b64", "image")
+
+
+def _decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
+    instances = document["instances"]
+    if not isinstance(instances, list):
+        raise InvalidInput(f"'instances' must be a list of images, got {type(instances).__name__}")
+    _check_count(len(instances), config, "instances")
+    images = []
+    for i, instance in enumerate(instances):
+        if isinstance(instance, dict):
+            key = next((k for k in _V1_IMAGE_KEYS if k in instance), None)
+            if key is None:
+                raise InvalidInput(
+                    f"instances[{i}]: expected an object with a base64 image in one of {list(_V1_IMAGE_KEYS)}"
+                )
+            images.append(_b64(instance[key], f"instances[{i}].{key}"))
+        else:
+            images.append(_b64(instance, f"instances[{i}]"))
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    topk = parameters.get("top_k", document.get("topk"))
+    return Call("kserve_v1", images, [], topk=topk)
+
+
+# OIP v2 --------------------------------------------------------------------------------------------
+def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    if isinstance(body, dict | list):  # the frontend parsed a JSON-only body although the header was sent
+        body = json.dumps(body).encode()
+    if isinstance(body, str):
+        body = body.encode()
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise InvalidInput("a request with Inference-Header-Content-Length must have a body")
+    body = bytes(body)
+    try:
+        header_length = int(str(declared).strip())
+    except ValueError:
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {_quote(declared)}") from None
+    if not 2 <= header_length <= len(body):
+        raise InvalidInput(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
+    try:
+        document = _parse_json(body[:header_length])
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"the first {header_length} bytes (Inference-Header-Content-Length) are not a JSON header: {exc}"
+        ) from None
+    if not isinstance(document, dict):
+        raise InvalidInput("the inference header must be a JSON object with 'inputs'")
+    return _decode_oip(document, body[header_length:], config, input_shape)
+
+
+def _shape(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or len(value) > 8:
+        raise InvalidInput(f"{where}.shape must be a list of 1 to 8 dimensions, got {_quote(value)}")
+    for dim in value:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise InvalidInput(f"{where}.shape must hold non-negative integers, got {_quote(value)}")
+    return value
+
+
+def _flatten(data: Any, limit: int, where: str) -> list:
+    """Row-major flattening of nested JSON lists, refusing more than ``limit`` elements early."""
+    if not isinstance(data, list):
+        return [data]
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                if len(stack) > 8:
+                    raise InvalidInput(f"{where}.data is nested deeper than its shape allows")
+                stack.append(iter(value))
+                break
+            out.append(value)
+            if len(out) > limit:
+                raise InvalidInput(f"{where}.data holds more elements than its shape ({limit})")
+        else:
+            stack.pop()
+    return out
+
+
+def _decode_oip(document: dict, tail: bytes, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    known = [config.image_input] + ([config.tensor_input] if config.tensor_input else [])
+    if len(inputs) != 1:
+        raise InvalidInput(f"expected exactly one input tensor, one of {known}; got {len(inputs)}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise InvalidInput("each input must be an object with name, datatype, shape and data")
+    name = tensor.get("name")
+    if name not in known:
+        raise InvalidInput(f"unknown input {_quote(name)}: this model takes one of {known}")
+    where = f"input {name!r}"
+    datatype = tensor.get("datatype")
+    shape = _shape(tensor.get("shape"), where)
+    tensor_params = tensor.get("parameters") or {}
+    if not isinstance(tensor_params, dict):
+        raise InvalidInput(f"{where}.parameters must be an object")
+    binary_size = tensor_params.get("binary_data_size")
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or isinstance(binary_size, bool) or binary_size < 0:
+            raise InvalidInput(f"{where}.parameters.binary_data_size must be a non-negative integer")
+        if binary_size != len(tail):
+            raise InvalidInput(
+                f"{where}.parameters.binary_data_size is {binary_size} but {len(tail)} bytes follow the header"
+            )
+        if "data" in tensor:
+            raise InvalidInput(f"{where} has both data and binary_data_size")
+    elif tail:
+        raise InvalidInput(f"{len(tail)} binary bytes follow the header but no input declares binary_data_size")
+    elif "data" not in tensor:
+        raise InvalidInput(f"{where} has no data (give 'data' or the binary extension's binary_data_size)")
+
+    if name == config.image_input:
+        if datatype != "BYTES":
+            raise InvalidInput(f"{where} must have datatype BYTES (encoded images), got {_quote(datatype)}")
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise InvalidInput(f"{where}.shape must be [N] or [N, 1] (N images), got {shape}")
+        count = shape[0]
+        _check_count(count, config, where)
+        if binary_size is not None:
+            images = _split_bytes(tail, count, where)
+        else:
+            elements = _flatten(tensor["data"], count, where)
+            if len(elements) != count:
+                raise InvalidInput(f"{where}.data holds {len(elements)} elements; its shape {shape} needs {count}")
+            images = [_b64(e, f"{where}.data[{i}]") for i, e in enumerate(elements)]
+        call = Call("oip_v2", images, [])
+    else:
+        if datatype != "FP32":
+            raise InvalidInput(f"{where} must have datatype FP32, got {_quote(datatype)}")
+        expected = list(input_shape)
+        if len(shape) != len(expected) + 1 or shape[1:] != expected:
+            raise InvalidInput(f"{where}.shape must be [N, {', '.join(map(str, expected))}], got {shape}")
+        count = shape[0]
+        _check_count(count, config, where)
+        per = math.prod(expected)
+        total = count * per
+        if binary_size is not None:
+            if len(tail) != total * 4:
+                raise InvalidInput(f"{where}: shape {shape} needs {total * 4} bytes of FP32, got {len(tail)}")
+            array = np.frombuffer(tail, dtype="<f4")
+        else:
+            elements = _flatten(tensor["data"], total, where)
+            if len(elements) != total:
+                raise InvalidInput(f"{where}.data holds {len(elements)} numbers; its shape {shape} needs {total}")
+            if not all(isinstance(e, int | float) and not isinstance(e, bool) for e in elements):
+                raise InvalidInput(f"{where}.data must hold numbers only")
+            array = np.asarray(elements, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise InvalidInput(f"{where} holds NaN or infinite values")
+        array = array.reshape(count, *expected)
+        call = Call("oip_v2", [], [array[i] for i in range(count)])
+
+    call.request_id = request_id
+    call.topk = parameters.get("top_k")
+    call.outputs = _requested_outputs(document.get("outputs"), parameters, config)
+    return call
+
+
+def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+    """The BYTES tensor serialisation: per element a uint32 little-endian length, then the bytes."""
+    elements, offset = [], 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"{where}: binary data ends before element {i} of {count}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if length == 0:
+            raise InvalidInput(f"{where}: element {i} is empty")
+        if offset + length > len(raw):
+            raise InvalidInput(f"{where}: element {i} declares {length} bytes but only {len(raw) - offset} remain")
+        elements.append(raw[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise InvalidInput(f"{where}: {len(raw) - offset} bytes left over after {count} elements")
+    return elements
+
+
+def _requested_outputs(value: Any, parameters: dict, config: ProtocolConfig) -> list[tuple[str, bool]]:
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput("parameters.binary_data_output must be true or false")
+    available = list(config.outputs)
+    if value is None:
+        return [(name, binary_default) for name in available]
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(f"'outputs' must be a non-empty list of objects with a name, one of {available}")
+    requested = []
+    for output in value:
+        name = output.get("name") if isinstance(output, dict) else None
+        if name not in available:
+            raise InvalidInput(f"unknown output {_quote(name)}: this model gives {available}")
+        params = output.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"output {name!r}: parameters must be an object")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise InvalidInput(f"output {name!r}: parameters.binary_data must be true or false")
+        if any(name == seen for seen, _ in requested):
+            raise InvalidInput(f"output {name!r} is requested twice")
+        requested.append((name, binary))
+    return requested
+
+
+# ------------------------------------------------------------------------------------------ encoding
+def _bytes_tensor(values: list[str]) -> bytes:
+    parts = []
+    for value in values:
+        raw = value.encode("utf-8")
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _encode_oip(call: Call, results: list[Classification], model: str, version: str, config: ProtocolConfig) -> Reply:
+    k = min(len(r.labels) for r in results)  # every element of a call has the same k
+    columns = {
+        config.labels_output: [label for r in results for label in r.labels[:k]],
+        config.scores_output: [float(s) for r in results for s in r.scores[:k]],
+        config.indices_output: [int(i) for r in results for i in r.indices[:k]],
+    }
+    outputs, blobs = [], []
+    for name, binary in call.outputs or []:
+        datatype = config.outputs[name]
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [len(results), k]}
+        values = columns[name]
+        if binary:
+            if datatype == "BYTES":
+                blob = _bytes_tensor(values)
+            else:
+                blob = np.asarray(values, _NUMPY_TYPES[datatype]).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = [round(v, 6) for v in values] if datatype == "FP32" else values
+        outputs.append(tensor)
+    document: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if call.request_id is not None:
+        document["id"] = call.request_id
+    if not blobs:
+        return Reply(document)
+    header = json.dumps(document, separators=(",", ":")).encode()
+    return Reply(b"".join([header, *blobs]), BINARY_CONTENT_TYPE, {"Inference-Header-Content-Length": str(len(header))})
+
+
+__all__ = [
+    "BINARY_HEADER",
+    "Call",
+    "Classification",
+    "ProtocolConfig",
+    "Reply",
+    "decode",
+    "element_error",
+    "oip_metadata",
+]
