@@ -278,8 +278,11 @@ def _decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
 
 # OIP v2 --------------------------------------------------------------------------------------------
 def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
-    if isinstance(body, dict | list):  # the frontend parsed a JSON-only body although the header was sent
-        body = json.dumps(body).encode()
+    if isinstance(body, dict):
+        # The frontend parsed the whole body as JSON (sent as application/json): no binary tail.
+        return _decode_oip(body, b"", config, input_shape)
+    if isinstance(body, list):
+        raise InvalidInput("the inference header must be a JSON object with 'inputs'")
     if isinstance(body, str):
         body = body.encode()
     if not isinstance(body, bytes | bytearray | memoryview):
@@ -407,7 +410,10 @@ def _decode_oip(document: dict, tail: bytes, config: ProtocolConfig, input_shape
                 raise InvalidInput(f"{where}.data holds {len(elements)} numbers; its shape {shape} needs {total}")
             if not all(isinstance(e, int | float) and not isinstance(e, bool) for e in elements):
                 raise InvalidInput(f"{where}.data must hold numbers only")
-            array = np.asarray(elements, dtype=np.float32)
+            try:
+                array = np.asarray(elements, dtype=np.float32)
+            except (OverflowError, ValueError) as exc:  # an integer of hundreds of digits
+                raise InvalidInput(f"{where}.data holds a number FP32 cannot hold: {exc}") from None
         if not np.isfinite(array).all():
             raise InvalidInput(f"{where} holds NaN or infinite values")
         array = array.reshape(count, *expected)
