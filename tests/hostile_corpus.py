@@ -10,6 +10,13 @@ A case is sent through every *form* that applies to it (see ``FORMS``):
 * ``multipart``: the bytes are the file field ``data`` of a multipart form;
 * ``json``: the bytes go base64-encoded into ``{"data": ...}`` with Content-Type application/json.
 
+Every case that is an image file (both ``raw`` and ``multipart`` apply: ``Case.oip_applies``) is
+also sent in a fourth form, ``oip`` (``OIP_FORM``): the bytes as the one element of a binary Open
+Inference Protocol BYTES tensor (``tests.hostile_corpus_oip.oip_image_body``) posted to
+``/v2/models/NAME/infer``. It expects the same answer as the raw form: the handler's error bodies
+are the same JSON on every protocol (an OIP 200 holds the digit in its ``labels`` tensor). It is not
+in ``FORMS``, so the suites that model a request in process (``handler_request``) do not see it.
+
 A JSON-only case (malformed JSON, a JSON array, ...) is raw only: wrapping it in another form
 would test a different thing (base64 of some JSON text is just a non-image). ``skip`` says, for
 each form that does not apply, why.
@@ -45,6 +52,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 RAW, MULTIPART, JSON_FORM = "raw", "multipart", "json"
 FORMS = (RAW, MULTIPART, JSON_FORM)
+OIP_FORM = "oip"  # see the module docstring; only for cases where ``Case.oip_applies``
 
 # From models.yaml (limits.max_bytes, limits.max_pixels) and config.properties (max_request_size).
 HANDLER_MAX_BYTES = 6_000_000
@@ -121,6 +129,14 @@ class Case:
     @property
     def forms(self) -> tuple[str, ...]:
         return tuple(form for form in FORMS if form not in self.skip)
+
+    @property
+    def oip_applies(self) -> bool:
+        """Whether the payload is an image file (raw and multipart both apply), so the OIP form applies too.
+
+        Cases about the request itself (JSON text, Content-Type, the multipart form) do not.
+        """
+        return RAW in self.forms and MULTIPART in self.forms
 
     @property
     def reaches_handler(self) -> bool:

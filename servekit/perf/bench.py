@@ -9,7 +9,10 @@ Steps (each printed as it goes):
 2. the in-process limit: one Python process, all cores, decode + preprocess + infer the same JPEG
    at each batch size, FP32 and INT8; the best batch size counts;
 3. one real TorchServe on loopback; each archive in turn is registered (cold start: registration
-   to first answer), loaded by ``hey`` at each concurrency for a bounded time, and unregistered;
+   to first answer), loaded by ``hey`` at each concurrency for a bounded time, and unregistered.
+   The INT8 archive (the fast one) is also loaded through the Open Inference Protocol (KServe v2,
+   ``POST /v2/models/NAME/infer``) with the binary tensor extension tritonclient uses, each OIP run
+   right after the ``/predictions`` run at the same concurrency, so their ratio is fair;
 4. ``results/bench/latest.json``, ``latest.md`` (tables and ratios) and ``latency_vs_throughput.png``.
 
     python -m servekit.perf.bench [--quick] [--seconds 10] [--out results/bench]
@@ -24,10 +27,12 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,7 @@ import torch
 
 from handlers.image_io import DecodeLimits, decode_image
 from handlers.model_loading import load_model, native_bf16
+from handlers.protocols import ProtocolConfig
 from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec
@@ -50,6 +56,11 @@ SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"
 WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does not depend on the weight values"
 STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
 STOCK_ARCHIVE = archive_name(STOCK_MODEL, STOCK_VERSION)  # <name>_v<version>.mar: the only form the guard registers
+OIP_MIN_RATIO = 0.90  # the bar: OIP binary costs at most 10 % of the req/s of /predictions
+
+
+class BenchError(ServekitError):
+    """The benchmark cannot go on (a check of an answer failed)."""
 
 
 def log(message: str) -> None:
@@ -163,16 +174,29 @@ class Variant:
     version: str
     register_params: dict[str, int]  # registration parameters beyond the archive name
     description: str
+    oip: ProtocolConfig | None = None  # also load it through OIP v2 (binary), with these tensor names
 
 
-def run_hey(url: str, token: str, jpeg_path: Path, concurrency: int, seconds: float, requests_n: int | None) -> dict:
+def run_hey(
+    url: str,
+    token: str,
+    body_path: Path,
+    concurrency: int,
+    seconds: float,
+    requests_n: int | None,
+    *,
+    content_type: str = "image/jpeg",
+    headers: Mapping[str, str] | None = None,
+) -> dict:
+    """POST ``body_path`` to ``url`` with ``hey``; ``headers``: extra request headers beside the token."""
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("bench: error: the load generator 'hey' is not installed (make bench installs it)")
     bound = ["-n", str(requests_n)] if requests_n else ["-z", f"{seconds}s"]
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     command = [
-        hey, *bound, "-c", str(concurrency), "-m", "POST", "-T", "image/jpeg", "-D", str(jpeg_path),
-        "-H", f"Authorization: Bearer {token}", "-t", "60", "-o", "csv", url,
+        hey, *bound, "-c", str(concurrency), "-m", "POST", "-T", content_type, "-D", str(body_path),
+        "-H", f"Authorization: Bearer {token}", *extra, "-t", "60", "-o", "csv", url,
     ]  # fmt: skip
     started = time.perf_counter()
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -195,10 +219,106 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+# ------------------------------------------------------------------------------------------ OIP v2
+def oip_binary_body(jpeg: bytes, input_name: str = "image") -> tuple[bytes, int]:
+    """An OIP v2 request with the binary tensor extension: one BYTES element holding ``jpeg``.
+
+    The body is the JSON inference header, then the raw tensor data: a 4-byte little-endian length
+    and the JPEG. Returns the body and the JSON header's length in bytes (the request header
+    ``Inference-Header-Content-Length``); binary outputs are asked for, as tritonclient does.
+    """
+    if not jpeg:
+        raise ValueError("the image is empty")
+    data = struct.pack("<I", len(jpeg)) + jpeg
+    document = {
+        "inputs": [
+            {"name": input_name, "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(data)}}
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    header = json.dumps(document, separators=(",", ":")).encode()
+    return header + data, len(header)
+
+
+def check_oip_answer(
+    status: int, headers: Mapping[str, str], body: bytes, outputs: Iterable[str], version: str | None = None
+) -> dict:
+    """The answer to one binary OIP request, checked: 200, a JSON header that parses and names ``outputs``.
+
+    ``headers``: the response's headers (any case). Raises ``BenchError`` saying what is wrong;
+    returns what was found (output names, version, sizes).
+    """
+    what = "the OIP v2 check request (POST /v2/models/NAME/infer, binary tensors)"
+    excerpt = body[:300].decode("utf-8", "replace")
+    if status != 200:
+        raise BenchError(f"{what} was answered {status}, not 200: {excerpt}")
+    lower = {name.lower(): value for name, value in headers.items()}
+    declared = lower.get("inference-header-content-length")
+    if declared is None:
+        raise BenchError(f"{what}: the answer has no Inference-Header-Content-Length header (binary output asked)")
+    try:
+        length = int(declared)
+    except ValueError:
+        raise BenchError(f"{what}: Inference-Header-Content-Length is not an integer: {declared!r}") from None
+    if not 0 < length <= len(body):
+        raise BenchError(f"{what}: Inference-Header-Content-Length is {length} but the body has {len(body)} bytes")
+    try:
+        document = json.loads(body[:length])
+    except ValueError as exc:
+        raise BenchError(f"{what}: the JSON header does not parse ({exc}): {excerpt}") from None
+    tensors = document.get("outputs") if isinstance(document, dict) else None
+    if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
+        raise BenchError(f"{what}: the JSON header has no list of outputs: {excerpt}")
+    names = [t.get("name") for t in tensors]
+    missing = [name for name in outputs if name not in names]
+    if missing:
+        raise BenchError(f"{what}: the answer names outputs {names}, not {missing}")
+    sizes = [(t.get("parameters") or {}).get("binary_data_size", 0) for t in tensors]
+    if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in sizes):
+        raise BenchError(f"{what}: an output's binary_data_size is not a non-negative integer: {excerpt}")
+    binary = sum(sizes)
+    if binary != len(body) - length:
+        raise BenchError(
+            f"{what}: the outputs declare {binary} binary bytes but {len(body) - length} follow the JSON header"
+        )
+    if version is not None and document.get("model_version") != version:
+        raise BenchError(f"{what}: answered by version {document.get('model_version')!r}, not {version!r}")
+    return {
+        "status": status,
+        "outputs": names,
+        "model_version": document.get("model_version"),
+        "json_header_bytes": length,
+        "binary_bytes": binary,
+    }
+
+
+def _rps_ratio(run: dict, baseline: dict) -> float | None:
+    return round(run["rps"] / baseline["rps"], 2) if baseline["rps"] else None
+
+
+def _short(run: dict) -> dict:
+    return {key: run[key] for key in ("requests", "errors", "rps", "p50_ms", "p99_ms")}
+
+
+def oip_ratio_and_bar(oip: dict, top: int) -> tuple[float | None, dict[str, bool]]:
+    """OIP req/s over /predictions req/s at concurrency ``top``, and the bar on it (>= ``OIP_MIN_RATIO``)."""
+    pair = next(r for r in oip["runs"] if r["concurrency"] == top)
+    ratio = _rps_ratio(pair["oip"], pair["predictions"])
+    name = (
+        f"{oip['variant']} OIP binary c={top} costs at most {1 - OIP_MIN_RATIO:.0%} of req/s "
+        f"(>= {OIP_MIN_RATIO:g}x /predictions)"
+    )
+    return ratio, {name: ratio is not None and ratio >= OIP_MIN_RATIO}
+
+
 def serve_variant(
     client: TorchServeClient, variant: Variant, jpeg_path: Path, concurrencies: list[int], seconds: float, quick: bool
-) -> dict:
-    """Register ``variant`` (cold start: registration to first answer), load it with ``hey``, unregister it."""
+) -> tuple[dict, dict | None]:
+    """Register ``variant`` (cold start: registration to first answer), load it with ``hey``, unregister it.
+
+    With ``variant.oip`` it is also loaded through OIP v2 with binary tensors, each OIP run right
+    after the /predictions run at the same concurrency; the second value is that comparison (else None).
+    """
     path = f"/models/{variant.model}/{variant.version}"
     log(f"{variant.key}: registering {variant.archive}")
     started = time.perf_counter()
@@ -226,25 +346,74 @@ def serve_variant(
         },
         "runs": [],
     }
+    oip, oip_body = _prepare_oip(client, variant, jpeg_path) if variant.oip is not None else (None, None)
     url, token = client.url("inference", predictions), client.token("inference")
     for concurrency in concurrencies:
-        run = run_hey(url, token, jpeg_path, concurrency, seconds, 4 * concurrency if quick else None)
+        bound = 4 * concurrency if quick else None
+        run = run_hey(url, token, jpeg_path, concurrency, seconds, bound)
         log(
             f"{variant.key}: c={concurrency}: {run['rps']} req/s, p50 {run['p50_ms']} ms, "
             f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}"
         )
         result["runs"].append(run)
+        if oip is not None:  # back to back with the /predictions run just made
+            binary = run_hey(
+                client.url("inference", oip["oip_route"]), token, oip_body, concurrency, seconds, bound,
+                content_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(oip["json_header_bytes"])},
+            )  # fmt: skip
+            log(
+                f"{variant.key} OIP: c={concurrency}: {binary['rps']} req/s, p50 {binary['p50_ms']} ms, "
+                f"p99 {binary['p99_ms']} ms, {binary['errors']} errors of {binary['requests']}"
+            )
+            oip["runs"].append(
+                {
+                    "concurrency": concurrency,
+                    "predictions": _short(run),
+                    "oip": binary,
+                    "oip_over_predictions": _rps_ratio(binary, run),
+                }
+            )
     steady_p50 = next(r["p50_ms"] for r in result["runs"] if r["concurrency"] == concurrencies[0])
     result["cold_start"]["steady_p50_ms"] = steady_p50
     result["cold_start"]["first_over_steady_p50"] = round(result["cold_start"]["first_answer_ms"] / steady_p50, 2)
     client.manage("DELETE", path)
-    return result
+    return result, oip
+
+
+def _prepare_oip(client: TorchServeClient, variant: Variant, jpeg_path: Path) -> tuple[dict, Path]:
+    """Write the OIP binary body next to the JPEG and check one answer before any load.
+
+    Returns the start of the ``oip`` section of the result, and the body's file for ``hey``.
+    """
+    config = variant.oip
+    body, header_length = oip_binary_body(jpeg_path.read_bytes(), config.image_input)
+    body_path = jpeg_path.with_name(f"oip_{variant.key}_binary.bin")
+    body_path.write_bytes(body)
+    route = f"/v2/models/{variant.model}/infer"  # the default version: the only one registered now
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
+    answer = client.call("inference", "POST", route, data=body, headers=headers)
+    check = check_oip_answer(answer.status_code, answer.headers, answer.content, config.outputs, variant.version)
+    log(f"{variant.key} OIP: {route} answered 200 with outputs {check['outputs']} (version {check['model_version']})")
+    return {
+        "variant": variant.key,
+        "description": f"{variant.description}; the same archive through /predictions (raw JPEG) and OIP v2 binary",
+        "predictions_route": f"/predictions/{variant.model}/{variant.version}",
+        "oip_route": route,
+        "body_bytes": len(body),
+        "json_header_bytes": header_length,
+        "check": check,
+        "runs": [],
+    }, body_path
 
 
 def serve_all(
     store: Path, variants: list[Variant], concurrencies: list[int], seconds: float, quick: bool, sweep: tuple
-) -> tuple[dict, list[dict]]:
-    """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep."""
+) -> tuple[dict, dict | None, list[dict]]:
+    """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep.
+
+    Returns the served variants, the OIP comparison (of the variant with ``oip``; None without) and the sweep.
+    """
     server = TorchServeProcess(
         workdir=WORKDIR / "torchserve",
         model_store=store,
@@ -254,10 +423,13 @@ def serve_all(
     server.start()
     try:
         photo, client = WORKDIR / "photo_640x480.jpg", server.client(timeout=120)
-        served = {v.key: serve_variant(client, v, photo, concurrencies, seconds, quick) for v in variants}
+        served, oip = {}, None
+        for variant in variants:
+            served[variant.key], compared = serve_variant(client, variant, photo, concurrencies, seconds, quick)
+            oip = compared or oip
         main, other = sweep
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
-        return served, layouts
+        return served, oip, layouts
     finally:
         server.stop()
 
@@ -315,7 +487,12 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
     bars.update(sweep_bars(result["sweep"]))
     if any(r["concurrency"] == 4 for r in served["int8"]["runs"]):
         bars["int8 p99 at c=4 < 150 ms"] = run_at(result, "int8", 4)["p99_ms"] < 150
-    bars["zero errors in every served run"] = all(r["errors"] == 0 for v in served.values() for r in v["runs"])
+    runs = [r for v in served.values() for r in v["runs"]]
+    if result.get("oip"):
+        ratios["oip_vs_predictions"], oip_bars = oip_ratio_and_bar(result["oip"], top)
+        bars.update(oip_bars)
+        runs += [r["oip"] for r in result["oip"]["runs"]]
+    bars["zero errors in every served run"] = all(r["errors"] == 0 for r in runs)
     for key in ("fp32", "int8"):
         bars[f"{key} first answer <= 1.5x steady p50"] = served[key]["cold_start"]["first_over_steady_p50"] <= 1.5
     sizes = result["archives"]
@@ -361,6 +538,26 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {key} | {c['registration_s']} | {c['registration_to_first_answer_s']} | {c['first_answer_ms']} "
             f"| {c['steady_p50_ms']} |"
         )
+    oip = result.get("oip")
+    if oip:
+        lines += [
+            "",
+            f"## Open Inference Protocol v2, binary tensors ({oip['variant']}: {oip['oip_route']} vs "
+            f"{oip['predictions_route']}, back to back)",
+            "",
+            f"Body: {oip['json_header_bytes']} bytes of JSON header + one BYTES element (4-byte length + the JPEG), "
+            f"{oip['body_bytes']} bytes; binary outputs {', '.join(oip['check']['outputs'])}.",
+            "",
+            "| concurrency | /predictions req/s | p50 ms | p99 ms | OIP req/s | p50 ms | p99 ms | OIP errors "
+            "| OIP / predictions |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in oip["runs"]:
+            a, b = r["predictions"], r["oip"]
+            lines.append(
+                f"| {r['concurrency']} | {a['rps']} | {a['p50_ms']} | {a['p99_ms']} | {b['rps']} | {b['p50_ms']} "
+                f"| {b['p99_ms']} | {b['errors']} | {r['oip_over_predictions']} |"
+            )
     lines += [
         "",
         "## Worker sweep (the CPU budget: same total concurrency, layouts reached with the management API)",
@@ -388,8 +585,10 @@ def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, served in result["served"].items():
-        runs = served["runs"]
+    series = [(key, served["runs"]) for key, served in result["served"].items()]
+    if result.get("oip"):
+        series.append((f"{result['oip']['variant']} OIP", [r["oip"] for r in result["oip"]["runs"]]))
+    for key, runs in series:
         rps = [r["rps"] for r in runs]
         line = ax.plot(rps, [r["p50_ms"] for r in runs], marker="o", label=f"{key} p50")[0]
         ax.plot(
@@ -461,14 +660,15 @@ def main(argv: list[str] | None = None) -> int:
         Variant("stock", STOCK_ARCHIVE, STOCK_MODEL, STOCK_VERSION, {"initial_workers": cores, "batch_size": 1},
                 stock_note),
         Variant("fp32", fp32.archive_name, fp32.name, fp32.version, {}, "servekit handler, FP32, spec's settings"),
-        Variant("int8", int8.archive_name, int8.name, int8.version, {}, "servekit handler, INT8, spec's settings"),
+        Variant("int8", int8.archive_name, int8.name, int8.version, {}, "servekit handler, INT8, spec's settings",
+                oip=int8.protocol),
     ]  # fmt: skip
     if bf16 is not None:
         variants.append(Variant("bf16", bf16.archive_name, bf16.name, bf16.version, {}, "servekit handler, BF16"))
     second = f"{int8.name}_second"  # the same INT8 archive registered again: a second version of equal cost
     sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
     try:
-        served, layouts = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
+        served, oip, layouts = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -484,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("4 x concurrency requests" if args.quick else f"{args.seconds:g} s each"),
         "in_process": in_process,
         "served": served,
+        "oip": oip,
         "sweep": layouts,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,

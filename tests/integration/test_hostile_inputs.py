@@ -1,7 +1,9 @@
 """Hostile inputs against a real TorchServe: bad input never costs more than a clear 4xx.
 
 Every payload of ``tests/hostile_corpus.py`` is sent through every form that applies to it (raw
-body, multipart file field ``data``, JSON ``{"data": base64}``):
+body, multipart file field ``data``, JSON ``{"data": base64}``; and every image file also as
+the one element of a binary OIP BYTES tensor to ``/v2/models/NAME/infer``, expecting the same
+answer as the raw form, see ``tests.hostile_corpus.OIP_FORM``):
 
 1. alone, to the default registration ``digits`` (1.0);
 2. mixed into real batches: four hostile requests and four good ones at once to a second
@@ -32,7 +34,8 @@ import pytest
 import requests
 
 from servekit.ops.server import TorchServeProcess
-from tests.hostile_corpus import JSON_FORM, MULTIPART, RAW, Case, corpus, digit_png
+from tests.hostile_corpus import JSON_FORM, MULTIPART, OIP_FORM, RAW, Case, corpus, digit_png
+from tests.hostile_corpus_oip import oip_image_body
 from tests.integration.conftest import Client, running_torchserve
 
 MODEL = "digits"
@@ -46,8 +49,16 @@ REQUEST_TIMEOUT_S = 60
 
 
 # ------------------------------------------------------------------------------------ sending
+def case_forms(case: Case) -> tuple[str, ...]:
+    """The forms ``case`` is sent in: its own, and the OIP form for image files."""
+    return case.forms + ((OIP_FORM,) if case.oip_applies else ())
+
+
 def request_kwargs(case: Case, form: str) -> dict:
     """``requests.post`` arguments that send ``case`` in ``form``."""
+    if form == OIP_FORM:
+        body, headers = oip_image_body(case.payload)
+        return {"data": body, "headers": headers}
     if form == RAW:
         kwargs: dict = {"data": case.payload}
         if case.content_type is not None:
@@ -66,13 +77,16 @@ def request_kwargs(case: Case, form: str) -> dict:
     raise ValueError(form)
 
 
-GOOD_FORMS = (RAW, MULTIPART, JSON_FORM)
+GOOD_FORMS = (RAW, MULTIPART, JSON_FORM, OIP_FORM)
 
 
 def good_request(index: int) -> tuple[int, str, dict]:
     """The ``index``-th good request: a shipped digit, cycling through digits and forms."""
-    digit, form = index % 10, GOOD_FORMS[index % 3]
+    digit, form = index % 10, GOOD_FORMS[index % len(GOOD_FORMS)]
     png = digit_png(digit)
+    if form == OIP_FORM:
+        body, headers = oip_image_body(png)
+        return digit, form, {"data": body, "headers": headers}
     if form == RAW:
         return digit, form, {"data": png}
     if form == MULTIPART:
@@ -80,9 +94,17 @@ def good_request(index: int) -> tuple[int, str, dict]:
     return digit, form, {"json": {"data": base64.b64encode(png).decode()}}
 
 
+def post(client: Client, model: str, form: str, kwargs: dict) -> requests.Response:
+    """Send ``kwargs`` in ``form`` to ``model`` 1.0: OIP on TorchServe's v2 route, the others to /predictions."""
+    if form == OIP_FORM:
+        path = f"/v2/models/{model}/infer"  # the default version: 1.0, the only one registered
+        return client.api.send("inference", "POST", path, timeout=REQUEST_TIMEOUT_S, **kwargs)
+    return client.predict(f"{model}/{VERSION}", REQUEST_TIMEOUT_S, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ checking
-def problems_with(case: Case, response: requests.Response) -> list[str]:
-    """What is wrong with ``response`` as the answer to ``case`` (empty: it is right)."""
+def problems_with(case: Case, response: requests.Response, form: str = RAW) -> list[str]:
+    """What is wrong with ``response`` as the answer to ``case`` sent in ``form`` (empty: it is right)."""
     expect = case.expect
     found = []
     if response.status_code != expect.status:
@@ -103,7 +125,7 @@ def problems_with(case: Case, response: requests.Response) -> list[str]:
     if body is None:
         return found
     if expect.status == 200:
-        return found + prediction_problems(body, expect.digit)
+        return found + answer_problems(form, body, expect.digit)
     error = body.get("error")
     if (body.get("code"), body.get("type")) != (expect.status, expect.error_type):
         found.append(f"body {body!r}, expected code {expect.status} type {expect.error_type}")
@@ -119,6 +141,19 @@ def prediction_problems(body: dict, digit: int | None) -> list[str]:
     if predictions[0].get("label") != str(digit) or len(predictions) != 3 or body.get("version") != VERSION:
         return [f"expected digit {digit} (top 3, version {VERSION}), got {body!r}"]
     return []
+
+
+def oip_prediction_problems(body: dict, digit: int | None) -> list[str]:
+    """An OIP v2 JSON answer: its ``labels`` tensor [1, 3] starts with ``digit``."""
+    labels = next((o for o in body.get("outputs") or [] if isinstance(o, dict) and o.get("name") == "labels"), {})
+    data = labels.get("data") or [None]
+    if data[0] != str(digit) or labels.get("shape") != [1, 3] or body.get("model_version") != VERSION:
+        return [f"expected digit {digit} (labels [1, 3], version {VERSION}), got {body!r}"]
+    return []
+
+
+def answer_problems(form: str, body: dict, digit: int | None) -> list[str]:
+    return (oip_prediction_problems if form == OIP_FORM else prediction_problems)(body, digit)
 
 
 def _json(response: requests.Response, found: list[str]) -> dict | None:
@@ -201,18 +236,20 @@ def snapshot(client: Client) -> Workers:
     return Workers(pids, rss)
 
 
-def send_batch(client: Client, kwargs_list: list[dict]) -> tuple[list[requests.Response | BaseException], float]:
-    """Send all at once to the batch registration; the answers and the slowest answer's seconds."""
+def send_batch(
+    client: Client, requests_list: list[tuple[str, dict]]
+) -> tuple[list[requests.Response | BaseException], float]:
+    """Send (form, kwargs) all at once to the batch registration; the answers and the slowest answer's seconds."""
 
-    def post(kwargs: dict) -> requests.Response | BaseException:
+    def send(request: tuple[str, dict]) -> requests.Response | BaseException:
         try:
-            return client.predict(f"{BATCH_MODEL}/{VERSION}", REQUEST_TIMEOUT_S, **kwargs)
+            return post(client, BATCH_MODEL, *request)
         except requests.RequestException as exc:
             return exc
 
     started = time.monotonic()
-    with ThreadPoolExecutor(len(kwargs_list)) as pool:
-        answers = list(pool.map(post, kwargs_list))
+    with ThreadPoolExecutor(len(requests_list)) as pool:
+        answers = list(pool.map(send, requests_list))
     return answers, time.monotonic() - started
 
 
@@ -220,15 +257,15 @@ def send_batch(client: Client, kwargs_list: list[dict]) -> tuple[list[requests.R
 def baseline(client: Client) -> Workers:
     """Worker pids and memory after warm-up: every digit in every form, alone and in full batches."""
     for index in range(10):
-        digit, _, kwargs = good_request(index)
-        response = client.predict(f"{MODEL}/{VERSION}", REQUEST_TIMEOUT_S, **kwargs)
-        assert prediction_problems(response.json(), digit) == []
+        digit, form, kwargs = good_request(index)
+        response = post(client, MODEL, form, kwargs)
+        assert answer_problems(form, response.json(), digit) == []
     for first in (0, BATCH_SIZE):
         goods = [good_request(first + i) for i in range(BATCH_SIZE)]
-        answers, _ = send_batch(client, [kwargs for _, _, kwargs in goods])
-        for (digit, _, _), answer in zip(goods, answers, strict=True):
+        answers, _ = send_batch(client, [(form, kwargs) for _, form, kwargs in goods])
+        for (digit, form, _), answer in zip(goods, answers, strict=True):
             assert not isinstance(answer, BaseException), answer
-            assert prediction_problems(answer.json(), digit) == []
+            assert answer_problems(form, answer.json(), digit) == []
     return snapshot(client)
 
 
@@ -244,8 +281,8 @@ def single_params() -> list:
     return [
         pytest.param(case, form, id=f"{form}-{case.name}")
         for case in corpus()
-        for form in (RAW, MULTIPART, JSON_FORM)
-        if form not in case.skip
+        for form in (RAW, MULTIPART, JSON_FORM, OIP_FORM)
+        if form in case_forms(case)
     ]
 
 
@@ -255,7 +292,7 @@ def batch_groups() -> list[list[tuple[Case, str]]]:
     Cases the frontend answers itself (over max_request_size, form-decoding errors) never reach
     the batch queue: they would leave the batch short and it would wait the whole 20 s.
     """
-    pairs = [(case, form) for case in corpus() if case.reaches_handler for form in case.forms]
+    pairs = [(case, form) for case in corpus() if case.reaches_handler for form in case_forms(case)]
     return [pairs[i : i + HOSTILE_PER_BATCH] for i in range(0, len(pairs), HOSTILE_PER_BATCH)]
 
 
@@ -269,18 +306,18 @@ def test_single_request(client: Client, baseline: Workers, ledger: Ledger, case:
     ledger.pairs.add((case.name, form))
     ledger.single += 1
     try:
-        response = client.predict(f"{MODEL}/{VERSION}", REQUEST_TIMEOUT_S, **request_kwargs(case, form))
+        response = post(client, MODEL, form, request_kwargs(case, form))
     except requests.RequestException as exc:
         ledger.record(f"single {form} {case.name}", exc, [])
         raise
-    problems = problems_with(case, response)
+    problems = problems_with(case, response, form)
     ledger.record(f"single {form} {case.name}", response, problems)
     assert problems == []
     if not case.reaches_handler:
         # The frontend refused it: the server must go on serving.
-        digit, _, kwargs = good_request(7)
-        after = client.predict(f"{MODEL}/{VERSION}", REQUEST_TIMEOUT_S, **kwargs)
-        assert prediction_problems(after.json(), digit) == []
+        digit, good_form, kwargs = good_request(7)
+        after = post(client, MODEL, good_form, kwargs)
+        assert answer_problems(good_form, after.json(), digit) == []
     assert worker_pids(client, MODEL) == baseline.pids[MODEL], f"a worker restarted after {case.name} ({form})"
 
 
@@ -291,29 +328,29 @@ def test_single_request(client: Client, baseline: Workers, ledger: Ledger, case:
 )
 def test_mixed_batch(client: Client, baseline: Workers, ledger: Ledger, group: list[tuple[Case, str]]) -> None:
     # Alternate hostile and good requests; fill up to exactly BATCH_SIZE with good ones.
-    slots: list[tuple[str, Case | int, dict]] = []
+    slots: list[tuple[str, Case | int, str, dict]] = []
     goods = iter(range(ledger.in_batches, ledger.in_batches + BATCH_SIZE))
     for case, form in group:
-        slots.append((f"{form}:{case.name}", case, request_kwargs(case, form)))
+        slots.append((f"{form}:{case.name}", case, form, request_kwargs(case, form)))
         digit, good_form, kwargs = good_request(next(goods))
-        slots.append((f"good {good_form}:{digit}", digit, kwargs))
+        slots.append((f"good {good_form}:{digit}", digit, good_form, kwargs))
     while len(slots) < BATCH_SIZE:
         digit, good_form, kwargs = good_request(next(goods))
-        slots.append((f"good {good_form}:{digit}", digit, kwargs))
+        slots.append((f"good {good_form}:{digit}", digit, good_form, kwargs))
 
-    answers, elapsed = send_batch(client, [kwargs for _, _, kwargs in slots])
+    answers, elapsed = send_batch(client, [(form, kwargs) for _, _, form, kwargs in slots])
 
     ledger.batches += 1
     ledger.in_batches += len(slots)
     failures = []
-    for (label, expected, _), answer in zip(slots, answers, strict=True):
+    for (label, expected, form, _), answer in zip(slots, answers, strict=True):
         if isinstance(answer, BaseException):
             problems = [f"no answer: {answer!r}"]
         elif isinstance(expected, Case):
-            problems = problems_with(expected, answer)
+            problems = problems_with(expected, answer, form)
         else:
             problems = [f"status {answer.status_code}"] if answer.status_code != 200 else []
-            problems = problems or prediction_problems(answer.json(), expected)
+            problems = problems or answer_problems(form, answer.json(), expected)
         ledger.record(f"batch {label}", answer, problems)
         failures += [f"{label}: {p}" for p in problems]
     assert failures == []
@@ -361,5 +398,6 @@ def test_workers_survived_with_bounded_memory(
     for pid, mb in growth_mb.items():
         assert mb < MEMORY_GROWTH_LIMIT_MB, f"worker {pid} grew by {mb:.0f} MB"
     # And it still serves.
-    digit, _, kwargs = good_request(3)
-    assert prediction_problems(client.predict(f"{MODEL}/{VERSION}", **kwargs).json(), digit) == []
+    for index in (4, 7):  # one raw, one OIP
+        digit, form, kwargs = good_request(index)
+        assert answer_problems(form, post(client, MODEL, form, kwargs).json(), digit) == []

@@ -64,3 +64,239 @@ def test_per_second_buckets_by_due_time() -> None:
     ]
     assert (rows[0]["p50_ms"], rows[0]["p99_ms"], rows[0]["max_ms"]) == (20.0, 40.0, 40.0)
     assert rows[1]["p50_ms"] is None
+
+
+# ------------------------------------------------------------------------------------------ bench: OIP row
+def _oip_reply(version: str = "2.0") -> tuple[dict, bytes]:
+    """A real binary OIP answer, encoded by the handler's own protocol code."""
+    from handlers.protocols import Call, Classification, ProtocolConfig
+
+    config = ProtocolConfig()
+    call = Call("oip_v2", [b"jpeg"], [], outputs=[(name, True) for name in config.outputs])
+    reply = call.encode([Classification(["cat", "dog"], [3, 5], [0.75, 0.25])], "resnet18", version, config)
+    return reply.headers, reply.body
+
+
+def test_oip_binary_body_is_a_json_header_then_one_bytes_element() -> None:
+    import json
+    import struct
+
+    from servekit.perf.bench import oip_binary_body
+
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3 + b"\xff\xd9"
+    body, header_length = oip_binary_body(jpeg, "photo")
+    document = json.loads(body[:header_length])
+    assert document == {
+        "inputs": [
+            {"name": "photo", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 + len(jpeg)}}
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    tail = body[header_length:]
+    assert len(tail) == 4 + len(jpeg)
+    assert struct.unpack("<I", tail[:4]) == (len(jpeg),)
+    assert tail[4:] == jpeg
+    assert oip_binary_body(jpeg)[0][: oip_binary_body(jpeg)[1]].startswith(b'{"inputs":[{"name":"image"')
+    with pytest.raises(ValueError, match="empty"):
+        oip_binary_body(b"")
+
+
+def test_oip_binary_body_is_what_the_handler_decodes() -> None:
+    from handlers.protocols import ProtocolConfig, decode
+    from servekit.perf.bench import oip_binary_body
+
+    config = ProtocolConfig()
+    body, header_length = oip_binary_body(b"\xff\xd8 not really a jpeg \xff\xd9", config.image_input)
+    call = decode({"body": body}, {"inference-header-content-length": str(header_length)}, config, (3, 224, 224))
+    assert call.protocol == "oip_v2"
+    assert call.images == [b"\xff\xd8 not really a jpeg \xff\xd9"]
+    assert call.outputs == [(name, True) for name in config.outputs]
+
+
+def test_check_oip_answer_accepts_a_binary_answer_naming_the_outputs() -> None:
+    from handlers.protocols import ProtocolConfig
+    from servekit.perf.bench import check_oip_answer
+
+    headers, body = _oip_reply()
+    lower_case = {name.lower(): value for name, value in headers.items()}
+    found = check_oip_answer(200, lower_case, body, ProtocolConfig().outputs, "2.0")
+    assert found["outputs"] == ["labels", "scores", "indices"]
+    assert found["model_version"] == "2.0"
+    assert found["json_header_bytes"] + found["binary_bytes"] == len(body)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, h, b: (503, h, b'{"code": 503, "error": "busy"}'), "answered 503, not 200: .*busy"),
+        (lambda s, h, b: (s, {}, b), "no Inference-Header-Content-Length"),
+        (lambda s, h, b: (s, {"Inference-Header-Content-Length": "x"}, b), "not an integer"),
+        (lambda s, h, b: (s, {"Inference-Header-Content-Length": str(len(b) + 1)}, b), "the body has"),
+        (lambda s, h, b: (s, h, b"[" + b[1:]), "does not parse"),
+        (lambda s, h, b: (s, h, b[:-1]), "follow the JSON header"),
+    ],
+)
+def test_check_oip_answer_fails_the_bench_with_what_is_wrong(change, message: str) -> None:
+    from servekit.perf.bench import BenchError, check_oip_answer
+
+    status, headers, body = change(200, *_oip_reply())
+    with pytest.raises(BenchError, match=message):
+        check_oip_answer(status, headers, body, ["labels", "scores", "indices"])
+
+
+def test_check_oip_answer_wants_every_output_and_the_version() -> None:
+    from servekit.errors import ServekitError
+    from servekit.perf.bench import BenchError, check_oip_answer
+
+    headers, body = _oip_reply(version="1.0")
+    with pytest.raises(BenchError, match=r"not \['probabilities'\]"):
+        check_oip_answer(200, headers, body, ["labels", "probabilities"])
+    with pytest.raises(ServekitError, match="answered by version '1.0', not '2.0'"):  # main() reports ServekitError
+        check_oip_answer(200, headers, body, ["labels"], "2.0")
+
+
+def _run(concurrency: int, rps: float, errors: int = 0) -> dict:
+    return {
+        "concurrency": concurrency,
+        "requests": 100,
+        "errors": errors,
+        "rps": rps,
+        "p50_ms": 10.0,
+        "p95_ms": 20.0,
+        "p99_ms": 30.0,
+    }
+
+
+def _fabricated_result(oip_rps: float, oip_errors: int = 0) -> dict:
+    """A result as main() assembles it, with round numbers: int8 /predictions does 200 req/s at c=16."""
+    cold = {
+        "first_status": 200,
+        "registration_s": 1.0,
+        "registration_to_first_answer_s": 1.1,
+        "first_answer_ms": 12.0,
+        "steady_p50_ms": 10.0,
+        "first_over_steady_p50": 1.2,
+    }
+    settings = {"workers": 2, "batch_size": 8, "max_batch_delay_ms": 2}
+    served = {
+        key: {"description": key, "settings": settings, "cold_start": cold, "runs": [_run(1, rps / 4), _run(16, rps)]}
+        for key, rps in (("stock", 10.0), ("fp32", 50.0), ("int8", 200.0))
+    }
+    oip_runs = []
+    for predictions, oip in zip(served["int8"]["runs"], (_run(1, oip_rps / 4), _run(16, oip_rps, oip_errors))):
+        short = {key: predictions[key] for key in ("requests", "errors", "rps", "p50_ms", "p99_ms")}
+        ratio = round(oip["rps"] / predictions["rps"], 2)
+        oip_runs.append(
+            {"concurrency": oip["concurrency"], "predictions": short, "oip": oip, "oip_over_predictions": ratio}
+        )
+    return {
+        "date": "2025-01-01 00:00 UTC",
+        "quick": True,
+        "machine": {
+            "cpu": "test cpu",
+            "cores": 2,
+            "memory_gib": 4.0,
+            "python": "3.11",
+            "torch": "2",
+            "torchserve": "0",
+        },
+        "in_process": {
+            key: {"best_batch": 8, "decode": "serial", "img_per_s": 220.0, "by_batch": {1: 100.0, 8: 220.0}}
+            for key in ("fp32", "int8")
+        },
+        "served": served,
+        "oip": {
+            "variant": "int8",
+            "predictions_route": "/predictions/resnet18/2.0",
+            "oip_route": "/v2/models/resnet18/infer",
+            "body_bytes": 1234,
+            "json_header_bytes": 150,
+            "check": {"status": 200, "outputs": ["labels", "scores", "indices"], "model_version": "2.0"},
+            "runs": oip_runs,
+        },
+        "sweep": [
+            {"layout": "resnet18 2.0 x2", "workers": 2, "requests": 100, "errors": 0, "rps": 200.0, "p99_ms": 30.0}
+        ],
+        "archives": {"fp32_bytes": 100, "int8_bytes": 25, "stock_bytes": 100},
+    }
+
+
+OIP_BAR = "int8 OIP binary c=16 costs at most 10% of req/s (>= 0.9x /predictions)"
+
+
+@pytest.mark.parametrize(
+    ("oip_rps", "ratio", "passes"), [(190.0, 0.95, True), (180.0, 0.9, True), (170.0, 0.85, False)]
+)
+def test_oip_ratio_and_bar_at_the_top_concurrency(oip_rps: float, ratio: float, passes: bool) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars
+
+    result = _fabricated_result(oip_rps)
+    compute_ratios_and_bars(result, 16)
+    assert result["ratios"]["oip_vs_predictions"] == ratio
+    assert result["bars"][OIP_BAR] is passes
+    assert result["bars"]["zero errors in every served run"] is True
+
+
+def test_oip_errors_fail_the_zero_error_bar_and_a_result_without_oip_has_no_oip_bar() -> None:
+    from servekit.perf.bench import compute_ratios_and_bars
+
+    result = _fabricated_result(190.0, oip_errors=1)
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["zero errors in every served run"] is False
+    result = _fabricated_result(190.0)
+    result["oip"] = None
+    compute_ratios_and_bars(result, 16)
+    assert "oip_vs_predictions" not in result["ratios"]
+    assert not any("OIP" in name for name in result["bars"])
+
+
+def test_markdown_has_the_oip_section(tmp_path) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    compute_ratios_and_bars(result, 16)
+    write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Open Inference Protocol v2, binary tensors (int8: /v2/models/resnet18/infer vs" in text
+    assert "| 16 | 200.0 | 10.0 | 30.0 | 190.0 | 10.0 | 30.0 | 0 | 0.95 |" in text
+    assert f"- PASS: {OIP_BAR}" in text
+    assert "- oip_vs_predictions: 0.95" in text
+
+
+def test_run_hey_sends_the_extra_headers_and_content_type(monkeypatch, tmp_path) -> None:
+    import subprocess
+    from types import SimpleNamespace
+
+    from servekit.perf import bench
+
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"] = command
+        csv = "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
+        csv += "0.010,0,0,0,0,0,200,0.0\n0.020,0,0,0,0,0,200,0.010\n"
+        return SimpleNamespace(stdout=csv)
+
+    monkeypatch.setattr(bench.shutil, "which", lambda name: "/usr/bin/hey")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    body = tmp_path / "body.bin"
+    run = bench.run_hey(
+        "http://x/v2/models/m/infer",
+        "tok",
+        body,
+        2,
+        1.0,
+        8,
+        content_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": "150"},
+    )
+    command = seen["command"]
+    assert command[command.index("-T") + 1] == "application/octet-stream"
+    assert command[command.index("-D") + 1] == str(body)
+    headers = [command[i + 1] for i, arg in enumerate(command) if arg == "-H"]
+    assert headers == ["Authorization: Bearer tok", "Inference-Header-Content-Length: 150"]
+    assert command[-1] == "http://x/v2/models/m/infer"
+    assert (run["requests"], run["errors"], run["rps"], run["p50_ms"]) == (2, 0, 66.7, 10.0)
+    bench.run_hey("http://x/predictions/m", "tok", body, 1, 1.0, None)
+    assert seen["command"][seen["command"].index("-T") + 1] == "image/jpeg"
+    assert [a for a in seen["command"] if a.startswith("Inference")] == []
