@@ -44,7 +44,7 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
     name, version = NAME_PATTERN, VERSION_PATTERN
     oip_errors = (
         '            if ($http_authorization = "") {\n'
-        "                return 401 '{\"error\": \"missing token: send Authorization: Bearer <inference key>\"}';\n"
+        '                return 401 \'{"error": "missing token: send Authorization: Bearer <inference key>"}\';\n'
         "            }\n"
         "            proxy_intercept_errors on;\n"
         "            error_page 404 = @not_found;\n"
