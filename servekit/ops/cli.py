@@ -15,6 +15,8 @@
     servekit proxy start|stop|status      # nginx in front of TorchServe (--proxy-port, default 8090)
     servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
+    servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
+                                          # (inputs, outputs, datatypes, shapes), from the store
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
@@ -39,6 +41,7 @@ from typing import NoReturn
 from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient
 from servekit.ops.history import History
+from servekit.ops.oip import store_metadata
 from servekit.ops.proxy import NginxProxy
 from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
 from servekit.ops.state import DeploymentStore
@@ -199,6 +202,10 @@ def cmd_shadow(ctx: Context) -> str:
     return f"shadow: every {a.name} request through {ctx.proxy.url()} is mirrored to {a.version}"
 
 
+def cmd_metadata(ctx: Context) -> str:
+    return json.dumps(store_metadata(Path(ctx.args.store), ctx.args.name, ctx.args.version), indent=2)
+
+
 # ------------------------------------------------------------------------------------------ parser
 Handler = Callable[[Context], str]
 
@@ -245,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true")
     command("history", cmd_history, "print the deployment history", "name?", changes=False)
     command("state", cmd_state, "print the deployment state (JSON)", "name?", changes=False)
+    command("metadata", cmd_metadata, "OIP metadata of a built version (JSON)", "name", "version?", changes=False)
     proxy = commands.add_parser("proxy", help="start, stop or show the nginx proxy")
     actions = proxy.add_subparsers(dest="action", required=True)
     command("start", cmd_proxy_start, "start nginx in front of TorchServe", into=actions)

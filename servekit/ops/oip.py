@@ -142,11 +142,7 @@ class Gateway:
             raise OipError(HTTPStatus.NOT_FOUND, f"archive {mar_name!r} is not in the model store")
         key = (str(path), path.stat().st_mtime)
         if key not in self._metadata:
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    self._metadata[key] = json.loads(archive.read("metadata.json"))
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-                raise OipError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read {path.name}: {exc}") from None
+            self._metadata[key] = read_archive_metadata(path)
         return self._metadata[key]
 
     def model_metadata(self, name: str, version: str | None = None) -> dict:
@@ -176,6 +172,32 @@ class Gateway:
             return session.post(self.client.url("inference", path), data=body, headers=headers, timeout=120)
         except requests.RequestException as exc:
             raise OipError(HTTPStatus.SERVICE_UNAVAILABLE, f"TorchServe did not answer: {exc}") from None
+
+
+def read_archive_metadata(path: Path) -> dict:
+    """``metadata.json`` of a built archive (what the build recorded, the ``oip`` block included)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("metadata.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise OipError(HTTPStatus.INTERNAL_SERVER_ERROR, f"cannot read metadata.json in {path.name}: {exc}") from None
+
+
+def store_metadata(store: Path, name: str, version: str | None = None) -> dict:
+    """OIP metadata of a model as built in ``store`` (no server needed): ``version``, or the newest."""
+    from servekit.ops.store import archive_name, read_manifest, verify_archive
+
+    built = [r for r in read_manifest(store)["archives"].values() if r.get("model") == name]
+    versions = sorted((str(r.get("version")) for r in built), key=lambda v: [int(x) for x in v.split(".")])
+    if not versions:
+        raise OipError(HTTPStatus.NOT_FOUND, f"no archive of a model named {name!r} in {store} (make archive)")
+    chosen = version or versions[-1]
+    if chosen not in versions:
+        raise OipError(HTTPStatus.NOT_FOUND, f"{name} has no built version {chosen!r} (built: {', '.join(versions)})")
+    metadata = read_archive_metadata(verify_archive(store, archive_name(name, chosen)))
+    if not metadata.get("oip"):
+        raise OipError(HTTPStatus.NOT_FOUND, f"{name} {chosen}: the archive has no OIP metadata (rebuild it)")
+    return {**metadata["oip"], "name": name, "versions": versions, "version": chosen}
 
 
 def error_text(response: requests.Response) -> str:
