@@ -80,9 +80,9 @@ def request_kwargs(case: Case, form: str) -> dict:
 GOOD_FORMS = (RAW, MULTIPART, JSON_FORM, OIP_FORM)
 
 
-def good_request(index: int) -> tuple[int, str, dict]:
-    """The ``index``-th good request: a shipped digit, cycling through digits and forms."""
-    digit, form = index % 10, GOOD_FORMS[index % len(GOOD_FORMS)]
+def good_request(index: int, forms: tuple[str, ...] = GOOD_FORMS) -> tuple[int, str, dict]:
+    """The ``index``-th good request: a shipped digit, cycling through digits and ``forms``."""
+    digit, form = index % 10, forms[index % len(forms)]
     png = digit_png(digit)
     if form == OIP_FORM:
         body, headers = oip_image_body(png)
