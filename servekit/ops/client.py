@@ -82,11 +82,15 @@ def error_message(response: requests.Response) -> str:
 
 @dataclass
 class TorchServeClient:
-    """Calls to one TorchServe's inference, management (and metrics) APIs with tokens from ``key_file``."""
+    """Calls to one TorchServe's inference, management (and metrics) APIs with tokens from ``key_file``.
+
+    ``key_file=None``: TorchServe runs with token authorization disabled (a pod behind a
+    NetworkPolicy, see the bundle): calls carry no ``Authorization`` header.
+    """
 
     management_url: str
     inference_url: str
-    key_file: Path
+    key_file: Path | None
     timeout: float = 120.0
     metrics_url: str | None = None
     _refreshing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -95,7 +99,7 @@ class TorchServeClient:
         self.management_url = self.management_url.rstrip("/")
         self.inference_url = self.inference_url.rstrip("/")
         self.metrics_url = self.metrics_url.rstrip("/") if self.metrics_url else None
-        self.key_file = Path(self.key_file)
+        self.key_file = Path(self.key_file) if self.key_file is not None else None
 
     # ------------------------------------------------------------------ addresses and tokens
     def url(self, kind: str, path: str = "") -> str:
@@ -105,16 +109,22 @@ class TorchServeClient:
         return f"{base[kind]}{path}"
 
     def keys(self) -> dict[str, str]:
+        if self.key_file is None:
+            raise TorchServeError("this TorchServe runs without token authorization: there are no keys")
         return read_keys(self.key_file)
 
     def token(self, kind: str) -> str:
+        """The current ``kind`` key; ``""`` when token authorization is off."""
+        if self.key_file is None:
+            return ""
         keys = self.keys()
         if kind not in keys:
             raise TorchServeError(f"no {kind!r} key in {self.key_file} (have: {', '.join(sorted(keys))})")
         return keys[kind]
 
     def headers(self, kind: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(kind)}"}
+        token = self.token(kind)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def refresh(self, kind: str, refused: str | None = None) -> None:
         """Ask TorchServe for a new ``kind`` token with the API key; TorchServe rewrites the key file.
@@ -145,7 +155,7 @@ class TorchServeClient:
         """
         token = self.token(kind)
         response = self._request(kind, method, path, token, dict(kwargs), timeout)
-        if token_refused(response.status_code, response.text):
+        if token and token_refused(response.status_code, response.text):
             self.refresh(kind, refused=token)
             response = self._request(kind, method, path, self.token(kind), dict(kwargs), timeout)
         return response
@@ -179,7 +189,7 @@ class TorchServeClient:
         return requests.get(self.url("metrics", "/metrics"), timeout=timeout).text
 
     def _request(self, kind: str, method: str, path: str, token: str, kwargs: dict, timeout: float | None):
-        headers = {**(kwargs.pop("headers", None) or {}), "Authorization": f"Bearer {token}"}
+        headers = {**(kwargs.pop("headers", None) or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
         return requests.request(
             method, self.url(kind, path), headers=headers, timeout=timeout or self.timeout, **kwargs
         )
@@ -232,7 +242,7 @@ class KeepAliveSender:
         """The status and body of one answer; ``OSError`` or ``http.client.HTTPException`` when there is none."""
         headers = self.headers
         status, answer = self._post(body)
-        if token_refused(status, answer):
+        if "Authorization" in headers and token_refused(status, answer):
             self.client.refresh("inference", refused=headers["Authorization"].removeprefix("Bearer "))
             self.headers = self._headers()
             status, answer = self._post(body)

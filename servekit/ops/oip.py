@@ -72,12 +72,16 @@ class Gateway:
 
     client: TorchServeClient
     model_store: Path
+    draining_file: Path | None = None  # while it exists the server is not ready (``server.py run`` drains)
+    tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     # -------------------------------------------------------------- tokens
     def check_token(self, authorization: str | None) -> None:
-        """The caller must hold TorchServe's current inference key."""
+        """The caller must hold TorchServe's current inference key (unless token authorization is off)."""
+        if not self.tokens:
+            return
         try:
             expected = self.client.token("inference")
         except TorchServeError as exc:
@@ -126,6 +130,8 @@ class Gateway:
         return response.status_code in (200, 500)  # 500: up, but a model is not healthy
 
     def server_ready(self) -> bool:
+        if self.draining_file is not None and self.draining_file.exists():
+            return False
         try:
             models = self.client.models()
             return bool(models) and all(self._ready(self._version(name, None)[0]) for name in models)
@@ -154,7 +160,7 @@ class Gateway:
                 HTTPStatus.NOT_FOUND,
                 f"{name} {chosen.get('modelVersion')}: the archive has no OIP metadata (rebuild it)",
             )
-        registered = sorted(str(v.get("modelVersion")) for v in versions)
+        registered = sorted((str(v.get("modelVersion")) for v in versions), key=version_key)
         return {**oip, "name": name, "versions": registered}
 
     @staticmethod
@@ -174,6 +180,11 @@ class Gateway:
             raise OipError(HTTPStatus.SERVICE_UNAVAILABLE, f"TorchServe did not answer: {exc}") from None
 
 
+def version_key(version: str) -> list[int]:
+    """``"10.0"`` after ``"2.0"``: versions are dotted numbers (``servekit.ops.store.VERSION_RE``)."""
+    return [int(part) if part.isdigit() else -1 for part in version.split(".")]
+
+
 def read_archive_metadata(path: Path) -> dict:
     """``metadata.json`` of a built archive (what the build recorded, the ``oip`` block included)."""
     try:
@@ -188,7 +199,7 @@ def store_metadata(store: Path, name: str, version: str | None = None) -> dict:
     from servekit.ops.store import archive_name, read_manifest, verify_archive
 
     built = [r for r in read_manifest(store)["archives"].values() if r.get("model") == name]
-    versions = sorted((str(r.get("version")) for r in built), key=lambda v: [int(x) for x in v.split(".")])
+    versions = sorted((str(r.get("version")) for r in built), key=version_key)
     if not versions:
         raise OipError(HTTPStatus.NOT_FOUND, f"no archive of a model named {name!r} in {store} (make archive)")
     chosen = version or versions[-1]
@@ -225,6 +236,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -258,8 +271,10 @@ class _HttpHandler(BaseHTTPRequestHandler):
         self._route("GET")
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(min(length, 1 << 16))
+        # Nothing here takes a body (inference goes from the front to TorchServe): answer, and close
+        # the connection instead of reading a body of any size, so no unread byte is taken for the
+        # next request on it.
+        self.close_connection = True
         self._route("POST")
 
 
@@ -339,7 +354,8 @@ def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
             body, header_length = grpc_request_to_http(request, parameter_value)
             headers = {BINARY_HEADER: str(header_length), "Content-Type": "application/octet-stream"}
             metadata = dict(context.invocation_metadata())
-            headers["Authorization"] = metadata.get("authorization", "")
+            if metadata.get("authorization"):
+                headers["Authorization"] = metadata["authorization"]
             response = gateway.infer(request.model_name, request.model_version or None, body, headers)
             if response.status_code != 200:
                 raise OipError(response.status_code, error_text(response))
@@ -431,11 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc", required=True, help="host:port of the inference.GRPCInferenceService")
     parser.add_argument("--inference", required=True)
     parser.add_argument("--management", required=True)
-    parser.add_argument("--key-file", required=True)
+    parser.add_argument("--key-file", help="TorchServe's key_file.json; omit when token authorization is off")
     parser.add_argument("--model-store", required=True)
+    parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     args = parser.parse_args(argv)
-    client = TorchServeClient(args.management, args.inference, Path(args.key_file), timeout=10)
-    gateway = Gateway(client, Path(args.model_store))
+    key_file = Path(args.key_file) if args.key_file else None
+    client = TorchServeClient(args.management, args.inference, key_file, timeout=10)
+    draining = Path(args.prefix).parent / "draining" if args.prefix else None
+    gateway = Gateway(client, Path(args.model_store), draining_file=draining, tokens=key_file is not None)
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()

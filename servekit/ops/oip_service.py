@@ -129,10 +129,11 @@ class OipService:
     prefix: Path
     inference_url: str
     management_url: str
-    key_file: Path
+    key_file: Path | None  # None: TorchServe runs without token authorization
     model_store: Path
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
+    host: str = "127.0.0.1"  # where the front and gRPC listen ("0.0.0.0" in a pod)
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -143,7 +144,7 @@ class OipService:
 
     @property
     def front(self) -> OipFront:
-        return OipFront(self.prefix / "front", listen=f"127.0.0.1:{self.http_port}",
+        return OipFront(self.prefix / "front", listen=f"{self.host}:{self.http_port}",
                         torchserve=self.inference_url.split("://", 1)[-1], gateway=self._gateway_address())  # fmt: skip
 
     def _gateway_address(self) -> str:
@@ -151,7 +152,7 @@ class OipService:
         return path.read_text().strip() if path.is_file() else "127.0.0.1:1"
 
     def _fragments(self) -> tuple[str, ...]:
-        return ("servekit.ops.oip", "--key-file", str(self.key_file))
+        return ("servekit.ops.oip", "--prefix", str(self.prefix))
 
     def running_pid(self) -> int | None:
         return owned_pid(self.pid_file, self._fragments())
@@ -164,10 +165,12 @@ class OipService:
         internal = f"127.0.0.1:{_free_port()}"
         (self.prefix / "gateway.address").write_text(internal)
         command = [
-            sys.executable, "-m", "servekit.ops.oip", "--http", internal, "--grpc", f"127.0.0.1:{self.grpc_port}",
+            sys.executable, "-m", "servekit.ops.oip", "--http", internal, "--grpc", f"{self.host}:{self.grpc_port}",
             "--inference", self.inference_url, "--management", self.management_url,
-            "--key-file", str(self.key_file), "--model-store", str(self.model_store),
+            "--model-store", str(self.model_store), "--prefix", str(self.prefix),
         ]  # fmt: skip
+        if self.key_file is not None:
+            command += ["--key-file", str(self.key_file)]
         log = open(self.prefix / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -14,6 +14,12 @@ all other settings then come from the snapshot (``ports`` is set from it), the m
 
     python -m servekit.ops.server start [--workdir var]   # background, returns when /ping is Healthy
     python -m servekit.ops.server stop  [--workdir var]
+    python -m servekit.ops.server run --config C --model-store S --bind 0.0.0.0   # a container's entrypoint
+
+``run`` stays in the foreground (a container's main process): it starts TorchServe from ``--config``
+(a bundle's, no snapshots: a pod is immutable), then waits for SIGTERM. On SIGTERM it drains: the
+OIP readiness turns false at once (``/v2/health/ready``: the gateway sees ``workdir/draining``),
+it waits until no request is queued (at most ``--drain-timeout`` s), and only then stops.
 """
 
 from __future__ import annotations
@@ -136,23 +142,27 @@ class TorchServeProcess:
     overrides: dict[str, str] = field(default_factory=dict)
     verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
     oip: bool = True  # the Open Inference Protocol address beside it (servekit.ops.oip_service)
+    oip_ports: dict[str, int] | None = None  # {"oip_http": .., "oip_grpc": ..}; default 8000/8001, free with ports
+    config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
+    bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
     process: subprocess.Popen | None = None
     snapshot_differences: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.model_store = Path(self.model_store).resolve()
-        self.props = read_properties(BASE_CONFIG)
+        self.config = Path(self.config)
+        self.props = read_properties(self.config)
         if self.ports is None:
             self.ports = {kind: int(self.props[key].rsplit(":", 1)[1]) for kind, key in ADDRESS_KEYS.items()}
-            self.oip_ports = {"oip_http": DEFAULT_HTTP_PORT, "oip_grpc": DEFAULT_GRPC_PORT}
+            self.oip_ports = self.oip_ports or {"oip_http": DEFAULT_HTTP_PORT, "oip_grpc": DEFAULT_GRPC_PORT}
         else:
-            self.oip_ports = {"oip_http": free_port(), "oip_grpc": free_port()}
+            self.oip_ports = self.oip_ports or {"oip_http": free_port(), "oip_grpc": free_port()}
             # A server on chosen ports (tests, bench) must not collide with another one's gRPC ports.
             self.props.setdefault("grpc_inference_port", str(free_port()))
             self.props.setdefault("grpc_management_port", str(free_port()))
         for kind, key in ADDRESS_KEYS.items():
-            self.props[key] = f"http://127.0.0.1:{self.ports[kind]}"
+            self.props[key] = f"http://{self.bind}:{self.ports[kind]}"
         self.props["management_address"] = f"unix:{self.management_socket}"
         self.props["model_store"] = str(self.model_store)
         if self.restore and not self.snapshots:
@@ -167,8 +177,9 @@ class TorchServeProcess:
             self.workdir / "guard", f"127.0.0.1:{self.ports['management']}", self.management_socket
         )
         self.oip_service = OipService(
-            self.workdir / "oip", self.url("inference"), self.url("management"), self.key_file, self.model_store,
-            http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"],
+            self.workdir / "oip", self.url("inference"), self.url("management"),
+            self.key_file if self.tokens else None, self.model_store,
+            http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"], host=self.bind,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -191,6 +202,11 @@ class TorchServeProcess:
         return self.workdir / "key_file.json"
 
     @property
+    def tokens(self) -> bool:
+        """Whether TorchServe checks tokens (a bundle's pod configuration turns them off)."""
+        return self.props.get("disable_token_authorization", "false").strip().lower() != "true"
+
+    @property
     def pid_file(self) -> Path:
         return self.workdir / "torchserve.pid"
 
@@ -202,7 +218,11 @@ class TorchServeProcess:
     def client(self, timeout: float = 120.0) -> TorchServeClient:
         """The TorchServe client for this server: its addresses and its key file."""
         return TorchServeClient(
-            self.url("management"), self.url("inference"), self.key_file, timeout, metrics_url=self.url("metrics")
+            self.url("management"),
+            self.url("inference"),
+            self.key_file if self.tokens else None,
+            timeout,
+            metrics_url=self.url("metrics"),
         )
 
     def keys(self) -> dict[str, str]:
@@ -327,7 +347,7 @@ class TorchServeProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"TorchServe exited with {self.process.returncode}; see {self.log_tail()}")
-            if self.key_file.is_file():
+            if self.key_file.is_file() or not self.tokens:
                 try:
                     response = client.call("inference", "GET", "/ping")
                     if response.status_code == 200 and response.json().get("status") == "Healthy":
@@ -354,6 +374,35 @@ class TorchServeProcess:
                 return
             time.sleep(0.5)
         raise ServerError(f"no READY worker after {timeout:.0f}s for: {', '.join(pending)}; see {self.log_tail()}")
+
+    @property
+    def draining_file(self) -> Path:
+        """While it exists, the OIP readiness says not ready (the gateway checks it on every probe)."""
+        return self.workdir / "draining"
+
+    def drain(self, timeout: float, settle: float = 1.0) -> bool:
+        """Say not ready, then wait until no version has a queued request twice in a row (at most ``timeout`` s).
+
+        ``settle`` more seconds let the batch a worker holds finish. False: requests were still queued.
+        """
+        self.draining_file.write_text("draining\n")
+        client = self.client(timeout=5)
+        deadline, quiet = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            try:
+                pending = sum(
+                    int((version.get("jobQueueStatus") or {}).get("pendingRequests") or 0)
+                    for name in client.models()
+                    for version in client.describe(name)
+                )
+            except (TorchServeError, ValueError):
+                pending = 0  # TorchServe is not answering: nothing more will be served
+            quiet = quiet + 1 if pending == 0 else 0
+            if quiet >= 2:
+                time.sleep(settle)
+                return True
+            time.sleep(0.25)
+        return False
 
     def log_tail(self) -> str:
         return str(self.workdir / "logs" / "ts_log.log")
@@ -391,17 +440,28 @@ class TorchServeProcess:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Start or stop the toolkit's TorchServe.")
-    parser.add_argument("action", choices=["start", "stop", "key"])
+    parser.add_argument("action", choices=["start", "stop", "key", "run"])
     parser.add_argument("kind", nargs="?", default="inference", help="for key: inference, management or api")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "var"))
     parser.add_argument("--model-store", default=str(REPO_ROOT / "model_store"))
     parser.add_argument(
         "--fresh", action="store_true", help="start from config.properties, ignoring the saved snapshot of versions"
     )
+    parser.add_argument("--config", default=str(BASE_CONFIG), help="run: the TorchServe configuration")
+    parser.add_argument("--bind", default="127.0.0.1", help="run: host of the inference, metrics and OIP listeners")
+    parser.add_argument("--drain-timeout", type=float, default=25.0, help="run: seconds to wait for queued requests")
+    parser.add_argument("--oip-http-port", type=int, default=DEFAULT_HTTP_PORT, help="run: the OIP HTTP port")
+    parser.add_argument("--oip-grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="run: the OIP gRPC port")
     args = parser.parse_args(argv)
-    # Versions registered at runtime, their workers and the default come back after make stop / make serve.
-    server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh)
-    actions = {"key": _print_key, "stop": _stop, "start": _start}
+    if args.action == "run":
+        oip_ports = {"oip_http": args.oip_http_port, "oip_grpc": args.oip_grpc_port}
+        server = TorchServeProcess(
+            Path(args.workdir), Path(args.model_store), config=Path(args.config), bind=args.bind, oip_ports=oip_ports
+        )
+    else:
+        # Versions registered at runtime, their workers and the default come back after make stop / make serve.
+        server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh)
+    actions = {"key": _print_key, "stop": _stop, "start": _start, "run": _run}
     try:
         return actions[args.action](server, args)
     except ServekitError as exc:
@@ -426,6 +486,32 @@ def _stop(server: TorchServeProcess, args: argparse.Namespace) -> int:
         print(f"pid file {server.pid_file} named {recorded}, which is not our TorchServe: removed, nothing signalled")
     server.stop()
     print("TorchServe stopped" if running is not None else "TorchServe (started by make serve) is not running")
+    return 0
+
+
+def _run(server: TorchServeProcess, args: argparse.Namespace) -> int:
+    """Foreground: start, serve until SIGTERM or SIGINT, drain, stop (see the module docstring)."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.draining_file.unlink(missing_ok=True)
+    server.start()
+    print(f"serving: inference {server.url('inference')}, OIP {server.url('oip_http')}, gRPC {server.grpc_address}",
+          flush=True)  # fmt: skip
+    try:
+        while not stopping:
+            if server.process is not None and server.process.poll() is not None:
+                raise ServerError(f"TorchServe exited with {server.process.returncode}; see {server.log_tail()}")
+            time.sleep(0.2)
+        print(f"signal {stopping[0]}: draining (at most {args.drain_timeout:g} s)", flush=True)
+        server.drain(args.drain_timeout)
+    finally:
+        server.stop()
+    print("stopped", flush=True)
     return 0
 
 
