@@ -33,6 +33,7 @@ import hmac
 import json
 import re
 import signal
+import struct
 import sys
 import threading
 import zipfile
@@ -374,11 +375,14 @@ def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
 _CONTENTS = {"BYTES": "bytes_contents", "FP32": "fp32_contents", "INT64": "int64_contents"}
 
 
+def bytes_elements(values: list[bytes]) -> bytes:
+    """A BYTES tensor as raw data: per element a uint32 little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
 def grpc_request_to_http(request: Any, parameter_value) -> tuple[bytes, int]:
     """A ``ModelInferRequest`` as an OIP binary HTTP body (JSON header + raw tensors) and its header length."""
-    import struct
-
-    import numpy as np
+    import numpy as np  # here, not at the top: the torch-free CLI imports this module and starts fast
 
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise OipError(
@@ -390,7 +394,7 @@ def grpc_request_to_http(request: Any, parameter_value) -> tuple[bytes, int]:
         if request.raw_input_contents:
             raw = bytes(request.raw_input_contents[i])
         elif tensor.datatype == "BYTES":
-            raw = b"".join(struct.pack("<I", len(v)) + v for v in tensor.contents.bytes_contents)
+            raw = bytes_elements(list(tensor.contents.bytes_contents))
         elif tensor.datatype == "FP32":
             raw = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
         else:
@@ -413,8 +417,6 @@ def grpc_request_to_http(request: Any, parameter_value) -> tuple[bytes, int]:
 
 def http_response_to_grpc(response: requests.Response, service_pb2: Any) -> Any:
     """A binary (or JSON) OIP HTTP answer as a ``ModelInferResponse`` with ``raw_output_contents``."""
-    import struct
-
     import numpy as np
 
     body = response.content
@@ -427,16 +429,15 @@ def http_response_to_grpc(response: requests.Response, service_pb2: Any) -> Any:
         id=document.get("id", ""),
     )  # fmt: skip
     for output in document.get("outputs", []):
-        tensor = result.outputs.add(name=output["name"], datatype=output["datatype"], shape=output["shape"])
+        result.outputs.add(name=output["name"], datatype=output["datatype"], shape=output["shape"])
         size = (output.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             raw, offset = tail[offset : offset + size], offset + size
         elif output["datatype"] == "BYTES":
-            raw = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in output["data"])
+            raw = bytes_elements([str(v).encode() for v in output["data"]])
         else:
             raw = np.asarray(output["data"], dtype={"FP32": "<f4", "INT64": "<i8"}[output["datatype"]]).tobytes()
         result.raw_output_contents.append(raw)
-        del tensor
     return result
 
 
