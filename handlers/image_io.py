@@ -171,18 +171,23 @@ def _quote_fields(document: dict) -> str:
     return "[" + ", ".join(names) + (f", ... {more} more" if more > 0 else "") + "]"
 
 
-def _decode_base64(text: Any, field: str) -> bytes:
+def decode_base64(text: Any, where: str) -> bytes:
+    """Base64 (or a ``data:`` URL) to bytes; errors name ``where`` the text was (a field, a tensor element)."""
     if not isinstance(text, str):
-        raise InvalidInput(f"JSON field '{field}' must be a base64 string, got {type(text).__name__}")
+        raise InvalidInput(f"{where} must be a base64 string, got {type(text).__name__}")
     if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
     try:
         payload = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"JSON field '{field}' is not valid base64: {exc}") from exc
+        raise InvalidInput(f"{where} is not valid base64: {exc}") from exc
     if not payload:
-        raise InvalidInput(f"JSON field '{field}' is empty")
+        raise InvalidInput(f"{where} is empty")
     return payload
+
+
+def _decode_base64(text: Any, field: str) -> bytes:
+    return decode_base64(text, f"JSON field '{field}'")
 
 
 def _from_json(document: Any) -> ImageRequest:

@@ -24,8 +24,6 @@ section): the names, and for OIP metadata the datatypes and shapes (``oip_metada
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import extract_image_request
+from handlers.image_io import decode_base64, extract_image_request
 
 # The binary tensor extension's header: the JSON part's length in bytes.
 BINARY_HEADER = "inference-header-content-length"
@@ -227,19 +225,9 @@ def _parse_json(text: bytes | str) -> Any:
 
 
 def _b64(text: Any, where: str) -> bytes:
-    if isinstance(text, bytes | bytearray):
+    if isinstance(text, bytes | bytearray):  # tritonclient's JSON mode sends BYTES elements it was given as bytes
         text = bytes(text).decode("ascii", "replace")
-    if not isinstance(text, str):
-        raise InvalidInput(f"{where} must be a base64 string, got {type(text).__name__}")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        payload = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidInput(f"{where} is not valid base64: {exc}") from exc
-    if not payload:
-        raise InvalidInput(f"{where} is empty")
-    return payload
+    return decode_base64(text, where)
 
 
 def _check_count(count: int, config: ProtocolConfig, what: str) -> None:
