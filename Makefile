@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean \
-	status register promote rollback canary shadow proxy
+	status register promote rollback canary shadow proxy bundle
 
 help:
 	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
 	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
 	@echo "make check    format check, lint and unit tests"
+	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (README: Deploy on Kubernetes)"
 
 # TorchServe's frontend needs a Java 17+ runtime.
 java:
@@ -95,6 +96,15 @@ canary: venv
 	$(SERVEKIT) canary $(NAME) $(VERSION) --percent $(PERCENT)
 shadow: venv
 	$(SERVEKIT) shadow $(NAME) $(VERSION)
+
+# The image and manifests for a cluster (README, "Deploy on Kubernetes"), from the archives just built:
+#   make bundle [MODELS=digits:1.0,2.0] [DEFAULT=digits:2.0] [IMAGE=registry.example.com/servekit:0.1.0]
+#               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
+bundle: archive
+	$(SERVEKIT) bundle $(if $(MODELS),--models $(MODELS)) $(if $(DEFAULT),--default $(DEFAULT)) \
+		$(if $(IMAGE),--image $(IMAGE)) $(if $(REPLICAS),--replicas $(REPLICAS)) \
+		$(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(CPU),--cpu $(CPU)) \
+		$(if $(MEMORY),--memory $(MEMORY)) $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache

@@ -17,6 +17,9 @@
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
     servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
                                           # (inputs, outputs, datatypes, shapes), from the store
+    servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
+                    [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--out bundle]
+                                          # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
@@ -206,6 +209,18 @@ def cmd_metadata(ctx: Context) -> str:
     return json.dumps(store_metadata(Path(ctx.args.store), ctx.args.name, ctx.args.version), indent=2)
 
 
+def cmd_bundle(ctx: Context) -> str:
+    from servekit.deploy.bundle import BundleOptions, write_bundle  # yaml and the generator only when asked
+
+    a = ctx.args
+    options = BundleOptions.from_cli(
+        models=a.models, defaults=a.default, replicas=a.replicas, max_replicas=a.max_replicas, cpu=a.cpu,
+        memory=a.memory, image=a.image, namespace=a.namespace, out=a.out,
+    )  # fmt: skip
+    store = Path(a.bundle_store or a.store)
+    return write_bundle(options, spec=a.spec, store=store, state_file=ctx.proxy.state_file).summary()
+
+
 # ------------------------------------------------------------------------------------------ parser
 Handler = Callable[[Context], str]
 
@@ -262,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--percent", type=int, required=True)
     shadow = command("shadow", cmd_shadow, "mirror traffic to a version through the proxy", "name", "version")
     shadow.add_argument("--off", action="store_true", help="stop mirroring")
+    bundle = command("bundle", cmd_bundle, "write the image, Kubernetes and KServe manifests to --out", changes=False)
+    bundle.add_argument(
+        "--models", "--model", action="append", help="NAME, NAME:V or NAME:V1,V2 (repeatable; default: all)"
+    )
+    bundle.add_argument("--default", action="append", help="NAME:VERSION (default: the highest bundled version)")
+    for flag, default in (("--replicas", None), ("--max-replicas", None), ("--cpu", None), ("--memory", None),
+                          ("--image", None), ("--namespace", None)):  # fmt: skip
+        bundle.add_argument(flag, default=default, help="(see servekit.deploy.bundle.BundleOptions)")
+    bundle.add_argument("--out", type=Path, default=REPO_ROOT / "bundle")
+    bundle.add_argument("--spec", type=Path, default=REPO_ROOT / "models.yaml")
+    bundle.add_argument("--store", dest="bundle_store", help="the model store (default: the global --store)")
     return parser
 
 

@@ -49,6 +49,7 @@ import requests
 import servekit
 from servekit.errors import ServekitError, one_line
 from servekit.ops.client import TorchServeClient, TorchServeError
+from servekit.ops.state import version_key
 from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -179,11 +180,6 @@ class Gateway:
             return session.post(self.client.url("inference", path), data=body, headers=headers, timeout=120)
         except requests.RequestException as exc:
             raise OipError(HTTPStatus.SERVICE_UNAVAILABLE, f"TorchServe did not answer: {exc}") from None
-
-
-def version_key(version: str) -> list[int]:
-    """``"10.0"`` after ``"2.0"``: versions are dotted numbers (``servekit.ops.store.VERSION_RE``)."""
-    return [int(part) if part.isdigit() else -1 for part in version.split(".")]
 
 
 def read_archive_metadata(path: Path) -> dict:

@@ -1,0 +1,912 @@
+"""``servekit bundle``: what a cluster needs to serve the built archives, generated from the spec and the manifest.
+
+    bundle/
+      bundle.json                  the machine-readable record: selection, image, replicas, cpu, memory, ports,
+                                   entrypoint argv, env, probes, preStop and termination grace, canary
+      model-store/                 the selected archives (sha256 checked) and their manifest records
+      config/config.properties     the pod's TorchServe configuration (one setting per line)
+      Dockerfile, .dockerignore    the image: pinned Python, JRE 17, nginx, the pyproject pins, non-root
+      src/                         what the image installs: pyproject.toml, README.md, handlers/, servekit/
+      k8s/servekit.yaml            Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy
+      kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService: a custom predictor from the same image
+
+Workflow::
+
+    options = BundleOptions.from_cli(models=["digits:1.0,2.0"], defaults=["digits:2.0"], image="repo/servekit:1")
+    bundle = write_bundle(options, spec=Path("models.yaml"), store=Path("model_store"),
+                          state_file=Path("var/proxy/state.json"))
+    bundle.record["entrypoint"]    # the container's argv, also the Dockerfile's ENTRYPOINT
+
+Torch-free: the model list comes from ``models.yaml`` read as plain YAML, the serving settings from
+each archive's own ``model-config.yaml`` (the build wrote them from the spec's ``serving``: the
+archive alone says how it is served, as for ``servekit register``), the sha256 from the manifest.
+
+Every value the pod depends on is a constant here, written once into bundle.json and rendered from
+it into the Dockerfile and the manifests, so that they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from servekit.errors import ServekitError, one_line
+from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
+from servekit.ops.state import read_state, version_key
+from servekit.ops.store import (
+    MANIFEST_NAME,
+    NAME_RE,
+    VERSION_RE,
+    IntegrityError,
+    archive_name,
+    file_sha256,
+    read_manifest,
+    verify_archive,
+)
+
+__all__ = ["Bundle", "BundleError", "BundleOptions", "ModelSelection", "write_bundle"]
+
+# ------------------------------------------------------------------------------------------ the pod
+APP = "servekit"
+HOME = "/home/model-server"
+USER, UID = "model-server", 1000
+MODEL_STORE = f"{HOME}/model-store"
+CONFIG_FILE = f"{HOME}/config/config.properties"
+WORKDIR = f"{HOME}/var"  # an emptyDir in the pod: TorchServe's logs, unpacked archives, the guard's socket
+DRAIN_TIMEOUT_S = 25
+PRESTOP_SLEEP_S = 5  # the endpoint removal propagates to every proxy before SIGTERM
+TERMINATION_GRACE_S = 45  # > preStop 5 + drain 25 + stopping TorchServe and nginx
+ENTRYPOINT = [
+    "python", "-m", "servekit.ops.server", "run", "--config", CONFIG_FILE, "--model-store", MODEL_STORE,
+    "--workdir", WORKDIR, "--bind", "0.0.0.0", "--drain-timeout", str(DRAIN_TIMEOUT_S),
+]  # fmt: skip
+ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # logs at once; site-packages is read-only
+PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082}  # management 8081: loopback only
+SERVICE_PORTS = ("http", "oip-http", "oip-grpc")  # never metrics' 8082 nor the management API
+GRPC_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}  # TorchServe's own; not in the Service
+PROBE_PORT = PORTS["oip-http"]
+PROBES = {
+    # Ready = every model's default version has a READY worker, and not draining (servekit.ops.oip).
+    "readiness": {"path": "/v2/health/ready", "periodSeconds": 5, "failureThreshold": 2},
+    "liveness": {"path": "/v2/health/live", "periodSeconds": 10, "failureThreshold": 3},
+    "startup": {"path": "/v2/health/ready", "periodSeconds": 5, "failureThreshold": 60},  # 5 min for slow loads
+}
+PROBE_TIMEOUT_S = 3
+CLIENT_LABEL = ("servekit.io/client", "true")  # pods allowed to call the APIs (NetworkPolicy)
+MONITORING_NAMESPACE = "monitoring"  # the only namespace allowed to scrape :8082
+HPA_CPU_UTILIZATION = 70
+PYTHON_IMAGE = "python:3.11.13-slim-bookworm"  # exact patch release, Debian 12
+APT_PACKAGES = ("openjdk-17-jre-headless", "nginx")  # TorchServe's frontend; the management guard and OIP front
+PINNED = ("torch", "torchvision", "torchserve", "torch-model-archiver")  # pip pins taken from pyproject.toml
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+SOURCES = ("pyproject.toml", "README.md", "handlers", "servekit")  # what `pip install` needs in src/
+# Settings copied from the repository's config.properties (the same limits as on one host).
+COPIED_SETTINGS = ("job_queue_size", "max_request_size", "max_response_size")
+KSERVE_DEPLOYMENT_MODE = "Knative"  # canaryTrafficPercent needs Knative revisions (KServe >= 0.16 name)
+KSERVE_CONTAINER = "kserve-container"
+
+CPU_RE = re.compile(r"^(?:(?P<cores>\d+(?:\.\d{1,3})?)|(?P<milli>\d+)m)\Z")
+MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}  # fmt: skip
+MEMORY_RE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>Ki|Mi|Gi|Ti|k|M|G|T)?\Z")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_RE = re.compile(
+    rf"^(?:[A-Za-z0-9.-]+(?::\d+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?\Z"
+)
+
+
+class BundleError(ServekitError, ValueError):
+    """A bundle cannot be made as asked; the message says which option or file and what would be valid."""
+
+
+# ------------------------------------------------------------------------------------------ options
+@dataclass(frozen=True)
+class ModelSelection:
+    """One model and its versions (``None``: every version in ``models.yaml``)."""
+
+    name: str
+    versions: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise BundleError(f"--models: {self.name!r} is not a model name (letters, digits, '_', '-')")
+        for version in self.versions or ():
+            if not VERSION_RE.match(version):
+                raise BundleError(f"--models: {self.name}:{version} is not a version like 1.0 or 2.1.3")
+        if self.versions is not None and len(set(self.versions)) != len(self.versions):
+            raise BundleError(f"--models: a version of {self.name} is given twice")
+
+
+def cpu_millicores(quantity: str) -> int:
+    """``"2"`` -> 2000, ``"1.5"`` -> 1500, ``"500m"`` -> 500; a ``BundleError`` for anything else or zero."""
+    match = CPU_RE.match(quantity)
+    if match is None:
+        raise BundleError(f"--cpu {quantity!r} is not a CPU quantity: use whole or decimal CPUs (2, 1.5) or 500m")
+    milli = int(match["milli"]) if match["milli"] else round(float(match["cores"]) * 1000)
+    if milli <= 0:
+        raise BundleError(f"--cpu {quantity!r} must be more than 0")
+    return milli
+
+
+def memory_bytes(quantity: str) -> int:
+    """``"4Gi"`` -> 4294967296; a ``BundleError`` for anything that is not a positive Kubernetes quantity."""
+    match = MEMORY_RE.match(quantity)
+    if match is None:
+        raise BundleError(f"--memory {quantity!r} is not a memory quantity: use e.g. 4Gi, 4096Mi or 4G")
+    size = float(match["number"]) * MEMORY_UNITS[match["unit"] or ""]
+    if size < 1:
+        raise BundleError(f"--memory {quantity!r} must be more than 0")
+    return int(size)
+
+
+def _positive_int(option: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BundleError(f"{option} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """What to bundle and how the pods run; validated on construction, every error one line."""
+
+    models: tuple[ModelSelection, ...] = ()  # empty: every model in models.yaml, every version
+    defaults: tuple[tuple[str, str], ...] = ()  # (model, version); unset: the highest selected version
+    replicas: int = 2
+    max_replicas: int | None = None  # None: twice replicas
+    cpu: str = "2"
+    memory: str = "4Gi"
+    image: str = "servekit:0.1.0"
+    namespace: str = "servekit"
+    out: Path = Path("bundle")
+
+    def __post_init__(self) -> None:
+        _positive_int("--replicas", self.replicas)
+        if self.max_replicas is None:
+            object.__setattr__(self, "max_replicas", 2 * self.replicas)
+        _positive_int("--max-replicas", self.max_replicas)
+        if self.max_replicas < self.replicas:
+            raise BundleError(f"--max-replicas {self.max_replicas} must be >= --replicas {self.replicas}")
+        cpu_millicores(self.cpu)
+        memory_bytes(self.memory)
+        match = IMAGE_RE.match(self.image)
+        if match is None:
+            raise BundleError(
+                f"--image {self.image!r} is not an image reference like registry.example.com/servekit:1.0"
+            )
+        if not (match["tag"] or match["digest"]) or match["tag"] == "latest":
+            raise BundleError(
+                f"--image {self.image!r} needs an explicit tag or digest other than latest (REPO:TAG): "
+                "pods must not change under a floating tag"
+            )
+        if not DNS_LABEL_RE.match(self.namespace):
+            raise BundleError(f"--namespace {self.namespace!r} is not a DNS label (lower-case letters, digits, '-')")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise BundleError(f"--models: {sorted(n for n in names if names.count(n) > 1)[0]} is given twice")
+        chosen = [model for model, _ in self.defaults]
+        if len(set(chosen)) != len(chosen):
+            raise BundleError("--default: a model is given twice")
+        object.__setattr__(self, "out", Path(self.out))
+
+    @classmethod
+    def from_cli(
+        cls, models: list[str] | None = None, defaults: list[str] | None = None, **settings: Any
+    ) -> BundleOptions:
+        """From the command line's strings: ``--models digits:1.0,2.0`` (repeatable), ``--default digits:2.0``."""
+        settings = {key: value for key, value in settings.items() if value is not None}
+        settings.setdefault("image", f"{APP}:{project_version(REPO_ROOT / 'pyproject.toml')}")
+        for key in ("replicas", "max_replicas"):
+            if key in settings:
+                settings[key] = _positive_int("--" + key.replace("_", "-"), settings[key])
+        return cls(models=parse_models(models or []), defaults=parse_defaults(defaults or []), **settings)
+
+
+def parse_models(texts: list[str]) -> tuple[ModelSelection, ...]:
+    """``["digits:1.0,2.0,other"]`` -> digits 1.0 and 2.0, and every version of other."""
+    selections: list[tuple[str, list[str] | None]] = []
+    for text in texts:
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                raise BundleError(f"--models {text!r}: empty item (use NAME, NAME:VERSION or NAME:V1,V2)")
+            if ":" in item:
+                name, version = (part.strip() for part in item.split(":", 1))
+                selections.append((name, [version]))
+            elif VERSION_RE.match(item):
+                if not selections or selections[-1][1] is None:
+                    raise BundleError(f"--models {text!r}: version {item} must follow NAME: (e.g. digits:{item})")
+                selections[-1][1].append(item)
+            else:
+                selections.append((item, None))
+    return tuple(ModelSelection(name, tuple(v) if v is not None else None) for name, v in selections)
+
+
+def parse_defaults(texts: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["digits:2.0"]`` -> (("digits", "2.0"),)."""
+    pairs = []
+    for text in texts:
+        for item in (part.strip() for part in text.split(",")):
+            name, _, version = item.partition(":")
+            if not NAME_RE.match(name) or not VERSION_RE.match(version):
+                raise BundleError(f"--default {item!r}: use NAME:VERSION, e.g. digits:2.0")
+            pairs.append((name, version))
+    return tuple(pairs)
+
+
+# ------------------------------------------------------------------------------------------ resolving
+@dataclass(frozen=True)
+class SelectedModel:
+    name: str
+    versions: tuple[str, ...]  # ascending
+    default: str
+    settings: dict[str, dict] = field(compare=False)  # version -> the archive's model-config.yaml
+
+
+def spec_models(spec: Path) -> dict[str, list[str]]:
+    """Every model in ``models.yaml`` and its versions, read as plain YAML (the build validates the rest)."""
+    try:
+        data = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BundleError(f"cannot read the spec {spec}: {one_line(exc)}") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise BundleError(f"{spec} has no 'models:' mapping")
+    return {
+        str(name): [str(v) for v in (model.get("versions") or {})] if isinstance(model, dict) else []
+        for name, model in models.items()
+    }
+
+
+def archive_settings(path: Path) -> dict:
+    """The serving settings the build wrote into the archive's ``model-config.yaml``."""
+    try:
+        with zipfile.ZipFile(path) as mar:
+            config = yaml.safe_load(mar.read("model-config.yaml")) or {}
+    except (KeyError, OSError, zipfile.BadZipFile, yaml.YAMLError) as exc:
+        raise BundleError(f"cannot read model-config.yaml in {path.name}: {one_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise BundleError(f"{path.name}: model-config.yaml is not a mapping")
+    for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BundleError(f"{path.name}: model-config.yaml {key} must be a whole number >= 0, got {value!r}")
+    return config
+
+
+def resolve(options: BundleOptions, spec: Path, store: Path, manifest: dict) -> list[SelectedModel]:
+    """The models, versions and defaults to bundle; every archive verified against the manifest."""
+    known = spec_models(spec)
+    selections = options.models or tuple(ModelSelection(name) for name in known)
+    built: dict[str, list[str]] = {}
+    for record in manifest["archives"].values():
+        built.setdefault(str(record.get("model")), []).append(str(record.get("version")))
+    chosen_defaults = dict(options.defaults)
+    for name in chosen_defaults:
+        if name not in {s.name for s in selections}:
+            raise BundleError(f"--default {name}:{chosen_defaults[name]}: {name} is not among the bundled models")
+    models = []
+    for selection in selections:
+        if selection.name not in known:
+            raise BundleError(f"unknown model {selection.name!r} (models.yaml has: {', '.join(known)})")
+        versions = selection.versions if selection.versions is not None else tuple(known[selection.name])
+        if not versions:
+            raise BundleError(f"{selection.name} has no versions in {spec}")
+        settings = {}
+        for version in versions:
+            name = archive_name(selection.name, version)
+            if name not in manifest["archives"]:
+                have = ", ".join(sorted(built.get(selection.name, []), key=version_key)) or "none"
+                raise BundleError(
+                    f"{selection.name} {version} has no archive in {store / MANIFEST_NAME} "
+                    f"(built versions: {have}; make archive builds the versions in models.yaml)"
+                )
+            try:
+                path = verify_archive(store, name, manifest)
+            except IntegrityError as exc:
+                raise BundleError(str(exc)) from None
+            settings[version] = archive_settings(path)
+        ordered = tuple(sorted(versions, key=version_key))
+        default = chosen_defaults.get(selection.name, ordered[-1])
+        if default not in ordered:
+            raise BundleError(
+                f"--default {selection.name}:{default} is not a bundled version (bundled: {', '.join(ordered)})"
+            )
+        models.append(SelectedModel(selection.name, ordered, default, settings))
+    return models
+
+
+def canary_percent(models: list[SelectedModel], state_file: Path) -> tuple[int | None, dict[str, dict], list[str]]:
+    """KServe's ``canaryTrafficPercent`` from the deployment state, the canaries it maps, and notes on those it cannot.
+
+    KServe splits traffic between revisions, not versions: applying a changed InferenceService sends
+    ``canaryTrafficPercent`` % to the new revision (this bundle) and the rest to the last one rolled
+    out. ``servekit canary NAME V --percent P`` maps onto that when V is this bundle's default for
+    NAME (the new revision answers with V) and every such canary in the bundle has the same P.
+    Anything else cannot be expressed: the percentage is left out (a full rollout) and a note says why.
+    """
+    state = read_state(state_file)
+    canaries, notes = {}, []
+    for model in models:
+        record = state.models.get(model.name)
+        if record is None or record.canary is None:
+            continue
+        version, percent = record.canary.version, record.canary.percent
+        if version != model.default:
+            notes.append(
+                f"the canary of {model.name} {version} ({percent}%) is not mapped: this bundle's default is "
+                f"{model.default} (bundle with --default {model.name}:{version} to roll it out as a KServe canary)"
+            )
+            continue
+        canaries[model.name] = {"version": version, "percent": percent}
+    percents = {c["percent"] for c in canaries.values()}
+    if len(percents) > 1:
+        listed = ", ".join(f"{n} {c['percent']}%" for n, c in sorted(canaries.items()))
+        notes.append(f"the canaries differ ({listed}) and one InferenceService has one canaryTrafficPercent: none set")
+        return None, {}, notes
+    return (percents.pop() if percents else None), canaries, notes
+
+
+def pyproject_pins(pyproject: Path) -> dict[str, str]:
+    """The exact ``==`` pins of torch, torchvision, torchserve and torch-model-archiver in pyproject.toml."""
+    try:
+        dependencies = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
+        raise BundleError(f"cannot read the dependencies of {pyproject}: {one_line(exc)}") from None
+    pins = {}
+    for requirement in dependencies:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*==\s*([A-Za-z0-9_.+-]+)\s*", requirement)
+        if match and match[1].lower() in PINNED:
+            pins[match[1].lower()] = match[2]
+    missing = [name for name in PINNED if name not in pins]
+    if missing:
+        raise BundleError(f"{pyproject} must pin {', '.join(missing)} with == (the image installs exactly those)")
+    return {name: pins[name] for name in PINNED}
+
+
+def project_version(pyproject: Path) -> str:
+    try:
+        return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "0"
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def model_snapshot(models: list[SelectedModel]) -> dict:
+    """TorchServe's ``model_snapshot``: every bundled version, its workers and batching, the default marked."""
+    entries: dict[str, dict] = {}
+    for model in models:
+        entries[model.name] = {}
+        for version in model.versions:
+            config = model.settings[version]
+            entry = {
+                "defaultVersion": version == model.default,
+                "marName": archive_name(model.name, version),
+                "minWorkers": config["minWorkers"],
+                "maxWorkers": config["maxWorkers"],
+                "batchSize": config["batchSize"],
+                "maxBatchDelay": config["maxBatchDelay"],
+                "responseTimeout": config["responseTimeout"],
+            }
+            if isinstance(config.get("startupTimeout"), int):
+                entry["startupTimeout"] = config["startupTimeout"]  # TorchServe's default (120 s) otherwise
+            entries[model.name][version] = entry
+    count = sum(len(m.versions) for m in models)
+    return {"name": "startup.cfg", "modelCount": count, "models": entries}
+
+
+def render_config(models: list[SelectedModel], base_config: Path) -> str:
+    """The pod's config.properties: every setting on one line (KServe's wrapper reads it line by line)."""
+    base = read_properties(base_config) if base_config.is_file() else {}
+    copied = {key: base[key] for key in COPIED_SETTINGS if key in base}
+    snapshot = json.dumps(model_snapshot(models), separators=(",", ":"))
+    lines = [
+        "# TorchServe configuration of a servekit pod, generated by `servekit bundle` (servekit/deploy/bundle.py).",
+        "# One setting per line. The launcher (python -m servekit.ops.server run) puts the management API on a",
+        "# unix socket behind its nginx guard on 127.0.0.1:8081, never exposed outside the pod.",
+        f"inference_address=http://0.0.0.0:{PORTS['http']}",
+        "management_address=http://127.0.0.1:8081",
+        f"metrics_address=http://0.0.0.0:{PORTS['metrics']}",
+        *(f"{key}={port}" for key, port in GRPC_PORTS.items()),
+        f"model_store={MODEL_STORE}",
+        "# Tokens off: TorchServe's keys are random per process and expire, so replicas behind one Service",
+        "# cannot share one. The NetworkPolicy admits only pods labelled servekit.io/client=true (8080, 8000,",
+        "# 8001) and the monitoring namespace (8082); the management API stays inside the pod.",
+        "disable_token_authorization=true",
+        "# A pod is immutable: new versions come as a new bundle and image, never by registration.",
+        "enable_model_api=false",
+        "allowed_urls=(?!)",
+        "metrics_mode=prometheus",
+        "default_workers_per_model=1",
+        *(f"{key}={value}" for key, value in copied.items()),
+        "# The bundled versions, their workers and batching (from each archive's model-config.yaml), the default.",
+        f"model_snapshot={snapshot}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def probe(kind: str, extra: dict | None = None) -> dict:
+    """A Kubernetes probe on the OIP port, as bundle.json records it and the manifests use it."""
+    spec = PROBES[kind]
+    return {
+        "httpGet": {"path": spec["path"], "port": PROBE_PORT},
+        "periodSeconds": spec["periodSeconds"],
+        "failureThreshold": spec["failureThreshold"],
+        "timeoutSeconds": PROBE_TIMEOUT_S,
+        **(extra or {}),
+    }
+
+
+def render_dockerfile(record: dict) -> str:
+    pins = record["pins"]
+    torch = " ".join(f"{name}=={pins[name]}" for name in ("torch", "torchvision"))
+    serve = " ".join(f"{name}=={pins[name]}" for name in ("torchserve", "torch-model-archiver"))
+    env = " \\\n    ".join(f"{key}={value}" for key, value in {**ENV, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}.items())
+    healthcheck = [
+        "python", "-c",
+        f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{PROBE_PORT}/v2/health/ready', timeout=4)",
+    ]  # fmt: skip
+    return f"""# The servekit model server, generated by `servekit bundle` (servekit/deploy/bundle.py): regenerate it.
+# Build from the bundle folder:  docker build -t {record["image"]} {record["out_name"]}
+FROM {record["base_image"]}
+
+ENV {env}
+
+# Java 17 runs TorchServe's frontend; nginx is the management guard and the OIP front (servekit.ops).
+# The base tag pins Debian 12; its security updates replace these packages (DL3008 waived on purpose).
+# hadolint ignore=DL3008
+RUN apt-get update \\
+    && apt-get install -y --no-install-recommends {" ".join(APT_PACKAGES)} \\
+    && rm -rf /var/lib/apt/lists/*
+
+# CPU-only torch wheels; every version is pyproject.toml's pin.
+RUN pip install --no-cache-dir --index-url {TORCH_CPU_INDEX} {torch} \\
+    && pip install --no-cache-dir {serve}
+
+# The toolkit and its handlers. The worker guard's .pth is written now: site-packages is read-only at run time.
+COPY src /opt/servekit/src
+RUN pip install --no-cache-dir /opt/servekit/src \\
+    && python -c "from servekit.ops.worker_guard import ensure_installed; ensure_installed()"
+
+# {USER} (uid {UID}); {WORKDIR} is an emptyDir in the pod (read-only root filesystem).
+RUN useradd --uid {UID} --user-group --create-home --home-dir {HOME} --shell /usr/sbin/nologin {USER} \\
+    && mkdir -p {WORKDIR} \\
+    && chown {USER}:{USER} {WORKDIR}
+COPY model-store {MODEL_STORE}
+COPY config {HOME}/config
+
+# Numeric, so that Kubernetes' runAsNonRoot can check it.
+USER {UID}:{UID}
+WORKDIR {HOME}
+EXPOSE {" ".join(str(PORTS[name]) for name in ("http", "oip-http", "oip-grpc", "metrics"))}
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \\
+    CMD {json.dumps(healthcheck)}
+ENTRYPOINT {json.dumps(record["entrypoint"])}
+"""
+
+
+DOCKERIGNORE = """# The build context is the bundle folder: only what the Dockerfile copies goes in.
+*
+!Dockerfile
+!src/
+!model-store/
+!config/
+**/__pycache__
+**/*.pyc
+"""
+
+
+def labels(record: dict) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/instance": APP,
+        "app.kubernetes.io/version": record["servekit_version"],
+        "app.kubernetes.io/component": "model-server",
+        "app.kubernetes.io/part-of": APP,
+        "app.kubernetes.io/managed-by": "servekit-bundle",
+    }
+
+
+def selector() -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": APP}
+
+
+def resources(record: dict) -> dict:
+    # requests = limits: Guaranteed QoS, and the CPU limit is the cgroup quota the handlers' CPU budget reads.
+    amounts = {"cpu": record["cpu"], "memory": record["memory"]}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def container_security() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def volumes() -> tuple[list[dict], list[dict]]:
+    mounts = [{"name": "work", "mountPath": WORKDIR}, {"name": "tmp", "mountPath": "/tmp"}]
+    declared = [{"name": "work", "emptyDir": {"sizeLimit": "2Gi"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    return declared, mounts
+
+
+def render_kubernetes(record: dict) -> list[dict]:
+    """Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy."""
+    meta = {"name": APP, "namespace": record["namespace"], "labels": labels(record)}
+    declared, mounts = volumes()
+    container = {
+        "name": APP,
+        "image": record["image"],
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(record["entrypoint"]),
+        "ports": [{"name": name, "containerPort": port, "protocol": "TCP"} for name, port in PORTS.items()],
+        "env": [{"name": key, "value": value} for key, value in record["env"].items()],
+        "resources": resources(record),
+        "startupProbe": record["probes"]["startup"],
+        "readinessProbe": record["probes"]["readiness"],
+        "livenessProbe": record["probes"]["liveness"],
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(record["preStopSeconds"])]}}},
+        "securityContext": container_security(),
+        "volumeMounts": mounts,
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": record["replicas"],
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": 600,
+            "selector": {"matchLabels": selector()},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": labels(record),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORTS["metrics"]),
+                        "prometheus.io/path": "/metrics",
+                        "servekit.io/bundle-sha256": record["bundle_sha256"],
+                    },
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,  # no SERVEKIT_* variables injected from the Service's name
+                    "terminationGracePeriodSeconds": record["terminationGracePeriodSeconds"],
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": UID,
+                        "runAsGroup": UID,
+                        "fsGroup": UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector()},
+                        }
+                    ],
+                    "containers": [container],
+                    "volumes": declared,
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(),
+            "ports": [
+                {"name": name, "port": PORTS[name], "targetPort": name, "protocol": "TCP"}
+                | ({"appProtocol": "grpc"} if name == "oip-grpc" else {})
+                for name in record["service_ports"]
+            ],
+        },
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
+            "minReplicas": record["replicas"],
+            "maxReplicas": record["max_replicas"],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION},
+                    },
+                }
+            ],
+            # Down one pod a minute: each one drains (preStop + drain) before the next goes.
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                }
+            },  # fmt: skip
+        },
+    }
+    # One replica: a minAvailable of 1 would block every node drain, so allow one pod down instead.
+    budget = {"minAvailable": 1} if record["replicas"] > 1 else {"maxUnavailable": 1}
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta,
+        "spec": {**budget, "selector": {"matchLabels": selector()}},
+    }
+    client_key, client_value = CLIENT_LABEL
+    network = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": selector()},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {client_key: client_value}}}],
+                    "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in record["service_ports"]],
+                },
+                {
+                    "from": [
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
+                    ],
+                    "ports": [{"protocol": "TCP", "port": PORTS["metrics"]}],
+                },
+            ],
+            "egress": [],  # the pod calls nothing: every hop (guard, OIP front, gateway) is on loopback
+        },
+    }
+    return [deployment, service, hpa, pdb, network]
+
+
+def render_inferenceservice(record: dict) -> dict:
+    """A KServe InferenceService whose predictor is the same image as a custom container (OIP v2)."""
+    declared, mounts = volumes()
+    kserve = record["kserve"]
+    predictor: dict[str, Any] = {
+        "minReplicas": record["replicas"],
+        "maxReplicas": record["max_replicas"],
+        "scaleMetric": "concurrency",
+        "scaleTarget": kserve["scale_target"],
+    }
+    if kserve["canaryTrafficPercent"] is not None:
+        predictor["canaryTrafficPercent"] = kserve["canaryTrafficPercent"]
+    predictor |= {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [
+            {
+                "name": KSERVE_CONTAINER,
+                "image": record["image"],
+                "imagePullPolicy": "IfNotPresent",
+                "command": list(record["entrypoint"]),
+                # PROTOCOL on the first container is how KServe reads a custom predictor's protocol version.
+                "env": [{"name": "PROTOCOL", "value": "v2"}]
+                + [{"name": key, "value": value} for key, value in record["env"].items()],
+                # Knative routes one port: the OIP HTTP front (KServe v2 and v1 routes, readiness, metadata).
+                "ports": [{"name": "http1", "containerPort": PORTS["oip-http"], "protocol": "TCP"}],
+                "resources": resources(record),
+                "readinessProbe": record["probes"]["readiness"],
+                # Knative takes no startupProbe: liveness waits out the startup budget instead.
+                "livenessProbe": {**record["probes"]["liveness"], "initialDelaySeconds": kserve["liveness_delay"]},
+                "securityContext": container_security(),
+                "volumeMounts": mounts,
+            }
+        ],
+        "volumes": declared,
+    }
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": APP,
+            "namespace": record["namespace"],
+            "labels": labels(record),
+            "annotations": {
+                "serving.kserve.io/deploymentMode": KSERVE_DEPLOYMENT_MODE,
+                "serving.kserve.io/enable-prometheus-scraping": "true",
+                "prometheus.kserve.io/port": str(PORTS["metrics"]),
+                "prometheus.kserve.io/path": "/metrics",
+                "servekit.io/bundle-sha256": record["bundle_sha256"],
+            },
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def dump_documents(documents: list[dict], header: str) -> str:
+    return header + yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, explicit_start=True)
+
+
+# ------------------------------------------------------------------------------------------ writing
+@dataclass(frozen=True)
+class Bundle:
+    """A written bundle: its folder and its record (bundle.json)."""
+
+    path: Path
+    record: dict
+
+    def summary(self) -> str:
+        r = self.record
+        models = "; ".join(
+            f"{name} {', '.join(m['versions'])} (default {m['default']})" for name, m in r["models"].items()
+        )
+        canary = f", KServe canaryTrafficPercent {r['kserve']['canaryTrafficPercent']}"
+        return (
+            f"bundle written to {self.path}: {models}; image {r['image']}, {r['replicas']}-{r['max_replicas']} "
+            f"replicas, cpu {r['cpu']}, memory {r['memory']}"
+            + (canary if r["kserve"]["canaryTrafficPercent"] is not None else "")
+            + "".join(f"\nnote: {note}" for note in r["kserve"]["notes"])
+            + f"\nnext: docker build -t {r['image']} {self.path} && docker push {r['image']} && "
+            f"kubectl apply -f {self.path / 'k8s' / 'servekit.yaml'}"
+        )
+
+
+def build_record(
+    options: BundleOptions, models: list[SelectedModel], manifest: dict, config_text: str, repo_root: Path, canary
+) -> dict:
+    percent, canaries, notes = canary
+    archives = {}
+    for m in models:
+        for v in m.versions:
+            name = archive_name(m.name, v)
+            archives[name] = {"model": m.name, "version": v, "sha256": manifest["archives"][name]["sha256"]}
+    digest = hashlib.sha256(config_text.encode())
+    for name in sorted(archives):
+        digest.update(f"{name}={archives[name]['sha256']}\n".encode())
+    concurrency = sum(
+        m.settings[m.default]["maxWorkers"] * max(1, m.settings[m.default]["batchSize"]) for m in models
+    )  # requests one pod works on at once: the autoscaler's target per pod
+    return {
+        "format": 1,
+        "servekit_version": project_version(repo_root / "pyproject.toml"),
+        "models": {m.name: {"versions": list(m.versions), "default": m.default} for m in models},
+        "archives": archives,
+        "bundle_sha256": digest.hexdigest(),
+        "image": options.image,
+        "base_image": PYTHON_IMAGE,
+        "pins": pyproject_pins(repo_root / "pyproject.toml"),
+        "namespace": options.namespace,
+        "replicas": options.replicas,
+        "max_replicas": options.max_replicas,
+        "cpu": options.cpu,
+        "memory": options.memory,
+        "cpu_budget": "the handlers' CPU budget reads the cgroup quota (cpu.max) that the CPU limit sets",
+        "user": {"name": USER, "uid": UID, "home": HOME},
+        "paths": {"model_store": MODEL_STORE, "config": CONFIG_FILE, "workdir": WORKDIR},
+        "ports": dict(PORTS),
+        "service_ports": list(SERVICE_PORTS),
+        "management": "127.0.0.1:8081 inside the pod only (kubectl port-forward)",
+        "entrypoint": list(ENTRYPOINT),
+        "env": dict(ENV),
+        "probes": {kind: probe(kind) for kind in ("readiness", "liveness", "startup")},
+        "preStopSeconds": PRESTOP_SLEEP_S,
+        "drainTimeoutSeconds": DRAIN_TIMEOUT_S,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "rolling_update": {"maxUnavailable": 0, "maxSurge": 1},
+        "network": {"client_label": dict([CLIENT_LABEL]), "metrics_namespace": MONITORING_NAMESPACE},
+        "kserve": {
+            "deploymentMode": KSERVE_DEPLOYMENT_MODE,
+            "protocolVersion": "v2",
+            "canaryTrafficPercent": percent,
+            "canaries": canaries,
+            "notes": notes,
+            "scale_target": max(1, concurrency),
+            "liveness_delay": PROBES["startup"]["periodSeconds"] * PROBES["startup"]["failureThreshold"],
+        },
+    }
+
+
+def _copy_sources(repo_root: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in SOURCES:
+        source = repo_root / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=ignore)
+        elif source.is_file():
+            shutil.copy2(source, target / name)
+        else:
+            raise BundleError(f"{source} is missing: the image installs the toolkit from it")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Put ``staging`` at ``out``; an existing ``out`` is replaced only if it is a bundle."""
+    if out.exists():
+        if not (out / "bundle.json").is_file():
+            raise BundleError(f"refusing to replace {out}: it exists and is not a bundle (no bundle.json)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def write_bundle(
+    options: BundleOptions,
+    spec: Path = REPO_ROOT / "models.yaml",
+    store: Path = REPO_ROOT / "model_store",
+    state_file: Path = REPO_ROOT / "var" / "proxy" / "state.json",
+    repo_root: Path = REPO_ROOT,
+    base_config: Path = BASE_CONFIG,
+) -> Bundle:
+    """Resolve, check and write the bundle to ``options.out`` (replaced whole, never half-written)."""
+    store = Path(store)
+    manifest = read_manifest(store)
+    models = resolve(options, Path(spec), store, manifest)
+    canary = canary_percent(models, Path(state_file))
+    config_text = render_config(models, Path(base_config))
+    record = build_record(options, models, manifest, config_text, Path(repo_root), canary)
+    out = options.out.resolve()
+    record_for_files = {**record, "out_name": options.out.name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        (staging / "model-store").mkdir(parents=True)
+        for name, entry in record["archives"].items():
+            copied = staging / "model-store" / name
+            shutil.copy2(store / name, copied)
+            if file_sha256(copied) != entry["sha256"]:
+                raise BundleError(f"{name} changed while it was copied into the bundle; run make bundle again")
+        bundled = {
+            "format": manifest.get("format", 1),
+            "archives": {n: manifest["archives"][n] for n in record["archives"]},
+        }
+        (staging / "model-store" / MANIFEST_NAME).write_text(json.dumps(bundled, indent=2, sort_keys=True) + "\n")
+        (staging / "config").mkdir()
+        (staging / "config" / "config.properties").write_text(config_text)
+        (staging / "Dockerfile").write_text(render_dockerfile(record_for_files))
+        (staging / ".dockerignore").write_text(DOCKERIGNORE)
+        _copy_sources(Path(repo_root), staging / "src")
+        (staging / "k8s").mkdir()
+        header = f"# Generated by `servekit bundle` for image {record['image']}: kubectl apply -f this file.\n"
+        (staging / "k8s" / "servekit.yaml").write_text(dump_documents(render_kubernetes(record), header))
+        (staging / "kserve").mkdir()
+        header = (
+            "# Generated by `servekit bundle`: a KServe InferenceService, a custom predictor from the same image\n"
+            "# speaking the Open Inference Protocol (v2).\n"
+            + (
+                f"# canaryTrafficPercent {record['kserve']['canaryTrafficPercent']}: from `servekit canary` "
+                "(the new revision, this bundle, gets that share; the previous one the rest).\n"
+                if record["kserve"]["canaryTrafficPercent"] is not None
+                else ""
+            )
+        )
+        (staging / "kserve" / "inferenceservice.yaml").write_text(
+            dump_documents([render_inferenceservice(record)], header)
+        )
+        (staging / "bundle.json").write_text(json.dumps(record, indent=2) + "\n")
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(out, record)
