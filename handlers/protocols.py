@@ -275,7 +275,7 @@ def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_s
         body = body.encode()
     if not isinstance(body, bytes | bytearray | memoryview):
         raise InvalidInput("a request with Inference-Header-Content-Length must have a body")
-    body = bytes(body)
+    body = memoryview(body)  # the tail is sliced, never copied: only each element is, once
     try:
         header_length = int(str(declared).strip())
     except ValueError:
@@ -283,7 +283,7 @@ def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_s
     if not 2 <= header_length <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
     try:
-        document = _parse_json(body[:header_length])
+        document = _parse_json(bytes(body[:header_length]))
     except InvalidInput as exc:
         raise InvalidInput(
             f"the first {header_length} bytes (Inference-Header-Content-Length) are not a JSON header: {exc}"
@@ -323,7 +323,7 @@ def _flatten(data: Any, limit: int, where: str) -> list:
     return out
 
 
-def _decode_oip(document: dict, tail: bytes, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
@@ -413,7 +413,7 @@ def _decode_oip(document: dict, tail: bytes, config: ProtocolConfig, input_shape
     return call
 
 
-def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+def _split_bytes(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
     """The BYTES tensor serialisation: per element a uint32 little-endian length, then the bytes."""
     elements, offset = [], 0
     for i in range(count):
@@ -425,7 +425,7 @@ def _split_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
             raise InvalidInput(f"{where}: element {i} is empty")
         if offset + length > len(raw):
             raise InvalidInput(f"{where}: element {i} declares {length} bytes but only {len(raw) - offset} remain")
-        elements.append(raw[offset : offset + length])
+        elements.append(bytes(raw[offset : offset + length]))
         offset += length
     if offset != len(raw):
         raise InvalidInput(f"{where}: {len(raw) - offset} bytes left over after {count} elements")

@@ -39,16 +39,19 @@ class OipServiceError(NginxError):
     """The OIP front or gateway could not be started."""
 
 
-def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str) -> str:
-    """The whole nginx.conf of the OIP front (see module docstring)."""
+def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str, tokens: bool = True) -> str:
+    """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens."""
     name, version = NAME_PATTERN, VERSION_PATTERN
-    oip_errors = (
+    missing_token = (
         '            if ($http_authorization = "") {\n'
         '                return 401 \'{"error": "missing token: send Authorization: Bearer <inference key>"}\';\n'
         "            }\n"
-        "            proxy_intercept_errors on;\n"
-        "            error_page 404 = @not_found;\n"
-        "            error_page 503 = @unavailable;\n"
+    )
+    oip_errors = (
+        (missing_token if tokens else "")
+        + "            proxy_intercept_errors on;\n"
+        + "            error_page 404 = @not_found;\n"
+        + "            error_page 503 = @unavailable;\n"
     )
     return f"""# Written by servekit.ops.oip_service: the Open Inference Protocol address (see that module).
 {config_head(prefix, 1024)}    client_max_body_size 7m;
@@ -102,12 +105,13 @@ class OipFront(NginxInstance):
     listen: str = f"127.0.0.1:{DEFAULT_HTTP_PORT}"
     torchserve: str = "127.0.0.1:8080"
     gateway: str = "127.0.0.1:8002"
+    tokens: bool = True  # False: TorchServe runs without token authorization (a bundle's pod)
     label = "the OIP front"
     error = OipServiceError
 
     def start(self, timeout: float = 10.0) -> None:
         self.refuse_if_running()
-        self.install(render_front_config(self.prefix, self.listen, self.torchserve, self.gateway))
+        self.install(render_front_config(self.prefix, self.listen, self.torchserve, self.gateway, self.tokens))
         self.launch(self.listen, timeout)
 
 
@@ -144,8 +148,13 @@ class OipService:
 
     @property
     def front(self) -> OipFront:
-        return OipFront(self.prefix / "front", listen=f"{self.host}:{self.http_port}",
-                        torchserve=self.inference_url.split("://", 1)[-1], gateway=self._gateway_address())  # fmt: skip
+        return OipFront(
+            self.prefix / "front",
+            listen=f"{self.host}:{self.http_port}",
+            torchserve=self.inference_url.split("://", 1)[-1],
+            gateway=self._gateway_address(),
+            tokens=self.key_file is not None,
+        )
 
     def _gateway_address(self) -> str:
         path = self.prefix / "gateway.address"

@@ -18,7 +18,6 @@ written to ``decode_budget_summary.json`` in pytest's base temp directory.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tests.hostile_corpus import FORMS, RAW, Case
 from tests.hostile_corpus_decode import SLOW, corpus
 from tests.integration import test_hostile_inputs as hostile
 from tests.integration.conftest import Client
+from tests.integration.survival import publish, survival_report
 from tests.integration.test_hostile_inputs import (
     BATCH_MODEL,
     BATCH_SIZE,
@@ -203,40 +203,21 @@ def test_workers_survived_with_bounded_memory(
     client: Client, baseline: Workers, ledger: Ledger, peaks: Peaks, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     after = snapshot(client)
-    growth_mb = {pid: (after.rss.get(pid, 0) - rss) / 2**20 for pid, rss in baseline.rss.items()}
-    summary = {
-        "payloads": len(corpus()),
-        "payloads_tried": len(ledger.payloads),
-        "case_form_pairs": len(ledger.pairs),
-        "requests_sent": ledger.sent,
-        "requests_single": ledger.single,
-        "requests_in_batches": ledger.in_batches,
-        "batches": ledger.batches,
-        "requests_lost": len(ledger.lost),
-        "requests_mismatched": len(ledger.mismatched),
-        "statuses": {str(code): n for code, n in sorted(ledger.statuses.items())},
-        "slowest_single_answer_s": max(peaks.slowest_s.values(), default=0.0),
-        "slowest_single_answers_s": dict(sorted(peaks.slowest_s.items(), key=lambda kv: -kv[1])[:8]),
-        "largest_peak_rss_growth_mb": dict(sorted(peaks.growth_mb.items(), key=lambda kv: -kv[1])[:8]),
-        "worker_pids_before": baseline.pids,
-        "worker_pids_after": after.pids,
-        "worker_rss_mb_before": {str(pid): round(rss / 2**20, 1) for pid, rss in baseline.rss.items()},
-        "worker_rss_mb_after": {str(pid): round(rss / 2**20, 1) for pid, rss in after.rss.items()},
-        "worker_rss_growth_mb": {str(pid): round(mb, 1) for pid, mb in growth_mb.items()},
-        "lost": ledger.lost,
-        "mismatched": ledger.mismatched,
-    }
-    path = tmp_path_factory.getbasetemp() / "decode_budget_summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"\ndecode budget: {summary['payloads_tried']} of {summary['payloads']} payloads, "
-        f"{summary['case_form_pairs']} payload x form pairs; {ledger.sent} requests sent "
-        f"({ledger.single} alone, {ledger.in_batches} in {ledger.batches} batches of {BATCH_SIZE}); "
-        f"{len(ledger.lost)} lost, {len(ledger.mismatched)} mismatched; statuses {summary['statuses']}; "
-        f"slowest single answer {summary['slowest_single_answer_s']} s; largest peak RSS growth during a "
-        f"request {max(peaks.growth_mb.values(), default=0.0)} MB; worker RSS growth (MB) "
-        f"{summary['worker_rss_growth_mb']}; pids {after.pids}; summary: {path}"
+    summary = survival_report(
+        ledger, baseline, after,
+        payloads=len(corpus()), payloads_tried=len(ledger.payloads), case_form_pairs=len(ledger.pairs),
+        slowest_single_answer_s=max(peaks.slowest_s.values(), default=0.0),
+        slowest_single_answers_s=dict(sorted(peaks.slowest_s.items(), key=lambda kv: -kv[1])[:8]),
+        largest_peak_rss_growth_mb=dict(sorted(peaks.growth_mb.items(), key=lambda kv: -kv[1])[:8]),
+    )  # fmt: skip
+    headline = (
+        f"decode budget: {summary['payloads_tried']} of {summary['payloads']} payloads, "
+        f"{summary['case_form_pairs']} payload x form pairs; slowest single answer "
+        f"{summary['slowest_single_answer_s']} s; largest peak RSS growth during a request "
+        f"{max(peaks.growth_mb.values(), default=0.0)} MB"
     )
+    publish(summary, "decode_budget_summary.json", tmp_path_factory, headline, BATCH_SIZE)
+    growth_mb = summary["worker_rss_growth_mb"]
 
     assert after.pids == baseline.pids, "a worker died or restarted"
     assert ledger.lost == []

@@ -37,6 +37,7 @@ from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, OIP_FORM, RAW, Case, corpus, digit_png
 from tests.hostile_corpus_oip import oip_image_body
 from tests.integration.conftest import Client, running_torchserve
+from tests.integration.survival import publish, survival_report
 
 MODEL = "digits"
 BATCH_MODEL = "digits_hostile_batch"
@@ -362,35 +363,16 @@ def test_workers_survived_with_bounded_memory(
     client: Client, baseline: Workers, ledger: Ledger, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     after = snapshot(client)
-    growth_mb = {pid: (after.rss.get(pid, 0) - rss) / 2**20 for pid, rss in baseline.rss.items()}
-    summary = {
-        "payloads": len(corpus()),
-        "payloads_tried": len(ledger.payloads),
-        "case_form_pairs": len(ledger.pairs),
-        "requests_sent": ledger.sent,
-        "requests_single": ledger.single,
-        "requests_in_batches": ledger.in_batches,
-        "batches": ledger.batches,
-        "requests_lost": len(ledger.lost),
-        "requests_mismatched": len(ledger.mismatched),
-        "statuses": {str(code): n for code, n in sorted(ledger.statuses.items())},
-        "worker_pids_before": baseline.pids,
-        "worker_pids_after": after.pids,
-        "worker_rss_mb_before": {str(pid): round(rss / 2**20, 1) for pid, rss in baseline.rss.items()},
-        "worker_rss_mb_after": {str(pid): round(rss / 2**20, 1) for pid, rss in after.rss.items()},
-        "worker_rss_growth_mb": {str(pid): round(mb, 1) for pid, mb in growth_mb.items()},
-        "lost": ledger.lost,
-        "mismatched": ledger.mismatched,
-    }
-    path = tmp_path_factory.getbasetemp() / "hostile_inputs_summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"\nhostile inputs: {summary['payloads_tried']} of {summary['payloads']} payloads, "
-        f"{summary['case_form_pairs']} payload x form pairs; {ledger.sent} requests sent "
-        f"({ledger.single} alone, {ledger.in_batches} in {ledger.batches} batches of {BATCH_SIZE}); "
-        f"{len(ledger.lost)} lost, {len(ledger.mismatched)} mismatched; statuses {summary['statuses']}; "
-        f"worker RSS growth (MB) {summary['worker_rss_growth_mb']}; pids {after.pids}; summary: {path}"
+    summary = survival_report(
+        ledger, baseline, after,
+        payloads=len(corpus()), payloads_tried=len(ledger.payloads), case_form_pairs=len(ledger.pairs),
+    )  # fmt: skip
+    headline = (
+        f"hostile inputs: {summary['payloads_tried']} of {summary['payloads']} payloads, "
+        f"{summary['case_form_pairs']} payload x form pairs"
     )
+    publish(summary, "hostile_inputs_summary.json", tmp_path_factory, headline, BATCH_SIZE)
+    growth_mb = summary["worker_rss_growth_mb"]
 
     assert after.pids == baseline.pids, "a worker died or restarted"
     assert ledger.lost == []

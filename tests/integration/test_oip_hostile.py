@@ -36,6 +36,7 @@ import requests
 from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus_oip import BINARY_HEADER, V1, GoodRequest, OipCase, corpus, good_request, summary
 from tests.integration.conftest import Client, running_torchserve
+from tests.integration.survival import publish, survival_report
 
 pytestmark = pytest.mark.integration
 
@@ -293,36 +294,14 @@ def test_workers_survived_with_bounded_memory(
     client: Client, baseline: Workers, ledger: Ledger, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     after = snapshot(client)
-    growth_mb = {pid: (after.rss.get(pid, 0) - rss) / 2**20 for pid, rss in baseline.rss.items()}
     server_errors = {str(code): n for code, n in ledger.statuses.items() if code >= 500}
-    report = {
-        "cases": len(CASES),
-        "cases_tried": len(ledger.cases),
-        "cases_by_route_and_status": summary(),
-        "requests_sent": ledger.sent,
-        "requests_single": ledger.single,
-        "requests_in_batches": ledger.in_batches,
-        "batches": ledger.batches,
-        "requests_lost": len(ledger.lost),
-        "requests_mismatched": len(ledger.mismatched),
-        "statuses": {str(code): n for code, n in sorted(ledger.statuses.items())},
-        "worker_pids_before": baseline.pids,
-        "worker_pids_after": after.pids,
-        "worker_rss_mb_before": {str(pid): round(rss / 2**20, 1) for pid, rss in baseline.rss.items()},
-        "worker_rss_mb_after": {str(pid): round(rss / 2**20, 1) for pid, rss in after.rss.items()},
-        "worker_rss_growth_mb": {str(pid): round(mb, 1) for pid, mb in growth_mb.items()},
-        "lost": ledger.lost,
-        "mismatched": ledger.mismatched,
-    }
-    path = tmp_path_factory.getbasetemp() / "oip_hostile_summary.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"\nOIP / KServe v1 hostile requests: {report['cases_tried']} of {report['cases']} cases; "
-        f"{ledger.sent} requests sent ({ledger.single} alone, {ledger.in_batches} in {ledger.batches} batches "
-        f"of {BATCH_SIZE}); {len(ledger.lost)} lost, {len(ledger.mismatched)} mismatched; statuses "
-        f"{report['statuses']}; worker RSS growth (MB) {report['worker_rss_growth_mb']}; pids {after.pids}; "
-        f"summary: {path}"
-    )
+    report = survival_report(
+        ledger, baseline, after,
+        cases=len(CASES), cases_tried=len(ledger.cases), cases_by_route_and_status=summary(),
+    )  # fmt: skip
+    headline = f"OIP / KServe v1 hostile requests: {report['cases_tried']} of {report['cases']} cases"
+    publish(report, "oip_hostile_summary.json", tmp_path_factory, headline, BATCH_SIZE)
+    growth_mb = report["worker_rss_growth_mb"]
 
     assert after.pids == baseline.pids, "a worker died or restarted"
     assert server_errors == {}, f"5xx answers: {server_errors}"

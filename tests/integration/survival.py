@@ -1,0 +1,49 @@
+"""The summary the hostile suites end with: what was sent, what came back, and the workers before and after.
+
+Each suite keeps a ledger (``sent``, ``single``, ``in_batches``, ``batches``, ``statuses``, ``lost``,
+``mismatched``) and two snapshots of its workers (``pids``, ``rss``); ``survival_report`` turns them
+into one JSON summary, ``publish`` writes it beside the session's temporary files and prints one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def survival_report(ledger: Any, before: Any, after: Any, **head: Any) -> dict:
+    """``head`` (the suite's own counts) followed by the parts every suite shares."""
+    growth_mb = {pid: (after.rss.get(pid, 0) - rss) / 2**20 for pid, rss in before.rss.items()}
+    return {
+        **head,
+        "requests_sent": ledger.sent,
+        "requests_single": ledger.single,
+        "requests_in_batches": ledger.in_batches,
+        "batches": ledger.batches,
+        "requests_lost": len(ledger.lost),
+        "requests_mismatched": len(ledger.mismatched),
+        "statuses": {str(code): n for code, n in sorted(ledger.statuses.items())},
+        "worker_pids_before": before.pids,
+        "worker_pids_after": after.pids,
+        "worker_rss_mb_before": {str(pid): round(rss / 2**20, 1) for pid, rss in before.rss.items()},
+        "worker_rss_mb_after": {str(pid): round(rss / 2**20, 1) for pid, rss in after.rss.items()},
+        "worker_rss_growth_mb": {str(pid): round(mb, 1) for pid, mb in growth_mb.items()},
+        "lost": ledger.lost,
+        "mismatched": ledger.mismatched,
+    }
+
+
+def publish(report: dict, name: str, tmp_path_factory: pytest.TempPathFactory, headline: str, batch_size: int) -> Path:
+    """Write ``report`` to ``<basetemp>/name`` and print one line: ``headline``, then the shared counts."""
+    path = tmp_path_factory.getbasetemp() / name
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"\n{headline}; {report['requests_sent']} requests sent ({report['requests_single']} alone, "
+        f"{report['requests_in_batches']} in {report['batches']} batches of {batch_size}); "
+        f"{report['requests_lost']} lost, {report['requests_mismatched']} mismatched; statuses {report['statuses']}; "
+        f"worker RSS growth (MB) {report['worker_rss_growth_mb']}; pids {report['worker_pids_after']}; summary: {path}"
+    )
+    return path

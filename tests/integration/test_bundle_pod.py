@@ -1,0 +1,163 @@
+"""The bundle runs as a pod would (issue 12): its entrypoint, config.properties and archives, a fresh home.
+
+A bundle is generated from the session's model store into a temporary folder; ``Pod``
+(tests/integration/pods.py) copies its ``config/`` and ``model-store/`` into a fresh home and runs
+bundle.json's ``entrypoint`` argv in it, with the Deployment's environment, changing only the
+interpreter, the ``/home/model-server`` paths, ``--bind 0.0.0.0`` to 127.0.0.1 and the fixed ports
+(free loopback ports instead; see pods.py). No token anywhere: the pod configuration disables them.
+Every shipped digit must come back right through ``/predictions`` and through the OIP address
+(tritonclient, HTTP binary tensors and gRPC); on SIGTERM the readiness turns false, the launcher
+drains, exits 0 within the termination grace, and leaves no process of its own behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+import yaml
+
+from servekit.ops.server import read_properties
+from tests.integration.pods import Pod, make_bundle, pod_timing, record_of
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = [(str(d), (REPO / "samples" / f"digit_{d}.png").read_bytes()) for d in range(10)]
+NOT_READY_WITHIN_S = 1.0  # the launcher checks for SIGTERM every 0.2 s and marks itself draining at once
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    make_bundle(out, model_store)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory, bundle: Path) -> Iterator[Pod]:
+    pod = Pod(bundle, tmp_path_factory.mktemp("pod") / "home")
+    try:
+        pod.prepare()
+        pod.start()
+        took = pod.wait_ready(pod_timing(pod.record)["startup_s"])
+        print(f"\npod ready in {took:.1f}s: {' '.join(pod.argv())}")
+        yield pod
+    finally:
+        pod.kill()
+
+
+def test_the_bundle_configures_a_pod(bundle: Path) -> None:
+    """What the pod below changes is only what a shared machine forces: the bundle itself is a pod's,
+    and bundle.json (which the pod is started from) says what the Deployment says."""
+    props = read_properties(bundle / "config" / "config.properties")
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["metrics_address"] == "http://0.0.0.0:8082"
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["disable_token_authorization"] == "true"
+    assert props["model_store"] == "/home/model-server/model-store"
+
+    record = record_of(bundle)
+    documents = list(yaml.safe_load_all((bundle / "k8s" / "servekit.yaml").read_text()))
+    deployment = next(d for d in documents if d and d.get("kind") == "Deployment")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    assert [*container.get("command", []), *container.get("args", [])] == record["entrypoint"]
+    assert {e["name"]: e["value"] for e in container.get("env", [])} == record["env"]
+    assert container["readinessProbe"]["httpGet"] == record["probes"]["readiness"]["httpGet"]
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(record["preStopSeconds"])]
+    assert pod_spec["terminationGracePeriodSeconds"] == record["terminationGracePeriodSeconds"]
+
+
+def bundled_routes(pod: Pod) -> list[tuple[str | None, str]]:
+    """(version asked for, version that must answer): the default route, then every bundled version."""
+    digits = pod.record["models"]["digits"]
+    return [(None, digits["default"]), *((version, version) for version in digits["versions"])]
+
+
+def test_every_digit_through_predictions(pod: Pod) -> None:
+    for asked, answering in bundled_routes(pod):
+        path = "/predictions/digits" + (f"/{asked}" if asked else "")
+        for label, image in DIGITS:
+            response = requests.post(
+                pod.url("inference", path), data=image, headers={"Content-Type": "image/png"}, timeout=60
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["predictions"][0]["label"] == label, (path, response.json())
+            assert response.json()["version"] == answering, (path, response.json())
+
+
+def test_every_digit_through_oip_http(pod: Pod) -> None:
+    """tritonclient.http on the OIP HTTP port with binary tensors, and no token, as a pod's client sends it."""
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{pod.ports['oip_http']}")
+    assert http.is_server_ready()
+    outputs = [triton_http.InferRequestedOutput(name, binary_data=True) for name in ("labels", "scores")]
+    for asked, _ in bundled_routes(pod):
+        for label, image in DIGITS:
+            tensor = triton_http.InferInput("image", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
+            result = http.infer("digits", [tensor], model_version=asked or "", outputs=outputs)
+            assert result.as_numpy("labels")[0][0].decode() == label, asked
+
+
+def test_every_digit_through_oip_grpc(pod: Pod) -> None:
+    """tritonclient.grpc on the OIP gRPC port (the Service's 8001), no token."""
+    grpc = triton_grpc.InferenceServerClient(f"127.0.0.1:{pod.ports['oip_grpc']}")
+    assert grpc.is_server_ready()
+    for asked, _ in bundled_routes(pod):
+        for label, image in DIGITS:
+            tensor = triton_grpc.InferInput("image", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+            result = grpc.infer("digits", [tensor], model_version=asked or "")
+            assert result.as_numpy("labels")[0][0].decode() == label, asked
+
+
+def test_sigterm_turns_readiness_false_drains_and_leaves_nothing(pod: Pod) -> None:
+    grace = pod_timing(pod.record)["grace_s"]
+    pod.note_processes()
+    running = [line for _, line in pod.owned().values()]
+    for part in ("org.pytorch.serve.ModelServer", "servekit.ops.oip", "nginx: master process"):
+        assert any(part in line for line in running), f"no {part} among the pod's processes: {running}"
+
+    pod.terminate()
+    signalled = time.monotonic()
+    probes: list[tuple[float, int | None]] = []
+    while pod.process.poll() is None and time.monotonic() - signalled < grace:
+        probes.append((time.monotonic() - signalled, pod.readiness()))
+        time.sleep(0.05)
+    try:
+        code = pod.process.wait(timeout=max(0.1, grace - (time.monotonic() - signalled)))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the launcher did not exit within the termination grace ({grace}s):{pod.log_tail()}")
+    exited = time.monotonic() - signalled
+    print(f"\nSIGTERM -> exit {code} in {exited:.1f}s; readiness probes: {compact(probes)}")
+    assert code == 0, pod.log_tail()
+
+    answers = [(at, status) for at, status in probes if status is not None]
+    not_ready = [at for at, status in answers if status != 200]
+    assert not_ready, f"the readiness never said not-ready before the listener went away: {compact(probes)}"
+    assert all(at < NOT_READY_WITHIN_S for at, status in answers if status == 200), compact(probes)
+    assert all(status != 200 for at, status in answers if at >= not_ready[0]), compact(probes)
+
+    assert pod.image_files() == pod.image_snapshot, "the pod wrote into config/ or model-store/ (read-only there)"
+    left = pod.wait_gone(5)  # the launcher waited for its children; allow the kernel a moment
+    assert left == {}, f"left running after the launcher exited: {left}"
+
+
+def compact(probes: list[tuple[float, int | None]]) -> str:
+    """Runs of equal probe answers: ``200 x3 (0.00-0.12s), 400 x20 (...), refused x5 (...)``."""
+    runs: list[list] = []
+    for at, status in probes:
+        if runs and runs[-1][0] == status:
+            runs[-1][1] += 1
+            runs[-1][3] = at
+        else:
+            runs.append([status, 1, at, at])
+    return ", ".join(f"{s or 'refused'} x{n} ({a:.2f}-{b:.2f}s)" for s, n, a, b in runs)
