@@ -48,8 +48,9 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
+from handlers import protocols
 from handlers.errors import MAX_MESSAGE_CHARS, HandlerError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from handlers.image_io import decode_image, extract_image_request, parse_topk
+from handlers.image_io import decode_image, parse_topk
 from handlers.transforms import ImagePreprocessor, Preprocessing
 from servekit.build.spec import load_spec
 from tests import hostile_corpus_decode
@@ -114,12 +115,13 @@ def is_thin(image: Image.Image) -> bool:
 
 
 def pipeline(request: dict) -> torch.Tensor:
-    """What ``ImageClassifier.preprocess`` does with one request (no model needed)."""
+    """What ``ImageClassifier.decode`` + ``prepare`` do with one request (no model needed)."""
     spec = digits_spec()
-    image_request = extract_image_request(request)
-    if "topk" in image_request.options:
-        parse_topk(image_request.options["topk"], len(spec.labels))
-    image = decode_image(image_request.payload, spec.limits)
+    call = protocols.decode(request, {}, spec.protocol, spec.preprocessing.input_shape)
+    if call.topk is not None:
+        parse_topk(call.topk, len(spec.labels))
+    (payload,) = call.images  # servekit's own forms carry one image
+    image = decode_image(payload, spec.limits)
     return preprocessor()(image)
 
 
