@@ -1,6 +1,6 @@
 """Fuzzing request parsing, decoding and the digits preprocessing: a tensor or a typed 4xx, nothing else.
 
-The pipeline a worker runs for one request (``extract_image_request`` -> ``parse_topk`` ->
+The pipeline a worker runs for one request (``protocols.decode`` -> ``parse_topk`` ->
 ``decode_image`` -> ``ImagePreprocessor`` with the digits spec from models.yaml) must, for ANY
 input, either return a finite float tensor of the model's input shape or raise ``InvalidInput``
 (400), ``PayloadTooLarge`` (413) or ``UnsupportedMediaType`` (415) with a short ASCII message.
