@@ -29,7 +29,7 @@ import torch
 
 from handlers.config import HandlerConfig
 from handlers.cpu_budget import CpuBudget
-from handlers.errors import HandlerError, InferenceError, error_payload
+from handlers.errors import HandlerError, InferenceError, InjectedFault, error_payload
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class BatchHandler:
         self.settings: Any = None
         self.batch_size = 1
         self.cpu: CpuBudget | None = None
+        self.inputs_seen = 0  # counts inputs for the deterministic injected faults
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
@@ -150,12 +151,21 @@ class BatchHandler:
         """``inference`` + ``postprocess`` over ``items``, at most ``batch_size`` at a time.
 
         A request may carry several inputs, so a batch may hold more than ``batch_size``: slices
-        keep every call to the model at a shape warm-up has already run.
+        keep every call to the model at a shape warm-up has already run. The handler config's
+        ``faults`` (drills and tests only; never during warm-up) delay the batch and fail some inputs.
         """
+        faults = getattr(self.settings, "faults", None) if self.initialized else None
+        if faults is not None and faults.delay_ms:
+            time.sleep(faults.delay_ms / 1000)
         results: list[Any] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             results.extend(self.postprocess(self.inference(chunk), chunk))
+        if faults is not None and faults.error_rate:
+            for i in range(len(results)):
+                if faults.fails(self.inputs_seen):
+                    results[i] = InjectedFault(f"injected fault (faults.error_rate {faults.error_rate:g})")
+                self.inputs_seen += 1
         return results
 
     @staticmethod

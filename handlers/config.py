@@ -15,6 +15,7 @@ construction, so a bad archive fails at load with a message naming the key.
       quantized_engine: x86      # INT8 kernels
       optimize: true             # FP32: oneDNN-prepacked convolutions at load
       protocol: {...}            # handlers.protocols.ProtocolConfig: OIP / KServe tensor names
+      faults: {error_rate: 0.3, delay_ms: 0, start_after: 20}   # drills and tests only (Faults); absent = none
 """
 
 from __future__ import annotations
@@ -28,6 +29,48 @@ from handlers.transforms import Preprocessing
 
 PRECISIONS = ("fp32", "int8", "bf16")
 QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack")
+MAX_FAULT_DELAY_MS = 5000
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Injected failures and delay, for rollout drills and tests only; never in a production version.
+
+    ``error_rate`` (0..1): that share of inputs fails with ``handlers.errors.InjectedFault`` (503),
+    deterministically: a per-worker counter fails input n when ``floor(n * rate)`` steps up, so 0.3
+    fails exactly 3 inputs in every 10. ``start_after`` (0..1000000): the inputs a worker serves
+    cleanly before the errors begin, so a drill version can pass its golden set and then fail live
+    traffic, like a version that degrades under load. ``delay_ms`` (0..5000): a sleep before every batch.
+    """
+
+    error_rate: float = 0.0
+    delay_ms: int = 0
+    start_after: int = 0
+
+    def __post_init__(self) -> None:
+        rate = self.error_rate
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"faults.error_rate: must be a number from 0.0 to 1.0, got {rate!r}")
+        delay = self.delay_ms
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_FAULT_DELAY_MS:
+            raise ValueError(f"faults.delay_ms: must be a whole number from 0 to {MAX_FAULT_DELAY_MS}, got {delay!r}")
+        start = self.start_after
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= 1_000_000:
+            raise ValueError(f"faults.start_after: must be a whole number from 0 to 1000000, got {start!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Faults:
+        if not isinstance(data, dict):
+            raise ValueError(f"faults: must be a mapping (error_rate, delay_ms, start_after), got {data!r}")
+        unknown = sorted(set(data) - {"error_rate", "delay_ms", "start_after"})
+        if unknown:
+            raise ValueError(f"faults.{unknown[0]}: unknown key (valid keys: delay_ms, error_rate, start_after)")
+        return cls(**data)
+
+    def fails(self, n: int) -> bool:
+        """Whether input number ``n`` (0, 1, 2, ... in this worker) is one of the injected failures."""
+        n -= self.start_after
+        return n >= 0 and int((n + 1) * self.error_rate) > int(n * self.error_rate)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -48,6 +91,7 @@ class HandlerConfig:
     quantized_engine: str = "x86"
     optimize: bool = True
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    faults: Faults | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +111,8 @@ class HandlerConfig:
             raise ValueError("preprocessing and limits must be Preprocessing and DecodeLimits objects")
         if not isinstance(self.protocol, ProtocolConfig):
             raise ValueError("protocol must be a ProtocolConfig object")
+        if self.faults is not None and not isinstance(self.faults, Faults):
+            raise ValueError("faults must be a Faults object or None")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HandlerConfig:
@@ -86,6 +132,8 @@ class HandlerConfig:
                 data["protocol"] = ProtocolConfig.from_dict(data["protocol"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"protocol: {exc}") from None
+        if data.get("faults") is not None:
+            data["faults"] = Faults.from_dict(data["faults"])
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -93,4 +141,6 @@ class HandlerConfig:
         data["preprocessing"] = self.preprocessing.to_dict()
         data["limits"] = asdict(self.limits)
         data["protocol"] = self.protocol.to_dict()
+        if self.faults is None:
+            data.pop("faults")  # absent, not null: the model-config.yaml of a normal version stays as it was
         return data

@@ -73,6 +73,16 @@ class InferenceError(HandlerError):
     status = 500
 
 
+class InjectedFault(HandlerError):
+    """A failure injected on purpose (``faults`` in the handler config): rollout drills and tests only.
+
+    503, like an overloaded or broken backend: the client did nothing wrong, and a canary that
+    answers it must be rolled back.
+    """
+
+    status = 503
+
+
 def error_payload(exc: BaseException) -> tuple[int, dict]:
     """Status and JSON body for any exception raised while serving one request."""
     if isinstance(exc, HandlerError):

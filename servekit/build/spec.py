@@ -12,6 +12,7 @@ Layout::
         preprocessing: {...}       # handlers.transforms.Preprocessing
         limits: {...}              # handlers.image_io.DecodeLimits
         protocol: {...}            # handlers.protocols.ProtocolConfig: OIP/KServe tensor names
+        faults: {error_rate: 0.3}  # handlers.config.Faults: injected errors/delay, drills and tests only
         serving: {...}             # Serving below: TorchServe's batch and worker settings
         evaluation: digits         # data set for measured accuracy (servekit.build.datasets), or omit
         versions:
@@ -33,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from handlers.config import HandlerConfig
+from handlers.config import Faults, HandlerConfig
 from handlers.image_io import DecodeLimits
 from handlers.protocols import ProtocolConfig, oip_metadata
 from handlers.transforms import Preprocessing
@@ -59,6 +60,7 @@ VERSION_KEYS = {
     "bf16",
     "description",
     "golden_set",
+    "faults",
 }
 MODEL_KEYS = VERSION_KEYS | {"versions"}
 
@@ -269,6 +271,7 @@ class ModelVersionSpec:
     description: str = ""
     golden_set: tuple[GoldenItem, ...] = ()
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    faults: Faults | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -290,6 +293,8 @@ class ModelVersionSpec:
         data.pop("extra")
         if self.bf16 is None:
             data.pop("bf16")  # absent, not null: fingerprints of fp32/int8 versions stay as they were
+        if self.faults is None:
+            data.pop("faults")  # likewise for every version without injected faults
         data["preprocessing"] = self.preprocessing.to_dict()
         data["protocol"] = self.protocol.to_dict()
         data["labels"] = list(self.labels)
@@ -313,6 +318,7 @@ class ModelVersionSpec:
             threads=self.serving.threads,
             quantized_engine=self.quantization.backend if self.quantization is not None else "x86",
             protocol=self.protocol,
+            faults=self.faults,
         )
 
     def oip_metadata(self, versions: list[str] | None = None) -> dict:
@@ -502,6 +508,7 @@ class _VersionResolver:
             description=str(merged.get("description", "")),
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
             protocol=self.nested("protocol", lambda: ProtocolConfig.from_dict(merged.get("protocol"))),
+            faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
         )
 
 

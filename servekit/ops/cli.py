@@ -15,6 +15,11 @@
     servekit proxy start|stop|status      # nginx in front of TorchServe (--proxy-port, default 8090)
     servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
+    servekit rollout NAME VERSION [--steps 10,25,50,100] [--step-seconds 30] [--max-error-rate 0.01]
+                    [--max-p99-ratio 1.5] [--min-requests 50] [--max-wait-factor 4] [--json]
+                                          # canary steps judged from the proxy's request log, then
+                                          # promote; any failure or Ctrl-C: canary 0, default kept
+                                          # (servekit.ops.rollout; takes the lock per step, exit 1/130)
     servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
                                           # (inputs, outputs, datatypes, shapes), from the store
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
@@ -49,7 +54,7 @@ from servekit.ops.proxy import NginxProxy
 from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
 from servekit.ops.state import DeploymentStore
 from servekit.ops.state_lock import StateLock
-from servekit.ops.workflows import Deployer, VersionState, status
+from servekit.ops.workflows import Deployer, DeployError, VersionState, status
 
 LOCK_NAME = "servekit.lock"
 
@@ -205,6 +210,29 @@ def cmd_shadow(ctx: Context) -> str:
     return f"shadow: every {a.name} request through {ctx.proxy.url()} is mirrored to {a.version}"
 
 
+def cmd_rollout(ctx: Context) -> str:
+    from servekit.ops.rollout import RequestLog, Rollout, Thresholds, format_event, parse_steps
+
+    a = ctx.args
+
+    def emit(event: dict) -> None:
+        print(json.dumps(event, sort_keys=True) if a.json else format_event(event), flush=True)
+
+    def lock(holder: str) -> StateLock:
+        return StateLock(Path(a.history).parent / LOCK_NAME, timeout=a.lock_timeout, holder=holder)
+
+    rollout = Rollout(
+        ctx.deployer, RequestLog(ctx.proxy.request_log), lock=lock, steps=parse_steps(a.steps),
+        thresholds=Thresholds(a.max_error_rate, a.max_p99_ratio, a.min_requests),
+        step_seconds=a.step_seconds, max_wait_factor=a.max_wait_factor, emit=emit,
+    )  # fmt: skip
+    if ctx.proxy.running_pid() is None:
+        raise DeployError(f"the proxy is not running (servekit proxy start): no traffic through it to judge {a.name}")
+    rollout.log.start()
+    rollout.run(a.name, a.version)  # every line is already out; a failure raises RolloutAborted
+    return ""
+
+
 def cmd_metadata(ctx: Context) -> str:
     return json.dumps(store_metadata(Path(ctx.args.store), ctx.args.name, ctx.args.version), indent=2)
 
@@ -277,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--percent", type=int, required=True)
     shadow = command("shadow", cmd_shadow, "mirror traffic to a version through the proxy", "name", "version")
     shadow.add_argument("--off", action="store_true", help="stop mirroring")
+    # The rollout takes the state lock per change itself (changes=False): status and history stay usable.
+    rollout = command("rollout", cmd_rollout, "walk a canary through steps, then promote or roll back",
+                      "name", "version", changes=False)  # fmt: skip
+    rollout.add_argument("--steps", default="10,25,50,100", help="canary percentages (default 10,25,50,100)")
+    rollout.add_argument("--step-seconds", type=float, default=30.0, help="minimum length of a step (default 30)")
+    rollout.add_argument("--max-error-rate", type=float, default=0.01, help="error budget (default 0.01)")
+    rollout.add_argument("--max-p99-ratio", type=float, default=1.5, help="canary/default p99 limit (default 1.5)")
+    rollout.add_argument("--min-requests", type=int, default=50, help="canary requests per step (default 50)")
+    rollout.add_argument(
+        "--max-wait-factor", type=float, default=4.0, help="abort a step after this x step-seconds (default 4)"
+    )
+    rollout.add_argument("--json", action="store_true", help="print JSON lines")
     bundle = command("bundle", cmd_bundle, "write the image, Kubernetes and KServe manifests to --out", changes=False)
     bundle.add_argument(
         "--models", "--model", action="append", help="NAME, NAME:V or NAME:V1,V2 (repeatable; default: all)"

@@ -9,6 +9,11 @@ proxy listens, what it forwards to, and each model's canary and shadow:
 * shadow: ``mirror`` sends a copy of every request to ``/predictions/NAME/SHADOW``; its answers are
   discarded, clients only ever see the served version's.
 
+Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` under the prefix
+(``log_format ... escape=json``): ``msec`` (epoch seconds), ``uri``, ``status``,
+``request_time`` (seconds) and ``target``, the version the split sent it to (``"/2.0"``; empty: the
+default). ``servekit.ops.rollout`` reads it to compare a canary with the default.
+
 ``NginxProxy.apply`` installs the rendering of a changed state (checked with ``nginx -t`` first: a
 configuration that fails the check is never installed), then the state, then reloads nginx; both
 files are replaced whole (``servekit.ops.nginx``). The proxy listens on its own loopback port and
@@ -24,7 +29,15 @@ from pathlib import Path
 from servekit.ops.nginx import NginxError, NginxInstance, config_head
 from servekit.ops.state import DeploymentState, StateError, read_state, write_state
 
-__all__ = ["NginxProxy", "ProxyError", "render_config"]
+__all__ = ["REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
+
+REQUEST_LOG = "requests.jsonl"
+# One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default).
+LOG_FORMAT = (
+    "    log_format servekit_json escape=json\n"
+    '        \'{"msec":$msec,"uri":"$uri","status":$status,"request_time":$request_time,'
+    '"target":"$servekit_target"}\';\n'
+)
 
 
 class ProxyError(NginxError):
@@ -45,16 +58,17 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
         raise ProxyError("cannot render the proxy configuration: the state has no listen or upstream address")
     splits, locations = [], []
     for name, model in sorted(state.models.items()):
-        target = ""
+        target, directives = "", ""
         if model.canary is not None:
             var, percent, version = _variable(name), model.canary.percent, model.canary.version
             cases = f'        {percent}% "/{version}";\n' if percent < 100 else ""
             fallback = f'"/{version}"' if percent >= 100 else '""'
             splits.append(f'    split_clients "${{request_id}}" ${var} {{\n{cases}        * {fallback};\n    }}\n')
             target = f"${var}"
-        mirror = ""
+            # The split's choice, for the request log (the server-wide "" means TorchServe's default).
+            directives = f"            set $servekit_target {target};\n"
         if model.shadow is not None:
-            mirror = f"            mirror /_shadow/{name};\n            mirror_request_body on;\n"
+            directives += f"            mirror /_shadow/{name};\n            mirror_request_body on;\n"
             locations.append(
                 f"        location = /_shadow/{name} {{\n"
                 "            internal;\n"
@@ -62,9 +76,9 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
                 "            proxy_set_header Content-Type $http_content_type;\n"
                 "        }\n"
             )
-        if target or mirror:
+        if directives:
             locations.append(
-                f"        location = /predictions/{name} {{\n{mirror}"
+                f"        location = /predictions/{name} {{\n{directives}"
                 f"            proxy_pass http://torchserve/predictions/{name}{target};\n"
                 "        }\n"
             )
@@ -75,8 +89,10 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
         server {state.upstream};
         keepalive 32;
     }}
-{"".join(splits)}    server {{
+{LOG_FORMAT}{"".join(splits)}    server {{
         listen {state.listen};
+        set $servekit_target "";
+        access_log {prefix / REQUEST_LOG} servekit_json;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_read_timeout 120s;
@@ -104,6 +120,11 @@ class NginxProxy(NginxInstance):
     @property
     def state_file(self) -> Path:
         return self.prefix / "state.json"
+
+    @property
+    def request_log(self) -> Path:
+        """The JSON-lines log of every request the proxy served (see the module docstring)."""
+        return self.prefix / REQUEST_LOG
 
     def current(self) -> DeploymentState:
         """The deployment state, with this proxy's address and upstream where it records none yet."""

@@ -1,0 +1,213 @@
+"""servekit rollout against a real TorchServe behind the real proxy, with live traffic through it.
+
+The store holds digits 1.0 and 2.0 as built, plus two drill versions built here from a spec
+variant: 3.0 fails 30 % of its inputs once it has served its golden set (10 inputs) (``faults.error_rate``,
+``faults.start_after``) and 4.0 sleeps 200 ms per batch (``faults.delay_ms``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from servekit.build.archive import build_all
+from servekit.build.spec import load_spec
+from servekit.ops.proxy import NginxProxy
+from servekit.ops.server import TorchServeProcess, free_port
+from tests.integration.conftest import one_error_line, running_torchserve
+
+FAST = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
+DRILLS = {"3.0": {"error_rate": 0.3, "start_after": 10}, "4.0": {"delay_ms": 200}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root: Path) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    for name in ("digits_v1.0.mar", "digits_v2.0.mar", "manifest.json"):
+        shutil.copyfile(model_store / name, store / name)
+    spec = yaml.safe_load((repo_root / "models.yaml").read_text())
+    versions = spec["models"]["digits"]["versions"]
+    for version, faults in DRILLS.items():  # 1.0's weights (cached by the build): only the faults differ
+        versions[version] = {**versions["1.0"], "faults": faults}
+    spec_path = repo_root / "build" / "test_rollout_models.yaml"  # beside models.yaml's relative paths' root
+    spec_path.parent.mkdir(exist_ok=True)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False).replace("samples/golden.json", "../samples/golden.json"))
+    drills = [s for s in load_spec(spec_path) if s.version in DRILLS]
+    build_all(drills, store, repo_root / "build" / "cache")
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Iterator[TorchServeProcess]:
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), store) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    state = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "servekit.ops.cli",
+        "--management-url", server.url("management"), "--inference-url", server.url("inference"),
+        "--key-file", str(server.key_file), "--store", str(store),
+        "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
+    ]  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, check=False,
+                              cwd=repo_root)  # fmt: skip
+
+    run.command = command
+    run.proxy = NginxProxy(state / "proxy", port, server.url("inference").split("//")[1])
+    run.history = state / "history.jsonl"
+    assert run("proxy", "start").returncode == 0
+    try:
+        yield run
+    finally:
+        run.proxy.stop()
+
+
+class Traffic:
+    """About 20 requests a second through the proxy from one thread, every answer kept; stops on ``stop``."""
+
+    def __init__(self, url: str, headers: dict, samples: Path) -> None:
+        self.url, self.headers = url, headers
+        self.payloads = [(samples / f"digit_{d}.png").read_bytes() for d in range(10)]
+        self.answers: list[tuple[int, str]] = []  # (status, served version or error type)
+        self.failures: list[str] = []  # transport errors
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, daemon=True)
+
+    def _send(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:  # a new connection each time, as test_proxy does: nginx reloads between steps
+                response = requests.post(self.url, data=self.payloads[n % 10], headers=self.headers, timeout=30)
+                body = response.json()
+                self.answers.append((response.status_code, body.get("version") or body.get("type", "?")))
+            except (requests.RequestException, ValueError) as exc:
+                self.failures.append(repr(exc))
+            n += 1
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@pytest.fixture
+def traffic(cli, server: TorchServeProcess, samples_dir: Path) -> Iterator[Traffic]:
+    with Traffic(cli.proxy.url("/predictions/digits"), server.headers("inference"), samples_dir) as traffic:
+        yield traffic
+
+
+def default_of(cli) -> str:
+    states = json.loads(cli("status", "--json").stdout)
+    return next(s["version"] for s in states if s["model"] == "digits" and s["default"])
+
+
+def events(cli, action: str) -> list[dict]:
+    lines = cli.history.read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["action"] == action]
+
+
+def logged_errors(cli) -> set[str]:
+    """The split targets of every non-2xx answer to /predictions/digits in the proxy's request log."""
+    records = map(json.loads, cli.proxy.request_log.read_text().splitlines())
+    return {r["target"] for r in records if r["uri"] == "/predictions/digits" and not 200 <= r["status"] < 300}
+
+
+def test_a_version_failing_some_inputs_is_rolled_back_at_the_first_step(cli, traffic: Traffic) -> None:
+    result = cli("rollout", "digits", "3.0", *FAST)
+    print(result.stdout + result.stderr)  # the README's transcript
+    error = one_error_line(result)
+    assert "rollout of digits 3.0 aborted at 25%: step 1 (25%): canary error rate" in error, error
+    assert error.endswith("canary removed, default unchanged"), error
+    assert "step 1/2  25%" in result.stdout
+    assert "-> abort: canary error rate" in result.stdout
+    assert cli.proxy.state()["routes"] == {}
+    assert default_of(cli) == "1.0"
+    time.sleep(1)
+    statuses = {(status, who) for status, who in traffic.answers}
+    # Clients saw errors only from the canary's share: injected 503s, never from the default.
+    assert {s for s in statuses if s[0] != 200} == {(503, "InjectedFault")}, statuses
+    assert {who for status, who in statuses if status == 200} <= {"1.0", "3.0"}
+    assert traffic.failures == []
+    assert logged_errors(cli) == {"/3.0"}
+    aborted = events(cli, "rollout-aborted")[-1]
+    assert (aborted["version"], aborted["percent"], aborted["canary_removed"]) == ("3.0", 25, True)
+
+
+def test_a_slow_version_fails_the_p99_ratio(cli, traffic: Traffic) -> None:
+    result = cli("rollout", "digits", "4.0", *FAST, "--json")
+    print(result.stdout + result.stderr)
+    error = one_error_line(result)
+    assert "rollout of digits 4.0 aborted at 25%: step 1 (25%): p99 ratio" in error, error
+    step = [json.loads(line) for line in result.stdout.splitlines() if '"rollout-step"' in line][0]
+    assert step["verdict"] == "abort"
+    assert step["canary"]["p99_ms"] >= 200
+    assert step["p99_ratio"] > 1.5
+    assert cli.proxy.state()["routes"] == {}
+    assert default_of(cli) == "1.0"
+    assert traffic.failures == []
+    assert {status for status, _ in traffic.answers} == {200}
+
+
+def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic, repo_root: Path) -> None:
+    process = subprocess.Popen(
+        [*cli.command, "rollout", "digits", "2.0", "--steps", "25,100", "--step-seconds", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo_root,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while cli.proxy.state()["routes"].get("digits") is None:  # the first step is live
+            assert time.monotonic() < deadline, "the rollout never set its first canary"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.2)
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "aborted at 25%: interrupted (SIGINT); canary removed, default unchanged" in err
+    assert cli.proxy.state()["routes"] == {}
+    assert default_of(cli) == "1.0"
+    assert events(cli, "rollout-aborted")[-1]["reason"] == "interrupted (SIGINT)"
+
+
+def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: Traffic) -> None:
+    result = cli("rollout", "digits", "2.0", *FAST)
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)  # the README's transcript
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%"
+    assert "-> advance" in lines[1]
+    assert "-> promote" in lines[2]
+    assert lines[3] == "promoted digits 2.0 (golden set 10/10); previous default 1.0"
+    assert default_of(cli) == "2.0"
+    assert cli.proxy.state()["routes"] == {}
+    time.sleep(1)
+    assert traffic.failures == []
+    assert {status for status, _ in traffic.answers} == {200}  # zero failed client requests
+    steps = [e for e in events(cli, "rollout-step") if e["version"] == "2.0"]
+    assert [(s["percent"], s["verdict"]) for s in steps] == [(25, "advance"), (100, "promote")]
+    assert all(s["canary"]["requests"] >= 10 for s in steps)
+    assert events(cli, "rollout-done")[-1]["previous_default"] == "1.0"
