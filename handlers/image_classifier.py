@@ -15,8 +15,10 @@ Every protocol of ``handlers.protocols`` is answered on every route:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +72,25 @@ class ImageClassifier(BatchHandler):
         return protocols.decode(request, headers, self.protocol, self.preprocessing.input_shape)
 
     def prepare(self, call: protocols.Call) -> list[PreparedImage]:
+        """Every element of the call as a model input; the images share ONE decode budget.
+
+        ``limits.max_decode_seconds`` bounds the whole request, not each image: a request of 32
+        slow images must not hold the worker 32 times as long (a batch of such requests would pass
+        the response timeout, and TorchServe would kill the worker with its neighbours' requests).
+        """
         topk = self.topk if call.topk is None else parse_topk(call.topk, len(self.labels))
+        deadline = time.monotonic() + self.limits.max_decode_seconds
         prepared = []
         for i, element in enumerate(call.images or call.tensors):
             try:
                 if call.images:
-                    tensor = self.preprocess_image(element)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise PayloadTooLarge(
+                            f"the request's images take more than {self.limits.max_decode_seconds:g} s to decode "
+                            f"(the limit for a whole request): send fewer images per request"
+                        )
+                    tensor = self.preprocess_image(element, remaining if i else None)
                 else:
                     tensor = torch.from_numpy(np.array(element, dtype=np.float32))
             except Exception as exc:
@@ -83,9 +98,12 @@ class ImageClassifier(BatchHandler):
             prepared.append(PreparedImage(tensor, topk))
         return prepared
 
-    def preprocess_image(self, payload: bytes) -> torch.Tensor:
-        """Encoded image bytes -> the model's input tensor, within the decode budget."""
-        image = decode_image(payload, self.limits, self.transform.min_decode_side)
+    def preprocess_image(self, payload: bytes, seconds: float | None = None) -> torch.Tensor:
+        """Encoded image bytes -> the model's input tensor, within the decode budget (``seconds`` left of it)."""
+        limits = self.limits
+        if seconds is not None and seconds < limits.max_decode_seconds:
+            limits = dataclasses.replace(limits, max_decode_seconds=seconds)
+        image = decode_image(payload, limits, self.transform.min_decode_side)
         try:
             return self.transform(image)
         except MemoryError as exc:

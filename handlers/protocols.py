@@ -47,6 +47,7 @@ DATATYPE_SIZES = {
     "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
 }  # fmt: skip
 _NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8"}
+MAX_PIXEL_MAGNITUDE = 1e4  # preprocessed inputs beyond this are not normalised pixels
 _QUOTE = 40
 
 
@@ -207,7 +208,8 @@ def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input
             return _decode_oip(document, b"", config, input_shape)
         if "instances" in document:
             return _decode_kserve_v1(document, config)
-        image = extract_image_request({"body": document})
+        field = "body" if "body" in request else "data"
+        image = extract_image_request({**request, field: document})
     else:
         image = extract_image_request(request)
     return Call("native", [image.payload], [], topk=image.options.get("topk"))
@@ -404,6 +406,11 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
                 raise InvalidInput(f"{where}.data holds a number FP32 cannot hold: {exc}") from None
         if not np.isfinite(array).all():
             raise InvalidInput(f"{where} holds NaN or infinite values")
+        if array.size and float(np.abs(array).max()) > MAX_PIXEL_MAGNITUDE:
+            # Preprocessed pixels are normalised (a few units at most); 1e38 makes the model answer NaN.
+            raise InvalidInput(
+                f"{where} holds values beyond +-{MAX_PIXEL_MAGNITUDE:g} (preprocessed pixels are normalised)"
+            )
         array = array.reshape(count, *expected)
         call = Call("oip_v2", [], [array[i] for i in range(count)])
 

@@ -279,6 +279,8 @@ def archive_settings(path: Path) -> dict:
         raise BundleError(f"cannot read model-config.yaml in {path.name}: {one_line(exc)}") from None
     if not isinstance(config, dict):
         raise BundleError(f"{path.name}: model-config.yaml is not a mapping")
+    if (config.get("handler") or {}).get("faults"):
+        raise BundleError(f"{path.name} is a drill version (handler faults are set): it is never bundled for a cluster")
     for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -265,6 +265,10 @@ class _HttpHandler(BaseHTTPRequestHandler):
             self._send(exc.status, {"error": str(exc)})
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        # A GET with a body: the body is never read, so the connection must not be reused (the
+        # unread bytes would be taken for the next request on it).
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
         self._route("GET")
 
     def do_POST(self) -> None:  # noqa: N802
@@ -351,8 +355,8 @@ def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
             body, header_length = grpc_request_to_http(request, parameter_value)
             headers = {BINARY_HEADER: str(header_length), "Content-Type": "application/octet-stream"}
             metadata = dict(context.invocation_metadata())
-            if metadata.get("authorization"):
-                headers["Authorization"] = metadata["authorization"]
+            if given := metadata.get("authorization", "").strip():
+                headers["Authorization"] = given if given.lower().startswith("bearer ") else f"Bearer {given}"
             response = gateway.infer(request.model_name, request.model_version or None, body, headers)
             if response.status_code != 200:
                 raise OipError(response.status_code, error_text(response))

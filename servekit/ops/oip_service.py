@@ -57,6 +57,7 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
 {config_head(prefix, 1024)}    client_max_body_size 7m;
     client_body_buffer_size 7m;
     server_tokens off;
+    access_log off;  # one line per inference would grow without bound (a pod's emptyDir); TorchServe logs requests
     upstream torchserve {{
         server {torchserve};
         keepalive 32;
@@ -87,9 +88,13 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
             return 503 '{{"error": "the model cannot take this request now (no worker, or its queue is full)"}}';
         }}
         location /v2 {{
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
             proxy_pass http://gateway;
         }}
         location /v1 {{
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
             proxy_pass http://gateway;
         }}
         location / {{

@@ -212,12 +212,22 @@ class Analysis:
         return self.reason is None
 
 
-def analyse(records: list[LogRecord], model: str, version: str, thresholds: Thresholds) -> Analysis:
-    """Compare ``version``'s canary share of ``/predictions/model`` with the default's (module docstring rules)."""
+def analyse(
+    records: list[LogRecord], model: str, version: str, thresholds: Thresholds, baseline: float | None = None
+) -> Analysis:
+    """Compare ``version``'s canary share of ``/predictions/model`` with the default's (module docstring rules).
+
+    ``baseline``: the default's error rate in an earlier step, used when the default has fewer than
+    ``min_requests`` in this window (at 100 % it has none): clients' bad inputs, which every version
+    refuses, must not abort the last step of a good canary.
+    """
     uri = f"/predictions/{model}"
     canary = Figures.of([r for r in records if r.uri == uri and r.target == f"/{version}"])
     default = Figures.of([r for r in records if r.uri == uri and r.target == ""])
-    limit = max(thresholds.max_error_rate, default.error_rate + thresholds.max_error_rate)
+    default_rate = default.error_rate
+    if default.requests < thresholds.min_requests and baseline is not None:
+        default_rate = baseline
+    limit = max(thresholds.max_error_rate, default_rate + thresholds.max_error_rate)
     ratio = None
     if min(canary.requests, default.requests) >= thresholds.min_requests and canary.p99_ms and default.p99_ms:
         ratio = round(canary.p99_ms / default.p99_ms, 2)
@@ -225,7 +235,7 @@ def analyse(records: list[LogRecord], model: str, version: str, thresholds: Thre
     if canary.requests < thresholds.min_requests:
         reason = f"not enough traffic: the canary had {canary.requests} of {thresholds.min_requests} requests"
     elif canary.error_rate > limit:
-        reason = f"canary error rate {canary.error_rate:.1%} > {limit:.1%} (default {default.error_rate:.1%})"
+        reason = f"canary error rate {canary.error_rate:.1%} > {limit:.1%} (default {default_rate:.1%})"
     elif ratio is not None and ratio > thresholds.max_p99_ratio:
         reason = (
             f"p99 ratio {ratio:.2f} > {thresholds.max_p99_ratio:g} "
@@ -290,6 +300,7 @@ class Rollout:
     def run(self, model: str, version: str) -> dict:
         """Register, golden set, the steps, promote: the ``rollout-done`` event; raises ``RolloutAborted``."""
         self._ours, percent = None, 0
+        self._baseline: float | None = None
         try:
             default = self._prepare(model, version)
             self._announce("rollout-start", model, version=version, default=default, steps=list(self.steps))
@@ -297,6 +308,8 @@ class Rollout:
             for number, percent in enumerate(self.steps, 1):
                 self._set_canary(model, version, percent)
                 analysis, window = self._watch(model, version, percent)
+                if analysis.default.requests >= self.thresholds.min_requests:
+                    self._baseline = analysis.default.error_rate  # for steps where the default gets too little
                 last = number == len(self.steps)
                 verdict = "abort" if not analysis.passed else "promote" if last else "advance"
                 self._record("rollout-step", model, version, step=number, of=len(self.steps), percent=percent,
@@ -313,6 +326,9 @@ class Rollout:
             raise self._abort(model, version, percent, str(exc), keep_routes=False) from None
         except KeyboardInterrupt:
             raise self._abort(model, version, percent, "interrupted (SIGINT)", False, INTERRUPTED_EXIT) from None
+        except Exception as exc:  # a bug or an unreadable log: still never leave the canary behind
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            raise self._abort(model, version, percent, reason, keep_routes=False) from exc
 
     # ------------------------------------------------------------------ steps
     def _prepare(self, model: str, version: str) -> str:
@@ -365,7 +381,7 @@ class Rollout:
             self.sleep(self.poll_s)
             self._check_unchanged(model)
             now = self.clock()
-            analysis = analyse(self.log.records(start, now), model, version, self.thresholds)
+            analysis = analyse(self.log.records(start, now), model, version, self.thresholds, self._baseline)
             enough = analysis.canary.requests >= self.thresholds.min_requests
             if (now >= ready_at and enough) or now >= give_up_at:
                 return analysis, now - start

@@ -286,6 +286,7 @@ class TorchServeProcess:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     raise ServerError(f"port {port} ({kind}) is already in use: is a TorchServe running? (make stop)")
         config = self.write_config()
+        self.draining_file.unlink(missing_ok=True)  # left by a run that was killed: would say "not ready" forever
         (self.workdir / "tmp").mkdir(exist_ok=True)
         self.management_socket.parent.mkdir(mode=0o700, exist_ok=True)
         self.management_socket.parent.chmod(0o700)

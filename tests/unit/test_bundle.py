@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import dockerfile
@@ -29,6 +30,7 @@ from servekit.deploy.bundle import (
     BundleError,
     BundleOptions,
     ModelSelection,
+    archive_settings,
     cpu_millicores,
     memory_bytes,
     parse_models,
@@ -525,3 +527,14 @@ def test_the_generator_imports_no_torch(repo_root: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_drill_version_with_injected_faults_is_never_bundled(tmp_path: Path) -> None:
+    config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30}
+    clean, drill = tmp_path / "digits_v1.0.mar", tmp_path / "digits_v3.0.mar"
+    for path, handler in ((clean, {"topk": 3}), (drill, {"topk": 3, "faults": {"error_rate": 0.3}})):
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model-config.yaml", yaml.safe_dump({**config, "handler": handler}))
+    assert archive_settings(clean)["batchSize"] == 8
+    with pytest.raises(BundleError, match="digits_v3.0.mar is a drill version"):
+        archive_settings(drill)

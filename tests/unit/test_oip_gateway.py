@@ -869,8 +869,12 @@ def test_inference_locations_answer_a_missing_token_with_401_json(front_text: st
         assert "proxy_intercept_errors on;" in body
         assert "error_page 404 = @not_found;" in body
         assert "error_page 503 = @unavailable;" in body
-    gateway_routes = re.findall(r"location (/v\d) \{\n\s*proxy_pass http://gateway;", front_text)
-    assert gateway_routes == ["/v2", "/v1"]
+    gateway_routes = re.findall(
+        r'location (/v\d) \{\n\s*proxy_pass_request_body off;\n\s*proxy_set_header Content-Length "";\n'
+        r"\s*proxy_pass http://gateway;",
+        front_text,
+    )
+    assert gateway_routes == ["/v2", "/v1"]  # no request body ever reaches the gateway
     assert "default_type application/json;" in front_text
 
 
@@ -1034,3 +1038,23 @@ def test_stop_signals_the_gateway_it_started(tmp_path: Path) -> None:
         for process in (other, ours):
             process.kill()
             process.wait()
+
+
+def test_a_get_with_a_body_gets_one_answer_and_the_connection_closes(gateway_http: str) -> None:
+    """The body of a GET is never read: a request hidden in it must not be answered on the same connection."""
+    port = int(gateway_http.rsplit(":", 1)[1])
+    hidden = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = (
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(hidden)).encode()
+        + b"\r\n\r\n"
+        + hidden
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):  # the server closes: recv returns b""
+            received += chunk
+    assert received.count(b"HTTP/1.1 ") == 1
+    assert b'{"live": true}' in received
+    assert b"Connection: close" in received

@@ -1253,3 +1253,21 @@ def test_module_exports() -> None:
         "oip_metadata",
     }
     assert BINARY_HEADER == "inference-header-content-length"
+
+
+def test_preprocessed_pixels_beyond_the_normalised_range_are_refused() -> None:
+    """3e38 is finite FP32 but makes the model answer NaN, which is not JSON: refused for that request."""
+    data = [0.0] * 16
+    data[3] = 3e38
+    tensor = {"name": "pixels", "datatype": "FP32", "shape": [1, *SHAPE], "data": data}
+    with raises_invalid(r"beyond \+-10000"):
+        decode_json({"inputs": [tensor]})
+
+
+def test_servekits_json_form_keeps_the_requests_other_fields() -> None:
+    """A multipart ``topk`` beside JSON text, or a JSON body TorchServe parsed, keeps the request's options."""
+    document = {"data": base64.b64encode(IMG1).decode()}
+    call = protocols.decode({"body": document, "topk": "2"}, {}, CONFIG, SHAPE)
+    assert (call.protocol, call.topk, call.images) == ("native", "2", [IMG1])
+    call = protocols.decode({"data": json.dumps(document).encode(), "topk": b"1"}, {}, CONFIG, SHAPE)
+    assert (call.topk, call.images) == (b"1", [IMG1])

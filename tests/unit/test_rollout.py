@@ -383,3 +383,13 @@ def test_the_spec_passes_validated_faults_to_the_handler_config(tmp_path: Path) 
     data["models"]["digits"]["versions"]["3.0"]["faults"] = {"error_rate": 2}
     with pytest.raises(SpecError, match=r"^digits 3.0: faults.error_rate: must be a number from 0.0 to 1.0, got 2$"):
         parse_spec(data, tmp_path)
+
+
+def test_the_last_step_uses_the_defaults_earlier_error_rate() -> None:
+    """At 100 % the default gets no traffic; clients' bad inputs (400 from every version) must not abort it."""
+    thresholds = Thresholds(max_error_rate=0.01, min_requests=50)
+    canary = records("/2.0", 97) + records("/2.0", 3, status=400)  # 3 % refused client inputs
+    assert not analyse(canary, "digits", "2.0", thresholds).passed  # no baseline: the 1 % budget
+    carried = analyse(canary, "digits", "2.0", thresholds, baseline=0.03)
+    assert carried.passed
+    assert carried.error_limit == 0.04
