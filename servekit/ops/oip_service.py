@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.processes import owned_pid, signal_if_matches
+from servekit.ops.processes import free_port, owned_pid, signal_if_matches
 from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
 
 DEFAULT_HTTP_PORT = 8000
@@ -120,12 +120,6 @@ class OipFront(NginxInstance):
         self.launch(self.listen, timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -176,7 +170,7 @@ class OipService:
             if _listening(port):
                 raise OipServiceError(f"port {port} ({kind}) is already in use: is another server running? (make stop)")
         self.prefix.mkdir(parents=True, exist_ok=True)
-        internal = f"127.0.0.1:{_free_port()}"
+        internal = f"127.0.0.1:{free_port()}"
         (self.prefix / "gateway.address").write_text(internal)
         command = [
             sys.executable, "-m", "servekit.ops.oip", "--http", internal, "--grpc", f"{self.host}:{self.grpc_port}",

@@ -19,7 +19,9 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -166,3 +168,26 @@ def signal_if_matches(pid: int, fragments: Sequence[str], sig: signal.Signals) -
         return False
     finally:
         os.close(handle)
+
+
+# ------------------------------------------------------------------------------------------ ports
+_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    """A loopback port free now and never handed out before by this process.
+
+    The kernel may give the same free port to two ``bind(0)`` calls once the first socket is
+    closed, and the ports chosen here are only bound later (by TorchServe, nginx, the gateway): two
+    listeners of one server could otherwise be given the same port and one of them fail to start.
+    """
+    with _PORTS_LOCK:
+        for _ in range(100):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+    raise OSError("no free loopback port that was not handed out already")

@@ -40,7 +40,7 @@ from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
 from servekit.ops.guard import ManagementGuard
 from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, OipService
-from servekit.ops.processes import group_alive, owned_pid, read_pid
+from servekit.ops.processes import free_port, group_alive, owned_pid, read_pid
 from servekit.ops.store import verify_store
 from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
 
@@ -53,12 +53,6 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 
 class ServerError(ServekitError):
     """TorchServe could not be started or stopped; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_properties(path: Path) -> dict[str, str]:

@@ -1058,3 +1058,9 @@ def test_a_get_with_a_body_gets_one_answer_and_the_connection_closes(gateway_htt
     assert received.count(b"HTTP/1.1 ") == 1
     assert b'{"live": true}' in received
     assert b"Connection: close" in received
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """A server's listeners (TorchServe's, the front's, the gateway's) are chosen one by one and bound later."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
