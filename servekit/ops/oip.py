@@ -19,7 +19,8 @@ Two processes make one address (``make serve`` starts both, ``OipService``): an 
 the OIP HTTP port (8000 by default, as Triton) that passes inference straight to TorchServe, and
 this module's gateway for everything else plus the gRPC port (8001). Tokens: every call needs
 TorchServe's inference key (``Authorization: Bearer``, gRPC metadata ``authorization``), except
-``/v2/health/live`` and ``/v2/health/ready``, which say only yes or no (for probes).
+``/v2/health/live`` and ``/v2/health/ready``, which say only yes or no (for probes). Started without
+``--key-file`` (TorchServe runs with token authorization off, as in a bundle's pod) it checks none.
 
     python -m servekit.ops.oip --http 127.0.0.1:8002 --grpc 127.0.0.1:8001 \\
         --inference http://127.0.0.1:8080 --management http://127.0.0.1:8081 \\

@@ -7,7 +7,8 @@
 * ``POST /v2/models/NAME/versions/V/infer`` goes to ``/predictions/NAME/V`` (TorchServe answers
   501 on its own versioned route; the handler reads the OIP body on any route);
 * TorchServe's own 404 and 503 answers (no such model, queue full), which are not OIP-shaped, are
-  rewritten to ``{"error": ...}``; the handler's own errors already are and pass untouched;
+  rewritten to ``{"error": ...}``; the handler's own 4xx errors already are and pass untouched (a 503
+  from the handler, such as an injected fault, is rewritten too: nginx cannot tell it from TorchServe's);
 * every other ``/v2`` and ``/v1`` path (metadata, readiness, server metadata) goes to the gateway
   (``servekit.ops.oip``), which also serves gRPC.
 

@@ -8,10 +8,19 @@ into one JSON summary, ``publish`` writes it beside the session's temporary file
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@dataclass
+class Workers:
+    """A snapshot of a suite's workers: pids per model, and resident memory per pid (bytes)."""
+
+    pids: dict[str, list[int]]
+    rss: dict[int, int]
 
 
 def survival_report(ledger: Any, before: Any, after: Any, **head: Any) -> dict:

@@ -37,7 +37,7 @@ from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, OIP_FORM, RAW, Case, corpus, digit_png
 from tests.hostile_corpus_oip import oip_image_body
 from tests.integration.conftest import Client, running_torchserve
-from tests.integration.survival import publish, survival_report
+from tests.integration.survival import Workers, publish, survival_report
 
 MODEL = "digits"
 BATCH_MODEL = "digits_hostile_batch"
@@ -194,12 +194,6 @@ class Ledger:
             self.lost.append(f"{label}: {response.status_code} {response.text[:200]!r}")
         elif problems:
             self.mismatched.append(f"{label}: {'; '.join(problems)}")
-
-
-@dataclass
-class Workers:
-    pids: dict[str, list[int]]
-    rss: dict[int, int]
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -36,7 +36,7 @@ import requests
 from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus_oip import BINARY_HEADER, V1, GoodRequest, OipCase, corpus, good_request, summary
 from tests.integration.conftest import Client, running_torchserve
-from tests.integration.survival import publish, survival_report
+from tests.integration.survival import Workers, publish, survival_report
 
 pytestmark = pytest.mark.integration
 
@@ -145,12 +145,6 @@ class Ledger:
             self.lost.append(f"{label}: {response.status_code} {response.text[:200]!r}")
         elif problems:
             self.mismatched.append(f"{label}: {'; '.join(problems)}")
-
-
-@dataclass
-class Workers:
-    pids: dict[str, list[int]]
-    rss: dict[int, int]
 
 
 # ------------------------------------------------------------------------------------ fixtures
