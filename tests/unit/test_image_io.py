@@ -1070,15 +1070,18 @@ def test_unusual_modes_decode_and_convert_to_the_digit(payload: bytes, mode: str
 
 def test_the_images_of_one_request_share_one_decode_budget(png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """32 slow images must not hold a worker 32 times the limit: the budget is per request, not per image."""
+    from handlers import image_classifier
     from handlers.protocols import Call
 
     handler = classifier_with(lambda image: image)
     handler.limits = DecodeLimits(max_decode_seconds=0.3)
     budgets: list[float | None] = []
+    clock = [100.0]  # a fake clock: each image "takes" 0.12 s, whatever the machine's load
+    monkeypatch.setattr(image_classifier.time, "monotonic", lambda: clock[0])
 
     def slow(payload: bytes, seconds: float | None = None) -> str:
         budgets.append(seconds)
-        time.sleep(0.12)
+        clock[0] += 0.12
         return "tensor"
 
     monkeypatch.setattr(handler, "preprocess_image", slow)
@@ -1086,6 +1089,6 @@ def test_the_images_of_one_request_share_one_decode_budget(png: bytes, monkeypat
         handler.prepare(Call("oip_v2", [png] * 5, []))
     assert len(budgets) == 3  # the 4th image found the budget spent
     assert budgets[0] is None  # the first image has the whole limit
-    assert 0 < budgets[2] < budgets[1] < 0.3  # later images only what is left
+    assert budgets[1:] == [pytest.approx(0.18), pytest.approx(0.06)]  # later images only what is left
     budgets.clear()
     assert len(handler.prepare(Call("oip_v2", [png] * 2, []))) == 2  # within the budget: every image prepared
