@@ -20,9 +20,11 @@ between batches) and warms the model up at every batch size the worker can recei
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ import torch
 from handlers.config import HandlerConfig
 from handlers.cpu_budget import CpuBudget
 from handlers.errors import HandlerError, InferenceError, InjectedFault, error_payload
+from handlers.metrics import NullMetrics, PredictionLog, handler_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,12 @@ class BatchHandler:
         self.batch_size = 1
         self.cpu: CpuBudget | None = None
         self.inputs_seen = 0  # counts inputs for the deterministic injected faults
+        self.model_name = ""
+        self.model_version = ""
+        self.metrics: Any = NullMetrics()  # counts from the end of warm-up (handlers.metrics)
+        self.prediction_log: PredictionLog | None = None
+        self._nested: dict[str, float] = {}
+        self._answers: dict[int, list[Any]] = {}
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
@@ -59,6 +68,9 @@ class BatchHandler:
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         self.settings = self.config_type.from_dict(yaml_config.get("handler"))
         self.batch_size = max(1, int(context.system_properties.get("batch_size") or 1))
+        model = (getattr(context, "manifest", None) or {}).get("model", {})
+        self.model_name = model.get("modelName") or getattr(context, "model_name", "") or "?"
+        self.model_version = str(model.get("modelVersion") or "")
         pinned = self.settings.threads
         self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
         self.cpu.register()
@@ -67,6 +79,11 @@ class BatchHandler:
         self.load(context, self.settings)
         loaded = time.perf_counter()
         self.warm_up()
+        self.metrics = handler_metrics(self.model_name, self.model_version)
+        log_config = getattr(self.settings, "prediction_log", None)
+        if log_config is not None and log_config.sample_rate > 0:
+            self.prediction_log = PredictionLog(log_config, self.model_name, self.model_version)
+            logger.info("prediction log: %g of requests to %s", log_config.sample_rate, self.prediction_log.path)
         logger.info(
             "initialized: %d torch threads, load %.2fs, warm-up for batch sizes 1..%d %.2fs",
             threads,
@@ -104,20 +121,51 @@ class BatchHandler:
 
     # ----------------------------------------------------------------- the batch contract
     def handle(self, data: list[dict], context: Any) -> list[Any]:
-        """N requests in, N responses out; a failure costs only the request it belongs to."""
+        """N requests in, N responses out; a failure costs only the request it belongs to.
+
+        Counts what ``handlers.metrics`` defines (never during warm-up) and logs one line per
+        request with TorchServe's request ID, the one its answer carries in ``x-request-id``.
+        """
+        began = time.perf_counter()
         self.resize_threads()
+        metrics = self.metrics
         responses: list[Any] = [None] * len(data)
+        outcomes: list[tuple[int, str | None, float]] = [(200, None, 0.0)] * len(data)
         calls: list[tuple[int, Any, list[Any]]] = []
         for idx, request in enumerate(data):
+            self._nested: dict[str, float] = {}
+            started = time.perf_counter()
+            decoded = prepared = None
             try:
                 call = self.decode(request, request_headers(context, idx))
+                decoded = time.perf_counter()
+                if getattr(call, "request_id", "") is None:  # the protocol has an id and the client sent none
+                    call.request_id = request_id(context, idx)
                 calls.append((idx, call, self.prepare(call)))
+                prepared = time.perf_counter()
             except Exception as exc:  # noqa: BLE001 - every error becomes this request's status
-                responses[idx] = self._fail(context, idx, exc)
-        if not calls:
-            return responses
+                responses[idx] = payload = self._fail(context, idx, exc)
+                outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())
+            # decode: every request (the protocol, and what prepare timed as decode); preprocess: only
+            # the requests whose inputs were all prepared.
+            nested = self._nested.get("decode", 0.0)
+            metrics.stage("decode", (decoded or time.perf_counter()) - started + nested)
+            if prepared is not None:
+                metrics.stage("preprocess", max(0.0, prepared - decoded - nested))
+        if calls:
+            self._answer(calls, context, responses, outcomes)
+        self._account(data, context, responses, outcomes, began)
+        return responses
 
+    def _answer(self, calls: list, context: Any, responses: list, outcomes: list) -> None:
+        """Run the surviving requests' inputs as one batch and encode each request's reply."""
+        metrics = self.metrics
         items = [item for _, _, prepared in calls for item in prepared]
+        metrics.batch(len(items))
+        for item in items:
+            stats = self.input_statistics(item)
+            if stats:
+                metrics.input(**stats)
         try:
             results = self.run(items)
             if len(results) != len(items):
@@ -139,13 +187,51 @@ class BatchHandler:
                     raise failure
                 reply = self.encode(call, mine)
             except Exception as exc:  # noqa: BLE001
-                responses[idx] = self._fail(context, idx, exc)
+                responses[idx] = payload = self._fail(context, idx, exc)
+                outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())
                 continue
             context.set_response_content_type(idx, reply.content_type)
             for name, value in (reply.headers or {}).items():
                 context.set_response_header(idx, name, value)
             responses[idx] = reply.body
-        return responses
+            outcomes[idx] = (200, None, time.perf_counter())
+            for result in mine:
+                summary = self.summarize(result)
+                if summary is not None:
+                    metrics.prediction(*summary)
+            self._answers[idx] = mine
+
+    def _account(self, data: list[dict], context: Any, responses: list, outcomes: list, began: float) -> None:
+        """Per request: the counters, the log line with its ID, and the sampled prediction log."""
+        log = self.prediction_log
+        for idx, (code, error_type, finished) in enumerate(outcomes):
+            seconds = finished - began
+            self.metrics.request(code, seconds, error_type)
+            if not self.initialized:
+                continue
+            rid = request_id(context, idx)
+            client_id = request_headers(context, idx).get("x-request-id")
+            logger.info(
+                "request %s %s %s: %d in %.1f ms%s",
+                rid, self.model_name, self.model_version, code, seconds * 1000,
+                f" (client id {_printable(client_id)})" if client_id else "",
+            )  # fmt: skip
+            if log is not None and log.sampled():
+                answers = self._answers.get(idx)
+                records = [result_record(r) for r in answers] if answers is not None else [responses[idx]]
+                request = data[idx]
+                body = request.get("body") if request.get("body") is not None else request.get("data")
+                log.write(rid, body, records, seconds, code)
+        self._answers.clear()
+
+    @contextmanager
+    def timed(self, stage: str):
+        """Time a part of ``prepare`` as another stage (the image decoding inside it as ``decode``)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._nested[stage] = self._nested.get(stage, 0.0) + time.perf_counter() - started
 
     def run(self, items: list[Any]) -> list[Any]:
         """``inference`` + ``postprocess`` over ``items``, at most ``batch_size`` at a time.
@@ -157,10 +243,16 @@ class BatchHandler:
         faults = getattr(self.settings, "faults", None) if self.initialized else None
         if faults is not None and faults.delay_ms:
             time.sleep(faults.delay_ms / 1000)
+        metrics = self.metrics
         results: list[Any] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            results.extend(self.postprocess(self.inference(chunk), chunk))
+            started = time.perf_counter()
+            outputs = self.inference(chunk)
+            inferred = time.perf_counter()
+            results.extend(self.postprocess(outputs, chunk))
+            metrics.stage("inference", inferred - started)
+            metrics.stage("postprocess", time.perf_counter() - inferred)
         if faults is not None and faults.error_rate:
             for i in range(len(results)):
                 if faults.fails(self.inputs_seen):
@@ -204,6 +296,31 @@ class BatchHandler:
     def warmup_requests(self) -> list[dict]:
         """Request dicts like TorchServe's, run through ``handle`` at warm-up (none by default)."""
         return []
+
+    # ----------------------------------------------------------------- what the metrics see (optional)
+    def summarize(self, result: Any) -> tuple[str, float] | None:
+        """One answered input's top-1 label and confidence, for the prediction metrics (none by default)."""
+        return None
+
+    def input_statistics(self, item: Any) -> dict[str, float] | None:
+        """Cheap statistics of one prepared input (``brightness``, ``megapixels``) for drift (none by default)."""
+        return None
+
+
+def request_id(context: Any, idx: int) -> str:
+    """TorchServe's ID of request ``idx``: the frontend sends it back in the ``x-request-id`` header."""
+    getter = getattr(context, "get_request_id", None)
+    return str(getter(idx)) if getter is not None else "-"
+
+
+def result_record(result: Any) -> Any:
+    """One result as the prediction log writes it."""
+    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else repr(result)
+
+
+def _printable(value: str, limit: int = 64) -> str:
+    """A client-chosen string, safe for one log line: printable ASCII, bounded."""
+    return "".join(ch if 32 < ord(ch) < 127 else "?" for ch in value[:limit])
 
 
 def request_headers(context: Any, idx: int) -> dict[str, str]:

@@ -16,6 +16,7 @@ construction, so a bad archive fails at load with a message naming the key.
       optimize: true             # FP32: oneDNN-prepacked convolutions at load
       protocol: {...}            # handlers.protocols.ProtocolConfig: OIP / KServe tensor names
       faults: {error_rate: 0.3, delay_ms: 0, start_after: 20}   # drills and tests only (Faults); absent = none
+      prediction_log: {sample_rate: 0.01, include_input: false}  # handlers.metrics.PredictionLogConfig; absent = off
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from handlers.image_io import DecodeLimits
+from handlers.metrics import PredictionLogConfig
 from handlers.protocols import ProtocolConfig
 from handlers.transforms import Preprocessing
 
@@ -92,6 +94,7 @@ class HandlerConfig:
     optimize: bool = True
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: Faults | None = None
+    prediction_log: PredictionLogConfig | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -113,6 +116,8 @@ class HandlerConfig:
             raise ValueError("protocol must be a ProtocolConfig object")
         if self.faults is not None and not isinstance(self.faults, Faults):
             raise ValueError("faults must be a Faults object or None")
+        if self.prediction_log is not None and not isinstance(self.prediction_log, PredictionLogConfig):
+            raise ValueError("prediction_log must be a PredictionLogConfig object or None")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HandlerConfig:
@@ -134,6 +139,8 @@ class HandlerConfig:
                 raise ValueError(f"protocol: {exc}") from None
         if data.get("faults") is not None:
             data["faults"] = Faults.from_dict(data["faults"])
+        if data.get("prediction_log") is not None:
+            data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -143,4 +150,6 @@ class HandlerConfig:
         data["protocol"] = self.protocol.to_dict()
         if self.faults is None:
             data.pop("faults")  # absent, not null: the model-config.yaml of a normal version stays as it was
+        if self.prediction_log is None:
+            data.pop("prediction_log")
         return data

@@ -30,7 +30,7 @@ from handlers import protocols
 from handlers.base import BatchHandler
 from handlers.config import HandlerConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import PreparedImage, decode_image, parse_topk
+from handlers.image_io import FULL_FRAME, PreparedImage, decode_image, parse_topk
 from handlers.model_loading import load_model, verify_program
 from handlers.transforms import ImagePreprocessor
 
@@ -49,6 +49,11 @@ def warmup_images() -> list[bytes]:
     return [jpeg.getvalue(), png.getvalue()]
 
 
+def input_brightness(tensor: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> float:
+    """Mean brightness (0..1) of a normalised ``[C, H, W]`` model input, un-normalised per channel."""
+    return float((tensor.float().mean(dim=(-2, -1)) * std + mean).mean())
+
+
 class ImageClassifier(BatchHandler):
     """Decode -> preprocess -> batched softmax classifier -> top-k labels, in any protocol."""
 
@@ -56,8 +61,6 @@ class ImageClassifier(BatchHandler):
         model_dir = Path(context.system_properties["model_dir"])
         manifest = context.manifest or {}
         serialized = manifest.get("model", {}).get("serializedFile", "model.pt")
-        self.model_name = manifest.get("model", {}).get("modelName", context.model_name)
-        self.model_version = manifest.get("model", {}).get("modelVersion", "")
         verify_program(model_dir, serialized)
         self.model = load_model(model_dir / serialized, config)
         self.labels = json.loads((model_dir / config.labels_file).read_text())
@@ -66,6 +69,9 @@ class ImageClassifier(BatchHandler):
         self.preprocessing = config.preprocessing
         self.protocol = config.protocol
         self.transform = ImagePreprocessor(self.preprocessing)
+        # Un-normalising a channel mean: brightness = mean(x) * std + mean (handlers.metrics).
+        self._std = torch.tensor(self.preprocessing.std, dtype=torch.float32)
+        self._mean = torch.tensor(self.preprocessing.mean, dtype=torch.float32)
 
     # ------------------------------------------------------------------ per request
     def decode(self, request: dict, headers: dict[str, str]) -> protocols.Call:
@@ -90,22 +96,27 @@ class ImageClassifier(BatchHandler):
                             f"the request's images take more than {self.limits.max_decode_seconds:g} s to decode "
                             f"(the limit for a whole request): send fewer images per request"
                         )
-                    tensor = self.preprocess_image(element, remaining if i else None)
+                    tensor, megapixels = self.preprocess_image(element, remaining if i else None)
                 else:
-                    tensor = torch.from_numpy(np.array(element, dtype=np.float32))
+                    tensor, megapixels = torch.from_numpy(np.array(element, dtype=np.float32)), None
             except Exception as exc:
                 raise protocols.element_error(call, i, exc) from exc
-            prepared.append(PreparedImage(tensor, topk))
+            prepared.append(PreparedImage(tensor, topk, megapixels))
         return prepared
 
-    def preprocess_image(self, payload: bytes, seconds: float | None = None) -> torch.Tensor:
-        """Encoded image bytes -> the model's input tensor, within the decode budget (``seconds`` left of it)."""
+    def preprocess_image(self, payload: bytes, seconds: float | None = None) -> tuple[torch.Tensor, float]:
+        """Encoded image bytes -> the model's input tensor and the decoded image's megapixels.
+
+        Within the decode budget (``seconds`` left of it); the decoding is timed as the ``decode`` stage.
+        """
         limits = self.limits
         if seconds is not None and seconds < limits.max_decode_seconds:
             limits = dataclasses.replace(limits, max_decode_seconds=seconds)
-        image = decode_image(payload, limits, self.transform.min_decode_side)
+        with self.timed("decode"):
+            image = decode_image(payload, limits, self.transform.min_decode_side)
         try:
-            return self.transform(image)
+            width, height = image.info.get(FULL_FRAME, (image.size,))[0]  # as sent, before DCT scaling
+            return self.transform(image), width * height / 1e6
         except MemoryError as exc:
             raise PayloadTooLarge("image needs more memory to convert than the worker can give it") from exc
         except CONVERSION_FAILURES as exc:
@@ -132,6 +143,13 @@ class ImageClassifier(BatchHandler):
             k = item.topk
             results.append(protocols.Classification([self.labels[i] for i in row_i[:k]], row_i[:k], row_p[:k]))
         return results
+
+    # ------------------------------------------------------------------ what the metrics see
+    def summarize(self, result: protocols.Classification) -> tuple[str, float] | None:
+        return (result.labels[0], result.scores[0]) if result.labels else None
+
+    def input_statistics(self, item: PreparedImage) -> dict[str, float]:
+        return {"brightness": input_brightness(item.tensor, self._mean, self._std), "megapixels": item.megapixels}
 
     # ------------------------------------------------------------------ warm-up
     def warmup_items(self, batch_size: int) -> list[PreparedImage]:

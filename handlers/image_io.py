@@ -148,6 +148,7 @@ class PreparedImage:
 
     tensor: Any
     topk: int
+    megapixels: float | None = None  # of the decoded image (None: the client sent a preprocessed tensor)
 
 
 def _as_text(value: Any) -> str:

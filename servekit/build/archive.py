@@ -36,6 +36,8 @@ from servekit.build.convert import (
     to_bf16,
     top1_accuracy,
 )
+from servekit.build.datasets import DATASETS
+from servekit.build.reference import drift_reference
 from servekit.build.spec import ModelVersionSpec
 from servekit.build.training import BuildError, fp32_weights, load_fp32_model, recipe_key
 from servekit.ops.store import file_sha256, read_manifest, write_manifest
@@ -157,9 +159,15 @@ def _export_and_evaluate(
             log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
         return None
     log(f"evaluating on {spec.evaluation} held-out split ({len(eval_data[1])} images)")
-    top1 = top1_accuracy(load_program(program_path, spec), *eval_data)
+    program = load_program(program_path, spec)
+    top1 = top1_accuracy(program, *eval_data)
     accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
     log(f"held-out top-1 {top1:.2f}%")
+    sizes = [image.size for image in DATASETS[spec.evaluation]("holdout").images]
+    accuracy["drift_reference"] = drift_reference(
+        program, eval_data[0], spec.labels, sizes, spec.preprocessing.mean, spec.preprocessing.std,
+        f"{spec.evaluation} holdout",
+    )  # fmt: skip
     if fp32_top1 is not None:
         accuracy.update(accuracy_gate(spec, fp32_top1, top1))
         log(
@@ -173,6 +181,8 @@ def _metadata(
     spec: ModelVersionSpec, fingerprint: str, weights_path: Path, program_path: Path, accuracy: dict | None
 ) -> dict:
     """metadata.json inside the archive: what it was built from, and the program's sha256 the worker checks."""
+    accuracy = dict(accuracy) if accuracy is not None else None
+    reference = accuracy.pop("drift_reference", None) if accuracy is not None else None
     return {
         "model": spec.name,
         "version": spec.version,
@@ -183,6 +193,8 @@ def _metadata(
         "weights_sha256": file_sha256(weights_path),
         "program_sha256": file_sha256(program_path),
         "accuracy": accuracy,
+        "monitoring": spec.monitoring.to_dict(),
+        "drift_reference": reference,
         "oip": spec.oip_metadata(),
         "built_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "toolkit_version": servekit.__version__,

@@ -13,6 +13,7 @@ Layout::
         limits: {...}              # handlers.image_io.DecodeLimits
         protocol: {...}            # handlers.protocols.ProtocolConfig: OIP/KServe tensor names
         faults: {error_rate: 0.3}  # handlers.config.Faults: injected errors/delay, drills and tests only
+        monitoring: {...}          # Monitoring below: SLO, drift thresholds, sampled prediction log
         serving: {...}             # Serving below: TorchServe's batch and worker settings
         evaluation: digits         # data set for measured accuracy (servekit.build.datasets), or omit
         versions:
@@ -36,6 +37,7 @@ import yaml
 
 from handlers.config import Faults, HandlerConfig
 from handlers.image_io import DecodeLimits
+from handlers.metrics import PredictionLogConfig
 from handlers.protocols import ProtocolConfig, oip_metadata
 from handlers.transforms import Preprocessing
 from servekit.errors import ServekitError
@@ -61,6 +63,7 @@ VERSION_KEYS = {
     "description",
     "golden_set",
     "faults",
+    "monitoring",
 }
 MODEL_KEYS = VERSION_KEYS | {"versions"}
 
@@ -134,6 +137,47 @@ class Serving:
         if self.job_queue_size is not None:
             config["jobQueueSize"] = self.job_queue_size
         return config
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """What the alert rules and ``servekit drift`` hold a version to (``docs/monitoring.md``).
+
+    ``slo_p99_ms``: the handler's p99 latency objective; ``drift_threshold``: the population
+    stability index at which the live top-1 class mix counts as drift against the archive's
+    reference; ``drift_min_samples``: live inputs needed before any drift verdict;
+    ``prediction_log``: ``handlers.metrics.PredictionLogConfig`` (absent: off). The exporter
+    publishes the first three as gauges read from the archive's ``metadata.json``.
+    """
+
+    slo_p99_ms: float = 250.0
+    drift_threshold: float = 0.25
+    drift_min_samples: int = 100
+    prediction_log: PredictionLogConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("slo_p99_ms", "drift_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e6:
+                raise ValueError(f"{name}: must be a number > 0, got {value!r}")
+        _positive_int("drift_min_samples", self.drift_min_samples)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Monitoring:
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"must be a mapping (slo_p99_ms, drift_threshold, drift_min_samples, prediction_log), "
+                             f"got {data!r}")  # fmt: skip
+        data = dict(data or {})
+        _check_keys(data, {f.name for f in fields(cls)}, "monitoring")
+        if data.get("prediction_log") is not None:
+            data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.prediction_log is None:
+            data.pop("prediction_log")
+        return data
 
 
 @dataclass(frozen=True)
@@ -272,6 +316,7 @@ class ModelVersionSpec:
     golden_set: tuple[GoldenItem, ...] = ()
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: Faults | None = None
+    monitoring: Monitoring = field(default_factory=Monitoring)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -297,6 +342,7 @@ class ModelVersionSpec:
             data.pop("faults")  # likewise for every version without injected faults
         data["preprocessing"] = self.preprocessing.to_dict()
         data["protocol"] = self.protocol.to_dict()
+        data["monitoring"] = self.monitoring.to_dict()
         data["labels"] = list(self.labels)
         # Content, not location: the fingerprint must not change when the checkout moves.
         if self.weights.file:
@@ -319,6 +365,7 @@ class ModelVersionSpec:
             quantized_engine=self.quantization.backend if self.quantization is not None else "x86",
             protocol=self.protocol,
             faults=self.faults,
+            prediction_log=self.monitoring.prediction_log,
         )
 
     def oip_metadata(self, versions: list[str] | None = None) -> dict:
@@ -509,6 +556,7 @@ class _VersionResolver:
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
             protocol=self.nested("protocol", lambda: ProtocolConfig.from_dict(merged.get("protocol"))),
             faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
+            monitoring=self.nested("monitoring", lambda: Monitoring.from_dict(merged.get("monitoring"))),
         )
 
 

@@ -19,7 +19,8 @@ Two processes make one address (``make serve`` starts both, ``OipService``): an 
 the OIP HTTP port (8000 by default, as Triton) that passes inference straight to TorchServe, and
 this module's gateway for everything else plus the gRPC port (8001). Tokens: every call needs
 TorchServe's inference key (``Authorization: Bearer``, gRPC metadata ``authorization``), except
-``/v2/health/live`` and ``/v2/health/ready``, which say only yes or no (for probes). Started without
+``/v2/health/live`` and ``/v2/health/ready``, which say only yes or no (for probes), and
+``GET /metrics`` (the handler metrics and serving state for Prometheus: ``servekit.ops.exporter``). Started without
 ``--key-file`` (TorchServe runs with token authorization off, as in a bundle's pod) it checks none.
 
     python -m servekit.ops.oip --http 127.0.0.1:8002 --grpc 127.0.0.1:8001 \\
@@ -49,6 +50,7 @@ import requests
 
 import servekit
 from servekit.errors import ServekitError, one_line
+from servekit.ops import exporter
 from servekit.ops.client import TorchServeClient, TorchServeError
 from servekit.ops.state import version_key
 from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
@@ -77,6 +79,7 @@ class Gateway:
     model_store: Path
     draining_file: Path | None = None  # while it exists the server is not ready (``server.py run`` drains)
     tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
+    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.ops.exporter)
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
@@ -229,10 +232,11 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
 
-    def _send(self, status: int, document: dict | None = None) -> None:
-        body = json.dumps(document).encode() if document is not None else b""
+    def _send(self, status: int, document: dict | None = None, raw: bytes | None = None,
+              content_type: str = "application/json") -> None:  # fmt: skip
+        body = raw if raw is not None else json.dumps(document).encode() if document is not None else b""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -246,6 +250,10 @@ class _HttpHandler(BaseHTTPRequestHandler):
                 ok = self.gateway.live() if path.endswith("live") else self.gateway.server_ready()
                 key = "live" if path.endswith("live") else "ready"
                 self._send(HTTPStatus.OK if ok else NOT_READY, {key: ok})
+                return
+            if method == "GET" and path == "/metrics":  # no token, like TorchServe's metrics port
+                page = exporter.render(self.gateway, self.gateway.metrics_dir)
+                self._send(HTTPStatus.OK, raw=page, content_type=exporter.CONTENT_TYPE)
                 return
             self.gateway.check_token(self.headers.get("Authorization"))
             if method == "GET" and path == "/v2":
@@ -452,11 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", help="TorchServe's key_file.json; omit when token authorization is off")
     parser.add_argument("--model-store", required=True)
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
+    parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
     args = parser.parse_args(argv)
     key_file = Path(args.key_file) if args.key_file else None
     client = TorchServeClient(args.management, args.inference, key_file, timeout=10)
     draining = Path(args.prefix).parent / "draining" if args.prefix else None
-    gateway = Gateway(client, Path(args.model_store), draining_file=draining, tokens=key_file is not None)
+    gateway = Gateway(client, Path(args.model_store), draining_file=draining, tokens=key_file is not None,
+                      metrics_dir=Path(args.metrics_dir) if args.metrics_dir else None)  # fmt: skip
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()

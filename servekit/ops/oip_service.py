@@ -88,6 +88,11 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
         location @unavailable {{
             return 503 '{{"error": "the model cannot take this request now (no worker, or its queue is full)"}}';
         }}
+        location = /metrics {{
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_pass http://gateway;
+        }}
         location /v2 {{
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
@@ -138,6 +143,7 @@ class OipService:
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
     host: str = "127.0.0.1"  # where the front and gRPC listen ("0.0.0.0" in a pod)
+    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR: GET /metrics (servekit.ops.exporter)
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -180,6 +186,8 @@ class OipService:
         ]  # fmt: skip
         if self.key_file is not None:
             command += ["--key-file", str(self.key_file)]
+        if self.metrics_dir is not None:
+            command += ["--metrics-dir", str(self.metrics_dir)]
         log = open(self.prefix / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
+from servekit.ops.exporter import clear as clear_metrics
 from servekit.ops.guard import ManagementGuard
 from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, OipService
 from servekit.ops.processes import free_port, group_alive, owned_pid, read_pid
@@ -174,6 +175,7 @@ class TorchServeProcess:
             self.workdir / "oip", self.url("inference"), self.url("management"),
             self.key_file if self.tokens else None, self.model_store,
             http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"], host=self.bind,
+            metrics_dir=self.metrics_dir,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -190,6 +192,11 @@ class TorchServeProcess:
     @property
     def management_socket(self) -> Path:
         return self.workdir / "run" / "management.sock"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where the workers write their handler metrics (``PROMETHEUS_MULTIPROC_DIR``; emptied at start)."""
+        return self.workdir / "metrics"
 
     @property
     def key_file(self) -> Path:
@@ -294,7 +301,10 @@ class TorchServeProcess:
             "METRICS_LOCATION": str(self.workdir / "logs"),
             # Workers run only code unpacked from archives here (servekit.ops.worker_guard).
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
+            # Every worker's handler metrics, summed by the exporter (servekit.ops.exporter).
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
         }
+        clear_metrics(self.metrics_dir)
         ensure_installed()
         env.pop("TS_CONFIG_FILE", None)  # would win over --ts-config
         command = [str(self.launcher), "--start", "--foreground"]

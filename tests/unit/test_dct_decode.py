@@ -266,7 +266,8 @@ def test_handler_decodes_at_its_preprocessing_size(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr("handlers.image_classifier.decode_image", recording_decode)
 
-    tensor = handler.preprocess_image(jpeg(Image.new("RGB", (1200, 1100))))
+    tensor, megapixels = handler.preprocess_image(jpeg(Image.new("RGB", (1200, 1100))))
 
     assert seen == [512]
     assert tensor.shape == (3, 224, 224)
+    assert megapixels == 1200 * 1100 / 1e6  # of the image as sent, not of the scaled decode

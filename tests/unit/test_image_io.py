@@ -1079,10 +1079,10 @@ def test_the_images_of_one_request_share_one_decode_budget(png: bytes, monkeypat
     clock = [100.0]  # a fake clock: each image "takes" 0.12 s, whatever the machine's load
     monkeypatch.setattr(image_classifier.time, "monotonic", lambda: clock[0])
 
-    def slow(payload: bytes, seconds: float | None = None) -> str:
+    def slow(payload: bytes, seconds: float | None = None) -> tuple[str, float]:
         budgets.append(seconds)
         clock[0] += 0.12
-        return "tensor"
+        return "tensor", 0.01
 
     monkeypatch.setattr(handler, "preprocess_image", slow)
     with pytest.raises(PayloadTooLarge, match=r"take more than 0.3 s to decode .*send fewer images"):

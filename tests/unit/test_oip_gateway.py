@@ -33,6 +33,7 @@ from requests.structures import CaseInsensitiveDict
 
 import servekit
 from handlers.protocols import Call, Classification, ProtocolConfig, decode
+from servekit.ops import exporter
 from servekit.ops.cli import main
 from servekit.ops.client import TorchServeError
 from servekit.ops.nginx import TEMP_DIRS, nginx_binary
@@ -917,7 +918,10 @@ def test_the_front_for_real(tmp_path: Path, upstream: SimpleNamespace, fake: Fak
             assert requests.get(f"{base}/v2/models/digits", timeout=10).status_code == 401
             assert requests.get(f"{base}/v2/models/digits", headers=AUTH, timeout=10).json()["name"] == "digits"
             assert requests.get(f"{base}/v1/models/digits", headers=AUTH, timeout=10).json()["ready"] is True
-            answer = requests.get(f"{base}/metrics", timeout=10)
+            answer = requests.get(f"{base}/metrics", timeout=10)  # no token: the exporter's page
+            assert (answer.status_code, answer.headers["Content-Type"]) == (200, exporter.CONTENT_TYPE)
+            assert "servekit_exporter_up 1.0" in answer.text.splitlines()
+            answer = requests.get(f"{base}/metrics/other", timeout=10)
             assert answer.status_code == 404
             assert answer.json() == {"error": "not an Open Inference Protocol or KServe v1 path"}
         finally:

@@ -1,0 +1,50 @@
+"""The drift reference written into every archive that has an evaluation set (``docs/monitoring.md``).
+
+At build time the held-out split goes through the exported program once more, as the handler
+would run it (softmax over the program's output), and the archive records what live traffic is
+later compared with: the share of each top-1 class, the top-1 confidence histogram and two cheap
+input statistics (the model input's brightness and the decoded image's size), in the very bins
+of the handler's Prometheus histograms (``handlers.metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from handlers.image_classifier import input_brightness
+from handlers.metrics import BRIGHTNESS_BUCKETS, CONFIDENCE_BUCKETS, MEGAPIXEL_BUCKETS, bin_counts
+
+
+@torch.inference_mode()
+def drift_reference(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    labels: tuple[str, ...],
+    image_sizes: list[tuple[int, int]],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    source: str,
+) -> dict:
+    """The reference of one version: ``model`` is the exported program, ``inputs`` the preprocessed held-out set."""
+    top1, confidence = [], []
+    for start in range(0, len(inputs), 128):
+        probs = torch.softmax(model(inputs[start : start + 128]).float(), dim=1)
+        p, i = probs.max(dim=1)
+        top1 += i.tolist()
+        confidence += p.tolist()
+    total = len(top1)
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    brightness = [input_brightness(x, mean_t, std_t) for x in inputs]
+    return {
+        "source": source,
+        "samples": total,
+        "classes": {label: round(top1.count(i) / total, 6) for i, label in enumerate(labels)},
+        "confidence": {"edges": list(CONFIDENCE_BUCKETS), "counts": bin_counts(confidence, CONFIDENCE_BUCKETS)},
+        "brightness": {"edges": list(BRIGHTNESS_BUCKETS), "counts": bin_counts(brightness, BRIGHTNESS_BUCKETS)},
+        "megapixels": {
+            "edges": list(MEGAPIXEL_BUCKETS),
+            "counts": bin_counts((w * h / 1e6 for w, h in image_sizes), MEGAPIXEL_BUCKETS),
+        },
+    }
