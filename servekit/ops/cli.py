@@ -25,14 +25,23 @@
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
                     [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--out bundle]
                                           # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
+    servekit top [--once] [--json] [--interval 2] [--window 15m] [--source auto|prometheus|metrics]
+                                          # req/s, p50, p99, 5xx/4xx %, queue, READY workers, default,
+                                          # drift verdict per version (servekit.ops.top)
+    servekit drift NAME [VERSION] [--window 15m | --seconds N] [--json] [--source auto|prometheus|metrics]
+                                          # live classes, confidence, brightness against the archive's
+                                          # drift reference, PSI (servekit.ops.drift); exit 3 on drift
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
-SERVEKIT_STORE, SERVEKIT_HISTORY, SERVEKIT_PROXY_DIR, SERVEKIT_PROXY_PORT, SERVEKIT_LOCK_TIMEOUT.
+SERVEKIT_STORE, SERVEKIT_HISTORY, SERVEKIT_PROXY_DIR, SERVEKIT_PROXY_PORT, SERVEKIT_LOCK_TIMEOUT,
+SERVEKIT_METRICS_URL (the OIP front's /metrics) and SERVEKIT_PROMETHEUS_URL. ``top`` and ``drift``
+read Prometheus when it answers and holds servekit's series (``--source auto``), else the metrics page.
 The deployment state is ``state.json`` in the proxy directory. Every command that changes
 something (register, scale, retire, promote, rollback, canary, shadow, proxy start/stop) holds one
 lock, ``servekit.lock`` beside the history, and waits at most ``--lock-timeout`` seconds for it.
-Errors print one line and exit with status 1. Nothing here imports torch.
+Errors print one line and exit with status 1; ``drift`` prints its report and exits 3 when the
+verdict is drift (0 otherwise). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ def _defaults() -> dict[str, str]:
         "proxy_dir": str(REPO_ROOT / "var" / "proxy"),
         "proxy_port": "8090",
         "lock_timeout": "60",
+        "metrics_url": "http://127.0.0.1:8000/metrics",
+        "prometheus_url": "http://127.0.0.1:9090",
     }
 
 
@@ -97,6 +108,26 @@ def format_status(states: list[VersionState]) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+
+
+class Output(str):
+    """A command's text with an exit status that is not a failure (``drift``: 3 when the verdict is drift)."""
+
+    exit_code: int
+
+    def __new__(cls, text: str, exit_code: int = 0) -> Output:
+        output = super().__new__(cls, text)
+        output.exit_code = exit_code
+        return output
+
+
+DRIFT_EXIT = 3
+
+
+class Interrupted(ServekitError):
+    """Ctrl-C before a command had its answer."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -249,6 +280,57 @@ def cmd_bundle(ctx: Context) -> str:
     return write_bundle(options, spec=a.spec, store=store, state_file=ctx.proxy.state_file).summary()
 
 
+def _metric_sources(ctx: Context):
+    from servekit.ops.metrics_source import MetricsPage, PrometheusAPI
+
+    page = MetricsPage(ctx.args.metrics_url, auth=lambda: ctx.client.headers("inference"))
+    return page, PrometheusAPI(ctx.args.prometheus_url)
+
+
+def cmd_drift(ctx: Context) -> str:
+    from servekit.ops.drift import format_report, run_drift
+
+    a = ctx.args
+    page, prometheus = _metric_sources(ctx)
+    try:
+        report = run_drift(
+            a.name, a.version, store=Path(a.store), page=page, prometheus=prometheus, source=a.source,
+            window=a.window, seconds=a.seconds, management_default=ctx.client.default_version,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(f"drift of {a.name} interrupted: no report") from None
+    text = json.dumps(report, indent=2) if a.json else format_report(report)
+    return Output(text, DRIFT_EXIT if report["verdict"] == "drift" else 0)
+
+
+def cmd_top(ctx: Context) -> str:
+    from servekit.ops.drift import DEFAULT_WINDOW, ReferenceCache
+    from servekit.ops.metrics_source import choose_source, parse_window
+    from servekit.ops.top import MetricsView, PrometheusView, run_top
+
+    a = ctx.args
+    if not a.interval > 0:
+        raise ServekitError(f"--interval must be positive, got {a.interval:g}")
+    window = a.window or DEFAULT_WINDOW
+    parse_window(window)
+    page, prometheus = _metric_sources(ctx)
+    source, note = choose_source(a.source, prometheus, page)
+    references = ReferenceCache(Path(a.store))
+    if source == "prometheus":
+        view = PrometheusView(prometheus, references, window)
+    else:
+        if a.window:
+            raise ServekitError("--window is a Prometheus range; from the metrics page drift counts since the start")
+        view = MetricsView(page, references, a.interval)
+    if note:
+        print(f"servekit: {note}", file=sys.stderr)
+    try:
+        run_top(view, once=a.once, as_json=a.json, interval=a.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how a live view ends (the loop itself catches it between frames)
+        print()
+    return ""
+
+
 # ------------------------------------------------------------------------------------------ parser
 Handler = Callable[[Context], str]
 
@@ -328,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--out", type=Path, default=REPO_ROOT / "bundle")
     bundle.add_argument("--spec", type=Path, default=REPO_ROOT / "models.yaml")
     bundle.add_argument("--store", dest="bundle_store", help="the model store (default: the global --store)")
+    sources = ("auto", "prometheus", "metrics")
+    source_help = "auto: Prometheus when it answers and holds servekit's series, else the metrics page"
+    top = command("top", cmd_top, "live req/s, latency, errors, queue, workers and drift per version", changes=False)
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--json", action="store_true", help="print one JSON document and exit (implies --once)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between frames and scrapes (default 2)")
+    top.add_argument("--window", help="Prometheus range of the drift verdict (default 15m)")
+    top.add_argument("--source", choices=sources, default="auto", help=source_help)
+    drift = command("drift", cmd_drift, "live distributions against the archive's drift reference (PSI)",
+                    "name", "version?", changes=False)  # fmt: skip
+    drift.add_argument("--window", help="Prometheus range of increase() (default 15m)")
+    drift.add_argument("--seconds", type=float, help="the metrics page scraped twice, N seconds apart")
+    drift.add_argument("--json", action="store_true")
+    drift.add_argument("--source", choices=sources, default="auto", help=source_help)
     return parser
 
 
@@ -353,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"internal error: {type(exc).__name__}: {exc} (SERVEKIT_DEBUG=1 shows the traceback)")
     if output:
         print(output)
-    return 0
+    return getattr(output, "exit_code", 0)
 
 
 def _describe(argv: list[str], args: argparse.Namespace) -> str:

@@ -140,6 +140,7 @@ class TorchServeProcess:
     oip_ports: dict[str, int] | None = None  # {"oip_http": .., "oip_grpc": ..}; default 8000/8001, free with ports
     config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
+    env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
     process: subprocess.Popen | None = None
     snapshot_differences: list[str] = field(default_factory=list)
 
@@ -303,6 +304,7 @@ class TorchServeProcess:
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
             # Every worker's handler metrics, summed by the exporter (servekit.ops.exporter).
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            **self.env,
         }
         clear_metrics(self.metrics_dir)
         ensure_installed()

@@ -48,6 +48,7 @@ from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from servekit.ops.store import archive_name, file_sha256
+from servekit.perf.overhead import metrics_overhead, overhead_bar
 from servekit.perf.stats import percentile
 from servekit.perf.sweep import Target, sweep_bars, worker_sweep
 
@@ -409,10 +410,12 @@ def _prepare_oip(client: TorchServeClient, variant: Variant, jpeg_path: Path) ->
 
 def serve_all(
     store: Path, variants: list[Variant], concurrencies: list[int], seconds: float, quick: bool, sweep: tuple
-) -> tuple[dict, dict | None, list[dict]]:
-    """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep.
+) -> tuple[dict, dict | None, list[dict], dict]:
+    """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
+    then the handler metrics on and off (``servekit.perf.overhead``).
 
-    Returns the served variants, the OIP comparison (of the variant with ``oip``; None without) and the sweep.
+    Returns the served variants, the OIP comparison (of the variant with ``oip``; None without), the
+    sweep and the metrics overhead.
     """
     server = TorchServeProcess(
         workdir=WORKDIR / "torchserve",
@@ -429,9 +432,11 @@ def serve_all(
             oip = compared or oip
         main, other = sweep
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
-        return served, oip, layouts
     finally:
         server.stop()
+    log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
+    overhead = metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)
+    return served, oip, layouts, overhead
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -492,6 +497,10 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         ratios["oip_vs_predictions"], oip_bars = oip_ratio_and_bar(result["oip"], top)
         bars.update(oip_bars)
         runs += [r["oip"] for r in result["oip"]["runs"]]
+    if result.get("metrics_overhead"):
+        ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
+        bars.update(overhead_bar(result["metrics_overhead"]))
+        runs += [r for rs in result["metrics_overhead"]["runs"].values() for r in rs]
     bars["zero errors in every served run"] = all(r["errors"] == 0 for r in runs)
     for key in ("fp32", "int8"):
         bars[f"{key} first answer <= 1.5x steady p50"] = served[key]["cold_start"]["first_over_steady_p50"] <= 1.5
@@ -570,6 +579,14 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {layout['layout']} | {layout['workers']} | {layout['requests']} | {layout['rps']} "
             f"| {layout['p99_ms']} | {layout['errors']} |"
         )
+    overhead = result.get("metrics_overhead")
+    if overhead:
+        lines += ["", f"## Handler metrics overhead ({overhead['description']})", "",
+                  "| metrics | req/s per run | mean req/s |", "|---|---|---|"]  # fmt: skip
+        for mode in ("on", "off"):
+            rates = ", ".join(str(r["rps"]) for r in overhead["runs"][mode])
+            lines.append(f"| {mode} | {rates} | {overhead[f'rps_{mode}']} |")
+        lines += ["", f"On over off: {overhead['on_over_off']} (overhead {overhead['overhead']:.1%})."]
     lines += ["", "## Ratios and bars", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["bars"].items()]
@@ -668,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     second = f"{int8.name}_second"  # the same INT8 archive registered again: a second version of equal cost
     sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
     try:
-        served, oip, layouts = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
+        served, oip, layouts, overhead = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -686,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "served": served,
         "oip": oip,
         "sweep": layouts,
+        "metrics_overhead": overhead,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from handlers.model_loading import native_bf16
 
 
@@ -43,5 +45,10 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     ]
     assert all(layout["errors"] == 0 and layout["rps"] > 0 for layout in report["sweep"])
     assert any(name.startswith("sweep:") for name in report["bars"])
+    overhead = report["metrics_overhead"]  # the same archive with the handler metrics on and off
+    assert [len(overhead["runs"][mode]) for mode in ("on", "off")] == [2, 2]
+    assert all(r["errors"] == 0 and r["rps"] > 0 for runs in overhead["runs"].values() for r in runs)
+    assert overhead["on_over_off"] == pytest.approx(overhead["rps_on"] / overhead["rps_off"], abs=0.01)
+    assert "handler metrics cost <= 5% of req/s" in report["bars"]
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
     assert (tmp_path / "quick_latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

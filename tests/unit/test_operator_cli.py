@@ -16,8 +16,8 @@ from servekit.ops.history import History
 from servekit.ops.state import DeploymentState, DeploymentStore
 from servekit.ops.workflows import DeployError, VersionState, serving_settings
 
-OPS_MODULES = ["cli", "client", "guard", "history", "nginx", "processes", "proxy", "server", "state", "state_lock",
-               "store", "worker_guard", "workflows"]  # fmt: skip
+OPS_MODULES = ["cli", "client", "drift", "exporter", "guard", "history", "metrics_source", "nginx", "processes",
+               "proxy", "server", "state", "state_lock", "store", "top", "worker_guard", "workflows"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ torch-free

@@ -263,6 +263,33 @@ def test_markdown_has_the_oip_section(tmp_path) -> None:
     assert "- oip_vs_predictions: 0.95" in text
 
 
+@pytest.mark.parametrize(("rps_on", "passes"), [(96.0, True), (95.0, True), (94.0, False)])
+def test_the_metrics_overhead_bar_and_its_section(tmp_path, rps_on: float, passes: bool) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    run = {
+        "concurrency": 16,
+        "requests": 100,
+        "errors": 0,
+        "rps": 100.0,
+        "p50_ms": 10.0,
+        "p95_ms": 20.0,
+        "p99_ms": 30.0,
+    }
+    result["metrics_overhead"] = {
+        "description": "resnet18_v2.0.mar, /predictions at c=16, handler metrics on vs off",
+        "runs": {"on": [dict(run, rps=rps_on)] * 2, "off": [run, run]},
+        "rps_on": rps_on, "rps_off": 100.0, "on_over_off": rps_on / 100, "overhead": 1 - rps_on / 100,
+    }  # fmt: skip
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["handler metrics cost <= 5% of req/s"] is passes
+    write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert f"| on | {rps_on}, {rps_on} | {rps_on} |" in text
+    assert "| off | 100.0, 100.0 | 100.0 |" in text
+
+
 def test_run_hey_sends_the_extra_headers_and_content_type(monkeypatch, tmp_path) -> None:
     import subprocess
     from types import SimpleNamespace
