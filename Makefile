@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean \
-	status register promote rollback canary shadow proxy bundle
+	status register promote rollback canary shadow proxy bundle monitor
 
 help:
 	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
+	@echo "make monitor  Prometheus with the alert rules on 127.0.0.1:9090, scraping make serve (make stop)"
 	@echo "make test     set up, build, and run every test against a real TorchServe"
 	@echo "make archive  build model_store/*.mar from models.yaml"
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
@@ -28,9 +29,13 @@ java:
 
 # hey: a compiled load generator, so the benchmark's client steals little CPU from the server.
 # nginx: the reverse proxy for canary and shadow traffic (servekit proxy/canary/shadow).
+# prometheus (with promtool): make monitor, and the rule tests (monitoring/).
 tools:
 	@if ! command -v hey >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx; \
+	fi
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
 	fi
 
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
@@ -52,7 +57,12 @@ serve: archive tools
 	$(PY) -m servekit.ops.server start $(if $(FRESH),--fresh)
 
 stop:
+	-@if test -x $(PY); then $(PY) -m servekit.ops.monitor stop; fi
 	@if test -x $(PY); then $(PY) -m servekit.ops.server stop; else echo "nothing to stop"; fi
+
+# Prometheus on 127.0.0.1:9090 with monitoring/rules, scraping make serve's metrics (docs/monitoring.md, "Rules").
+monitor: venv tools
+	$(PY) -m servekit.ops.monitor start
 
 test: archive tools
 	$(PY) -m pytest tests
