@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean \
+.PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean monitor-demo \
 	status register promote rollback canary shadow proxy bundle monitor
 
 help:
@@ -35,7 +35,7 @@ tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx; \
 	fi
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	fi
 
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
@@ -67,7 +67,7 @@ monitor: venv tools
 test: archive tools
 	$(PY) -m pytest tests
 
-test-unit: archive
+test-unit: archive tools
 	$(PY) -m pytest tests/unit -m unit
 
 test-integration: archive tools
@@ -75,6 +75,10 @@ test-integration: archive tools
 
 bench: venv tools
 	$(PY) -m servekit.perf.bench
+
+# A real run for the README's Monitoring figure: two versions, then drift, watched by Prometheus (~4 min).
+monitor-demo: archive tools
+	$(PY) -m servekit.perf.monitoring_demo
 
 # 10 minutes at 70 % of measured capacity with a scale-up and scale-down in the middle (loopback only).
 soak: archive
