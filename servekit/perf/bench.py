@@ -49,10 +49,13 @@ from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from servekit.ops.store import archive_name, file_sha256
 from servekit.perf.overhead import metrics_overhead, overhead_bar
+from servekit.perf.photos import camera_jpeg
 from servekit.perf.stats import percentile
 from servekit.perf.sweep import Target, sweep_bars, worker_sweep
 
 WORKDIR = REPO_ROOT / "build" / "bench"
+CAMERA_VARIANTS = ("stock", "int8")  # also served a 4000x3000 phone photo (issue: camera photos)
+CAMERA_MIN_RATIO = 0.35  # the 4000x3000 rate over the 640x480 rate, INT8
 SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"
 WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does not depend on the weight values"
 STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
@@ -313,12 +316,19 @@ def oip_ratio_and_bar(oip: dict, top: int) -> tuple[float | None, dict[str, bool
 
 
 def serve_variant(
-    client: TorchServeClient, variant: Variant, jpeg_path: Path, concurrencies: list[int], seconds: float, quick: bool
+    client: TorchServeClient,
+    variant: Variant,
+    jpeg_path: Path,
+    concurrencies: list[int],
+    seconds: float,
+    quick: bool,
+    camera: Path | None = None,
 ) -> tuple[dict, dict | None]:
     """Register ``variant`` (cold start: registration to first answer), load it with ``hey``, unregister it.
 
     With ``variant.oip`` it is also loaded through OIP v2 with binary tensors, each OIP run right
     after the /predictions run at the same concurrency; the second value is that comparison (else None).
+    With ``camera`` (a 4000x3000 phone-photo JPEG) it is also loaded with that at the top concurrency.
     """
     path = f"/models/{variant.model}/{variant.version}"
     log(f"{variant.key}: registering {variant.archive}")
@@ -375,6 +385,14 @@ def serve_variant(
                     "oip_over_predictions": _rps_ratio(binary, run),
                 }
             )
+    if camera is not None:  # a phone photo at the top concurrency, right after the 640x480 runs
+        top = max(concurrencies)
+        run = run_hey(url, token, camera, top, seconds, 4 * top if quick else None)
+        small = next(r for r in result["runs"] if r["concurrency"] == top)
+        run["over_640x480"] = _rps_ratio(run, small)
+        log(f"{variant.key} camera photo: c={top}: {run['rps']} req/s ({run['over_640x480']}x 640x480), "
+            f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}")  # fmt: skip
+        result["camera_photo"] = run
     steady_p50 = next(r["p50_ms"] for r in result["runs"] if r["concurrency"] == concurrencies[0])
     result["cold_start"]["steady_p50_ms"] = steady_p50
     result["cold_start"]["first_over_steady_p50"] = round(result["cold_start"]["first_answer_ms"] / steady_p50, 2)
@@ -426,9 +444,14 @@ def serve_all(
     server.start()
     try:
         photo, client = WORKDIR / "photo_640x480.jpg", server.client(timeout=120)
+        camera = WORKDIR / "camera_4000x3000.jpg"
+        camera.write_bytes(camera_jpeg(4000, 3000))
         served, oip = {}, None
         for variant in variants:
-            served[variant.key], compared = serve_variant(client, variant, photo, concurrencies, seconds, quick)
+            with_camera = camera if variant.key in CAMERA_VARIANTS else None
+            served[variant.key], compared = serve_variant(
+                client, variant, photo, concurrencies, seconds, quick, with_camera
+            )
             oip = compared or oip
         main, other = sweep
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
@@ -497,6 +520,15 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         ratios["oip_vs_predictions"], oip_bars = oip_ratio_and_bar(result["oip"], top)
         bars.update(oip_bars)
         runs += [r["oip"] for r in result["oip"]["runs"]]
+    camera = served["int8"].get("camera_photo")
+    if camera is not None:
+        ratios["int8_camera_over_640x480"] = camera["over_640x480"]
+        bars[f"int8 4000x3000 photo >= {CAMERA_MIN_RATIO:.0%} of the 640x480 rate (c={top})"] = bool(
+            camera["over_640x480"] and camera["over_640x480"] >= CAMERA_MIN_RATIO
+        )
+        if served["stock"].get("camera_photo"):
+            ratios["int8_vs_stock_camera"] = _rps_ratio(camera, served["stock"]["camera_photo"])
+        runs += [v["camera_photo"] for v in served.values() if v.get("camera_photo")]
     if result.get("metrics_overhead"):
         ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
         bars.update(overhead_bar(result["metrics_overhead"]))
@@ -539,6 +571,13 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"| {key} | {s['workers']} | {s['batch_size']} | {r['concurrency']} | {r['requests']} | {r['rps']} "
                 f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |"
             )
+    cameras = {key: v["camera_photo"] for key, v in result["served"].items() if v.get("camera_photo")}
+    if cameras:
+        lines += ["", "| variant | 4000x3000 phone photo (3 MB): concurrency | req/s | p50 ms | p99 ms | errors "
+                  "| over 640x480 req/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key, r in cameras.items():
+            lines.append(f"| {key} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
+                         f"| {r['over_640x480']} |")  # fmt: skip
     lines += ["", "| variant | registration s | registration to first answer s | first answer ms | steady p50 ms |"]
     lines.append("|---|---|---|---|---|")
     for key, served in result["served"].items():

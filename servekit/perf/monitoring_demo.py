@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = {"url": "digits_v2.0.mar", "initial_workers": 1, "synchronous": "true"}
         server.client(timeout=300).send("management", "POST", "/models", params=params, timeout=300)
-        log(f"starting Prometheus on {prometheus.listen} (scrapes every second)")
+        log(f"starting Prometheus on {prometheus.listen} (scrapes every second, an empty database)")
+        shutil.rmtree(prometheus.data_dir, ignore_errors=True)  # an earlier demo's series would mix in
         prometheus.start()
         holdout = [png(image) for image in digits("holdout").images[:200]]
         bad = [b"not an image"]

@@ -45,6 +45,11 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     ]
     assert all(layout["errors"] == 0 and layout["rps"] > 0 for layout in report["sweep"])
     assert any(name.startswith("sweep:") for name in report["bars"])
+    for key in ("stock", "int8"):  # a 4000x3000 phone photo served next to the 640x480 one
+        camera = report["served"][key]["camera_photo"]
+        assert (camera["concurrency"], camera["requests"], camera["errors"]) == (4, 16, 0), key
+        assert camera["over_640x480"] > 0
+    assert "int8_camera_over_640x480" in report["ratios"]
     overhead = report["metrics_overhead"]  # the same archive with the handler metrics on and off
     assert [len(overhead["runs"][mode]) for mode in ("on", "off")] == [2, 2]
     assert all(r["errors"] == 0 and r["rps"] > 0 for runs in overhead["runs"].values() for r in runs)

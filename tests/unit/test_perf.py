@@ -290,6 +290,20 @@ def test_the_metrics_overhead_bar_and_its_section(tmp_path, rps_on: float, passe
     assert "| off | 100.0, 100.0 | 100.0 |" in text
 
 
+@pytest.mark.parametrize(("camera_rps", "passes"), [(80.0, True), (70.0, True), (69.0, False)])
+def test_the_camera_photo_bar_and_its_table(tmp_path, camera_rps: float, passes: bool) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    top = next(r for r in result["served"]["int8"]["runs"] if r["concurrency"] == 16)
+    run = {**top, "rps": camera_rps, "over_640x480": round(camera_rps / top["rps"], 2)}
+    result["served"]["int8"]["camera_photo"] = run
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["int8 4000x3000 photo >= 35% of the 640x480 rate (c=16)"] is passes
+    write_markdown(result, tmp_path / "bench.md")
+    assert f"| int8 | 16 | {camera_rps} |" in (tmp_path / "bench.md").read_text()
+
+
 def test_run_hey_sends_the_extra_headers_and_content_type(monkeypatch, tmp_path) -> None:
     import subprocess
     from types import SimpleNamespace
