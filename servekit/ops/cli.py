@@ -16,10 +16,13 @@
     servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
     servekit rollout NAME VERSION [--steps 10,25,50,100] [--step-seconds 30] [--max-error-rate 0.01]
-                    [--max-p99-ratio 1.5] [--min-requests 50] [--max-wait-factor 4] [--json]
-                                          # canary steps judged from the proxy's request log, then
-                                          # promote; any failure or Ctrl-C: canary 0, default kept
-                                          # (servekit.ops.rollout; takes the lock per step, exit 1/130)
+                    [--max-p99-ratio 1.5] [--min-requests 50] [--max-wait-factor 4] [--max-drift D]
+                    [--source auto|prometheus|metrics|proxy-log] [--spec models.yaml] [--json]
+                                          # canary steps judged from the handler metrics or the proxy's
+                                          # request log, then promote; any failure or Ctrl-C: canary 0,
+                                          # default kept (servekit.ops.rollout; lock per step, exit 1/130);
+                                          # unset thresholds from the spec's rollout: section
+    servekit rollout --status NAME [--json]   # the running or last rollout of NAME (its status file)
     servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
                                           # (inputs, outputs, datatypes, shapes), from the store
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
@@ -242,26 +245,70 @@ def cmd_shadow(ctx: Context) -> str:
 
 
 def cmd_rollout(ctx: Context) -> str:
-    from servekit.ops.rollout import RequestLog, Rollout, Thresholds, format_event, parse_steps
+    from servekit.ops import rollout as ro
+    from servekit.ops.state import check_name
 
     a = ctx.args
+    if a.status:
+        return _rollout_status(ctx)
+    if a.name is None or a.version is None:
+        raise DeployError("rollout needs NAME and VERSION (servekit rollout NAME VERSION), or --status NAME")
+    check_name(a.name)  # it names the status file
+    flags = {
+        "steps": ro.parse_steps(a.steps) if a.steps is not None else None,
+        "step_seconds": a.step_seconds, "max_error_rate": a.max_error_rate, "max_p99_ratio": a.max_p99_ratio,
+        "min_requests": a.min_requests, "max_wait_factor": a.max_wait_factor, "max_drift": a.max_drift,
+    }  # fmt: skip
+    settings = ro.Settings.resolve(flags, _spec_rollout(a.spec, a.name))
+    if ctx.proxy.running_pid() is None:
+        raise DeployError(f"the proxy is not running (servekit proxy start): no traffic through it to judge {a.name}")
+    page, prometheus = _metric_sources(ctx)
+    source, note = ro.select_source(a.source, page=page, prometheus=prometheus,
+                                    request_log=ro.RequestLog(ctx.proxy.request_log))  # fmt: skip
+    if note:
+        print(f"servekit: {note}", file=sys.stderr, flush=True)
 
     def emit(event: dict) -> None:
-        print(json.dumps(event, sort_keys=True) if a.json else format_event(event), flush=True)
+        print(json.dumps(event, sort_keys=True) if a.json else ro.format_event(event), flush=True)
 
     def lock(holder: str) -> StateLock:
         return StateLock(Path(a.history).parent / LOCK_NAME, timeout=a.lock_timeout, holder=holder)
 
-    rollout = Rollout(
-        ctx.deployer, RequestLog(ctx.proxy.request_log), lock=lock, steps=parse_steps(a.steps),
-        thresholds=Thresholds(a.max_error_rate, a.max_p99_ratio, a.min_requests),
-        step_seconds=a.step_seconds, max_wait_factor=a.max_wait_factor, emit=emit,
+    rollout = ro.Rollout(
+        ctx.deployer, source, lock=lock, emit=emit, status=ro.StatusFile(ro.status_path(ctx.proxy.prefix, a.name)),
+        source_note=note, **settings.rollout_arguments(),
     )  # fmt: skip
-    if ctx.proxy.running_pid() is None:
-        raise DeployError(f"the proxy is not running (servekit proxy start): no traffic through it to judge {a.name}")
-    rollout.log.start()
     rollout.run(a.name, a.version)  # every line is already out; a failure raises RolloutAborted
     return ""
+
+
+def _spec_rollout(spec: str | None, model: str) -> dict:
+    """The model's ``rollout:`` settings in the spec (the repo's models.yaml unless --spec; absent: none)."""
+    path = Path(spec) if spec is not None else REPO_ROOT / "models.yaml"
+    if spec is None and not path.is_file():
+        return {}
+    from servekit.build.spec import rollout_settings  # the spec module imports the handlers (and torch)
+
+    return rollout_settings(path, model).given()
+
+
+def _rollout_status(ctx: Context) -> str:
+    from servekit.ops.rollout import RolloutProcess, format_status, read_status, status_path
+    from servekit.ops.state import check_name
+
+    a = ctx.args
+    if a.name is None:
+        raise DeployError("rollout --status needs the model: servekit rollout --status NAME")
+    if a.version is not None:
+        raise DeployError(f"rollout --status takes the model only, not a version: servekit rollout --status {a.name}")
+    check_name(a.name)
+    status = read_status(status_path(ctx.proxy.prefix, a.name))
+    process = RolloutProcess.of(status) if status is not None else None
+    alive = process is not None and process.alive()
+    if a.json:
+        document = status if status is not None else {"model": a.name, "state": "none"}
+        return json.dumps({**document, "alive": alive}, indent=2, sort_keys=True)
+    return format_status(status, a.name, alive)
 
 
 def cmd_metadata(ctx: Context) -> str:
@@ -389,16 +436,25 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.add_argument("--off", action="store_true", help="stop mirroring")
     # The rollout takes the state lock per change itself (changes=False): status and history stay usable.
     rollout = command("rollout", cmd_rollout, "walk a canary through steps, then promote or roll back",
-                      "name", "version", changes=False)  # fmt: skip
-    rollout.add_argument("--steps", default="10,25,50,100", help="canary percentages (default 10,25,50,100)")
-    rollout.add_argument("--step-seconds", type=float, default=30.0, help="minimum length of a step (default 30)")
-    rollout.add_argument("--max-error-rate", type=float, default=0.01, help="error budget (default 0.01)")
-    rollout.add_argument("--max-p99-ratio", type=float, default=1.5, help="canary/default p99 limit (default 1.5)")
-    rollout.add_argument("--min-requests", type=int, default=50, help="canary requests per step (default 50)")
+                      "name?", "version?", changes=False)  # fmt: skip
+    rollout.add_argument("--status", action="store_true", help="show the running or last rollout of NAME and exit")
+    unset = "default: the spec's rollout: section, else"
+    rollout.add_argument("--steps", help=f"canary percentages ({unset} 10,25,50,100)")
+    rollout.add_argument("--step-seconds", type=float, help=f"minimum length of a step ({unset} 30)")
+    rollout.add_argument("--max-error-rate", type=float, help=f"error budget ({unset} 0.01)")
+    rollout.add_argument("--max-p99-ratio", type=float, help=f"canary/default p99 limit ({unset} 1.5)")
+    rollout.add_argument("--min-requests", type=int, help=f"canary requests per step ({unset} 50)")
+    rollout.add_argument("--max-wait-factor", type=float, help=f"abort a step after this x step-seconds ({unset} 4)")
     rollout.add_argument(
-        "--max-wait-factor", type=float, default=4.0, help="abort a step after this x step-seconds (default 4)"
+        "--max-drift", type=float, help=f"canary class-mix PSI limit against its archive's reference ({unset} off)"
     )
-    rollout.add_argument("--json", action="store_true", help="print JSON lines")
+    rollout.add_argument(
+        "--source", choices=("auto", "prometheus", "metrics", "proxy-log"), default="auto",
+        help="where the figures come from (auto: Prometheus with servekit's series, else the metrics page, "
+             "else the proxy's request log)",
+    )  # fmt: skip
+    rollout.add_argument("--spec", help="the model spec with the rollout: sections (default: the repo's models.yaml)")
+    rollout.add_argument("--json", action="store_true", help="print JSON lines (with --status: the status document)")
     bundle = command("bundle", cmd_bundle, "write the image, Kubernetes and KServe manifests to --out", changes=False)
     bundle.add_argument(
         "--models", "--model", action="append", help="NAME, NAME:V or NAME:V1,V2 (repeatable; default: all)"

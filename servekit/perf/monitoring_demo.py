@@ -102,7 +102,8 @@ def plot(url: str, start: float, end: float, phase_two: float, fired: float | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs")
-    parser.add_argument("--phase-seconds", type=float, default=60.0)
+    parser.add_argument("--phase-seconds", type=float, default=60.0, help="phase 1 (after a minute not plotted)")
+    parser.add_argument("--drift-seconds", type=float, default=90.0, help="phase 2: the alert needs ~65 s")
     args = parser.parse_args(argv)
     log = Progress("monitoring demo")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         drive(server, [("digits", holdout + bad), ("digits/2.0", holdout)], args.phase_seconds, stop)
         phase_two = time.time()
         ones = [b for b, label in zip(holdout, digits("holdout").labels[:200], strict=True) if label == 1]
-        log(f"phase 2: 2.0 gets only the digit 1 for {args.phase_seconds:.0f} s; 1.0 stays balanced")
+        log(f"phase 2: 2.0 gets only the digit 1 for {args.drift_seconds:.0f} s; 1.0 stays balanced")
         fired = None
         worker = threading.Thread(target=drive, args=(server, [("digits", holdout), ("digits/2.0", ones)],
-                                                      args.phase_seconds, stop))  # fmt: skip
+                                                      args.drift_seconds, stop))  # fmt: skip
         worker.start()
         while worker.is_alive():
             alerts = requests.get(f"{prometheus.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": machine(),
             "phase_seconds": args.phase_seconds,
+            "drift_seconds": args.drift_seconds,
             "drift_alert_after_s": round(fired - phase_two, 1) if fired else None,
             "alerts": [
                 {"name": a["labels"]["alertname"], "version": a["labels"].get("version"), "state": a["state"]}

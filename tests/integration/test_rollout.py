@@ -3,6 +3,12 @@
 The store holds digits 1.0 and 2.0 as built, plus two drill versions built here from a spec
 variant: 3.0 fails 30 % of its inputs once it has served its golden set (10 inputs) (``faults.error_rate``,
 ``faults.start_after``) and 4.0 sleeps 200 ms per batch (``faults.delay_ms``).
+
+The CLI reads this TorchServe's handler metrics (its OIP front's ``/metrics``) and a Prometheus address
+where nothing listens, so ``--source auto`` means the metrics page here, whatever else runs on the
+machine. The drills and the transcript's good rollout are judged from the proxy log (``--source
+proxy-log``); the Ctrl-C rollout (auto) and the last one (``--source metrics``) from the handler metrics,
+and both are watched with ``rollout --status`` from this process while they run.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from servekit.ops.proxy import NginxProxy
 from servekit.ops.server import TorchServeProcess, free_port
 from tests.integration.conftest import one_error_line, running_torchserve
 
-FAST = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
+STEPS = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
+FAST = (*STEPS, "--source", "proxy-log")
 DRILLS = {"3.0": {"error_rate": 0.3, "start_after": 10}, "4.0": {"delay_ms": 200}}
 
 
@@ -63,6 +70,7 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factor
         "--management-url", server.url("management"), "--inference-url", server.url("inference"),
         "--key-file", str(server.key_file), "--store", str(store),
         "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
+        "--metrics-url", server.url("oip_http", "/metrics"), "--prometheus-url", f"http://127.0.0.1:{free_port()}",
     ]  # fmt: skip
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -169,18 +177,41 @@ def test_a_slow_version_fails_the_p99_ratio(cli, traffic: Traffic) -> None:
     assert {status for status, _ in traffic.answers} == {200}
 
 
+def rollout_status(cli) -> dict:
+    result = cli("rollout", "--status", "digits", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def status_while_running(cli, process: subprocess.Popen, percent: int) -> dict:
+    """``rollout --status --json`` polled until the step at ``percent`` has its first window figures."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, "the rollout never reached its step"
+        assert process.poll() is None, process.communicate()
+        status = rollout_status(cli)
+        if status.get("phase") == "step" and status.get("percent") == percent and status.get("window"):
+            return status
+        time.sleep(0.3)
+
+
 def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic, repo_root: Path) -> None:
     process = subprocess.Popen(
         [*cli.command, "rollout", "digits", "2.0", "--steps", "25,100", "--step-seconds", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo_root,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while cli.proxy.state()["routes"].get("digits") is None:  # the first step is live
-            assert time.monotonic() < deadline, "the rollout never set its first canary"
-            assert process.poll() is None, process.communicate()
-            time.sleep(0.2)
-        time.sleep(2)
+        status = status_while_running(cli, process, 25)  # the first step is live
+        assert cli.proxy.state()["routes"]["digits"]["canary"] == {"version": "2.0", "percent": 25}
+        assert (status["pid"], status["alive"], status["state"], status["step"], status["of"]) == (
+            process.pid, True, "running", 1, 2)  # fmt: skip
+        assert status["source"] == "metrics"  # auto: no Prometheus at the address given, the metrics page answers
+        assert status["settings_from"]["min_requests"] == "spec"  # models.yaml's rollout: section
+        shown = cli("rollout", "--status", "digits").stdout.splitlines()
+        print("\n".join(["$ servekit rollout --status digits", *shown]))  # the README's transcript
+        assert shown[0].startswith(f"rollout of digits 2.0: running (pid {process.pid}), step 1/2 at 25% for "), shown
+        assert shown[1].startswith("  window "), shown
+        time.sleep(1)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
@@ -191,6 +222,13 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
     assert cli.proxy.state()["routes"] == {}
     assert default_of(cli) == "1.0"
     assert events(cli, "rollout-aborted")[-1]["reason"] == "interrupted (SIGINT)"
+    status = rollout_status(cli)
+    assert (status["state"], status["alive"], status["outcome"]["reason"]) == ("aborted", False, "interrupted (SIGINT)")
+    assert (status["outcome"]["exit_code"], status["outcome"]["canary_removed"]) == (130, True)
+    shown = cli("rollout", "--status", "digits").stdout.splitlines()[0]
+    print(f"$ servekit rollout --status digits\n{shown}")
+    assert shown.startswith("rollout of digits 2.0: aborted at "), shown
+    assert f"(pid {process.pid} has ended): interrupted (SIGINT); canary removed; figures from metrics" in shown
 
 
 def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: Traffic) -> None:
@@ -198,10 +236,14 @@ def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: 
     assert result.returncode == 0, result.stderr
     print(result.stdout)  # the README's transcript
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%"
-    assert "-> advance" in lines[1]
-    assert "-> promote" in lines[2]
-    assert lines[3] == "promoted digits 2.0 (golden set 10/10); previous default 1.0"
+    assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%, figures from proxy-log"
+    assert lines[1] == (
+        "settings: steps 25,100 (flag), step_seconds 5 (flag), max_error_rate 0.01 (spec), max_p99_ratio 1.5 "
+        "(spec), min_requests 10 (flag), max_wait_factor 4 (spec), max_drift off (default)"
+    )
+    assert "-> advance" in lines[2]
+    assert "-> promote" in lines[3]
+    assert lines[4] == "promoted digits 2.0 (golden set 10/10); previous default 1.0"
     assert default_of(cli) == "2.0"
     assert cli.proxy.state()["routes"] == {}
     time.sleep(1)
@@ -211,3 +253,48 @@ def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: 
     assert [(s["percent"], s["verdict"]) for s in steps] == [(25, "advance"), (100, "promote")]
     assert all(s["canary"]["requests"] >= 10 for s in steps)
     assert events(cli, "rollout-done")[-1]["previous_default"] == "1.0"
+
+
+def test_a_good_version_judged_from_the_handler_metrics_is_promoted_and_status_shows_it(
+    cli, traffic: Traffic, repo_root: Path
+) -> None:
+    before = default_of(cli)
+    version = "1.0" if before == "2.0" else "2.0"  # the other built version, whichever is the default now
+    # The source is under test here, not the latency gate: with 10 to 20 canary requests a step, the p99 of
+    # the handler's histogram is its slowest bucket's, and this machine is shared; 3 leaves room for that.
+    process = subprocess.Popen(
+        [*cli.command, "rollout", "digits", version, *STEPS, "--source", "metrics", "--max-p99-ratio", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo_root,
+    )  # fmt: skip
+    try:
+        running = status_while_running(cli, process, 25)
+        during = cli("rollout", "--status", "digits").stdout  # human form; the step may have moved on meanwhile
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    print(f"$ servekit rollout --status digits   # while it runs\n{during}{out}{err}")
+    assert process.returncode == 0, err
+    assert during.startswith(f"rollout of digits {version}: "), during
+    assert (running["version"], running["step"], running["alive"], running["source"]) == (version, 1, True, "metrics")
+    assert (running["settings"]["max_p99_ratio"], running["settings_from"]["max_p99_ratio"]) == (3, "flag")
+    assert {"seconds", "canary", "default", "error_limit", "p99_ratio"} <= set(running["window"])  # each poll's
+    lines = out.strip().splitlines()
+    assert lines[0] == f"rollout digits {version}: default {before}, steps 25,100%, figures from metrics"
+    assert lines[-1] == f"promoted digits {version} (golden set 10/10); previous default {before}"
+    assert default_of(cli) == version
+    assert cli.proxy.state()["routes"] == {}
+    steps = [e for e in events(cli, "rollout-step") if e["version"] == version][-2:]
+    assert [(s["percent"], s["verdict"]) for s in steps] == [(25, "advance"), (100, "promote")]
+    assert all(s["canary"]["requests"] >= 10 and s["canary"]["p99_ms"] is not None for s in steps)
+    assert steps[0]["default"]["requests"] >= 10  # the default route's answers, under the default's real version
+    assert events(cli, "rollout-start")[-1]["source"] == "metrics"
+    time.sleep(1)
+    assert traffic.failures == []
+    assert {status for status, _ in traffic.answers} == {200}
+    final = rollout_status(cli)
+    assert (final["state"], final["alive"], final["outcome"]["previous_default"]) == ("promoted", False, before)
+    shown = cli("rollout", "--status", "digits").stdout.splitlines()
+    print("\n".join(["$ servekit rollout --status digits", *shown]))
+    assert shown[0].startswith(f"rollout of digits {version}: promoted at "), shown
+    assert shown[0].endswith(f"has ended); previous default {before}; figures from metrics"), shown
