@@ -66,12 +66,16 @@ WORKDIR = f"{HOME}/var"  # an emptyDir in the pod: TorchServe's logs, unpacked a
 DRAIN_TIMEOUT_S = 25
 PRESTOP_SLEEP_S = 5  # the endpoint removal propagates to every proxy before SIGTERM
 TERMINATION_GRACE_S = 45  # > preStop 5 + drain 25 + stopping TorchServe and nginx
+SERVEKIT_METRICS_PORT = 8083  # GET /metrics only: scraped without opening the tokenless inference port
 ENTRYPOINT = [
     "python", "-m", "servekit.ops.server", "run", "--config", CONFIG_FILE, "--model-store", MODEL_STORE,
     "--workdir", WORKDIR, "--bind", "0.0.0.0", "--drain-timeout", str(DRAIN_TIMEOUT_S),
+    "--metrics-port", str(SERVEKIT_METRICS_PORT),
 ]  # fmt: skip
 ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # logs at once; site-packages is read-only
-PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082}  # management 8081: loopback only
+# management 8081: loopback only; sk-metrics: servekit's handler metrics and serving state alone (docs/monitoring.md)
+PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": SERVEKIT_METRICS_PORT}
+SCRAPE_PORTS = ("metrics", "sk-metrics")  # what the monitoring namespace may reach
 SERVICE_PORTS = ("http", "oip-http", "oip-grpc")  # never metrics' 8082 nor the management API
 GRPC_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}  # TorchServe's own; not in the Service
 PROBE_PORT = PORTS["oip-http"]
@@ -83,7 +87,7 @@ PROBES = {
 }
 PROBE_TIMEOUT_S = 3
 CLIENT_LABEL = ("servekit.io/client", "true")  # pods allowed to call the APIs (NetworkPolicy)
-MONITORING_NAMESPACE = "monitoring"  # the only namespace allowed to scrape :8082
+MONITORING_NAMESPACE = "monitoring"  # the only namespace allowed to scrape :8082 and :8083
 HPA_CPU_UTILIZATION = 70
 PYTHON_IMAGE = "python:3.11.13-slim-bookworm"  # exact patch release, Debian 12
 APT_PACKAGES = ("openjdk-17-jre-headless", "nginx")  # TorchServe's frontend; the management guard and OIP front
@@ -425,7 +429,7 @@ def render_config(models: list[SelectedModel], base_config: Path) -> str:
         f"model_store={MODEL_STORE}",
         "# Tokens off: TorchServe's keys are random per process and expire, so replicas behind one Service",
         "# cannot share one. The NetworkPolicy admits only pods labelled servekit.io/client=true (8080, 8000,",
-        "# 8001) and the monitoring namespace (8082); the management API stays inside the pod.",
+        "# 8001) and the monitoring namespace (8082, 8083); the management API stays inside the pod.",
         "disable_token_authorization=true",
         "# A pod is immutable: new versions come as a new bundle and image, never by registration.",
         "enable_model_api=false",
@@ -492,7 +496,7 @@ COPY config {HOME}/config
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER {UID}:{UID}
 WORKDIR {HOME}
-EXPOSE {" ".join(str(PORTS[name]) for name in ("http", "oip-http", "oip-grpc", "metrics"))}
+EXPOSE {" ".join(str(PORTS[name]) for name in ("http", "oip-http", "oip-grpc", *SCRAPE_PORTS))}
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \\
     CMD {json.dumps(healthcheck)}
 ENTRYPOINT {json.dumps(record["entrypoint"])}
@@ -583,7 +587,7 @@ def render_kubernetes(record: dict) -> list[dict]:
                     "labels": labels(record),
                     "annotations": {
                         "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(PORTS["metrics"]),
+                        "prometheus.io/port": str(PORTS["sk-metrics"]),
                         "prometheus.io/path": "/metrics",
                         "servekit.io/bundle-sha256": record["bundle_sha256"],
                     },
@@ -678,7 +682,7 @@ def render_kubernetes(record: dict) -> list[dict]:
                     "from": [
                         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}
                     ],
-                    "ports": [{"protocol": "TCP", "port": PORTS["metrics"]}],
+                    "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
                 },
             ],
             "egress": [],  # the pod calls nothing: every hop (guard, OIP front, gateway) is on loopback
@@ -733,7 +737,7 @@ def render_inferenceservice(record: dict) -> dict:
             "annotations": {
                 "serving.kserve.io/deploymentMode": KSERVE_DEPLOYMENT_MODE,
                 "serving.kserve.io/enable-prometheus-scraping": "true",
-                "prometheus.kserve.io/port": str(PORTS["metrics"]),
+                "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
                 "prometheus.kserve.io/path": "/metrics",
                 "servekit.io/bundle-sha256": record["bundle_sha256"],
             },

@@ -288,9 +288,20 @@ class _HttpHandler(BaseHTTPRequestHandler):
         self._route("POST")
 
 
-def http_server(gateway: Gateway, listen: str) -> ThreadingHTTPServer:
+class _MetricsOnlyHandler(_HttpHandler):
+    """The dedicated metrics listener (``--metrics-listen``, a pod's scrape port): ``GET /metrics`` only."""
+
+    def _route(self, method: str) -> None:
+        if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
+            page = exporter.render(self.gateway, self.gateway.metrics_dir)
+            self._send(HTTPStatus.OK, raw=page, content_type=exporter.CONTENT_TYPE)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, {"error": "this port serves GET /metrics only"})
+
+
+def http_server(gateway: Gateway, listen: str, metrics_only: bool = False) -> ThreadingHTTPServer:
     host, port = listen.rsplit(":", 1)
-    handler = type("OipHttpHandler", (_HttpHandler,), {"gateway": gateway})
+    handler = type("OipHttpHandler", (_MetricsOnlyHandler if metrics_only else _HttpHandler,), {"gateway": gateway})
     server = ThreadingHTTPServer((host, int(port)), handler)
     server.daemon_threads = True
     return server
@@ -461,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", required=True)
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
+    parser.add_argument("--metrics-listen", help="host:port serving GET /metrics only (a pod's scrape port)")
     args = parser.parse_args(argv)
     key_file = Path(args.key_file) if args.key_file else None
     client = TorchServeClient(args.management, args.inference, key_file, timeout=10)
@@ -470,11 +482,16 @@ def main(argv: list[str] | None = None) -> int:
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()
+    scrape = http_server(gateway, args.metrics_listen, metrics_only=True) if args.metrics_listen else None
+    if scrape is not None:
+        threading.Thread(target=scrape.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
     stopping = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
         stopping.set()
         threading.Thread(target=http.shutdown, daemon=True).start()
+        if scrape is not None:
+            threading.Thread(target=scrape.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -144,6 +144,7 @@ class OipService:
     grpc_port: int = DEFAULT_GRPC_PORT
     host: str = "127.0.0.1"  # where the front and gRPC listen ("0.0.0.0" in a pod)
     metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR: GET /metrics (servekit.ops.exporter)
+    metrics_port: int | None = None  # also a listener on host:port with GET /metrics only (a pod's scrape port)
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -173,7 +174,10 @@ class OipService:
         return owned_pid(self.pid_file, self._fragments())
 
     def start(self, timeout: float = 15.0) -> None:
-        for kind, port in (("OIP HTTP", self.http_port), ("OIP gRPC", self.grpc_port)):
+        listeners = [("OIP HTTP", self.http_port), ("OIP gRPC", self.grpc_port)]
+        if self.metrics_port is not None:
+            listeners.append(("servekit metrics", self.metrics_port))
+        for kind, port in listeners:
             if _listening(port):
                 raise OipServiceError(f"port {port} ({kind}) is already in use: is another server running? (make stop)")
         self.prefix.mkdir(parents=True, exist_ok=True)
@@ -188,6 +192,8 @@ class OipService:
             command += ["--key-file", str(self.key_file)]
         if self.metrics_dir is not None:
             command += ["--metrics-dir", str(self.metrics_dir)]
+        if self.metrics_port is not None:
+            command += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
         log = open(self.prefix / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -197,7 +203,8 @@ class OipService:
         self.pid_file.write_text(str(process.pid))
         deadline = time.monotonic() + timeout
         port = int(internal.rsplit(":", 1)[1])
-        while not (_listening(port) and _listening(self.grpc_port)):
+        while not (_listening(port) and _listening(self.grpc_port)
+                   and (self.metrics_port is None or _listening(self.metrics_port))):  # fmt: skip
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = (self.prefix / "gateway.log").read_text(errors="replace")[-500:]

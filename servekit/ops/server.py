@@ -137,7 +137,8 @@ class TorchServeProcess:
     overrides: dict[str, str] = field(default_factory=dict)
     verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
     oip: bool = True  # the Open Inference Protocol address beside it (servekit.ops.oip_service)
-    oip_ports: dict[str, int] | None = None  # {"oip_http": .., "oip_grpc": ..}; default 8000/8001, free with ports
+    # {"oip_http": .., "oip_grpc": .., "servekit_metrics": .. (optional)}; default 8000/8001, free with ports
+    oip_ports: dict[str, int] | None = None
     config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
     env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
@@ -176,7 +177,7 @@ class TorchServeProcess:
             self.workdir / "oip", self.url("inference"), self.url("management"),
             self.key_file if self.tokens else None, self.model_store,
             http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"], host=self.bind,
-            metrics_dir=self.metrics_dir,
+            metrics_dir=self.metrics_dir, metrics_port=self.oip_ports.get("servekit_metrics"),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -459,9 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=25.0, help="run: seconds to wait for queued requests")
     parser.add_argument("--oip-http-port", type=int, default=DEFAULT_HTTP_PORT, help="run: the OIP HTTP port")
     parser.add_argument("--oip-grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="run: the OIP gRPC port")
+    parser.add_argument("--metrics-port", type=int, help="run: a port serving only servekit's GET /metrics")
     args = parser.parse_args(argv)
     if args.action == "run":
         oip_ports = {"oip_http": args.oip_http_port, "oip_grpc": args.oip_grpc_port}
+        if args.metrics_port is not None:
+            oip_ports["servekit_metrics"] = args.metrics_port
         server = TorchServeProcess(
             Path(args.workdir), Path(args.model_store), config=Path(args.config), bind=args.bind, oip_ports=oip_ports
         )

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The pod's listeners: config.properties' addresses and gRPC ports, and the launcher's OIP ports.
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
-PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc")
+PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc", "servekit_metrics")
 # What a container inherits from the image rather than from the Deployment (the image sets them too).
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "JAVA_HOME", "TZ")
 
@@ -186,6 +186,8 @@ class Pod:
         command[bind] = self.bind
         assert "--oip-http-port" not in command, "the entrypoint sets OIP ports: adjust the substitution"
         command += ["--oip-http-port", str(self.ports["oip_http"]), "--oip-grpc-port", str(self.ports["oip_grpc"])]
+        metrics = command.index("--metrics-port") + 1  # the pod's scrape port, on a free one here
+        command[metrics] = str(self.ports["servekit_metrics"])
         return command
 
     def env(self) -> dict[str, str]:

@@ -119,6 +119,20 @@ def test_every_digit_through_oip_grpc(pod: Pod) -> None:
             assert result.as_numpy("labels")[0][0].decode() == label, asked
 
 
+def test_the_scrape_port_serves_the_handler_metrics_and_nothing_else(pod: Pod) -> None:
+    """The annotated scrape port (the Deployment's prometheus.io/port) counts what the tests above sent."""
+    page = requests.get(pod.url("servekit_metrics", "/metrics"), timeout=30)
+    assert page.status_code == 200
+    default = pod.record["models"]["digits"]["default"]
+    prefix = f'servekit_requests_total{{code="200",model="digits",version="{default}"}} '
+    answered = [line for line in page.text.splitlines() if line.startswith(prefix)]
+    assert answered, page.text[:2000]
+    assert float(answered[0].rsplit(" ", 1)[1]) >= len(DIGITS)
+    assert f'servekit_workers_ready{{model="digits",version="{default}"}} 1.0' in page.text
+    refused = requests.post(pod.url("servekit_metrics", "/predictions/digits"), data=b"x", timeout=30)
+    assert refused.status_code == 404  # only GET /metrics: the tokenless inference API is not reachable here
+
+
 def test_sigterm_turns_readiness_false_drains_and_leaves_nothing(pod: Pod) -> None:
     grace = pod_timing(pod.record)["grace_s"]
     pod.note_processes()

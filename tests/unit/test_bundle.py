@@ -129,11 +129,11 @@ def test_bundle_json_records_what_the_pod_runs(bundle: Bundle) -> None:
     assert r["entrypoint"] == [
         "python", "-m", "servekit.ops.server", "run", "--config", "/home/model-server/config/config.properties",
         "--model-store", "/home/model-server/model-store", "--workdir", "/home/model-server/var",
-        "--bind", "0.0.0.0", "--drain-timeout", "25",
+        "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083",
     ]  # fmt: skip
     assert r["models"] == {"digits": {"versions": ["1.0", "2.0"], "default": "2.0"}}
     assert (r["image"], r["replicas"], r["max_replicas"], r["cpu"], r["memory"]) == (IMAGE, 2, 4, "2", "4Gi")
-    assert r["ports"] == {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082}
+    assert r["ports"] == {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": 8083}
     assert (r["preStopSeconds"], r["drainTimeoutSeconds"], r["terminationGracePeriodSeconds"]) == (5, 25, 45)
     assert r["probes"]["readiness"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
     assert r["kserve"]["canaryTrafficPercent"] is None
@@ -281,7 +281,10 @@ def test_the_pod_runs_locked_down(documents: dict[str, dict]) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert pod["enableServiceLinks"] is False
     annotations = documents["Deployment"]["spec"]["template"]["metadata"]["annotations"]
-    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", "8082")
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == (
+        "true",
+        "8083",
+    )  # servekit's page
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -291,7 +294,7 @@ def test_the_network_policy_admits_clients_and_monitoring_only(documents: dict[s
     assert clients["from"] == [{"podSelector": {"matchLabels": {"servekit.io/client": "true"}}}]
     assert sorted(p["port"] for p in clients["ports"]) == [8000, 8001, 8080]
     assert monitoring["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
-    assert [p["port"] for p in monitoring["ports"]] == [8082]
+    assert [p["port"] for p in monitoring["ports"]] == [8082, 8083]  # TorchServe's metrics and servekit's
     assert spec["egress"] == []
     assert spec["policyTypes"] == ["Ingress", "Egress"]
 
@@ -407,7 +410,7 @@ def test_the_dockerfile_parses_and_follows_our_rules(bundle: Bundle, repo_root: 
     (entrypoint,) = by["ENTRYPOINT"]
     assert entrypoint.json
     assert list(entrypoint.value) == bundle.record["entrypoint"]
-    assert {int(p) for c in by["EXPOSE"] for p in c.value} == {8080, 8000, 8001, 8082}
+    assert {int(p) for c in by["EXPOSE"] for p in c.value} == {8080, 8000, 8001, 8082, 8083}
     for copied in by["COPY"]:
         assert (bundle.path / copied.value[0]).exists(), copied.value
     ignored = (bundle.path / ".dockerignore").read_text().splitlines()
