@@ -300,6 +300,21 @@ def latency_comparison(results: list[Result], seconds: float, max_ratio: float) 
     }
 
 
+def phase_p99(results: list[Result], events: list[dict], grace: float, max_ratio: float) -> dict:
+    """p99 of the answers due while one worker served (before the scale-up call) and while the
+    scaled-up workers did (from ``grace`` s after the scale-up returned to the scale-down call)."""
+    up = next((e for e in events if e["action"] == "up"), None)
+    down = next((e for e in events if e["action"] == "down"), None)
+    if up is None or down is None:
+        return {"p99_one_worker_ms": None, "p99_scaled_ms": None, "ratio": None, "max_ratio": max_ratio}
+    one = [r.latency for r in results if r.due < up["t_start"] and r.status == 200]
+    scaled = [r.latency for r in results if up["t_end"] + grace <= r.due < down["t_start"] and r.status == 200]
+    p99_one, p99_scaled = percentile(one, 99), percentile(scaled, 99)
+    ratio = None if not (p99_one and p99_scaled) else round(p99_scaled / p99_one, 3)
+    return {"p99_one_worker_ms": ms(p99_one), "p99_scaled_ms": ms(p99_scaled), "scaled_window_s":
+            [round(up["t_end"] + grace, 2), down["t_start"]], "ratio": ratio, "max_ratio": max_ratio}  # fmt: skip
+
+
 def evaluate(args: argparse.Namespace, load: dict, scaler: Scaler, running: int, rate: float) -> dict:
     """The report's results and checks for one finished load."""
     seconds, results, events = args.minutes * 60, load["results"], scaler.events
@@ -310,6 +325,7 @@ def evaluate(args: argparse.Namespace, load: dict, scaler: Scaler, running: int,
 
     errors_outside = [r for r in results if r.status != 200 and not overlaps(r)]
     comparison = latency_comparison(results, seconds, args.max_p50_ratio)
+    phases = phase_p99(results, events, args.grace_seconds, args.max_p99_phase_ratio)
     all_ok = [r.latency for r in results if r.status == 200]
     ready_at_end = scaler.ready_workers()
     checks = {
@@ -320,6 +336,10 @@ def evaluate(args: argparse.Namespace, load: dict, scaler: Scaler, running: int,
         "no_errors_outside_scaling_window": not errors_outside,
         "p50_last_within_ratio_of_first": comparison["ratio"] is not None and comparison["ratio"] <= args.max_p50_ratio,
     }
+    if args.max_p99_phase_ratio > 0:  # 0: not judged (a run too short to have a settled scaled-up phase)
+        checks["p99_scaled_phase_within_ratio_of_one_worker"] = (
+            phases["ratio"] is not None and phases["ratio"] <= args.max_p99_phase_ratio
+        )
     return {
         "duration_s": seconds,
         "ready_workers_at_end": ready_at_end,
@@ -346,6 +366,7 @@ def evaluate(args: argparse.Namespace, load: dict, scaler: Scaler, running: int,
             "grace_s": args.grace_seconds,
         },
         "comparison": comparison,
+        "phases": phases,
         "checks": checks,
         "passed": all(checks.values()),
         "per_second": per_second(results, seconds, scaler.workers),
@@ -506,6 +527,12 @@ def summary(report: dict) -> str:
         f"last {comparison['span_s']:.0f}s {comparison['p50_last_ms']} ms (ratio {comparison['ratio']}, "
         f"max {comparison['max_ratio']})",
     ]
+    phases = report.get("phases") or {}
+    if phases.get("ratio") is not None:
+        lines.append(
+            f"p99 with one worker {phases['p99_one_worker_ms']} ms, with the scaled-up workers "
+            f"{phases['p99_scaled_ms']} ms (ratio {phases['ratio']}, max {phases['max_ratio']})"
+        )
     for event in report["scaling"]["events"]:
         lines.append(
             f"scale {event['action']} (min {event['min_workers']}, max {event['max_workers']}) at "
@@ -530,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-tool", choices=["python", "hey"], default="python")
     parser.add_argument("--max-rate", type=float, default=None, help="cap on the load, req/s")
     parser.add_argument("--scale-workers", type=int, default=2, help="workers during the middle of the run")
+    parser.add_argument("--max-p99-phase-ratio", type=float, default=2.0,
+                        help="scaled-up p99 over one-worker p99 (the CPU budget's bar; 0: not judged)")  # fmt: skip
     parser.add_argument("--grace-seconds", type=float, default=5.0, help="scaling window extends this far")
     parser.add_argument("--max-p50-ratio", type=float, default=1.5, help="last vs first p50 latency")
     parser.add_argument("--threads", type=int, default=32, help="sender threads of the open-loop client")

@@ -17,7 +17,8 @@ from pathlib import Path
 def test_short_soak_runs_scales_and_reports(repo_root: Path, model_store: Path, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "servekit.perf.soak", "--minutes", "0.5", "--capacity-seconds", "4",
-        "--max-rate", "25", "--max-p50-ratio", "100", "--out", str(tmp_path), "--model-store", str(model_store),
+        "--max-rate", "25", "--max-p50-ratio", "100", "--max-p99-phase-ratio", "0",
+        "--out", str(tmp_path), "--model-store", str(model_store),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
     print(result.stdout)
@@ -33,5 +34,7 @@ def test_short_soak_runs_scales_and_reports(repo_root: Path, model_store: Path, 
     assert [e["action"] for e in report["scaling"]["events"]] == ["up", "down", "limits"]
     assert [e["ready_workers_after"] for e in report["scaling"]["events"]] == [2, 1, 1]
     assert len(report["per_second"]) == 30
+    assert "p99_scaled_phase_within_ratio_of_one_worker" not in report["checks"]  # 30 s: no settled phase
+    assert report["phases"]["p99_one_worker_ms"] > 0
     assert sum(row["requests"] for row in report["per_second"]) == requests["sent"]
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from servekit.perf.soak import Result, latency_comparison, per_second, scaling_window
+from servekit.perf.soak import Result, latency_comparison, per_second, phase_p99, scaling_window
 from servekit.perf.stats import ms, percentile
 
 
@@ -52,6 +52,18 @@ def test_latency_comparison_takes_the_first_and_last_quarter_of_a_short_run() ->
     comparison = latency_comparison(results, seconds=40.0, max_ratio=1.5)
     assert comparison == {"span_s": 10.0, "p50_first_ms": 10.0, "p50_last_ms": 30.0, "ratio": 3.0, "max_ratio": 1.5}
     assert latency_comparison([], seconds=40.0, max_ratio=1.5)["ratio"] is None
+
+
+def test_phase_p99_compares_the_one_worker_phase_with_the_settled_scaled_up_phase() -> None:
+    events = [{"action": "up", "t_start": 100.0, "t_end": 104.0}, {"action": "down", "t_start": 200.0, "t_end": 201.0}]
+    results = [Result(due=t, latency=0.010, status=200) for t in range(0, 100)]
+    results += [Result(due=102.0, latency=5.0, status=200)]  # while scaling, before the grace: not judged
+    results += [Result(due=t, latency=0.025, status=200) for t in range(110, 200)]
+    results += [Result(due=150.0, latency=9.0, status=503)]  # errors are not latency
+    phases = phase_p99(results, events, grace=5.0, max_ratio=2.0)
+    assert phases == {"p99_one_worker_ms": 10.0, "p99_scaled_ms": 25.0, "scaled_window_s": [109.0, 200.0],
+                      "ratio": 2.5, "max_ratio": 2.0}  # fmt: skip
+    assert phase_p99(results, events[:1], grace=5.0, max_ratio=2.0)["ratio"] is None
 
 
 def test_per_second_buckets_by_due_time() -> None:
