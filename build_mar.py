@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build_mar: error: {exc}", file=sys.stderr)
         return 1
     for result in results:
-        accuracy = result.record.get("accuracy") or {}
-        top1 = f", top-1 {accuracy['top1']:.2f}%" if accuracy.get("top1") is not None else ""
-        print(f"{result.spec.archive_name}: {result.status}{top1}, sha256 {result.record['sha256'][:16]}")
+        accuracy, task = result.record.get("accuracy") or {}, result.spec.task
+        score = f", {task.metric_label} {accuracy[task.metric]:.2f}%" if accuracy.get(task.metric) is not None else ""
+        print(f"{result.spec.archive_name}: {result.status}{score}, sha256 {result.record['sha256'][:16]}")
     return 0
 
 

@@ -20,6 +20,11 @@ OIP clients read the message from the body's ``error`` field.
 
 What the protocols call inputs and outputs is data (``ProtocolConfig``, the spec's ``protocol:``
 section): the names, and for OIP metadata the datatypes and shapes (``oip_metadata``).
+
+The OIP envelope (``binary_oip_document``, ``oip_input``), the JSON helpers (``parse_json``,
+``flatten``, ``parse_shape``, ``quote``), the outputs a request asks for (``requested_outputs``) and
+the classification answer (``encode_oip``) are shared with the other tasks' protocol modules
+(``handlers.tabular``); what an input tensor holds is each task's own.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from handlers.image_io import decode_base64, extract_image_request
 BINARY_HEADER = "inference-header-content-length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
+TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
 # Bytes per element of every fixed-size OIP datatype (BYTES is variable).
 DATATYPE_SIZES = {
     "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
@@ -51,7 +56,7 @@ MAX_PIXEL_MAGNITUDE = 1e4  # preprocessed inputs beyond this are not normalised 
 _QUOTE = 40
 
 
-def _quote(value: Any) -> str:
+def quote(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)[: _QUOTE * 2]
     return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
 
@@ -80,7 +85,7 @@ class ProtocolConfig:
         if self.tensor_input is not None:
             named["tensor_input"] = self.tensor_input
         for key, name in named.items():
-            if not isinstance(name, str) or not _NAME_RE.match(name):
+            if not isinstance(name, str) or not TENSOR_NAME_RE.match(name):
                 raise ValueError(
                     f"{key}: a tensor name starts with a letter or _ and holds at most 64 letters, digits, "
                     f"_ . -; got {name!r}"
@@ -170,7 +175,7 @@ class Call:
 
     def encode(self, results: list[Classification], model: str, version: str, config: ProtocolConfig) -> Reply:
         if self.protocol == "oip_v2":
-            return _encode_oip(self, results, model, version, config)
+            return encode_oip(self, results, model, version, config)
         if self.protocol == "kserve_v1":
             return Reply({"predictions": [r.as_predictions() for r in results], "model_name": model,
                           "model_version": version})  # fmt: skip
@@ -202,7 +207,7 @@ def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input
     if isinstance(body, bytes | bytearray | memoryview | str):
         text = bytes(body) if not isinstance(body, str) else body
         if text.lstrip()[:1] in (b"{", "{"):
-            document = _parse_json(text)
+            document = parse_json(text)
     if isinstance(document, dict):
         if "inputs" in document:
             return _decode_oip(document, b"", config, input_shape)
@@ -215,7 +220,7 @@ def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input
     return Call("native", [image.payload], [], topk=image.options.get("topk"))
 
 
-def _parse_json(text: bytes | str) -> Any:
+def parse_json(text: bytes | str) -> Any:
     try:
         return json.loads(text)
     except UnicodeDecodeError as exc:
@@ -268,9 +273,16 @@ def _decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
 
 # OIP v2 --------------------------------------------------------------------------------------------
 def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    document, tail = binary_oip_document(body, declared)
+    return _decode_oip(document, tail, config, input_shape)
+
+
+def binary_oip_document(body: Any, declared: str) -> tuple[dict, bytes | memoryview]:
+    """The JSON inference header and the raw tensor bytes after it, of a request with
+    ``Inference-Header-Content-Length`` (``declared``): shared by every handler that speaks OIP."""
     if isinstance(body, dict):
         # The frontend parsed the whole body as JSON (sent as application/json): no binary tail.
-        return _decode_oip(body, b"", config, input_shape)
+        return body, b""
     if isinstance(body, list):
         raise InvalidInput("the inference header must be a JSON object with 'inputs'")
     if isinstance(body, str):
@@ -281,30 +293,30 @@ def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_s
     try:
         header_length = int(str(declared).strip())
     except ValueError:
-        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {_quote(declared)}") from None
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {quote(declared)}") from None
     if not 2 <= header_length <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
     try:
-        document = _parse_json(bytes(body[:header_length]))
+        document = parse_json(bytes(body[:header_length]))
     except InvalidInput as exc:
         raise InvalidInput(
             f"the first {header_length} bytes (Inference-Header-Content-Length) are not a JSON header: {exc}"
         ) from None
     if not isinstance(document, dict):
         raise InvalidInput("the inference header must be a JSON object with 'inputs'")
-    return _decode_oip(document, body[header_length:], config, input_shape)
+    return document, body[header_length:]
 
 
-def _shape(value: Any, where: str) -> list[int]:
+def parse_shape(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not value or len(value) > 8:
-        raise InvalidInput(f"{where}.shape must be a list of 1 to 8 dimensions, got {_quote(value)}")
+        raise InvalidInput(f"{where}.shape must be a list of 1 to 8 dimensions, got {quote(value)}")
     for dim in value:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise InvalidInput(f"{where}.shape must hold non-negative integers, got {_quote(value)}")
+            raise InvalidInput(f"{where}.shape must hold non-negative integers, got {quote(value)}")
     return value
 
 
-def _flatten(data: Any, limit: int, where: str) -> list:
+def flatten(data: Any, limit: int, where: str) -> list:
     """Row-major flattening of nested JSON lists, refusing more than ``limit`` elements early."""
     if not isinstance(data, list):
         return [data]
@@ -325,7 +337,27 @@ def _flatten(data: Any, limit: int, where: str) -> list:
     return out
 
 
-def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+@dataclass
+class OipInput:
+    """The one input tensor of an OIP request, its envelope checked (name, shape, where its data is).
+
+    ``data`` is the JSON ``data`` (``None`` with the binary extension); ``binary`` the raw bytes
+    after the JSON header (``None`` without it). The datatype and the data are the handler's to check.
+    """
+
+    name: str
+    datatype: Any
+    shape: list[int]
+    where: str
+    data: Any
+    binary: bytes | memoryview | None
+    request_id: str | None
+    parameters: dict
+
+
+def oip_input(document: dict, tail: bytes | memoryview, known: list[str]) -> OipInput:
+    """Check an OIP request's envelope: its id, parameters, exactly one input named in ``known``, its
+    shape, and that its data is either JSON ``data`` or exactly the binary ``tail``."""
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
@@ -335,7 +367,6 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    known = [config.image_input] + ([config.tensor_input] if config.tensor_input else [])
     if len(inputs) != 1:
         raise InvalidInput(f"expected exactly one input tensor, one of {known}; got {len(inputs)}")
     tensor = inputs[0]
@@ -343,10 +374,10 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
         raise InvalidInput("each input must be an object with name, datatype, shape and data")
     name = tensor.get("name")
     if name not in known:
-        raise InvalidInput(f"unknown input {_quote(name)}: this model takes one of {known}")
+        raise InvalidInput(f"unknown input {quote(name)}: this model takes one of {known}")
     where = f"input {name!r}"
     datatype = tensor.get("datatype")
-    shape = _shape(tensor.get("shape"), where)
+    shape = parse_shape(tensor.get("shape"), where)
     tensor_params = tensor.get("parameters") or {}
     if not isinstance(tensor_params, dict):
         raise InvalidInput(f"{where}.parameters must be an object")
@@ -364,25 +395,34 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
         raise InvalidInput(f"{len(tail)} binary bytes follow the header but no input declares binary_data_size")
     elif "data" not in tensor:
         raise InvalidInput(f"{where} has no data (give 'data' or the binary extension's binary_data_size)")
+    binary = tail if binary_size is not None else None
+    return OipInput(name, datatype, shape, where, tensor.get("data"), binary, request_id, parameters)
+
+
+def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    known = [config.image_input] + ([config.tensor_input] if config.tensor_input else [])
+    tensor = oip_input(document, tail, known)
+    name, datatype, shape, where = tensor.name, tensor.datatype, tensor.shape, tensor.where
+    binary = tensor.binary
 
     if name == config.image_input:
         if datatype != "BYTES":
-            raise InvalidInput(f"{where} must have datatype BYTES (encoded images), got {_quote(datatype)}")
+            raise InvalidInput(f"{where} must have datatype BYTES (encoded images), got {quote(datatype)}")
         if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
             raise InvalidInput(f"{where}.shape must be [N] or [N, 1] (N images), got {shape}")
         count = shape[0]
         _check_count(count, config, where)
-        if binary_size is not None:
-            images = _split_bytes(tail, count, where)
+        if binary is not None:
+            images = _split_bytes(binary, count, where)
         else:
-            elements = _flatten(tensor["data"], count, where)
+            elements = flatten(tensor.data, count, where)
             if len(elements) != count:
                 raise InvalidInput(f"{where}.data holds {len(elements)} elements; its shape {shape} needs {count}")
             images = [_b64(e, f"{where}.data[{i}]") for i, e in enumerate(elements)]
         call = Call("oip_v2", images, [])
     else:
         if datatype != "FP32":
-            raise InvalidInput(f"{where} must have datatype FP32, got {_quote(datatype)}")
+            raise InvalidInput(f"{where} must have datatype FP32, got {quote(datatype)}")
         expected = list(input_shape)
         if len(shape) != len(expected) + 1 or shape[1:] != expected:
             raise InvalidInput(f"{where}.shape must be [N, {', '.join(map(str, expected))}], got {shape}")
@@ -390,12 +430,12 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
         _check_count(count, config, where)
         per = math.prod(expected)
         total = count * per
-        if binary_size is not None:
-            if len(tail) != total * 4:
-                raise InvalidInput(f"{where}: shape {shape} needs {total * 4} bytes of FP32, got {len(tail)}")
-            array = np.frombuffer(tail, dtype="<f4")
+        if binary is not None:
+            if len(binary) != total * 4:
+                raise InvalidInput(f"{where}: shape {shape} needs {total * 4} bytes of FP32, got {len(binary)}")
+            array = np.frombuffer(binary, dtype="<f4")
         else:
-            elements = _flatten(tensor["data"], total, where)
+            elements = flatten(tensor.data, total, where)
             if len(elements) != total:
                 raise InvalidInput(f"{where}.data holds {len(elements)} numbers; its shape {shape} needs {total}")
             if not all(isinstance(e, int | float) and not isinstance(e, bool) for e in elements):
@@ -414,9 +454,9 @@ def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig
         array = array.reshape(count, *expected)
         call = Call("oip_v2", [], [array[i] for i in range(count)])
 
-    call.request_id = request_id
-    call.topk = parameters.get("top_k")
-    call.outputs = _requested_outputs(document.get("outputs"), parameters, config)
+    call.request_id = tensor.request_id
+    call.topk = tensor.parameters.get("top_k")
+    call.outputs = requested_outputs(document.get("outputs"), tensor.parameters, config)
     return call
 
 
@@ -439,7 +479,7 @@ def _split_bytes(raw: bytes | memoryview, count: int, where: str) -> list[bytes]
     return elements
 
 
-def _requested_outputs(value: Any, parameters: dict, config: ProtocolConfig) -> list[tuple[str, bool]]:
+def requested_outputs(value: Any, parameters: dict, config: ProtocolConfig) -> list[tuple[str, bool]]:
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInput("parameters.binary_data_output must be true or false")
@@ -452,7 +492,7 @@ def _requested_outputs(value: Any, parameters: dict, config: ProtocolConfig) -> 
     for output in value:
         name = output.get("name") if isinstance(output, dict) else None
         if name not in available:
-            raise InvalidInput(f"unknown output {_quote(name)}: this model gives {available}")
+            raise InvalidInput(f"unknown output {quote(name)}: this model gives {available}")
         params = output.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"output {name!r}: parameters must be an object")
@@ -475,7 +515,7 @@ def _bytes_tensor(values: list[str]) -> bytes:
     return b"".join(parts)
 
 
-def _encode_oip(call: Call, results: list[Classification], model: str, version: str, config: ProtocolConfig) -> Reply:
+def encode_oip(call: Call, results: list[Classification], model: str, version: str, config: ProtocolConfig) -> Reply:
     k = min(len(r.labels) for r in results)  # every element of a call has the same k
     columns = {
         config.labels_output: [label for r in results for label in r.labels[:k]],

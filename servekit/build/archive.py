@@ -1,9 +1,12 @@
 """Building versioned ``.mar`` archives from the spec, and the manifest of what was built.
 
-For each model version: get the FP32 weights (train or load), quantize if INT8, export a frozen
-TorchScript program, measure held-out accuracy (and gate INT8 against FP32), then package the
-program, the handler package, ``model-config.yaml``, labels and metadata with torch-model-archiver
-into ``<store>/<name>_v<version>.mar`` and record it in ``<store>/manifest.json``.
+For each model version: get the FP32 weights (train or load), convert them to the version's
+precision, export a frozen TorchScript program, measure the held-out metric (and gate reduced
+precision against FP32), then package the program, the handler package, ``model-config.yaml``,
+labels, the task's own files and metadata with torch-model-archiver into
+``<store>/<name>_v<version>.mar`` and record it in ``<store>/manifest.json``. What differs between
+tasks (image classifier, tabular classifier, ...) is asked of the version's task
+(``servekit.build.tasks``); nothing here branches on the task.
 
 Versions are immutable: the manifest keeps a fingerprint of each archive's inputs (the resolved
 spec entry, the handler code, the weights' source); rebuilding a version whose inputs changed is
@@ -28,16 +31,7 @@ import yaml
 
 import servekit
 from handlers.model_loading import native_bf16
-from servekit.build.convert import (
-    evaluation_set,
-    export_torchscript,
-    load_program,
-    quantize_static,
-    to_bf16,
-    top1_accuracy,
-)
-from servekit.build.datasets import DATASETS
-from servekit.build.reference import drift_reference
+from servekit.build.convert import export_torchscript, load_program
 from servekit.build.spec import ModelVersionSpec
 from servekit.build.training import BuildError, fp32_weights, load_fp32_model, recipe_key
 from servekit.ops.store import file_sha256, read_manifest, write_manifest
@@ -124,55 +118,47 @@ def _existing_record(spec: ModelVersionSpec, store: Path, fingerprint: str, forc
 
 
 def _export_program(spec: ModelVersionSpec, model: torch.nn.Module, example: torch.Tensor, path: Path, log) -> None:
-    """The program of ``spec.precision``: FP32 as trained, INT8 calibrated, or BF16 (native CPUs only)."""
-    if spec.precision == "int8":
-        quantized = quantize_static(model, spec, log)
-        log("exporting INT8 TorchScript program")
-        export_torchscript(quantized, example, path)
-    elif spec.precision == "bf16":
-        if not native_bf16():
-            raise BuildError(
-                f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
-                "amx_bf16) to build and to serve; this CPU has neither"
-            )
-        log("exporting BF16 TorchScript program")
-        export_torchscript(to_bf16(model), example, path)
-    else:
-        log("exporting FP32 TorchScript program")
-        export_torchscript(model, example, path)
+    """The program of ``spec.precision``: FP32 as trained, or the task's conversion (INT8, BF16 on native CPUs)."""
+    if spec.precision == "bf16" and not native_bf16():
+        raise BuildError(
+            f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
+            "amx_bf16) to build and to serve; this CPU has neither"
+        )
+    if spec.precision != "fp32":
+        model = spec.task.convert(model, spec, log)
+    log(f"exporting {spec.precision.upper()} TorchScript program")
+    export_torchscript(model, example, path)
 
 
 def _export_and_evaluate(
     spec: ModelVersionSpec, model: torch.nn.Module, program_path: Path, stage: Path, log
 ) -> dict | None:
     """Export the program and measure it on the held-out split, gating reduced precision against FP32."""
-    example = torch.zeros((1, *spec.preprocessing.input_shape))
-    eval_data = evaluation_set(spec)
-    fp32_top1 = None
+    task = spec.task
+    example = task.example_input(spec)
+    eval_data = task.evaluation_data(spec) if spec.evaluation is not None else None
+    fp32_score = None
     if spec.precision != "fp32" and eval_data is not None:
         reference = stage / "fp32_reference.pt"
         export_torchscript(model, example, reference)
-        fp32_top1 = top1_accuracy(load_program(reference, _as_fp32(spec)), *eval_data)
+        fp32_score = task.evaluate(load_program(reference, _as_fp32(spec)), eval_data, spec)
     _export_program(spec, model, example, program_path, log)
     if eval_data is None:
         if spec.precision != "fp32":
             log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
         return None
-    log(f"evaluating on {spec.evaluation} held-out split ({len(eval_data[1])} images)")
+    count = len(eval_data)
+    log(f"evaluating on {spec.evaluation} held-out split ({count} {task.unit})")
     program = load_program(program_path, spec)
-    top1 = top1_accuracy(program, *eval_data)
-    accuracy = {"dataset": spec.evaluation, "split": "holdout", "images": len(eval_data[1]), "top1": top1}
-    log(f"held-out top-1 {top1:.2f}%")
-    sizes = [image.size for image in DATASETS[spec.evaluation]("holdout").images]
-    accuracy["drift_reference"] = drift_reference(
-        program, eval_data[0], spec.labels, sizes, spec.preprocessing.mean, spec.preprocessing.std,
-        f"{spec.evaluation} holdout",
-    )  # fmt: skip
-    if fp32_top1 is not None:
-        accuracy.update(accuracy_gate(spec, fp32_top1, top1))
+    score = task.evaluate(program, eval_data, spec)
+    accuracy = {"dataset": spec.evaluation, "split": "holdout", task.unit: count, task.metric: score}
+    log(f"held-out {task.metric_label} {score:.2f}%")
+    accuracy["drift_reference"] = task.drift_reference(program, eval_data, spec)
+    if fp32_score is not None:
+        accuracy.update(accuracy_gate(spec, fp32_score, score))
         log(
-            f"accuracy gate passed: FP32 {fp32_top1:.2f}% -> {spec.precision.upper()} {top1:.2f}% "
-            f"(max drop {spec.max_top1_drop})"
+            f"accuracy gate passed: FP32 {fp32_score:.2f}% -> {spec.precision.upper()} {score:.2f}% "
+            f"(max drop {spec.max_drop})"
         )
     return accuracy
 
@@ -224,21 +210,22 @@ def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:
     return replace(spec, precision="fp32", quantization=None, bf16=None)
 
 
-def accuracy_gate(spec: ModelVersionSpec, fp32_top1: float, top1: float) -> dict:
-    """The gate of a reduced-precision version: at most ``max_top1_drop`` points below FP32, else BuildError."""
-    allowed = spec.max_top1_drop
-    if top1 < fp32_top1 - allowed:
+def accuracy_gate(spec: ModelVersionSpec, fp32_score: float, score: float) -> dict:
+    """The gate of a reduced-precision version: at most ``max_drop`` points of the task's metric below
+    FP32, else BuildError. Recorded as ``fp32_<metric>`` and ``gate: {max_<metric>_drop, drop}``."""
+    allowed, metric = spec.max_drop, spec.task.metric
+    if score < fp32_score - allowed:
         raise BuildError(
-            f"{spec.name} {spec.version}: accuracy gate failed: {spec.precision.upper()} top-1 {top1:.2f}% is more "
-            f"than {allowed} points below FP32 {fp32_top1:.2f}%"
+            f"{spec.name} {spec.version}: accuracy gate failed: {spec.precision.upper()} {spec.task.metric_label} "
+            f"{score:.2f}% is more than {allowed} points below FP32 {fp32_score:.2f}%"
         )
-    return {"fp32_top1": fp32_top1, "gate": {"max_top1_drop": allowed, "drop": round(fp32_top1 - top1, 4)}}
+    return {f"fp32_{metric}": fp32_score, "gate": {f"max_{metric}_drop": allowed, "drop": round(fp32_score - score, 4)}}
 
 
 def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
     extra = stage / "extra"
     shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (extra / "labels.json").write_text(json.dumps(list(spec.labels)))
+    spec.task.archive_files(spec, extra)
     if spec.golden_set:
         golden = extra / "golden"
         golden.mkdir()

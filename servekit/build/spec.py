@@ -5,7 +5,7 @@ Layout::
     models:
       digits:                      # model name (TorchServe's model name)
         architecture: digits_cnn   # see servekit.build.architectures.ARCHITECTURES
-        handler: image_classifier  # see HANDLERS
+        handler: image_classifier  # the task: servekit.build.tasks.TASKS (image_classifier, tabular_classifier)
         labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list); with
                                    # weights.torchvision, the weights' own categories by default
         topk: 3
@@ -22,8 +22,12 @@ Layout::
           "1.0": {precision: fp32, weights: {train: digits}}
           "2.0": {precision: int8, weights: {train: digits}, quantization: {calibration: digits}}
 
-A version inherits every model-level key and may override any of them. Every error names the
-model, the version and the field, and says what would be valid.
+``topk``, ``preprocessing`` and ``limits`` are the image classifier's; every task names the keys
+only it takes and its own section (``tabular:`` for ``tabular_classifier``: hidden widths, range
+tolerance, records per request), parses ``protocol:`` into its own config, and says which
+architectures and data sets it knows (``servekit.build.tasks``). A version inherits every
+model-level key and may override any of them. Every error names the model, the version and the
+field, and says what would be valid.
 """
 
 from __future__ import annotations
@@ -37,26 +41,23 @@ from typing import Any, Literal
 
 import yaml
 
-from handlers.config import Faults, HandlerConfig
+from handlers.config import Faults
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
-from handlers.protocols import ProtocolConfig, oip_metadata
+from handlers.protocols import ProtocolConfig
 from handlers.transforms import Preprocessing
 from servekit.errors import ServekitError
 from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
 
-HANDLERS = {"image_classifier": "handlers/image_classifier.py"}
 PRECISIONS = ("fp32", "int8", "bf16")
-VERSION_KEYS = {
+# Keys every task takes; each task adds its own (``servekit.build.tasks.Task.spec_keys``).
+COMMON_KEYS = {
     "architecture",
     "handler",
     "precision",
     "weights",
     "labels",
     "labels_file",
-    "topk",
-    "preprocessing",
-    "limits",
     "protocol",
     "serving",
     "evaluation",
@@ -67,9 +68,22 @@ VERSION_KEYS = {
     "faults",
     "monitoring",
 }
-# ``rollout`` is model-level only and never reaches a ModelVersionSpec: changing a threshold must not
-# change the archives' fingerprints (``rollout_settings`` reads it when a rollout starts).
-MODEL_KEYS = VERSION_KEYS | {"versions", "rollout"}
+
+
+def version_keys() -> set[str]:
+    """The keys a version may set: the common ones and every task's own (checked per task on resolve)."""
+    from servekit.build.tasks import task_keys
+
+    return COMMON_KEYS | task_keys()
+
+
+def model_keys() -> set[str]:
+    """A model's keys: a version's, plus ``versions`` and ``rollout``.
+
+    ``rollout`` is model-level only and never reaches a ModelVersionSpec: changing a threshold must not
+    change the archives' fingerprints (``rollout_settings`` reads it when a rollout starts).
+    """
+    return version_keys() | {"versions", "rollout"}
 
 
 class SpecError(ServekitError, ValueError):
@@ -309,25 +323,48 @@ class Weights:
         return weights
 
 
+def _check_drops(section: str, max_top1_drop: Any, max_drop: Any) -> None:
+    if not isinstance(max_top1_drop, int | float) or max_top1_drop < 0:
+        raise ValueError(f"{section}.max_top1_drop: must be a number >= 0, got {max_top1_drop!r}")
+    if max_drop is not None and (not isinstance(max_drop, int | float) or isinstance(max_drop, bool) or max_drop < 0):
+        raise ValueError(f"{section}.max_drop: must be a number >= 0, got {max_drop!r}")
+
+
+def _one_drop(data: dict, section: str) -> None:
+    if "max_drop" in data and "max_top1_drop" in data:
+        raise ValueError(f"{section}.max_drop: give max_drop or max_top1_drop (its older name), not both")
+
+
 @dataclass(frozen=True)
 class Quantization:
-    """Static post-training INT8 quantization and its accuracy gate."""
+    """INT8 quantization and its accuracy gate (how a task quantizes is its own: ``Task.convert``).
+
+    The gate: ``max_drop`` points of the task's held-out metric below FP32 (top-1 for images,
+    accuracy for tabular models, mAP@0.5 for detectors); ``max_top1_drop`` is its older name and
+    counts when ``max_drop`` is not given. ``calibration`` and ``calibration_images`` only for tasks
+    that calibrate (static quantization).
+    """
 
     calibration: str = "synthetic"
     calibration_images: int = 256
     backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
     max_top1_drop: float = 1.0
+    max_drop: float | None = None
+
+    @property
+    def allowed_drop(self) -> float:
+        return self.max_drop if self.max_drop is not None else self.max_top1_drop
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Quantization:
         data = data or {}
         _check_keys(data, {f.name for f in fields(cls)}, "quantization")
+        _one_drop(data, "quantization")
         q = cls(**data)
         _positive_int("quantization.calibration_images", q.calibration_images)
         if q.backend not in ("x86", "fbgemm", "qnnpack"):
             raise ValueError(f"quantization.backend: must be x86, fbgemm or qnnpack, got {q.backend!r}")
-        if not isinstance(q.max_top1_drop, int | float) or q.max_top1_drop < 0:
-            raise ValueError(f"quantization.max_top1_drop: must be a number >= 0, got {q.max_top1_drop!r}")
+        _check_drops("quantization", q.max_top1_drop, q.max_drop)
         return q
 
 
@@ -336,15 +373,20 @@ class Bf16:
     """BF16 weights and activations (CPUs with native BF16 only) and the accuracy gate against FP32."""
 
     max_top1_drop: float = 1.0
+    max_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_top1_drop, int | float) or self.max_top1_drop < 0:
-            raise ValueError(f"bf16.max_top1_drop: must be a number >= 0, got {self.max_top1_drop!r}")
+        _check_drops("bf16", self.max_top1_drop, self.max_drop)
+
+    @property
+    def allowed_drop(self) -> float:
+        return self.max_drop if self.max_drop is not None else self.max_top1_drop
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Bf16:
         data = data or {}
         _check_keys(data, {f.name for f in fields(cls)}, "bf16")
+        _one_drop(data, "bf16")
         return cls(**data)
 
 
@@ -412,16 +454,30 @@ class ModelVersionSpec:
     bf16: Bf16 | None = None
     description: str = ""
     golden_set: tuple[GoldenItem, ...] = ()
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    protocol: Any = field(default_factory=ProtocolConfig)  # the task's protocol config (``Task.parse_protocol``)
     faults: Faults | None = None
     monitoring: Monitoring = field(default_factory=Monitoring)
+    options: Any = None  # the task's own section (``Task.options_key``), parsed; None for tasks without one
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
-    def max_top1_drop(self) -> float | None:
-        """The accuracy gate of a reduced-precision version against its FP32 sibling (None for FP32)."""
+    def task(self) -> Any:
+        """The ``servekit.build.tasks.Task`` of this version's ``handler``."""
+        from servekit.build.tasks import task_for
+
+        return task_for(self.handler)
+
+    @property
+    def max_drop(self) -> float | None:
+        """The accuracy gate of a reduced-precision version against its FP32 sibling, in points of the
+        task's metric (None for FP32)."""
         gate = self.quantization or self.bf16
-        return gate.max_top1_drop if gate is not None else None
+        return gate.allowed_drop if gate is not None else None
+
+    @property
+    def max_top1_drop(self) -> float | None:
+        """``max_drop`` by its older name (the image classifier's metric is top-1)."""
+        return self.max_drop
 
     @property
     def archive_name(self) -> str:
@@ -429,7 +485,7 @@ class ModelVersionSpec:
 
     @property
     def handler_file(self) -> str:
-        return HANDLERS[self.handler]
+        return self.task.handler_file
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -438,6 +494,12 @@ class ModelVersionSpec:
             data.pop("bf16")  # absent, not null: fingerprints of fp32/int8 versions stay as they were
         if self.faults is None:
             data.pop("faults")  # likewise for every version without injected faults
+        for gate in ("quantization", "bf16"):
+            if data.get(gate) is not None and data[gate]["max_drop"] is None:
+                data[gate].pop("max_drop")  # likewise for every gate given by its older name
+        data.pop("options")
+        if self.options is not None:
+            data["options"] = self.options.to_dict()
         data["preprocessing"] = self.preprocessing.to_dict()
         data["protocol"] = self.protocol.to_dict()
         data["monitoring"] = self.monitoring.to_dict()
@@ -452,26 +514,16 @@ class ModelVersionSpec:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def handler_config(self) -> HandlerConfig:
-        """The ``handler:`` section of model-config.yaml, read back by the worker (``HandlerConfig.from_dict``)."""
-        return HandlerConfig(
-            precision=self.precision,
-            topk=self.topk,
-            preprocessing=self.preprocessing,
-            limits=self.limits,
-            threads=self.serving.threads,
-            quantized_engine=self.quantization.backend if self.quantization is not None else "x86",
-            protocol=self.protocol,
-            faults=self.faults,
-            prediction_log=self.monitoring.prediction_log,
-        )
+    def handler_config(self) -> Any:
+        """The ``handler:`` section of model-config.yaml, read back by the worker (its handler's ``config_type``)."""
+        return self.task.handler_config(self)
 
     def oip_metadata(self, versions: list[str] | None = None) -> dict:
         """What ``GET /v2/models/NAME`` answers for this version (``versions``: those registered)."""
         return {
             "name": self.name,
             "versions": versions if versions is not None else [self.version],
-            **oip_metadata(self.protocol, self.preprocessing.input_shape, len(self.labels)),
+            **self.task.oip_metadata(self),
         }
 
 
@@ -524,8 +576,8 @@ def _merged_settings(name: str, version: str, model: dict, override: Any) -> dic
         raise SpecError("must be a mapping of settings", name, version)
     merged = {k: v for k, v in model.items() if k != "versions"}
     for key, value in override.items():
-        if key not in VERSION_KEYS:
-            raise SpecError(f"unknown key (valid keys: {', '.join(sorted(VERSION_KEYS))})", name, version, key)
+        if key not in version_keys():
+            raise SpecError(f"unknown key (valid keys: {', '.join(sorted(version_keys()))})", name, version, key)
         # A version names its own weights source outright: merging would mix two sources.
         if key != "weights" and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
@@ -542,7 +594,6 @@ class _VersionResolver:
     version: str
     merged: dict
     base_dir: Path
-    architectures: set[str]
 
     def fail(self, field_name: str, message: str) -> SpecError:
         return SpecError(message, self.name, self.version, field_name)
@@ -560,18 +611,26 @@ class _VersionResolver:
                 raise self.fail(head, tail) from exc
             raise self.fail(section, message) from exc
 
-    def check_required(self) -> None:
+    def check_required(self) -> Any:
+        """The required keys, the handler (-> its task), the task's keys and architecture; returns the task."""
+        from servekit.build.tasks import TASKS, task_for, task_keys
+
         merged = self.merged
         for required in ("architecture", "handler", "precision", "weights"):
             if required not in merged:
                 raise self.fail(required, "is required")
-        if merged["architecture"] not in self.architectures:
-            known = sorted(self.architectures)
+        if merged["handler"] not in TASKS:
+            raise self.fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(TASKS)})")
+        task = task_for(merged["handler"])
+        for key in sorted(set(merged) & (task_keys() - task.spec_keys)):
+            own = ", ".join(sorted(task.spec_keys)) or "none"
+            raise self.fail(key, f"does not apply to handler {task.handler} (its own keys: {own})")
+        if merged["architecture"] not in task.architectures():
+            known = sorted(task.architectures())
             raise self.fail("architecture", f"unknown architecture {merged['architecture']!r} (known: {known})")
-        if merged["handler"] not in HANDLERS:
-            raise self.fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(HANDLERS)})")
         if merged["precision"] not in PRECISIONS:
             raise self.fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
+        return task
 
     def labels(self, weights: Weights) -> tuple[str, ...]:
         merged = self.merged
@@ -605,13 +664,17 @@ class _VersionResolver:
             raise self.fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(datasets)})")
         return evaluation
 
-    def quantization(self, datasets: dict) -> Quantization | None:
+    def quantization(self, datasets: dict, calibrated: bool = True) -> Quantization | None:
         merged = self.merged
         if merged["precision"] != "int8":
             if "quantization" in merged:
                 raise self.fail("quantization", "only applies to precision int8")
             return None
         quantization = self.nested("quantization", lambda: Quantization.from_dict(merged.get("quantization")))
+        given = sorted({"calibration", "calibration_images"} & set(merged.get("quantization") or {}))
+        if not calibrated and given:
+            raise self.fail(f"quantization.{given[0]}", f"handler {merged['handler']} quantizes dynamically: "
+                            "no calibration")  # fmt: skip
         if quantization.calibration != "synthetic" and quantization.calibration not in datasets:
             raise self.fail(
                 "quantization.calibration",
@@ -627,15 +690,17 @@ class _VersionResolver:
         return self.nested("bf16", lambda: Bf16.from_dict(self.merged.get("bf16")))
 
     def resolve(self) -> ModelVersionSpec:
-        from servekit.build.datasets import DATASETS  # local: keeps the spec importable without sklearn
-
-        self.check_required()
+        task = self.check_required()
         merged = self.merged
+        datasets = task.datasets()
         weights = self.nested("weights", lambda: Weights.from_dict(merged["weights"], self.base_dir))
         labels = self.labels(weights)
         if "preprocessing" not in merged and weights.torchvision:
             merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
-        return ModelVersionSpec(
+        options = None
+        if task.options_key is not None:
+            options = self.nested(task.options_key, lambda: task.parse_options(merged.get(task.options_key)))
+        spec = ModelVersionSpec(
             name=self.name,
             version=self.version,
             architecture=merged["architecture"],
@@ -647,29 +712,32 @@ class _VersionResolver:
             preprocessing=self.nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing"))),
             limits=self.nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits"))),
             serving=self.nested("serving", lambda: Serving.from_dict(merged.get("serving"))),
-            evaluation=self.evaluation(DATASETS),
-            quantization=self.quantization(DATASETS),
+            evaluation=self.evaluation(datasets),
+            quantization=self.quantization(datasets, task.calibrated),
             bf16=self.bf16(),
             description=str(merged.get("description", "")),
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
-            protocol=self.nested("protocol", lambda: ProtocolConfig.from_dict(merged.get("protocol"))),
+            protocol=self.nested("protocol", lambda: task.parse_protocol(merged.get("protocol"))),
             faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
             monitoring=self.nested("monitoring", lambda: Monitoring.from_dict(merged.get("monitoring"))),
+            options=options,
         )
+        try:
+            task.check(spec)
+        except (ValueError, TypeError) as exc:
+            head, sep, tail = str(exc).partition(": ")
+            raise (self.fail(head, tail) if sep and " " not in head else self.fail("handler", str(exc))) from exc
+        return spec
 
 
-def _resolve_version(
-    name: str, version: Any, model: dict, override: Any, base_dir: Path, architectures: set[str]
-) -> ModelVersionSpec:
+def _resolve_version(name: str, version: Any, model: dict, override: Any, base_dir: Path) -> ModelVersionSpec:
     version = _check_version_string(name, version)
     merged = _merged_settings(name, version, model, override)
-    return _VersionResolver(name, version, merged, base_dir, architectures).resolve()
+    return _VersionResolver(name, version, merged, base_dir).resolve()
 
 
 def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:
     """Validate a loaded spec document; returns every model x version, in spec order."""
-    from servekit.build.architectures import ARCHITECTURES
-
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise SpecError("the spec needs a non-empty 'models:' mapping at the top level")
     extra = sorted(set(data) - {"models"})
@@ -683,16 +751,17 @@ def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:
             )
         if not isinstance(model, dict):
             raise SpecError("must be a mapping of settings", name)
+        valid = model_keys()
         for key in model:
-            if key not in MODEL_KEYS:
-                raise SpecError(f"unknown key (valid keys: {', '.join(sorted(MODEL_KEYS))})", name, None, key)
+            if key not in valid:
+                raise SpecError(f"unknown key (valid keys: {', '.join(sorted(valid))})", name, None, key)
         if "rollout" in model:
             _model_rollout(name, model["rollout"])  # checked with the rest; used only by servekit rollout
         versions = model.get("versions")
         if not isinstance(versions, dict) or not versions:
             raise SpecError("needs at least one entry under 'versions:'", name, None, "versions")
         for version, override in versions.items():
-            specs.append(_resolve_version(name, version, model, override, base_dir, set(ARCHITECTURES)))
+            specs.append(_resolve_version(name, version, model, override, base_dir))
     return specs
 
 

@@ -1,7 +1,8 @@
 """Getting FP32 weights for a spec entry: train them on a bundled data set, or load a local file.
 
-Trained weights are cached under ``build/cache/`` by a hash of the training recipe, so the FP32
-and INT8 versions of one model are built from the very same weights.
+Trained weights are cached under ``build/cache/`` by a hash of the training recipe (the task's
+``recipe``), so the FP32 and INT8 versions of one model are built from the very same weights. How
+a task trains is its own (``servekit.build.tasks``); ``train`` below is the image classifier's.
 """
 
 from __future__ import annotations
@@ -34,16 +35,8 @@ def to_tensors(data: LabelledImages, preprocessor: ImagePreprocessor) -> tuple[t
 
 
 def recipe_key(spec: ModelVersionSpec) -> str:
-    recipe = {
-        "architecture": spec.architecture,
-        "train": spec.weights.train,
-        "seed": spec.weights.seed,
-        "epochs": spec.weights.epochs,
-        "labels": list(spec.labels),
-        "preprocessing": spec.preprocessing.to_dict(),
-        "sizes": TRAIN_SIZES,
-        "recipe_version": 1,
-    }
+    """A short hash of what determines the trained weights (``Task.recipe``): the cache key."""
+    recipe = spec.task.recipe(spec)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,7 +91,7 @@ def fp32_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[[str], N
     if path.is_file():
         log(f"using cached trained weights {path}")
         return path
-    state = train(spec, log)
+    state = spec.task.train(spec, log)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -130,7 +123,7 @@ def load_fp32_model(spec: ModelVersionSpec, weights_path: Path) -> nn.Module:
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    model = build_architecture(spec.architecture, len(spec.labels))
+    model = spec.task.build_model(spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

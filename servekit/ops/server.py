@@ -554,6 +554,8 @@ Keys are in {server.key_file}. Try:
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits/2.0 -T samples/digit_7.png
   curl -H "Authorization: Bearer $MGT" -X PUT "{management}/models/digits/2.0?min_worker=2&synchronous=true"
   curl -H "Authorization: Bearer $MGT" {management}/models/digits/all
+  curl -H "Authorization: Bearer $INF" -H 'Content-Type: application/json' {inference}/predictions/breast_cancer \\
+       --data-binary @samples/breast_cancer/malignant_0.json
 
 Open Inference Protocol (Triton / KServe v2 clients): HTTP {server.url("oip_http")}, gRPC {server.grpc_address}
   curl -H "Authorization: Bearer $INF" {server.url("oip_http")}/v2/models/digits

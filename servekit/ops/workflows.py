@@ -280,7 +280,11 @@ class Deployer:
 
     # ------------------------------------------------------------------ promote, rollback
     def golden_check(self, model: str, version: str) -> list[dict]:
-        """Send the archive's golden set to ``/predictions/model/version``; one result per input."""
+        """Send the archive's golden set to ``/predictions/model/version``; one result per input.
+
+        Each file is the raw body (an image, or a JSON record sent as ``application/json``); the
+        answer's first prediction must carry the expected label.
+        """
         path = self.archive(model, version)
         with zipfile.ZipFile(path) as archive:
             try:
@@ -292,7 +296,9 @@ class Deployer:
             inputs = [(e["file"], e["label"], archive.read(f"golden/{e['file']}")) for e in entries]
         results = []
         for name, expected, payload in inputs:
-            response = self.client.call("inference", "POST", f"/predictions/{model}/{version}", data=payload)
+            response = self.client.call(
+                "inference", "POST", f"/predictions/{model}/{version}", data=payload, headers=_content_type(name)
+            )
             results.append(
                 {
                     "file": name,
@@ -388,7 +394,13 @@ class Deployer:
             payload, top = path.read_bytes(), {}
             for version in (v1, v2):
                 started = time.perf_counter()
-                response = self.client.call("inference", "POST", f"/predictions/{model}/{version}", data=payload)
+                response = self.client.call(
+                    "inference",
+                    "POST",
+                    f"/predictions/{model}/{version}",
+                    data=payload,
+                    headers=_content_type(path.name),
+                )
                 latencies[version].append((time.perf_counter() - started) * 1000)
                 top[version] = response.json()["predictions"][0] if response.status_code == 200 else None
             same = bool(top[v1] and top[v2] and top[v1]["label"] == top[v2]["label"])
@@ -417,6 +429,11 @@ class Deployer:
             },
             "rows": rows,
         }
+
+
+def _content_type(file_name: str) -> dict[str, str]:
+    """A golden file's ``Content-Type``: JSON files as JSON; other files (images) as TorchServe reads a raw body."""
+    return {"Content-Type": "application/json"} if file_name.lower().endswith(".json") else {}
 
 
 def _top_label(response: Any) -> str | None:

@@ -12,7 +12,10 @@ Steps (each printed as it goes):
    to first answer), loaded by ``hey`` at each concurrency for a bounded time, and unregistered.
    The INT8 archive (the fast one) is also loaded through the Open Inference Protocol (KServe v2,
    ``POST /v2/models/NAME/infer``) with the binary tensor extension tritonclient uses, each OIP run
-   right after the ``/predictions`` run at the same concurrency, so their ratio is fair;
+   right after the ``/predictions`` run at the same concurrency, so their ratio is fair. Then the
+   tabular model of ``models.yaml`` (``breast_cancer``, FP32 and INT8, its spec's serving settings):
+   JSON bodies of 64 held-out records through the whole request path, in records/s at the
+   concurrency that gives the best rate (the bar: ``TABULAR_MIN_RECORDS_PER_S``);
 4. ``results/bench/latest.json``, ``latest.md`` (tables and ratios) and ``latency_vs_throughput.png``.
 
     python -m servekit.perf.bench [--quick] [--seconds 10] [--out results/bench]
@@ -43,7 +46,7 @@ from handlers.model_loading import load_model, native_bf16
 from handlers.protocols import ProtocolConfig
 from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
-from servekit.build.spec import load_spec
+from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
@@ -61,6 +64,10 @@ WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does n
 STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
 STOCK_ARCHIVE = archive_name(STOCK_MODEL, STOCK_VERSION)  # <name>_v<version>.mar: the only form the guard registers
 OIP_MIN_RATIO = 0.90  # the bar: OIP binary costs at most 10 % of the req/s of /predictions
+TABULAR_MODEL = "breast_cancer"  # in the repository's models.yaml
+TABULAR_RECORDS = 64  # records in one request body
+TABULAR_CONCURRENCY = (4, 16, 64)  # full run; --quick uses --concurrency
+TABULAR_MIN_RECORDS_PER_S = 5000.0  # the bar, at the best concurrency (issue 14)
 
 
 class BenchError(ServekitError):
@@ -426,14 +433,96 @@ def _prepare_oip(client: TorchServeClient, variant: Variant, jpeg_path: Path) ->
     }, body_path
 
 
+# ------------------------------------------------------------------------------------------ tabular
+def tabular_body(path: Path, count: int = TABULAR_RECORDS) -> int:
+    """A JSON list of ``count`` held-out breast cancer records (cycled) at ``path``; returns its size in bytes."""
+    from servekit.build.tabular import breast_cancer
+
+    data = breast_cancer("holdout")
+    rows = [data.x[i % len(data)] for i in range(count)]
+    records = [dict(zip(data.feature_names, map(float, row), strict=True)) for row in rows]
+    path.write_text(json.dumps(records))
+    return path.stat().st_size
+
+
+def serve_tabular(
+    client: TorchServeClient, specs: list, body: Path, concurrencies: list[int], seconds: float, quick: bool
+) -> dict:
+    """Each tabular version in turn, with its archive's settings: hey with ``body`` at each concurrency.
+
+    A run's ``records_per_s`` is its req/s times the records per body; ``best`` is the run with the
+    highest (errors count against nothing here: the zero-error bar holds every run).
+    """
+    count = len(json.loads(body.read_text()))
+    result = {
+        "model": specs[0].name,
+        "description": f"{specs[0].name}: JSON bodies of {count} held-out records to /predictions/NAME/VERSION "
+        "(Content-Type application/json), each version alone with its spec's serving settings",
+        "records_per_request": count,
+        "body_bytes": body.stat().st_size,
+        "versions": {},
+    }
+    for spec in specs:
+        log(f"tabular {spec.version}: registering {spec.archive_name}")
+        client.manage("POST", "/models", params={"url": spec.archive_name, "synchronous": "true"}, timeout=600)
+        path = f"/predictions/{spec.name}/{spec.version}"
+        try:
+            first = client.call("inference", "POST", path, data=body.read_bytes(),
+                                headers={"Content-Type": "application/json"})  # fmt: skip
+            if first.status_code != 200 or len(first.json().get("predictions", [])) != count:
+                raise BenchError(f"{spec.archive_name}: the check request was answered {first.status_code}: "
+                                 f"{first.text[:300]}")  # fmt: skip
+            described = client.describe(spec.name, spec.version)[0]
+            url, token = client.url("inference", path), client.token("inference")
+            runs = []
+            for concurrency in concurrencies:
+                run = run_hey(url, token, body, concurrency, seconds, 4 * concurrency if quick else None,
+                              content_type="application/json")  # fmt: skip
+                run["records_per_s"] = round(run["rps"] * count, 1)
+                log(f"tabular {spec.version}: c={concurrency}: {run['records_per_s']} records/s ({run['rps']} req/s), "
+                    f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}")  # fmt: skip
+                runs.append(run)
+        finally:
+            client.manage("DELETE", f"/models/{spec.name}/{spec.version}")
+        best = max(runs, key=lambda r: r["records_per_s"])
+        result["versions"][spec.version] = {
+            "precision": spec.precision,
+            "workers": len(described.get("workers", [])),
+            "batch_size": described.get("batchSize"),
+            "runs": runs,
+            "best": {"concurrency": best["concurrency"], "records_per_s": best["records_per_s"]},
+        }
+    return result
+
+
+def tabular_bars(tabular: dict) -> tuple[dict[str, float], dict[str, bool]]:
+    """The best records/s of each tabular version, and the bar on it."""
+    ratios, bars = {}, {}
+    for version, entry in tabular["versions"].items():
+        best = entry["best"]
+        ratios[f"tabular_{version}_records_per_s"] = best["records_per_s"]
+        name = (f"tabular {version} ({entry['precision']}) >= {TABULAR_MIN_RECORDS_PER_S:,.0f} records/s "
+                f"(best concurrency, {tabular['records_per_request']} records per request)")  # fmt: skip
+        bars[name] = best["records_per_s"] >= TABULAR_MIN_RECORDS_PER_S
+    return ratios, bars
+
+
 def serve_all(
-    store: Path, variants: list[Variant], concurrencies: list[int], seconds: float, quick: bool, sweep: tuple
-) -> tuple[dict, dict | None, list[dict], dict]:
+    store: Path,
+    variants: list[Variant],
+    concurrencies: list[int],
+    seconds: float,
+    quick: bool,
+    sweep: tuple,
+    tabular: tuple[list, Path, list[int]] | None = None,
+) -> tuple[dict, dict | None, list[dict], dict, dict | None]:
     """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
     then the handler metrics on and off (``servekit.perf.overhead``).
 
-    Returns the served variants, the OIP comparison (of the variant with ``oip``; None without), the
-    sweep and the metrics overhead.
+    With ``tabular`` (its version specs, the body file and the concurrencies), the tabular model
+    is loaded after the variants (``serve_tabular``). Returns the served variants, the OIP
+    comparison (of the variant with ``oip``; None without), the sweep, the metrics overhead and
+    the tabular runs (None without).
     """
     server = TorchServeProcess(
         workdir=WORKDIR / "torchserve",
@@ -453,13 +542,14 @@ def serve_all(
                 client, variant, photo, concurrencies, seconds, quick, with_camera
             )
             oip = compared or oip
+        tabular_result = serve_tabular(client, *tabular[:2], tabular[2], seconds, quick) if tabular else None
         main, other = sweep
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
     finally:
         server.stop()
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
     overhead = metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)
-    return served, oip, layouts, overhead
+    return served, oip, layouts, overhead, tabular_result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -529,6 +619,11 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         if served["stock"].get("camera_photo"):
             ratios["int8_vs_stock_camera"] = _rps_ratio(camera, served["stock"]["camera_photo"])
         runs += [v["camera_photo"] for v in served.values() if v.get("camera_photo")]
+    if result.get("tabular"):
+        tabular_ratios, tabular_bar = tabular_bars(result["tabular"])
+        ratios.update(tabular_ratios)
+        bars.update(tabular_bar)
+        runs += [r for entry in result["tabular"]["versions"].values() for r in entry["runs"]]
     if result.get("metrics_overhead"):
         ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
         bars.update(overhead_bar(result["metrics_overhead"]))
@@ -606,6 +701,22 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"| {r['concurrency']} | {a['rps']} | {a['p50_ms']} | {a['p99_ms']} | {b['rps']} | {b['p50_ms']} "
                 f"| {b['p99_ms']} | {b['errors']} | {r['oip_over_predictions']} |"
             )
+    tabular = result.get("tabular")
+    if tabular:
+        lines += [
+            "",
+            f"## Tabular ({tabular['description']}; {tabular['body_bytes']:,} bytes per body)",
+            "",
+            "| version | precision | workers | batch | concurrency | req/s | records/s | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for version, entry in tabular["versions"].items():
+            for r in entry["runs"]:
+                lines.append(
+                    f"| {version} | {entry['precision']} | {entry['workers']} | {entry['batch_size']} "
+                    f"| {r['concurrency']} | {r['rps']} | {r['records_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
+                    f"| {r['errors']} |"
+                )
     lines += [
         "",
         "## Worker sweep (the CPU budget: same total concurrency, layouts reached with the management API)",
@@ -694,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
     store = WORKDIR / "store"
     build_all(list(specs.values()), store, WORKDIR / "cache", force=True)
     build_stock_archive(WORKDIR / "resnet18_random.pt", store)
+    tabular_specs = select(load_spec(REPO_ROOT / "models.yaml"), TABULAR_MODEL, None)
+    build_all(tabular_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
+    tabular_body(WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json")
     fp32, int8 = specs["fp32"], specs["int8"]
     bf16 = specs.get("bf16")
 
@@ -723,8 +837,12 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant("bf16", bf16.archive_name, bf16.name, bf16.version, {}, "servekit handler, BF16"))
     second = f"{int8.name}_second"  # the same INT8 archive registered again: a second version of equal cost
     sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
+    tabular = (tabular_specs, WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json",
+               concurrencies if args.quick else list(TABULAR_CONCURRENCY))  # fmt: skip
     try:
-        served, oip, layouts, overhead = serve_all(store, variants, concurrencies, args.seconds, args.quick, sweep)
+        served, oip, layouts, overhead, tabular_result = serve_all(
+            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular
+        )
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -743,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         "oip": oip,
         "sweep": layouts,
         "metrics_overhead": overhead,
+        "tabular": tabular_result,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Progress("monitoring demo")
     args.out.mkdir(parents=True, exist_ok=True)
     store = REPO_ROOT / "model_store"
-    server = TorchServeProcess(workdir=WORKDIR / "torchserve", model_store=store,
+    server = TorchServeProcess(workdir=WORKDIR / "torchserve", model_store=store, load_models="digits_v1.0.mar",
                                ports={kind: free_port() for kind in ADDRESS_KEYS})  # fmt: skip
     prometheus = PrometheusServer(
         WORKDIR / "prometheus", listen=f"127.0.0.1:{free_port()}", interval=1.0,

@@ -55,5 +55,11 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     assert all(r["errors"] == 0 and r["rps"] > 0 for runs in overhead["runs"].values() for r in runs)
     assert overhead["on_over_off"] == pytest.approx(overhead["rps_on"] / overhead["rps_off"], abs=0.01)
     assert "handler metrics cost <= 5% of req/s" in report["bars"]
+    tabular = report["tabular"]  # breast_cancer FP32 and INT8, JSON bodies of 64 records
+    assert set(tabular["versions"]) == {"1.0", "2.0"}
+    for entry in tabular["versions"].values():
+        assert [r["concurrency"] for r in entry["runs"]] == [1, 4]
+        assert all(r["errors"] == 0 and r["records_per_s"] > 0 for r in entry["runs"])
+    assert any(name.startswith("tabular 2.0 (int8) >= 5,000 records/s") for name in report["bars"])
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
     assert (tmp_path / "quick_latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

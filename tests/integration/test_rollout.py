@@ -44,6 +44,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root
     for name in ("digits_v1.0.mar", "digits_v2.0.mar", "manifest.json"):
         shutil.copyfile(model_store / name, store / name)
     spec = yaml.safe_load((repo_root / "models.yaml").read_text())
+    spec["models"] = {"digits": spec["models"]["digits"]}  # the other models' relative paths stay out of it
     versions = spec["models"]["digits"]["versions"]
     for version, faults in DRILLS.items():  # 1.0's weights (cached by the build): only the faults differ
         versions[version] = {**versions["1.0"], "faults": faults}

@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from servekit.build.spec import load_spec
 from servekit.deploy.bundle import (
     Bundle,
     BundleError,
@@ -46,6 +47,14 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")  # the oldest we support and the one 
 IMAGE = "registry.example.com/team/servekit:0.1.0"
 KSERVE_SCHEMA = Path(__file__).resolve().parents[1] / "data" / "kserve" / "inferenceservice-v1beta1.schema.json"
 KINDS = ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec_models() -> list[str]:
+    """The models of the repository's spec, in its order (a bundle without --models takes them all)."""
+    return list(dict.fromkeys(spec.name for spec in load_spec(REPO_ROOT / "models.yaml")))
 
 
 def make_bundle(repo_root: Path, store: Path, out: Path, state_file: Path | None = None, **options) -> Bundle:
@@ -131,7 +140,8 @@ def test_bundle_json_records_what_the_pod_runs(bundle: Bundle) -> None:
         "--model-store", "/home/model-server/model-store", "--workdir", "/home/model-server/var",
         "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083",
     ]  # fmt: skip
-    assert r["models"] == {"digits": {"versions": ["1.0", "2.0"], "default": "2.0"}}
+    assert r["models"]["digits"] == {"versions": ["1.0", "2.0"], "default": "2.0"}
+    assert list(r["models"]) == spec_models()  # every model of the spec by default, each at its newest
     assert (r["image"], r["replicas"], r["max_replicas"], r["cpu"], r["memory"]) == (IMAGE, 2, 4, "2", "4Gi")
     assert r["ports"] == {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": 8083}
     assert (r["preStopSeconds"], r["drainTimeoutSeconds"], r["terminationGracePeriodSeconds"]) == (5, 25, 45)
@@ -173,21 +183,19 @@ def test_config_properties_has_one_setting_per_line(bundle: Bundle) -> None:
 
 
 def test_the_model_snapshot_is_one_line_of_json_naming_exactly_the_bundle(bundle: Bundle, repo_root: Path) -> None:
-    from servekit.build.spec import load_spec
-
     lines = [line for line in (bundle.path / "config" / "config.properties").read_text().splitlines()
              if line.startswith("model_snapshot=")]  # fmt: skip
     assert len(lines) == 1
     snapshot = json.loads(lines[0].removeprefix("model_snapshot="))
     versions = snapshot["models"]["digits"]
     assert snapshot["name"] == "startup.cfg"
-    assert snapshot["modelCount"] == 2
-    assert list(snapshot["models"]) == ["digits"]
-    assert {v["marName"] for v in versions.values()} == set(bundle.record["archives"])
+    assert snapshot["modelCount"] == len(bundle.record["archives"])
+    assert list(snapshot["models"]) == spec_models()
+    assert {v["marName"] for m in snapshot["models"].values() for v in m.values()} == set(bundle.record["archives"])
     assert {version: v["defaultVersion"] for version, v in versions.items()} == {"1.0": False, "2.0": True}
     for spec in load_spec(repo_root / "models.yaml"):
         config = spec.serving.model_config()
-        entry = versions[spec.version]
+        entry = snapshot["models"][spec.name][spec.version]
         assert entry["marName"] == spec.archive_name
         for key in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout"):
             assert entry[key] == config[key], key
@@ -475,7 +483,7 @@ def run_cli(argv: list[str], tmp_path: Path, store: Path, capsys: pytest.Capture
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--models", "nosuch"], "unknown model 'nosuch' (models.yaml has: digits)"),
+        (["--models", "nosuch"], "unknown model 'nosuch' (models.yaml has: digits, breast_cancer"),
         (["--models", "digits:9.9"], "digits 9.9 has no archive in"),
         (["--cpu", "two"], "--cpu 'two' is not a CPU quantity"),
         (["--memory", "4GB"], "--memory '4GB' is not a memory quantity"),
@@ -511,9 +519,9 @@ def test_the_cli_writes_and_replaces_a_bundle(tmp_path: Path, model_store: Path,
     assert (record["replicas"], record["max_replicas"], record["cpu"], record["memory"]) == (3, 6, "4", "8Gi")
     code, _, err = run_cli(["--image", IMAGE], tmp_path, model_store, capsys)
     assert (code, err) == (0, "")
-    assert sorted(json.loads((tmp_path / "out" / "bundle.json").read_text())["archives"]) == [
-        "digits_v1.0.mar", "digits_v2.0.mar",
-    ]  # fmt: skip
+    assert sorted(json.loads((tmp_path / "out" / "bundle.json").read_text())["archives"]) == sorted(
+        spec.archive_name for spec in load_spec(REPO_ROOT / "models.yaml")
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no staging left behind
     other = tmp_path / "other"
     other.mkdir()

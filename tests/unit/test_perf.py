@@ -353,3 +353,114 @@ def test_run_hey_sends_the_extra_headers_and_content_type(monkeypatch, tmp_path)
     bench.run_hey("http://x/predictions/m", "tok", body, 1, 1.0, None)
     assert seen["command"][seen["command"].index("-T") + 1] == "image/jpeg"
     assert [a for a in seen["command"] if a.startswith("Inference")] == []
+
+
+# ------------------------------------------------------------------------------------------ bench: tabular row
+TABULAR_BAR = "tabular 1.0 (fp32) >= 5,000 records/s (best concurrency, 64 records per request)"
+
+
+def _tabular(best: float, errors: int = 0) -> dict:
+    runs = [dict(_run(4, best / 128), records_per_s=best / 2), dict(_run(16, best / 64, errors), records_per_s=best)]
+    return {
+        "model": "breast_cancer",
+        "description": "breast_cancer: JSON bodies of 64 held-out records",
+        "records_per_request": 64,
+        "body_bytes": 52298,
+        "versions": {
+            "1.0": {"precision": "fp32", "workers": 1, "batch_size": 16, "runs": runs,
+                    "best": {"concurrency": 16, "records_per_s": best}},
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("best", "passes"), [(6400.0, True), (5000.0, True), (4992.0, False)])
+def test_the_tabular_bar_and_its_table(tmp_path, best: float, passes: bool) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    result["tabular"] = _tabular(best)
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"][TABULAR_BAR] is passes
+    assert result["ratios"]["tabular_1.0_records_per_s"] == best
+    assert result["bars"]["zero errors in every served run"] is True
+    write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Tabular (breast_cancer: JSON bodies of 64 held-out records; 52,298 bytes per body)" in text
+    assert f"| 1.0 | fp32 | 1 | 16 | 16 | {best / 64} | {best} | 10.0 | 30.0 | 0 |" in text
+    assert f"- {'PASS' if passes else 'FAIL'}: {TABULAR_BAR}" in text
+
+
+def test_tabular_errors_fail_the_zero_error_bar_and_no_tabular_means_no_bar() -> None:
+    from servekit.perf.bench import compute_ratios_and_bars
+
+    result = _fabricated_result(190.0)
+    result["tabular"] = _tabular(6400.0, errors=1)
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["zero errors in every served run"] is False
+    result = _fabricated_result(190.0)
+    result["tabular"] = None
+    compute_ratios_and_bars(result, 16)
+    assert not any(name.startswith("tabular") for name in result["bars"])
+
+
+def test_serve_tabular_registers_each_version_and_keeps_its_best_concurrency(monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from servekit.perf import bench
+
+    body = tmp_path / "body.json"
+    bench.tabular_body(body, count=3)
+    calls, loads = [], []
+
+    class FakeClient:
+        def manage(self, method, path, **kwargs):
+            calls.append((method, path, kwargs.get("params")))
+            return {}
+
+        def call(self, kind, method, path, **kwargs):
+            assert kwargs["headers"] == {"Content-Type": "application/json"}
+            return SimpleNamespace(status_code=200, json=lambda: {"predictions": [{}] * 3}, text="")
+
+        def describe(self, model, version):
+            return [{"workers": [{"pid": 1}], "batchSize": 16}]
+
+        def url(self, kind, path):
+            return f"http://x{path}"
+
+        def token(self, kind):
+            return "tok"
+
+    def fake_hey(url, token, path, concurrency, seconds, bound, content_type):
+        loads.append((url, concurrency, content_type, bound))
+        return {**_run(concurrency, {1: 100.0, 4: 300.0, 16: 250.0}[concurrency])}
+
+    monkeypatch.setattr(bench, "run_hey", fake_hey)
+    specs = [SimpleNamespace(name="breast_cancer", version=v, precision=p, archive_name=f"breast_cancer_v{v}.mar")
+             for v, p in (("1.0", "fp32"), ("2.0", "int8"))]  # fmt: skip
+    result = bench.serve_tabular(FakeClient(), specs, body, [1, 4, 16], 5.0, quick=True)
+    assert [c[:2] for c in calls] == [
+        ("POST", "/models"), ("DELETE", "/models/breast_cancer/1.0"),
+        ("POST", "/models"), ("DELETE", "/models/breast_cancer/2.0"),
+    ]  # fmt: skip
+    assert calls[0][2] == {"url": "breast_cancer_v1.0.mar", "synchronous": "true"}  # the archive's own settings
+    assert loads[:3] == [("http://x/predictions/breast_cancer/1.0", c, "application/json", 4 * c) for c in (1, 4, 16)]
+    entry = result["versions"]["2.0"]
+    assert (entry["precision"], entry["workers"], entry["batch_size"]) == ("int8", 1, 16)
+    assert [r["records_per_s"] for r in entry["runs"]] == [300.0, 900.0, 750.0]
+    assert entry["best"] == {"concurrency": 4, "records_per_s": 900.0}
+    assert result["records_per_request"] == 3
+
+
+def test_the_tabular_body_holds_valid_held_out_records(tmp_path, repo_root) -> None:
+    import json
+
+    from handlers.tabular import RecordSchema
+    from servekit.build.spec import load_spec, select
+    from servekit.perf.bench import TABULAR_MODEL, TABULAR_RECORDS, tabular_body
+
+    size = tabular_body(tmp_path / "body.json")
+    records = json.loads((tmp_path / "body.json").read_text())
+    assert (len(records), size) == (TABULAR_RECORDS, (tmp_path / "body.json").stat().st_size)
+    config = select(load_spec(repo_root / "models.yaml"), TABULAR_MODEL, "1.0")[0].handler_config()
+    rows = RecordSchema(config.features, config.max_records).rows(records, lambda i: f"record {i}")
+    assert rows.shape == (TABULAR_RECORDS, 30)

@@ -1,0 +1,251 @@
+"""The tasks the build knows, keyed by the spec's ``handler:`` value: what differs between them, as hooks.
+
+Everything else in the build is shared (``servekit.build.archive``: weights cache, export, the
+accuracy gate, packaging, manifest; ``servekit.build.spec``: validation). A task says:
+
+================================  =========================================================
+``handler_file``                  the TorchServe entry point in the archive
+``metric``, ``metric_label``,     the held-out metric (points, 0..100: ``top1``, ``map50``),
+``unit``                          how logs name it, what the evaluation counts (``images``)
+``spec_keys``, ``options_key``    the spec keys only this task takes; its own section, if any
+``calibrated``                    whether INT8 needs calibration data (``quantization.calibration``)
+``architectures()``,              the names ``architecture:`` and ``evaluation`` / ``weights.train`` /
+``datasets()``                    ``quantization.calibration`` may take
+``parse_protocol(data)``          the ``protocol:`` section -> its typed config (``to_dict()``)
+``parse_options(data)``           the ``options_key`` section -> its typed options (``to_dict()``) or None
+``check(spec)``                   cross-field checks; raise ``ValueError("field: message")``
+``handler_config(spec)``          the ``handler:`` section of model-config.yaml (typed, ``to_dict()``, and
+                                  ``precision``/``quantized_engine``/``optimize`` for the model loader)
+``oip_metadata(spec)``            inputs, outputs and parameters of ``GET /v2/models/NAME``
+``recipe(spec)``                  what determines trained weights (the cache key; JSON-able)
+``train(spec, log)``              FP32 weights as a state_dict
+``build_model(spec)``             the ``nn.Module`` those weights load into
+``example_input(spec)``           the tensor the program is traced with
+``convert(model, spec, log)``     the reduced-precision module (``spec.precision``: int8, bf16)
+``evaluation_data(spec)``         the held-out split, prepared once (``len()`` = the count), or None
+``evaluate(program, data, spec)`` the metric of a loaded program, in points
+``drift_reference(program,        the archive's drift reference (``servekit.build.reference``), or None
+data, spec)``
+``archive_files(spec, folder)``   files beside the program (``labels.json``; a task adds its own)
+================================  =========================================================
+
+Register a task in ``TASKS`` as ``"module:Class"``; modules are imported when first used, so the
+spec (and a task module that subclasses ``Task``) can import this one freely.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Collection, Sized
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+Log = Callable[[str], None]
+
+TASKS: dict[str, str] = {
+    "image_classifier": "servekit.build.tasks:ImageClassifierTask",
+    "tabular_classifier": "servekit.build.tabular:TabularClassifierTask",
+}
+
+
+class Task:
+    """The hooks of one task (see the module docstring); subclasses set the attributes and override the hooks."""
+
+    handler: str = ""
+    handler_file: str = ""
+    metric: str = "top1"
+    metric_label: str = "top-1"
+    unit: str = "images"
+    spec_keys: frozenset[str] = frozenset()
+    options_key: str | None = None
+    calibrated: bool = True
+
+    # ------------------------------------------------------------------ the spec
+    def architectures(self) -> Collection[str]:
+        raise NotImplementedError
+
+    def datasets(self) -> Collection[str]:
+        raise NotImplementedError
+
+    def parse_protocol(self, data: dict | None) -> Any:
+        raise NotImplementedError
+
+    def parse_options(self, data: Any) -> Any:
+        return None
+
+    def check(self, spec: Any) -> None:
+        """Cross-field checks of a resolved version; raise ``ValueError("field: message")``."""
+
+    def handler_config(self, spec: Any) -> Any:
+        raise NotImplementedError
+
+    def oip_metadata(self, spec: Any) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ weights
+    def recipe(self, spec: Any) -> dict:
+        raise NotImplementedError
+
+    def train(self, spec: Any, log: Log) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def build_model(self, spec: Any) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the program
+    def example_input(self, spec: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def convert(self, model: nn.Module, spec: Any, log: Log) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_data(self, spec: Any) -> Sized | None:
+        raise NotImplementedError
+
+    def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
+        raise NotImplementedError
+
+    def drift_reference(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> dict | None:
+        return None
+
+    # ------------------------------------------------------------------ the archive
+    def archive_files(self, spec: Any, directory: Path) -> None:
+        (directory / "labels.json").write_text(json.dumps(list(spec.labels)))
+
+
+@cache
+def task_for(handler: str) -> Task:
+    """The task registered for ``handler`` (KeyError for an unknown one: the spec refuses those first)."""
+    module, _, name = TASKS[handler].partition(":")
+    task = getattr(importlib.import_module(module), name)()
+    if task.handler != handler:
+        raise RuntimeError(f"TASKS[{handler!r}] is {TASKS[handler]}, whose handler is {task.handler!r}")
+    return task
+
+
+def task_keys() -> frozenset[str]:
+    """Every task-specific spec key: a version may use only its own task's."""
+    return frozenset().union(*(task_for(handler).spec_keys for handler in TASKS))
+
+
+# ------------------------------------------------------------------------------------------ image classifier
+class ImageClassifierTask(Task):
+    """Images in any protocol -> top-k classes: the digits CNN, torchvision classifiers (``handlers.image_classifier``).
+
+    Weights trained on rendered images (``servekit.build.training``); INT8 is static FX quantization
+    calibrated on training images; BF16 casts weights and activations; the metric is held-out top-1.
+    """
+
+    handler = "image_classifier"
+    handler_file = "handlers/image_classifier.py"
+    spec_keys = frozenset({"topk", "preprocessing", "limits"})
+
+    def architectures(self) -> Collection[str]:
+        from servekit.build.architectures import ARCHITECTURES
+
+        return ARCHITECTURES
+
+    def datasets(self) -> Collection[str]:
+        from servekit.build.datasets import DATASETS
+
+        return DATASETS
+
+    def parse_protocol(self, data: dict | None) -> Any:
+        from handlers.protocols import ProtocolConfig
+
+        return ProtocolConfig.from_dict(data)
+
+    def handler_config(self, spec: Any) -> Any:
+        from handlers.config import HandlerConfig
+
+        return HandlerConfig(
+            precision=spec.precision,
+            topk=spec.topk,
+            preprocessing=spec.preprocessing,
+            limits=spec.limits,
+            threads=spec.serving.threads,
+            quantized_engine=spec.quantization.backend if spec.quantization is not None else "x86",
+            protocol=spec.protocol,
+            faults=spec.faults,
+            prediction_log=spec.monitoring.prediction_log,
+        )
+
+    def oip_metadata(self, spec: Any) -> dict:
+        from handlers.protocols import oip_metadata
+
+        return oip_metadata(spec.protocol, spec.preprocessing.input_shape, len(spec.labels))
+
+    def recipe(self, spec: Any) -> dict:
+        from servekit.build.training import TRAIN_SIZES
+
+        return {
+            "architecture": spec.architecture,
+            "train": spec.weights.train,
+            "seed": spec.weights.seed,
+            "epochs": spec.weights.epochs,
+            "labels": list(spec.labels),
+            "preprocessing": spec.preprocessing.to_dict(),
+            "sizes": TRAIN_SIZES,
+            "recipe_version": 1,
+        }
+
+    def train(self, spec: Any, log: Log) -> dict[str, torch.Tensor]:
+        from servekit.build.training import train
+
+        return train(spec, log)
+
+    def build_model(self, spec: Any) -> nn.Module:
+        from servekit.build.architectures import build_architecture
+
+        return build_architecture(spec.architecture, len(spec.labels))
+
+    def example_input(self, spec: Any) -> torch.Tensor:
+        return torch.zeros((1, *spec.preprocessing.input_shape))
+
+    def convert(self, model: nn.Module, spec: Any, log: Log) -> nn.Module:
+        from servekit.build import convert
+
+        if spec.precision == "int8":
+            return convert.quantize_static(model, spec, log)
+        if spec.precision == "bf16":
+            return convert.to_bf16(model)
+        raise ValueError(f"precision: {spec.precision!r} is not a reduced precision of {self.handler}")
+
+    def evaluation_data(self, spec: Any) -> Sized | None:
+        from servekit.build.convert import evaluation_set
+        from servekit.build.datasets import DATASETS
+
+        data = evaluation_set(spec)
+        if data is None:
+            return None
+        sizes = [image.size for image in DATASETS[spec.evaluation]("holdout").images]
+        return ImageEvaluation(*data, sizes)
+
+    def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
+        from servekit.build.convert import top1_accuracy
+
+        return top1_accuracy(program, data.inputs, data.labels)
+
+    def drift_reference(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> dict | None:
+        from servekit.build.reference import drift_reference
+
+        return drift_reference(
+            program, data.inputs, spec.labels, data.sizes, spec.preprocessing.mean, spec.preprocessing.std,
+            f"{spec.evaluation} holdout",
+        )  # fmt: skip
+
+
+class ImageEvaluation:
+    """The held-out images, preprocessed as the handler does, their labels and the decoded sizes."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
+        self.inputs, self.labels, self.sizes = inputs, labels, sizes
+
+    def __len__(self) -> int:
+        return len(self.labels)
