@@ -26,6 +26,7 @@ names the key.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -36,9 +37,10 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from PIL import Image
 from torchvision.ops import batched_nms, box_area, clip_boxes_to_image
 
+from handlers import protocols
 from handlers.config import PRECISIONS, QUANTIZED_ENGINES, Faults
 from handlers.errors import InvalidInput
-from handlers.image_io import FULL_FRAME, DecodeLimits
+from handlers.image_io import FULL_FRAME, DecodeLimits, extract_image_request
 from handlers.metrics import PredictionLogConfig
 from handlers.transforms import to_model_mode
 
@@ -131,6 +133,79 @@ class DetectionConfig:
 
 
 @dataclass(frozen=True)
+class DetectorProtocol:
+    """Names the protocols use for the detector's tensors (the spec's ``protocol:`` section).
+
+    ``image_input``: the OIP BYTES tensor of encoded images, ``[N]`` or ``[N, 1]``; outputs
+    ``boxes`` FP32 ``[N, K, 4]`` (x1, y1, x2, y2 in each image's pixels), ``scores`` FP32 ``[N, K]``,
+    ``labels`` BYTES ``[N, K]`` and ``counts`` INT64 ``[N]`` (how many of an image's K rows are
+    detections), K being the most detections any image of the request has: an image with fewer is
+    padded with zero boxes, score 0 and label ``""`` after its ``counts`` rows. ``max_images``
+    bounds the images of one request (KServe v1 instances or OIP elements). There is no
+    preprocessed-tensor input (``tensor_input`` is always null): the letterbox's way back to the
+    original pixels needs the image.
+    """
+
+    image_input: str = "image"
+    boxes_output: str = "boxes"
+    scores_output: str = "scores"
+    labels_output: str = "labels"
+    counts_output: str = "counts"
+    max_images: int = 32
+
+    tensor_input = None  # read by handlers.protocols' OIP decoding: only encoded images here
+
+    def __post_init__(self) -> None:
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "max_images"}
+        for key, name in named.items():
+            if not isinstance(name, str) or not protocols.TENSOR_NAME_RE.match(name):
+                raise ValueError(
+                    f"protocol.{key}: a tensor name starts with a letter or _ and holds at most 64 letters, "
+                    f"digits, _ . -; got {name!r}"
+                )
+        if len(set(named.values())) != len(named):
+            raise ValueError(f"protocol: tensor names must be distinct, got {sorted(named.values())}")
+        if not _whole(self.max_images) or not 1 <= self.max_images <= 1024:
+            raise ValueError(f"protocol.max_images: must be a whole number from 1 to 1024, got {self.max_images!r}")
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        """Output name -> datatype, in the order answers list them."""
+        return {self.boxes_output: "FP32", self.scores_output: "FP32", self.labels_output: "BYTES",
+                self.counts_output: "INT64"}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> DetectorProtocol:
+        data = dict(data or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"protocol.{unknown[0]}: unknown key (valid keys: {', '.join(known)})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def oip_metadata(config: DetectorProtocol, detection: DetectionConfig, num_classes: int) -> dict:
+    """The inputs, outputs and parameters of ``GET /v2/models/NAME`` (without name and versions)."""
+    shapes = {config.boxes_output: [-1, -1, 4], config.scores_output: [-1, -1], config.labels_output: [-1, -1],
+              config.counts_output: [-1]}  # fmt: skip
+    return {
+        "platform": "pytorch_torchscript",
+        "inputs": [{"name": config.image_input, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": n, "datatype": t, "shape": shapes[n]} for n, t in config.outputs.items()],
+        "parameters": {
+            "num_classes": num_classes,
+            "max_images": config.max_images,
+            "score_threshold": detection.score_threshold,
+            "max_detections": detection.max_detections,
+            "max_detections_limit": detection.max_detections_limit,
+        },
+    }
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """What the object detector needs besides its program: the ``handler:`` section of its archive.
 
@@ -142,6 +217,7 @@ class DetectorConfig:
           threads: null            # pin torch threads; null = this worker's share of the CPU budget
           quantized_engine: x86    # INT8 kernels
           optimize: true           # FP32: oneDNN-prepacked convolutions at load
+          protocol: {...}          # DetectorProtocol: OIP tensor names, max_images
           faults: {...}            # handlers.config.Faults: drills and tests only; absent = none
           prediction_log: {...}    # handlers.metrics.PredictionLogConfig; absent = off
 
@@ -157,6 +233,7 @@ class DetectorConfig:
     threads: int | None = None
     quantized_engine: str = "x86"
     optimize: bool = True
+    protocol: DetectorProtocol = field(default_factory=DetectorProtocol)
     faults: Faults | None = None
     prediction_log: PredictionLogConfig | None = None
 
@@ -177,6 +254,8 @@ class DetectorConfig:
             raise ValueError("detection must be a DetectionConfig object")
         if not isinstance(self.limits, DecodeLimits):
             raise ValueError("limits must be a DecodeLimits object")
+        if not isinstance(self.protocol, DetectorProtocol):
+            raise ValueError("protocol must be a DetectorProtocol object")
         if self.faults is not None and not isinstance(self.faults, Faults):
             raise ValueError("faults must be a Faults object or None")
         if self.prediction_log is not None and not isinstance(self.prediction_log, PredictionLogConfig):
@@ -195,6 +274,8 @@ class DetectorConfig:
             data["detection"] = DetectionConfig.from_dict(data["detection"])
         if "limits" in data:
             data["limits"] = DecodeLimits.from_dict(data["limits"])
+        if "protocol" in data:
+            data["protocol"] = DetectorProtocol.from_dict(data["protocol"])
         if data.get("faults") is not None:
             data["faults"] = Faults.from_dict(data["faults"])
         if data.get("prediction_log") is not None:
@@ -205,6 +286,7 @@ class DetectorConfig:
         data = asdict(self)
         data["detection"] = self.detection.to_dict()
         data["limits"] = asdict(self.limits)
+        data["protocol"] = self.protocol.to_dict()
         if self.faults is None:
             data.pop("faults")
         if self.prediction_log is None:
@@ -228,7 +310,7 @@ def _shown(text: str) -> str:
 
 
 def parse_score_threshold(value: Any, config: DetectionConfig) -> float:
-    """A request's ``score_threshold`` (a JSON number, or text from the query or a multipart field)."""
+    """A request's ``score_threshold`` (a JSON number, or the text of a multipart field)."""
     low = config.min_score_threshold
     if isinstance(value, bool):
         raise InvalidInput(f"score_threshold must be a number from {low:g} to 1, got {value!r}")
@@ -336,13 +418,22 @@ def ink_tensor(gray: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ the handler's items
 @dataclass
 class DetectionCall:
-    """One decoded request: its image and the filtering it asked for (``handlers.object_detector``)."""
+    """One decoded request: its images, the filtering it asked for, and how to answer it.
 
-    payload: bytes
+    ``protocol`` is ``native`` (one image), ``kserve_v1`` or ``oip_v2`` (one image or several,
+    answered in their order); ``outputs`` are the OIP outputs asked for, ``(name, binary)``.
+    """
+
+    protocol: str
+    images: list[bytes]
     score_threshold: float
     max_detections: int
-    request_id: str = ""  # servekit's own protocol carries no request id
-    size: int = 1  # model inputs in the request
+    request_id: str | None = ""  # servekit's own protocol and KServe v1 carry no request id
+    outputs: list[tuple[str, bool]] | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
 
 
 @dataclass(frozen=True)
@@ -443,6 +534,153 @@ def decode_detections(
     return results
 
 
+# ------------------------------------------------------------------------------------------ the protocols
+def _document(request: dict, headers: dict[str, str]) -> tuple[Any, bytes | memoryview] | None:
+    """The JSON document (and binary tail) of a KServe v1 or OIP request; None for servekit's own forms."""
+    body = request.get("body")
+    if body is None:
+        body = request.get("data")
+    if protocols.BINARY_HEADER in headers:
+        return protocols.binary_oip_document(body, headers[protocols.BINARY_HEADER])
+    document = body
+    if isinstance(body, bytes | bytearray | memoryview | str):
+        text = bytes(body) if not isinstance(body, str) else body
+        if text.lstrip()[:1] not in (b"{", "{"):
+            return None
+        document = protocols.parse_json(text)
+    if isinstance(document, dict) and ("inputs" in document or "instances" in document):
+        return document, b""
+    return None
+
+
+def decode_request(
+    request: dict, headers: dict[str, str], protocol: DetectorProtocol, settings: DetectionConfig
+) -> DetectionCall:
+    """One TorchServe request dict -> a ``DetectionCall`` (the protocol is read from the request).
+
+    * servekit's own: raw body, multipart field or ``{"data": b64}``; options as multipart fields or
+      JSON fields (TorchServe passes a handler no query parameters);
+    * KServe v1 ``{"instances": [...], "parameters": {...}}``: each instance an image as for the
+      image classifier (``{"data"|"b64"|"image": b64}`` or a bare base64 string);
+    * OIP v2: one BYTES tensor ``protocol.image_input`` (JSON ``data`` of base64 strings, or the
+      binary extension); options in the request's ``parameters``.
+
+    ``score_threshold`` and ``max_detections`` apply to every image of the request; a bad value
+    is a 400 naming the option.
+    """
+    found = _document(request, headers)
+    if found is None:
+        image = extract_image_request(request)
+        options: Any = image.options
+        call = DetectionCall("native", [image.payload], settings.score_threshold, settings.max_detections)
+    else:
+        document, tail = found
+        if "inputs" in document or protocols.BINARY_HEADER in headers:
+            decoded = protocols._decode_oip(document, tail, protocol, ())  # noqa: SLF001 - the shared OIP envelope
+            call = DetectionCall("oip_v2", decoded.images, settings.score_threshold, settings.max_detections,
+                                 decoded.request_id, decoded.outputs)  # fmt: skip
+        else:
+            decoded = protocols._decode_kserve_v1(document, protocol)  # noqa: SLF001
+            call = DetectionCall("kserve_v1", decoded.images, settings.score_threshold, settings.max_detections)
+        options = document.get("parameters") or {}
+    threshold, count = options.get("score_threshold"), options.get("max_detections")
+    if threshold is not None:
+        call.score_threshold = parse_score_threshold(threshold, settings)
+    if count is not None:
+        call.max_detections = parse_max_detections(count, settings)
+    return call
+
+
+def element_error(call: DetectionCall, index: int, exc: Exception) -> Exception:
+    """``exc`` of image ``index``, its message prefixed with where it is when the call has several."""
+    if call.size <= 1 or not hasattr(exc, "status"):
+        return exc
+    where = "instances" if call.protocol == "kserve_v1" else "input"
+    error = type(exc)(f"{where}[{index}]: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def reading(found: Detections, labels: Sequence[str]) -> str:
+    """The labels of ``found`` read left to right by box centre (a page's digit string)."""
+    if not len(found):
+        return ""
+    centres = (found.boxes[:, 0] + found.boxes[:, 2]) / 2
+    order = torch.sort(centres, stable=True).indices.tolist()
+    indices = found.classes.tolist()
+    return "".join(labels[indices[i]] for i in order)
+
+
+def detections_answer(found: Detections, labels: Sequence[str]) -> dict:
+    """One image's answer: its detections best first, its reading left to right, its size."""
+    answers = [
+        {"label": labels[index], "index": index, "score": round(score, 6), "box": [round(v, 2) for v in box]}
+        for box, score, index in zip(found.boxes.tolist(), found.scores.tolist(), found.classes.tolist())
+    ]
+    width, height = found.image_size
+    return {"detections": answers, "label": reading(found, labels), "image_size": [width, height]}
+
+
+def encode_reply(
+    call: DetectionCall, results: list[Detections], labels: Sequence[str], model: str, version: str,
+    protocol: DetectorProtocol,
+) -> protocols.Reply:  # fmt: skip
+    """The request's answer in its protocol (``handlers.object_detector``'s docstring shows each)."""
+    if call.protocol == "oip_v2":
+        return encode_oip(call, results, labels, model, version, protocol)
+    if call.protocol == "kserve_v1":
+        return protocols.Reply({"predictions": [detections_answer(r, labels) for r in results], "model_name": model,
+                                "model_version": version})  # fmt: skip
+    return protocols.Reply({**detections_answer(results[0], labels), "model": model, "version": version})
+
+
+def encode_oip(
+    call: DetectionCall, results: list[Detections], labels: Sequence[str], model: str, version: str,
+    config: DetectorProtocol,
+) -> protocols.Reply:  # fmt: skip
+    """OIP outputs ``[N, K, ...]`` padded to the most detections of any image (``DetectorProtocol``)."""
+    count, k = len(results), max((len(r) for r in results), default=0)
+    boxes = np.zeros((count, k, 4), dtype="<f4")
+    scores = np.zeros((count, k), dtype="<f4")
+    names = [[""] * k for _ in range(count)]
+    for i, found in enumerate(results):
+        n = len(found)
+        boxes[i, :n] = found.boxes.numpy()
+        scores[i, :n] = found.scores.numpy()
+        names[i][:n] = [labels[c] for c in found.classes.tolist()]
+    columns: dict[str, tuple[list[int], Any]] = {
+        config.boxes_output: ([count, k, 4], boxes),
+        config.scores_output: ([count, k], scores),
+        config.labels_output: ([count, k], [name for row in names for name in row]),
+        config.counts_output: ([count], np.array([len(r) for r in results], dtype="<i8")),
+    }
+    outputs, blobs = [], []
+    for name, binary in call.outputs or []:
+        shape, values = columns[name]
+        datatype = config.outputs[name]
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if binary:
+            blob = protocols._bytes_tensor(values) if datatype == "BYTES" else values.tobytes()  # noqa: SLF001
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif datatype == "FP32":  # as the other forms: boxes to 0.01 pixel, scores to 6 decimals
+            places = 2 if name == config.boxes_output else 6
+            tensor["data"] = [round(float(v), places) for v in values.reshape(-1)]
+        elif datatype == "INT64":
+            tensor["data"] = [int(v) for v in values.reshape(-1)]
+        else:
+            tensor["data"] = values
+        outputs.append(tensor)
+    document: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if call.request_id is not None:
+        document["id"] = call.request_id
+    if not blobs:
+        return protocols.Reply(document)
+    header = json.dumps(document, separators=(",", ":")).encode()
+    return protocols.Reply(b"".join([header, *blobs]), protocols.BINARY_CONTENT_TYPE,
+                           {"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ warm-up
 def warmup_pages() -> list[bytes]:
     """A 640x480 JPEG and a tall 90x300 PNG with dark strokes on light paper, made in memory."""
@@ -465,8 +703,14 @@ __all__ = [
     "DetectionCall",
     "Detections",
     "DetectorConfig",
+    "DetectorProtocol",
     "Letterbox",
     "decode_detections",
+    "decode_request",
+    "detections_answer",
+    "encode_reply",
+    "oip_metadata",
+    "reading",
     "head_stride",
     "ink_tensor",
     "letterbox",

@@ -1,22 +1,34 @@
 """TorchServe entry point for object detection (FP32 or INT8): boxes, labels and scores per image.
 
 TorchServe requires this module to define exactly one class: helpers live in
-``handlers.detection`` (settings, letterbox, decoding the heads). Settings are the archive's
-``handler:`` section, typed and validated by ``handlers.detection.DetectorConfig``.
+``handlers.detection`` (settings, letterbox, decoding the heads, the protocols). Settings are the
+archive's ``handler:`` section, typed and validated by ``handlers.detection.DetectorConfig``.
 
-A request carries one image in servekit's own forms (raw body, multipart field, JSON
-``{"data": "<base64>"}``), and may ask for ``score_threshold`` and ``max_detections`` as a query
-parameter, a multipart field or a JSON field. The answer::
+A request may ask for ``score_threshold`` (``min_score_threshold``..1) and ``max_detections``
+(1..``max_detections_limit``): a multipart field beside the image or a JSON field beside its base64
+in servekit's own forms (TorchServe does not pass query parameters to handlers), ``parameters`` in
+KServe v1 and OIP; a bad value is a 400 naming the option. Answers,
+boxes ``[x1, y1, x2, y2]`` in the pixels of each image as sent (after its EXIF orientation), best
+first; ``label`` is the page read left to right (the detections' labels by box centre):
+
+* servekit's own (``/predictions/NAME``, one image: raw body, multipart, ``{"data": b64}``)::
 
     {"detections": [{"label": "7", "index": 7, "score": 0.97, "box": [x1, y1, x2, y2]}, ...],
-     "model": name, "version": version, "image_size": [width, height]}
+     "label": "0427", "image_size": [width, height], "model": name, "version": version}
 
-boxes in the pixels of the image as sent (after its EXIF orientation), best first.
+* KServe v1 (``{"instances": [image, ...]}``): ``{"predictions": [{"detections", "label",
+  "image_size"}, ...], "model_name", "model_version"}``, one per instance;
+* Open Inference Protocol v2 (a BYTES tensor of encoded images): tensors ``boxes`` FP32
+  ``[N, K, 4]``, ``scores`` FP32 ``[N, K]``, ``labels`` BYTES ``[N, K]`` and ``counts`` INT64
+  ``[N]``, K the most detections of any image, padded (``handlers.detection.DetectorProtocol``).
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +38,7 @@ from handlers import detection
 from handlers.base import BatchHandler
 from handlers.detection import DetectionCall, Detections, DetectorConfig, Letterbox, PreparedPage
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import decode_image, extract_image_request
+from handlers.image_io import decode_image
 from handlers.model_loading import load_model, verify_program
 from handlers.protocols import Reply
 
@@ -45,6 +57,7 @@ class ObjectDetector(BatchHandler):
         self.labels = json.loads((model_dir / config.labels_file).read_text())
         self.detection = config.detection
         self.limits = config.limits
+        self.protocol = config.protocol
         self._check_heads()
 
     def _check_heads(self) -> None:
@@ -68,19 +81,32 @@ class ObjectDetector(BatchHandler):
 
     # ------------------------------------------------------------------ per request
     def decode(self, request: dict, headers: dict[str, str]) -> DetectionCall:
-        image = extract_image_request(request)
-        options, settings = image.options, self.detection
-        threshold = options.get("score_threshold")
-        count = options.get("max_detections")
-        return DetectionCall(
-            image.payload,
-            settings.score_threshold if threshold is None else detection.parse_score_threshold(threshold, settings),
-            settings.max_detections if count is None else detection.parse_max_detections(count, settings),
-        )
+        return detection.decode_request(request, headers, self.protocol, self.detection)
 
     def prepare(self, call: DetectionCall) -> list[PreparedPage]:
+        """Every image of the call as a model input; the images share ONE decode budget (as for classifiers)."""
+        deadline = time.monotonic() + self.limits.max_decode_seconds
+        pages = []
+        for i, payload in enumerate(call.images):
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PayloadTooLarge(
+                        f"the request's images take more than {self.limits.max_decode_seconds:g} s to decode "
+                        f"(the limit for a whole request): send fewer images per request"
+                    )
+                pages.append(self.prepare_page(payload, call, remaining if i else None))
+            except Exception as exc:
+                raise detection.element_error(call, i, exc) from exc
+        return pages
+
+    def prepare_page(self, payload: bytes, call: DetectionCall, seconds: float | None) -> PreparedPage:
+        """Encoded image bytes -> its letterboxed input, the way back and its statistics."""
+        limits = self.limits
+        if seconds is not None and seconds < limits.max_decode_seconds:
+            limits = dataclasses.replace(limits, max_decode_seconds=seconds)
         with self.timed("decode"):
-            image = decode_image(call.payload, self.limits, self.detection.min_decode_side())
+            image = decode_image(payload, limits, self.detection.min_decode_side())
         try:
             gray, transform = detection.letterbox(image, self.detection.input_size)
         except MemoryError as exc:
@@ -93,26 +119,13 @@ class ObjectDetector(BatchHandler):
         x0, y0, x1, y1 = transform.content
         width, height = transform.image_size
         brightness = float(gray[y0:y1, x0:x1].mean()) / 255.0
-        page = PreparedPage(
+        return PreparedPage(
             detection.ink_tensor(gray), transform, call.score_threshold, call.max_detections,
             width * height / 1e6, brightness,
         )  # fmt: skip
-        return [page]
 
     def encode(self, call: DetectionCall, results: list[Detections]) -> Reply:
-        (found,) = results
-        answers = [
-            {
-                "label": self.labels[index],
-                "index": index,
-                "score": round(score, 6),
-                "box": [round(v, 2) for v in box],
-            }
-            for box, score, index in zip(found.boxes.tolist(), found.scores.tolist(), found.classes.tolist())
-        ]
-        width, height = found.image_size
-        return Reply({"detections": answers, "model": self.model_name, "version": self.model_version,
-                      "image_size": [width, height]})  # fmt: skip
+        return detection.encode_reply(call, results, self.labels, self.model_name, self.model_version, self.protocol)
 
     # ------------------------------------------------------------------ per batch
     @torch.inference_mode()
@@ -150,5 +163,8 @@ class ObjectDetector(BatchHandler):
         return [item] * batch_size
 
     def warmup_requests(self) -> list[dict]:
-        """A photo-sized JPEG and a tall PNG, raw bodies: the decoders, the letterbox and the decoding once."""
-        return [{"body": data} for data in detection.warmup_pages()]
+        """A photo-sized JPEG and a tall PNG as raw bodies, then KServe v1 and OIP JSON: every path once."""
+        pages = detection.warmup_pages()
+        encoded = base64.b64encode(pages[1]).decode()
+        oip = {"inputs": [{"name": self.protocol.image_input, "datatype": "BYTES", "shape": [1], "data": [encoded]}]}
+        return [*({"body": data} for data in pages), {"body": {"instances": [{"b64": encoded}]}}, {"body": oip}]

@@ -82,13 +82,20 @@ def build_version(
 
     weights_path = fp32_weights(spec, cache_dir, log)
     model = load_fp32_model(spec, weights_path)
+    # The spec as built: what the task chooses from the FP32 model (a detector's score threshold); the
+    # spec as written stays the fingerprint's and spec_hash's (the choice follows from it and the weights).
+    tuned = spec.task.tune(model, spec, log)
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-") as tmp:
         stage = Path(tmp)
         program_path = stage / "model.pt"
-        accuracy = _export_and_evaluate(spec, model, program_path, stage, log)
-        metadata = _metadata(spec, fingerprint, weights_path, program_path, accuracy)
+        accuracy = _export_and_evaluate(tuned, model, program_path, stage, log)
+        metadata = {
+            **_metadata(tuned, fingerprint, weights_path, program_path, accuracy),
+            "spec_hash": spec.spec_hash(),
+            "tuned": _tuned_sections(spec, tuned),
+        }
         log("packaging with torch-model-archiver")
-        built = _package(spec, stage, metadata)
+        built = _package(tuned, stage, metadata)
         tmp_target = store / f".{spec.archive_name}.{os.getpid()}.tmp"
         shutil.copyfile(built, tmp_target)
         tmp_target.replace(store / spec.archive_name)
@@ -150,9 +157,10 @@ def _export_and_evaluate(
     count = len(eval_data)
     log(f"evaluating on {spec.evaluation} held-out split ({count} {task.unit})")
     program = load_program(program_path, spec)
-    score = task.evaluate(program, eval_data, spec)
-    accuracy = {"dataset": spec.evaluation, "split": "holdout", task.unit: count, task.metric: score}
-    log(f"held-out {task.metric_label} {score:.2f}%")
+    score, details = task.measure(program, eval_data, spec)
+    accuracy = {"dataset": spec.evaluation, "split": "holdout", task.unit: count, task.metric: score, **details}
+    shown = "".join(f", {name.replace('_', ' ')} {value:.2f}%" for name, value in details.items())
+    log(f"held-out {task.metric_label} {score:.2f}%{shown}")
     accuracy["drift_reference"] = task.drift_reference(program, eval_data, spec)
     if fp32_score is not None:
         accuracy.update(accuracy_gate(spec, fp32_score, score))
@@ -202,6 +210,12 @@ def _record_in_manifest(spec: ModelVersionSpec, store: Path, metadata: dict) -> 
     manifest["archives"][spec.archive_name] = record
     write_manifest(store, manifest)
     return record
+
+
+def _tuned_sections(spec: ModelVersionSpec, tuned: ModelVersionSpec) -> dict:
+    """The spec sections ``Task.tune`` changed, as built (``{}``: none): what the archive differs from the spec by."""
+    written, built = spec.to_dict(), tuned.to_dict()
+    return {key: value for key, value in built.items() if written.get(key) != value}
 
 
 def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:

@@ -5,7 +5,7 @@ Layout::
     models:
       digits:                      # model name (TorchServe's model name)
         architecture: digits_cnn   # see servekit.build.architectures.ARCHITECTURES
-        handler: image_classifier  # the task: servekit.build.tasks.TASKS (image_classifier, tabular_classifier)
+        handler: image_classifier  # the task: servekit.build.tasks.TASKS (image_classifier, tabular_classifier, object_detector)
         labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list); with
                                    # weights.torchvision, the weights' own categories by default
         topk: 3
@@ -411,8 +411,9 @@ def _read_json_file(base_dir: Path, value: Any, field_name: str, what: str, fail
         raise fail(field_name, f"{path} is not valid JSON: {exc}") from exc
 
 
-def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail) -> tuple[GoldenItem, ...]:
-    """``golden_set: path/to/golden.json``, a JSON list of ``{"file": ..., "label": ...}``."""
+def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail, task: Any) -> tuple[GoldenItem, ...]:
+    """``golden_set: path/to/golden.json``, a JSON list of ``{"file": ..., "label": ...}``; each label
+    one the task's answers can carry (``Task.golden_label_error``: a class, or a detector's page reading)."""
     if value is None:
         return ()
     path, entries = _read_json_file(base_dir, value, "golden_set", "golden set file", fail)
@@ -425,8 +426,9 @@ def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail) -> tu
         file = (path.parent / str(entry["file"])).resolve()
         if not file.is_file():
             raise fail("golden_set", f"entry {i}: file not found: {file}")
-        if str(entry["label"]) not in labels:
-            raise fail("golden_set", f"entry {i}: label {entry['label']!r} is not one of the model's labels")
+        error = task.golden_label_error(str(entry["label"]), labels)
+        if error is not None:
+            raise fail("golden_set", f"entry {i}: {error}")
         digest = hashlib.sha256(file.read_bytes()).hexdigest()
         items.append(GoldenItem(file.name, str(entry["label"]), digest, str(file)))
     if len({item.name for item in items}) != len(items):
@@ -716,7 +718,7 @@ class _VersionResolver:
             quantization=self.quantization(datasets, task.calibrated),
             bf16=self.bf16(),
             description=str(merged.get("description", "")),
-            golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail),
+            golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail, task),
             protocol=self.nested("protocol", lambda: task.parse_protocol(merged.get("protocol"))),
             faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
             monitoring=self.nested("monitoring", lambda: Monitoring.from_dict(merged.get("monitoring"))),

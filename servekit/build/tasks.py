@@ -20,13 +20,19 @@ accuracy gate, packaging, manifest; ``servekit.build.spec``: validation). A task
 ``recipe(spec)``                  what determines trained weights (the cache key; JSON-able)
 ``train(spec, log)``              FP32 weights as a state_dict
 ``build_model(spec)``             the ``nn.Module`` those weights load into
+``tune(model, spec, log)``        the spec as built: settings the task chooses from the FP32 model on data
+                                  that is not held out (default: ``spec`` unchanged)
 ``example_input(spec)``           the tensor the program is traced with
 ``convert(model, spec, log)``     the reduced-precision module (``spec.precision``: int8, bf16)
 ``evaluation_data(spec)``         the held-out split, prepared once (``len()`` = the count), or None
 ``evaluate(program, data, spec)`` the metric of a loaded program, in points
+``measure(program, data, spec)``  the metric and further held-out figures in points, ``{name: points}``, for
+                                  the version's own program (logged, and kept in metadata's ``accuracy``)
 ``drift_reference(program,        the archive's drift reference (``servekit.build.reference``), or None
 data, spec)``
 ``archive_files(spec, folder)``   files beside the program (``labels.json``; a task adds its own)
+``golden_label_error(label,       why a golden set's expected ``label`` cannot be an answer's, or None
+labels)``
 ================================  =========================================================
 
 Register a task in ``TASKS`` as ``"module:Class"``; modules are imported when first used, so the
@@ -50,6 +56,7 @@ Log = Callable[[str], None]
 TASKS: dict[str, str] = {
     "image_classifier": "servekit.build.tasks:ImageClassifierTask",
     "tabular_classifier": "servekit.build.tabular:TabularClassifierTask",
+    "object_detector": "servekit.build.detection:DetectorTask",
 }
 
 
@@ -97,6 +104,10 @@ class Task:
     def build_model(self, spec: Any) -> nn.Module:
         raise NotImplementedError
 
+    def tune(self, model: nn.Module, spec: Any, log: Log) -> Any:
+        """The spec as built, with what the task chooses from the FP32 model (never on held-out data)."""
+        return spec
+
     # ------------------------------------------------------------------ the program
     def example_input(self, spec: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -111,12 +122,20 @@ class Task:
     def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
         raise NotImplementedError
 
+    def measure(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> tuple[float, dict]:
+        """``evaluate`` and further held-out figures in points (none by default)."""
+        return self.evaluate(program, data, spec), {}
+
     def drift_reference(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> dict | None:
         return None
 
     # ------------------------------------------------------------------ the archive
     def archive_files(self, spec: Any, directory: Path) -> None:
         (directory / "labels.json").write_text(json.dumps(list(spec.labels)))
+
+    def golden_label_error(self, label: str, labels: Collection[str]) -> str | None:
+        """Why ``label`` cannot be the answer's label (``servekit promote``'s golden check), or None."""
+        return None if label in labels else f"label {label!r} is not one of the model's labels"
 
 
 @cache

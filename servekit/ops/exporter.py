@@ -51,15 +51,21 @@ class StateCollector:
             "workers": GaugeMetricFamily("servekit_workers", "Workers per status", labels=[*_VERSION_LABELS, "status"]),
             "ready": GaugeMetricFamily("servekit_workers_ready", "READY workers", labels=_VERSION_LABELS),
             "queue": GaugeMetricFamily("servekit_queue_pending", "Requests in the job queue", labels=_VERSION_LABELS),
-            "default": GaugeMetricFamily("servekit_default_version", "1 for the default version",
-                                         labels=_VERSION_LABELS),  # fmt: skip
+            "default": GaugeMetricFamily(
+                "servekit_default_version", "1 for the default version", labels=_VERSION_LABELS
+            ),  # fmt: skip
             "slo": GaugeMetricFamily("servekit_slo_p99_seconds", "The spec's p99 objective", labels=_VERSION_LABELS),
-            "threshold": GaugeMetricFamily("servekit_drift_threshold", "PSI at which the class mix counts as drift",
-                                           labels=_VERSION_LABELS),  # fmt: skip
-            "min_samples": GaugeMetricFamily("servekit_drift_min_samples", "Live inputs needed for a drift verdict",
-                                             labels=_VERSION_LABELS),  # fmt: skip
-            "reference": GaugeMetricFamily("servekit_drift_reference_ratio", "Reference share of each top-1 class",
-                                           labels=[*_VERSION_LABELS, "class"]),  # fmt: skip
+            "threshold": GaugeMetricFamily(
+                "servekit_drift_threshold", "PSI at which the class mix counts as drift", labels=_VERSION_LABELS
+            ),  # fmt: skip
+            "min_samples": GaugeMetricFamily(
+                "servekit_drift_min_samples", "Live inputs needed for a drift verdict", labels=_VERSION_LABELS
+            ),  # fmt: skip
+            "reference": GaugeMetricFamily(
+                "servekit_drift_reference_ratio",
+                "Reference share of each top-1 class",
+                labels=[*_VERSION_LABELS, "class"],
+            ),  # fmt: skip
         }
         try:
             for name, description, default in self.versions():

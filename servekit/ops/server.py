@@ -556,6 +556,8 @@ Keys are in {server.key_file}. Try:
   curl -H "Authorization: Bearer $MGT" {management}/models/digits/all
   curl -H "Authorization: Bearer $INF" -H 'Content-Type: application/json' {inference}/predictions/breast_cancer \\
        --data-binary @samples/breast_cancer/malignant_0.json
+  curl -H "Authorization: Bearer $INF" {inference}/predictions/digit_pages \\
+       -F data=@samples/pages/page_2.png -F score_threshold=0.5
 
 Open Inference Protocol (Triton / KServe v2 clients): HTTP {server.url("oip_http")}, gRPC {server.grpc_address}
   curl -H "Authorization: Bearer $INF" {server.url("oip_http")}/v2/models/digits

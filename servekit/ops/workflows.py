@@ -283,7 +283,7 @@ class Deployer:
         """Send the archive's golden set to ``/predictions/model/version``; one result per input.
 
         Each file is the raw body (an image, or a JSON record sent as ``application/json``); the
-        answer's first prediction must carry the expected label.
+        answer's label (``_top_label``) must be the expected one.
         """
         path = self.archive(model, version)
         with zipfile.ZipFile(path) as archive:
@@ -437,11 +437,15 @@ def _content_type(file_name: str) -> dict[str, str]:
 
 
 def _top_label(response: Any) -> str | None:
+    """An answer's label: its top-level ``label`` if it has one (a detector's page read left to right),
+    else its first prediction's (a classifier's top-1)."""
     if response.status_code != 200:
         return None
     try:
-        return response.json()["predictions"][0]["label"]
-    except (ValueError, KeyError, IndexError):
+        body = response.json()
+        label = body.get("label") if isinstance(body, dict) else None
+        return label if isinstance(label, str) else body["predictions"][0]["label"]
+    except (ValueError, KeyError, IndexError, TypeError):
         return None
 
 

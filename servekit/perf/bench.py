@@ -15,7 +15,9 @@ Steps (each printed as it goes):
    right after the ``/predictions`` run at the same concurrency, so their ratio is fair. Then the
    tabular model of ``models.yaml`` (``breast_cancer``, FP32 and INT8, its spec's serving settings):
    JSON bodies of 64 held-out records through the whole request path, in records/s at the
-   concurrency that gives the best rate (the bar: ``TABULAR_MIN_RECORDS_PER_S``);
+   concurrency that gives the best rate (the bar: ``TABULAR_MIN_RECORDS_PER_S``); then the
+   object detector of ``models.yaml`` (``digit_pages``, FP32 and INT8): one held-out page PNG per
+   request through ``/predictions``, in pages/s at ``DETECTOR_CONCURRENCY`` (reported, no bar);
 4. ``results/bench/latest.json``, ``latest.md`` (tables and ratios) and ``latency_vs_throughput.png``.
 
     python -m servekit.perf.bench [--quick] [--seconds 10] [--out results/bench]
@@ -68,6 +70,9 @@ TABULAR_MODEL = "breast_cancer"  # in the repository's models.yaml
 TABULAR_RECORDS = 64  # records in one request body
 TABULAR_CONCURRENCY = (4, 16, 64)  # full run; --quick uses --concurrency
 TABULAR_MIN_RECORDS_PER_S = 5000.0  # the bar, at the best concurrency (issue 14)
+DETECTOR_MODEL = "digit_pages"  # in the repository's models.yaml
+DETECTOR_CONCURRENCY = 4  # one concurrency: the detector's speed is reported, not gated
+DETECTOR_PAGE = 1  # the held-out evaluation page sent (servekit.build.detection.evaluation_pages)
 
 
 class BenchError(ServekitError):
@@ -507,6 +512,62 @@ def tabular_bars(tabular: dict) -> tuple[dict[str, float], dict[str, bool]]:
     return ratios, bars
 
 
+# ------------------------------------------------------------------------------------------ detector
+def detector_body(path: Path, index: int = DETECTOR_PAGE) -> tuple[int, str]:
+    """Held-out evaluation page ``index`` as a PNG at ``path``; its size in bytes and its digits."""
+    from servekit.build.detection import evaluation_pages
+
+    page = evaluation_pages(index + 1)[index]
+    page.image.save(path, format="PNG")
+    return path.stat().st_size, page.text()
+
+
+def serve_detector(
+    client: TorchServeClient, specs: list, body: Path, digits: str, concurrency: int, seconds: float, quick: bool
+) -> dict:
+    """Each detector version in turn, with its archive's settings: hey with the page at ``concurrency``.
+
+    One page per request, so pages/s is req/s; the check request must read the page's ``digits``.
+    """
+    width, height = _png_size(body.read_bytes())
+    result = {
+        "model": specs[0].name,
+        "description": f"{specs[0].name}: one held-out {width}x{height} page PNG ({len(digits)} digits) per request "
+        "to /predictions/NAME/VERSION, each version alone with its spec's serving settings",
+        "body_bytes": body.stat().st_size,
+        "versions": {},
+    }
+    for spec in specs:
+        log(f"detector {spec.version}: registering {spec.archive_name}")
+        client.manage("POST", "/models", params={"url": spec.archive_name, "synchronous": "true"}, timeout=600)
+        path = f"/predictions/{spec.name}/{spec.version}"
+        try:
+            first = client.call("inference", "POST", path, data=body.read_bytes())
+            if first.status_code != 200 or first.json().get("label") != digits:
+                raise BenchError(f"{spec.archive_name}: the check request was answered {first.status_code}: "
+                                 f"{first.text[:300]} (expected the label {digits!r})")  # fmt: skip
+            described = client.describe(spec.name, spec.version)[0]
+            url, token = client.url("inference", path), client.token("inference")
+            run = run_hey(url, token, body, concurrency, seconds, 4 * concurrency if quick else None,
+                          content_type="image/png")  # fmt: skip
+            run["pages_per_s"] = run["rps"]
+            log(f"detector {spec.version}: c={concurrency}: {run['pages_per_s']} pages/s, p99 {run['p99_ms']} ms, "
+                f"{run['errors']} errors of {run['requests']}")  # fmt: skip
+        finally:
+            client.manage("DELETE", f"/models/{spec.name}/{spec.version}")
+        result["versions"][spec.version] = {
+            "precision": spec.precision,
+            "workers": len(described.get("workers", [])),
+            "batch_size": described.get("batchSize"),
+            "runs": [run],
+        }
+    return result
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", data[16:24])
+
+
 def serve_all(
     store: Path,
     variants: list[Variant],
@@ -515,14 +576,16 @@ def serve_all(
     quick: bool,
     sweep: tuple,
     tabular: tuple[list, Path, list[int]] | None = None,
-) -> tuple[dict, dict | None, list[dict], dict, dict | None]:
+    detector: tuple[list, Path, str, int] | None = None,
+) -> tuple[dict, dict | None, list[dict], dict, dict | None, dict | None]:
     """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
     then the handler metrics on and off (``servekit.perf.overhead``).
 
     With ``tabular`` (its version specs, the body file and the concurrencies), the tabular model
-    is loaded after the variants (``serve_tabular``). Returns the served variants, the OIP
-    comparison (of the variant with ``oip``; None without), the sweep, the metrics overhead and
-    the tabular runs (None without).
+    is loaded after the variants (``serve_tabular``); with ``detector`` (its version specs, the
+    page, its digits and the concurrency), the detector after it (``serve_detector``). Returns the
+    served variants, the OIP comparison (of the variant with ``oip``; None without), the sweep, the
+    metrics overhead, the tabular runs and the detector runs (None without).
     """
     server = TorchServeProcess(
         workdir=WORKDIR / "torchserve",
@@ -543,13 +606,14 @@ def serve_all(
             )
             oip = compared or oip
         tabular_result = serve_tabular(client, *tabular[:2], tabular[2], seconds, quick) if tabular else None
+        detector_result = serve_detector(client, *detector, seconds, quick) if detector else None
         main, other = sweep
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
     finally:
         server.stop()
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
     overhead = metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)
-    return served, oip, layouts, overhead, tabular_result
+    return served, oip, layouts, overhead, tabular_result, detector_result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -624,6 +688,10 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         ratios.update(tabular_ratios)
         bars.update(tabular_bar)
         runs += [r for entry in result["tabular"]["versions"].values() for r in entry["runs"]]
+    if result.get("detector"):  # reported, no bar of its own; its runs count for zero errors
+        for version, entry in result["detector"]["versions"].items():
+            ratios[f"detector_{version}_pages_per_s"] = max(r["pages_per_s"] for r in entry["runs"])
+        runs += [r for entry in result["detector"]["versions"].values() for r in entry["runs"]]
     if result.get("metrics_overhead"):
         ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
         bars.update(overhead_bar(result["metrics_overhead"]))
@@ -717,6 +785,21 @@ def write_markdown(result: dict, path: Path) -> None:
                     f"| {r['concurrency']} | {r['rps']} | {r['records_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
                     f"| {r['errors']} |"
                 )
+    detector = result.get("detector")
+    if detector:
+        lines += [
+            "",
+            f"## Detector ({detector['description']}; {detector['body_bytes']:,} bytes per body)",
+            "",
+            "| version | precision | workers | batch | concurrency | pages/s | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for version, entry in detector["versions"].items():
+            for r in entry["runs"]:
+                lines.append(
+                    f"| {version} | {entry['precision']} | {entry['workers']} | {entry['batch_size']} "
+                    f"| {r['concurrency']} | {r['pages_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
+                )
     lines += [
         "",
         "## Worker sweep (the CPU budget: same total concurrency, layouts reached with the management API)",
@@ -808,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
     tabular_specs = select(load_spec(REPO_ROOT / "models.yaml"), TABULAR_MODEL, None)
     build_all(tabular_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
     tabular_body(WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json")
+    detector_specs = select(load_spec(REPO_ROOT / "models.yaml"), DETECTOR_MODEL, None)
+    build_all(detector_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
+    _, page_digits = detector_body(WORKDIR / "detector_page.png")
     fp32, int8 = specs["fp32"], specs["int8"]
     bf16 = specs.get("bf16")
 
@@ -839,9 +925,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
     tabular = (tabular_specs, WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json",
                concurrencies if args.quick else list(TABULAR_CONCURRENCY))  # fmt: skip
+    detector = (detector_specs, WORKDIR / "detector_page.png", page_digits, DETECTOR_CONCURRENCY)
     try:
-        served, oip, layouts, overhead, tabular_result = serve_all(
-            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular
+        served, oip, layouts, overhead, tabular_result, detector_result = serve_all(
+            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector
         )
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -862,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": layouts,
         "metrics_overhead": overhead,
         "tabular": tabular_result,
+        "detector": detector_result,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,

@@ -61,5 +61,11 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
         assert [r["concurrency"] for r in entry["runs"]] == [1, 4]
         assert all(r["errors"] == 0 and r["records_per_s"] > 0 for r in entry["runs"])
     assert any(name.startswith("tabular 2.0 (int8) >= 5,000 records/s") for name in report["bars"])
+    detector = report["detector"]  # digit_pages FP32 and INT8, one page per request, reported without a bar
+    assert set(detector["versions"]) == {"1.0", "2.0"}
+    for entry in detector["versions"].values():
+        assert [(r["concurrency"], r["requests"], r["errors"]) for r in entry["runs"]] == [(4, 16, 0)]
+        assert entry["runs"][0]["pages_per_s"] > 0
+    assert {"detector_1.0_pages_per_s", "detector_2.0_pages_per_s"} <= set(report["ratios"])
     assert (tmp_path / "quick.md").read_text().startswith("# Benchmark: ResNet-18")
     assert (tmp_path / "quick_latency_vs_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,11 +8,13 @@ import importlib
 import io
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision.ops import box_iou
 from ts.utils.util import list_classes_from_module
@@ -31,6 +33,9 @@ from handlers.image_io import DecodeLimits, decode_image
 from handlers.model_loading import load_model
 from handlers.object_detector import ObjectDetector
 from servekit.build import detection as build
+from servekit.build.detection import DetectorTask
+from servekit.build.spec import SpecError, load_spec
+from servekit.build.tasks import task_for
 
 TINY = build.DetectorRecipe(seed=1, train_pages=48, epochs=2, batch_size=16, width=8)
 
@@ -452,6 +457,7 @@ class FakeContext:
         self.model_name = "digit_pages"
         self.statuses: dict[int, tuple[int, str]] = {}
         self.content_types: dict[int, str] = {}
+        self.headers: dict[int, dict[str, str]] = {}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.statuses[idx] = (code, phrase)
@@ -460,7 +466,7 @@ class FakeContext:
         self.content_types[idx] = value
 
     def set_response_header(self, idx: int, key: str, value: str) -> None:
-        pass
+        self.headers.setdefault(idx, {})[key] = value
 
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return {}
@@ -541,7 +547,8 @@ def test_initialize_warms_up_every_batch_size(tiny_dir: Path, monkeypatch: pytes
     detector.initialize(FakeContext(tiny_dir, {"handler": {}}, 3))
 
     rounds = detector.warmup_rounds
-    assert warmed == [size for size in (1, 2, 3) for _ in range(rounds)] + [2] * rounds
+    # then the four warm-up requests (two raw pages, KServe v1, OIP) in batches of 3 and 1
+    assert warmed == [size for size in (1, 2, 3) for _ in range(rounds)] + [3, 1] * rounds
     assert detector.labels == list(build.LABELS)
     assert detector.settings.detection == DetectionConfig()
 
@@ -560,6 +567,7 @@ def test_answers_in_original_pixels_for_any_aspect(fixed_dir: Path) -> None:
             {"label": "7", "index": 7, "score": round(1 / (1 + math.exp(-3.0)), 6), "box": [34.0, 42.0, 50.0, 58.0]},
             {"label": "2", "index": 2, "score": 0.5, "box": [74.0, 74.0, 90.0, 90.0]},
         ],
+        "label": "72",  # read left to right
         "model": "digit_pages",
         "version": "1.0",
         "image_size": [128, 128],
@@ -659,3 +667,242 @@ def test_a_program_with_other_heads_is_refused_at_load(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="heatmap has 2 classes, the labels file 10"):
         start(directory)
+
+
+# ------------------------------------------------------------------------------------------ the protocols
+def oip(images: list[bytes], **extra: object) -> dict:
+    data = [base64.b64encode(image).decode() for image in images]
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)], "data": data}], **extra}
+
+
+def test_kserve_v1_answers_every_instance_with_its_reading(fixed_dir: Path) -> None:
+    detector, context = start(fixed_dir)
+    encoded = base64.b64encode(png((128, 128))).decode()
+    body = {"instances": [{"b64": encoded}, encoded], "parameters": {"max_detections": 1}}
+
+    (response,) = detector.handle([{"body": body}], context)
+
+    assert context.statuses == {}
+    assert response["model_name"] == "digit_pages"
+    assert [p["label"] for p in response["predictions"]] == ["7", "7"]
+    assert response["predictions"][0]["detections"][0]["box"] == [34.0, 42.0, 50.0, 58.0]
+    assert response["predictions"][1]["image_size"] == [128, 128]
+
+
+def test_oip_answers_padded_tensors_in_json_and_binary(fixed_dir: Path) -> None:
+    detector, context = start(fixed_dir)
+    images = [png((128, 128)), png((256, 128))]
+    json_body = oip(images, id="r1", parameters={"score_threshold": 0.6})
+    binary = oip(images, outputs=[{"name": "counts", "parameters": {"binary_data": True}}, {"name": "labels"}])
+
+    first, second = detector.handle([{"body": json_body}, {"body": binary}], context)
+
+    assert context.statuses == {}
+    assert first["id"] == "r1"
+    outputs = {o["name"]: o for o in first["outputs"]}
+    assert [outputs[n]["shape"] for n in ("boxes", "scores", "labels", "counts")] == [[2, 1, 4], [2, 1], [2, 1], [2]]
+    assert outputs["boxes"]["data"] == [34.0, 42.0, 50.0, 58.0, 68.0, 20.0, 100.0, 52.0]
+    assert outputs["labels"]["data"] == ["7", "7"]
+    assert outputs["counts"]["data"] == [1, 1]
+    header_length = int(context.headers[1]["Inference-Header-Content-Length"])
+    header = json.loads(second[:header_length])
+    assert [o["name"] for o in header["outputs"]] == ["counts", "labels"]
+    assert np.frombuffer(second[header_length:], dtype="<i8").tolist() == [2, 2]
+    assert header["outputs"][1]["data"] == ["7", "2", "7", "2"]
+
+
+def test_oip_pads_images_with_fewer_detections(fixed_dir: Path) -> None:
+    detector, _ = start(fixed_dir)
+    call = detector.decode({"body": oip([png((64, 64)), png((64, 64))])}, {})
+    items = detector.prepare(call)
+    found, _ = detector.postprocess(detector.inference(items), items)
+    nothing = type(found)(found.boxes[:0], found.scores[:0], found.classes[:0], found.image_size)
+
+    reply = detector.encode(call, [found, nothing])
+
+    outputs = {o["name"]: o["data"] for o in reply.body["outputs"]}
+    assert outputs["counts"] == [2, 0]
+    assert outputs["labels"] == ["7", "2", "", ""]
+    assert outputs["scores"][2:] == [0.0, 0.0]
+    assert outputs["boxes"][8:] == [0.0] * 8
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"instances": ["x"], "parameters": {"score_threshold": 0}}, 400,
+         "score_threshold must be a number from 0.01 to 1, got 0"),
+        ({"instances": ["x"], "parameters": {"max_detections": "many"}}, 400,
+         "max_detections must be a whole number from 1 to 100, got 'many'"),
+        ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1], "data": [0]}]}, 400,
+         "unknown input 'pixels': this model takes one of ['image']"),
+        ({"instances": ["aGVsbG8="] * 33}, 413, "instances: 33 images in one request; the limit is 32"),
+    ],
+)  # fmt: skip
+def test_protocol_errors_name_what_is_wrong(fixed_dir: Path, body: dict, status: int, message: str) -> None:
+    detector, context = start(fixed_dir)
+    if "instances" in body and body["instances"] == ["x"]:
+        body = {**body, "instances": [base64.b64encode(png((32, 32))).decode()]}
+
+    (response,) = detector.handle([{"body": body}], context)
+
+    assert context.statuses[0][0] == status
+    assert response["error"] == message
+
+
+def test_a_bad_image_among_several_names_its_place(fixed_dir: Path) -> None:
+    detector, context = start(fixed_dir)
+
+    (response,) = detector.handle([{"body": oip([png((32, 32)), b"not an image"])}], context)
+
+    assert context.statuses[0][0] == 415
+    assert response["error"].startswith("input[1]: ")
+
+
+# ------------------------------------------------------------------------------------------ the task
+def detector_model(**overrides: object) -> dict:
+    model = {
+        "architecture": "digit_detector",
+        "handler": "object_detector",
+        "labels": list(build.LABELS),
+        "detection": {"train_pages": 48, "validation_pages": 16, "evaluation_pages": 16, "width": 8,
+                      "batch_size": 16},
+        "evaluation": "digit_pages",
+        "versions": {
+            "1.0": {"precision": "fp32", "weights": {"train": "digit_pages", "seed": 1, "epochs": 2}},
+            "2.0": {"precision": "int8", "weights": {"train": "digit_pages", "seed": 1, "epochs": 2},
+                    "quantization": {"calibration": "digit_pages", "calibration_images": 16, "max_drop": 100.0}},
+        },
+    }  # fmt: skip
+    model.update(overrides)
+    return model
+
+
+def detector_spec_error(tmp_path: Path, model: dict) -> str:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"p": model}}))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return str(info.value)
+
+
+def test_the_detector_is_a_task_with_its_own_keys(tmp_path: Path) -> None:
+    assert task_for("object_detector").metric == "map50"
+    assert detector_spec_error(tmp_path, detector_model(topk=1)) == (
+        "p 1.0: topk: does not apply to handler object_detector (its own keys: detection, limits)"
+    )
+    assert detector_spec_error(tmp_path, detector_model(detection={"pages": 3})).startswith(
+        "p 1.0: detection.pages: unknown key in detection (valid keys: "
+    )
+    assert detector_spec_error(tmp_path, detector_model(detection={"score_threshold": 2})) == (
+        "p 1.0: detection.score_threshold: must be a number from 0.01 (min_score_threshold) to 1, got 2"
+    )
+    assert detector_spec_error(tmp_path, detector_model(detection={"input_size": 72})) == (
+        "p 1.0: detection.input_size: the detector's backbone needs a multiple of 16, got 72"
+    )
+    assert detector_spec_error(tmp_path, detector_model(labels=["a", "b"])).startswith("p 1.0: labels: the digit")
+    assert detector_spec_error(tmp_path, detector_model(protocol={"boxes_output": "scores"})).startswith(
+        "p 1.0: protocol: tensor names must be distinct"
+    )
+    synthetic = {"precision": "int8", "weights": {"train": "digit_pages"}, "quantization": {}}
+    assert detector_spec_error(tmp_path, detector_model(versions={"2.0": synthetic})) == (
+        "p 2.0: quantization.calibration: the detector calibrates on training pages: digit_pages"
+    )
+    golden = tmp_path / "golden.json"
+    (tmp_path / "page.png").write_bytes(png((32, 32)))
+    golden.write_text(json.dumps([{"file": "page.png", "label": "12a"}]))
+    assert detector_spec_error(tmp_path, detector_model(golden_set=str(golden))) == (
+        "p 1.0: golden_set: entry 0: label '12a' is not a page's digits (a non-empty string of 0123456789)"
+    )
+
+
+def test_the_real_spec_has_the_detector_with_its_gate(repo_root: Path) -> None:
+    specs = {s.version: s for s in load_spec(repo_root / "models.yaml") if s.name == "digit_pages"}
+    assert {v: s.precision for v, s in specs.items()} == {"1.0": "fp32", "2.0": "int8"}
+    assert specs["2.0"].max_drop == 2.0
+    assert specs["1.0"].options.score_threshold is None  # auto: chosen at build time
+    config = specs["2.0"].handler_config()
+    assert isinstance(config, DetectorConfig)
+    assert config.quantized_engine == "x86"
+    recipe = DetectorTask.detector_recipe(specs["1.0"])
+    assert (recipe.train_pages, recipe.epochs, recipe.width) == (5000, 10, 32)  # the core's measured budget
+    assert [g.label for g in specs["1.0"].golden_set] == [
+        e["label"] for e in json.loads((repo_root / "samples/pages/golden.json").read_text())
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict:
+    """Both versions of a tiny detector built into a store by the real build (every task hook runs)."""
+    from servekit.build.archive import build_all
+
+    root = tmp_path_factory.mktemp("tiny-build")
+    model = detector_model(golden_set=str(repo_root / "samples/pages/golden.json"))
+    path = root / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"p": model}}))
+    lines: list[str] = []
+    stream = type("Lines", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    specs = load_spec(path)
+    results = build_all(specs, root / "store", root / "cache", stream=stream)
+    archives = {}
+    for result in results:
+        with zipfile.ZipFile(root / "store" / result.spec.archive_name) as mar:
+            archives[result.spec.version] = {
+                "config": yaml.safe_load(mar.read("model-config.yaml"))["handler"],
+                "metadata": json.loads(mar.read("metadata.json")),
+                "names": set(mar.namelist()),
+                "spec": result.spec,
+            }
+    return {"archives": archives, "log": "".join(lines), "specs": specs}
+
+
+def test_a_tiny_build_records_map_page_accuracy_and_the_gate(tiny_build: dict) -> None:
+    fp32, int8 = (tiny_build["archives"][v]["metadata"]["accuracy"] for v in ("1.0", "2.0"))
+    assert fp32["pages"] == 16
+    assert 0.0 <= fp32["map50"] <= 100.0
+    assert 0.0 <= fp32["page_accuracy"] <= 100.0
+    assert int8["fp32_map50"] == pytest.approx(fp32["map50"])
+    assert int8["gate"] == {"max_map50_drop": 100.0, "drop": round(fp32["map50"] - int8["map50"], 4)}
+    assert "page accuracy" in tiny_build["log"]
+    assert "score threshold" in tiny_build["log"]
+
+
+def test_a_tiny_build_writes_the_chosen_threshold_into_the_archive(tiny_build: dict) -> None:
+    configs = [DetectorConfig.from_dict(tiny_build["archives"][v]["config"]) for v in ("1.0", "2.0")]
+    assert configs[0].precision == "fp32"
+    assert configs[1].precision == "int8"
+    chosen = configs[0].detection.score_threshold
+    assert chosen in build.SCORE_THRESHOLDS
+    assert configs[1].detection.score_threshold == chosen  # chosen once, from the FP32 weights
+    metadata = tiny_build["archives"]["1.0"]["metadata"]
+    assert metadata["oip"]["parameters"]["score_threshold"] == chosen
+    assert metadata["tuned"]["options"]["score_threshold"] == chosen  # what the archive differs from the spec by
+    assert metadata["spec_hash"] == tiny_build["specs"][0].spec_hash()  # the spec as written ("auto")
+    assert [o["name"] for o in metadata["oip"]["outputs"]] == ["boxes", "scores", "labels", "counts"]
+
+
+def test_a_tiny_build_carries_golden_pages_and_a_drift_reference(tiny_build: dict) -> None:
+    archive = tiny_build["archives"]["2.0"]
+    assert {"golden/golden.json", "golden/page_0.png", "labels.json", "model.pt"} <= archive["names"]
+    reference = archive["metadata"]["drift_reference"]
+    assert set(reference) >= {"classes", "confidence", "brightness", "megapixels", "samples"}
+    assert set(reference["classes"]) == set(build.LABELS)
+    assert sum(reference["confidence"]["counts"]) == reference["samples"]
+    assert sum(reference["brightness"]["counts"]) == 16
+
+
+def test_golden_check_reads_a_top_level_label() -> None:
+    from servekit.ops.workflows import _top_label
+
+    class Answer:
+        status_code = 200
+
+        def __init__(self, body: object) -> None:
+            self.body = body
+
+        def json(self) -> object:
+            return self.body
+
+    assert _top_label(Answer({"label": "0427", "detections": []})) == "0427"
+    assert _top_label(Answer({"predictions": [{"label": "7"}]})) == "7"
+    assert _top_label(Answer([1, 2])) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import zipfile
 from pathlib import Path
 
@@ -47,6 +49,9 @@ def test_what_the_build_writes_is_what_the_worker_reads(repo_root: Path, model_s
     for spec in load_spec(repo_root / "models.yaml"):
         with zipfile.ZipFile(model_store / spec.archive_name) as archive:
             section = yaml.safe_load(archive.read("model-config.yaml"))["handler"]
+            tuned = json.loads(archive.read("metadata.json"))["tuned"]
+        if "options" in tuned:  # chosen at build time (Task.tune: the detector's score threshold)
+            spec = dataclasses.replace(spec, options=spec.task.parse_options(tuned["options"]))
         config_type = type(spec.handler_config())  # each task's handler has its own (HandlerConfig: images)
         assert config_type.from_dict(section) == spec.handler_config()
         assert set(section) == set(config_type().to_dict())  # every key written, defaults included

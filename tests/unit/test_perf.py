@@ -464,3 +464,80 @@ def test_the_tabular_body_holds_valid_held_out_records(tmp_path, repo_root) -> N
     config = select(load_spec(repo_root / "models.yaml"), TABULAR_MODEL, "1.0")[0].handler_config()
     rows = RecordSchema(config.features, config.max_records).rows(records, lambda i: f"record {i}")
     assert rows.shape == (TABULAR_RECORDS, 30)
+
+
+# ------------------------------------------------------------------------------------------ bench: detector row
+def _detector(pages_per_s: float, errors: int = 0) -> dict:
+    run = dict(_run(4, pages_per_s, errors), pages_per_s=pages_per_s)
+    return {
+        "model": "digit_pages",
+        "description": "digit_pages: one held-out 300x200 page PNG (4 digits) per request",
+        "body_bytes": 23126,
+        "versions": {"1.0": {"precision": "fp32", "workers": 1, "batch_size": 8, "runs": [run]}},
+    }
+
+
+def test_the_detector_row_is_reported_without_a_bar(tmp_path) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    result["detector"] = _detector(150.0)
+    compute_ratios_and_bars(result, 16)
+    assert result["ratios"]["detector_1.0_pages_per_s"] == 150.0
+    assert not any(name.startswith("detector") for name in result["bars"])
+    assert result["bars"]["zero errors in every served run"] is True
+    write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Detector (digit_pages: one held-out 300x200 page PNG (4 digits) per request; 23,126 bytes per body)" in (
+        text
+    )
+    assert "| 1.0 | fp32 | 1 | 8 | 4 | 150.0 | 10.0 | 30.0 | 0 |" in text
+    result["detector"] = _detector(150.0, errors=1)
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["zero errors in every served run"] is False
+
+
+def test_serve_detector_checks_the_reading_and_loads_each_version(monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from servekit.perf import bench
+
+    body = tmp_path / "page.png"
+    size, digits = bench.detector_body(body)
+    assert size == body.stat().st_size
+    assert digits.isdigit()
+    calls, loads = [], []
+    answer = {"label": digits}
+
+    class FakeClient:
+        def manage(self, method, path, **kwargs):
+            calls.append((method, path))
+            return {}
+
+        def call(self, kind, method, path, **kwargs):
+            return SimpleNamespace(status_code=200, json=lambda: answer, text="")
+
+        def describe(self, model, version):
+            return [{"workers": [{"pid": 1}], "batchSize": 8}]
+
+        def url(self, kind, path):
+            return f"http://x{path}"
+
+        def token(self, kind):
+            return "tok"
+
+    def fake_hey(url, token, path, concurrency, seconds, bound, content_type):
+        loads.append((url, concurrency, content_type, bound))
+        return _run(concurrency, 120.0)
+
+    monkeypatch.setattr(bench, "run_hey", fake_hey)
+    specs = [SimpleNamespace(name="digit_pages", version=v, precision=p, archive_name=f"digit_pages_v{v}.mar")
+             for v, p in (("1.0", "fp32"), ("2.0", "int8"))]  # fmt: skip
+    result = bench.serve_detector(FakeClient(), specs, body, digits, 4, 5.0, quick=True)
+    assert calls == [("POST", "/models"), ("DELETE", "/models/digit_pages/1.0"),
+                     ("POST", "/models"), ("DELETE", "/models/digit_pages/2.0")]  # fmt: skip
+    assert loads == [(f"http://x/predictions/digit_pages/{v}", 4, "image/png", 16) for v in ("1.0", "2.0")]
+    assert result["versions"]["2.0"]["runs"][0]["pages_per_s"] == 120.0
+    answer["label"] = "0"
+    with pytest.raises(bench.BenchError, match="expected the label"):
+        bench.serve_detector(FakeClient(), specs, body, digits, 4, 5.0, quick=True)
