@@ -80,6 +80,32 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
+def check_runtime_fields(config: Any) -> None:
+    """The checks every task's handler config shares: INT8 kernels, FP32 optimisation, drills, prediction log."""
+    if config.quantized_engine not in QUANTIZED_ENGINES:
+        raise ValueError(f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {config.quantized_engine!r}")
+    if not isinstance(config.optimize, bool):
+        raise ValueError(f"optimize: must be true or false, got {config.optimize!r}")
+    if config.faults is not None and not isinstance(config.faults, Faults):
+        raise ValueError("faults must be a Faults object or None")
+    if config.prediction_log is not None and not isinstance(config.prediction_log, PredictionLogConfig):
+        raise ValueError("prediction_log must be a PredictionLogConfig object or None")
+
+
+def handler_section(cls: type, data: dict | None) -> dict:
+    """``data`` as keyword arguments of ``cls``: unknown keys refused, the shared sub-sections parsed."""
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown key in the handler section (valid keys: {', '.join(sorted(known))})")
+    if data.get("faults") is not None:
+        data["faults"] = Faults.from_dict(data["faults"])
+    if data.get("prediction_log") is not None:
+        data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
+    return data
+
+
 @dataclass(frozen=True)
 class HandlerConfig:
     """What the image classifier needs besides its program (see the module docstring)."""
@@ -104,30 +130,15 @@ class HandlerConfig:
             raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
         if self.threads is not None:
             _positive_int("threads", self.threads)
-        if self.quantized_engine not in QUANTIZED_ENGINES:
-            raise ValueError(
-                f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {self.quantized_engine!r}"
-            )
-        if not isinstance(self.optimize, bool):
-            raise ValueError(f"optimize: must be true or false, got {self.optimize!r}")
+        check_runtime_fields(self)
         if not isinstance(self.preprocessing, Preprocessing) or not isinstance(self.limits, DecodeLimits):
             raise ValueError("preprocessing and limits must be Preprocessing and DecodeLimits objects")
         if not isinstance(self.protocol, ProtocolConfig):
             raise ValueError("protocol must be a ProtocolConfig object")
-        if self.faults is not None and not isinstance(self.faults, Faults):
-            raise ValueError("faults must be a Faults object or None")
-        if self.prediction_log is not None and not isinstance(self.prediction_log, PredictionLogConfig):
-            raise ValueError("prediction_log must be a PredictionLogConfig object or None")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> HandlerConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{unknown[0]}: unknown key in the handler section (valid keys: {', '.join(sorted(known))})"
-            )
+        data = handler_section(cls, data)
         if "preprocessing" in data:
             data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
         if "limits" in data:
@@ -137,10 +148,6 @@ class HandlerConfig:
                 data["protocol"] = ProtocolConfig.from_dict(data["protocol"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"protocol: {exc}") from None
-        if data.get("faults") is not None:
-            data["faults"] = Faults.from_dict(data["faults"])
-        if data.get("prediction_log") is not None:
-            data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
         return cls(**data)
 
     def to_dict(self) -> dict:

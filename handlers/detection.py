@@ -38,7 +38,7 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_area, clip_boxes_to_image
 
 from handlers import protocols
-from handlers.config import PRECISIONS, QUANTIZED_ENGINES, Faults
+from handlers.config import PRECISIONS, Faults, check_runtime_fields, handler_section
 from handlers.errors import InvalidInput
 from handlers.image_io import FULL_FRAME, DecodeLimits, extract_image_request
 from handlers.metrics import PredictionLogConfig
@@ -244,42 +244,23 @@ class DetectorConfig:
             raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
         if self.threads is not None and (not _whole(self.threads) or self.threads < 1):
             raise ValueError(f"threads: must be a positive integer, got {self.threads!r}")
-        if self.quantized_engine not in QUANTIZED_ENGINES:
-            raise ValueError(
-                f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {self.quantized_engine!r}"
-            )
-        if not isinstance(self.optimize, bool):
-            raise ValueError(f"optimize: must be true or false, got {self.optimize!r}")
+        check_runtime_fields(self)
         if not isinstance(self.detection, DetectionConfig):
             raise ValueError("detection must be a DetectionConfig object")
         if not isinstance(self.limits, DecodeLimits):
             raise ValueError("limits must be a DecodeLimits object")
         if not isinstance(self.protocol, DetectorProtocol):
             raise ValueError("protocol must be a DetectorProtocol object")
-        if self.faults is not None and not isinstance(self.faults, Faults):
-            raise ValueError("faults must be a Faults object or None")
-        if self.prediction_log is not None and not isinstance(self.prediction_log, PredictionLogConfig):
-            raise ValueError("prediction_log must be a PredictionLogConfig object or None")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> DetectorConfig:
-        data = dict(data or {})
-        known = {spec.name for spec in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{unknown[0]}: unknown key in the handler section (valid keys: {', '.join(sorted(known))})"
-            )
+        data = handler_section(cls, data)
         if "detection" in data:
             data["detection"] = DetectionConfig.from_dict(data["detection"])
         if "limits" in data:
             data["limits"] = DecodeLimits.from_dict(data["limits"])
         if "protocol" in data:
             data["protocol"] = DetectorProtocol.from_dict(data["protocol"])
-        if data.get("faults") is not None:
-            data["faults"] = Faults.from_dict(data["faults"])
-        if data.get("prediction_log") is not None:
-            data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
         return cls(**data)
 
     def to_dict(self) -> dict:

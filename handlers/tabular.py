@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from handlers import protocols
-from handlers.config import PRECISIONS, QUANTIZED_ENGINES, Faults
+from handlers.config import PRECISIONS, Faults, check_runtime_fields, handler_section
 from handlers.errors import InvalidInput, PayloadTooLarge
 from handlers.metrics import PredictionLogConfig
 from handlers.protocols import BINARY_HEADER, Classification, Reply, quote
@@ -177,28 +177,13 @@ class TabularConfig:
         _whole("max_records", self.max_records, 1, MAX_RECORDS_LIMIT)
         if self.threads is not None:
             _whole("threads", self.threads, 1, 1024)
-        if self.quantized_engine not in QUANTIZED_ENGINES:
-            raise ValueError(
-                f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {self.quantized_engine!r}"
-            )
-        if not isinstance(self.optimize, bool):
-            raise ValueError(f"optimize: must be true or false, got {self.optimize!r}")
+        check_runtime_fields(self)
         if not isinstance(self.protocol, TabularProtocol):
             raise ValueError("protocol must be a TabularProtocol object")
-        if self.faults is not None and not isinstance(self.faults, Faults):
-            raise ValueError("faults must be a Faults object or None")
-        if self.prediction_log is not None and not isinstance(self.prediction_log, PredictionLogConfig):
-            raise ValueError("prediction_log must be a PredictionLogConfig object or None")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> TabularConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"{unknown[0]}: unknown key in the handler section (valid keys: {', '.join(sorted(known))})"
-            )
+        data = handler_section(cls, data)
         if "features" in data:
             if not isinstance(data["features"], list | tuple):
                 raise ValueError(f"features: must be a list of features, got {data['features']!r}")
@@ -208,10 +193,6 @@ class TabularConfig:
                 data["protocol"] = TabularProtocol.from_dict(data["protocol"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"protocol: {exc}") from None
-        if data.get("faults") is not None:
-            data["faults"] = Faults.from_dict(data["faults"])
-        if data.get("prediction_log") is not None:
-            data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
         return cls(**data)
 
     def to_dict(self) -> dict:
