@@ -54,7 +54,7 @@ from servekit.ops.client import TorchServeClient
 from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from servekit.ops.store import archive_name, file_sha256
 from servekit.perf.overhead import metrics_overhead, overhead_bar
-from servekit.perf.photos import camera_jpeg
+from servekit.perf.photos import camera_jpeg, decode_ceiling
 from servekit.perf.stats import percentile
 from servekit.perf.sweep import Target, sweep_bars, worker_sweep
 
@@ -73,6 +73,10 @@ TABULAR_MIN_RECORDS_PER_S = 5000.0  # the bar, at the best concurrency (issue 14
 DETECTOR_MODEL = "digit_pages"  # in the repository's models.yaml
 DETECTOR_CONCURRENCY = 4  # one concurrency: the detector's speed is reported, not gated
 DETECTOR_PAGE = 1  # the held-out evaluation page sent (servekit.build.detection.evaluation_pages)
+# The metrics overhead is also measured on the smallest model, where a request costs least and the
+# per-request counting weighs most: the repository's digits INT8 version and one of its samples.
+SMALL_MODEL, SMALL_VERSION = "digits", "2.0"
+SMALL_BODY = REPO_ROOT / "samples" / "digit_3.png"
 
 
 class BenchError(ServekitError):
@@ -577,15 +581,20 @@ def serve_all(
     sweep: tuple,
     tabular: tuple[list, Path, list[int]] | None = None,
     detector: tuple[list, Path, str, int] | None = None,
-) -> tuple[dict, dict | None, list[dict], dict, dict | None, dict | None]:
+    camera: Path | None = None,
+    small: Target | None = None,
+) -> tuple[dict, dict | None, list[dict], list[dict], dict | None, dict | None]:
     """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
-    then the handler metrics on and off (``servekit.perf.overhead``).
+    then the handler metrics on and off (``servekit.perf.overhead``) for the INT8 ResNet-18 and, with
+    ``small`` (in ``store``), for that small model with ``SMALL_BODY``.
+
+    With ``camera`` (a 4000x3000 JPEG), the variants in ``CAMERA_VARIANTS`` are also loaded with it.
 
     With ``tabular`` (its version specs, the body file and the concurrencies), the tabular model
     is loaded after the variants (``serve_tabular``); with ``detector`` (its version specs, the
     page, its digits and the concurrency), the detector after it (``serve_detector``). Returns the
     served variants, the OIP comparison (of the variant with ``oip``; None without), the sweep, the
-    metrics overhead, the tabular runs and the detector runs (None without).
+    metrics overheads (the INT8 ResNet-18's first), the tabular runs and the detector runs (None without).
     """
     server = TorchServeProcess(
         workdir=WORKDIR / "torchserve",
@@ -596,11 +605,9 @@ def serve_all(
     server.start()
     try:
         photo, client = WORKDIR / "photo_640x480.jpg", server.client(timeout=120)
-        camera = WORKDIR / "camera_4000x3000.jpg"
-        camera.write_bytes(camera_jpeg(4000, 3000))
         served, oip = {}, None
         for variant in variants:
-            with_camera = camera if variant.key in CAMERA_VARIANTS else None
+            with_camera = camera if camera is not None and variant.key in CAMERA_VARIANTS else None
             served[variant.key], compared = serve_variant(
                 client, variant, photo, concurrencies, seconds, quick, with_camera
             )
@@ -612,8 +619,14 @@ def serve_all(
     finally:
         server.stop()
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
-    overhead = metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)
-    return served, oip, layouts, overhead, tabular_result, detector_result
+    overheads = [metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)]
+    if small is not None:
+        log(f"handler metrics overhead: {small.model} {small.version} on two servers, metrics on and off")
+        overheads.append(
+            metrics_overhead(WORKDIR, store, small, SMALL_BODY, max(concurrencies), seconds, quick, run_hey, log,
+                             content_type="image/png")
+        )  # fmt: skip
+    return served, oip, layouts, overheads, tabular_result, detector_result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -682,6 +695,11 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         )
         if served["stock"].get("camera_photo"):
             ratios["int8_vs_stock_camera"] = _rps_ratio(camera, served["stock"]["camera_photo"])
+        ceiling = result.get("camera_decode_ceiling")
+        if ceiling:  # the most photos/s libjpeg can decode here: the rate no handler can pass
+            small = run_at(result, "int8", top)["rps"]
+            ratios["camera_decode_ceiling_over_640x480"] = round(ceiling["img_per_s"] / small, 2) if small else None
+            ratios["int8_camera_over_decode_ceiling"] = round(camera["rps"] / ceiling["img_per_s"], 2)
         runs += [v["camera_photo"] for v in served.values() if v.get("camera_photo")]
     if result.get("tabular"):
         tabular_ratios, tabular_bar = tabular_bars(result["tabular"])
@@ -692,10 +710,11 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         for version, entry in result["detector"]["versions"].items():
             ratios[f"detector_{version}_pages_per_s"] = max(r["pages_per_s"] for r in entry["runs"])
         runs += [r for entry in result["detector"]["versions"].values() for r in entry["runs"]]
-    if result.get("metrics_overhead"):
-        ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
-        bars.update(overhead_bar(result["metrics_overhead"]))
-        runs += [r for rs in result["metrics_overhead"]["runs"].values() for r in rs]
+    for key, suffix in (("metrics_overhead", ""), ("metrics_overhead_small", f" ({SMALL_MODEL}, the smallest model)")):
+        if result.get(key):
+            ratios[f"{key.replace('overhead', 'on_over_off')}"] = result[key]["on_over_off"]
+            bars.update({name + suffix: ok for name, ok in overhead_bar(result[key]).items()})
+            runs += [r for rs in result[key]["runs"].values() for r in rs]
     bars["zero errors in every served run"] = all(r["errors"] == 0 for r in runs)
     for key in ("fp32", "int8"):
         bars[f"{key} first answer <= 1.5x steady p50"] = served[key]["cold_start"]["first_over_steady_p50"] <= 1.5
@@ -741,6 +760,17 @@ def write_markdown(result: dict, path: Path) -> None:
         for key, r in cameras.items():
             lines.append(f"| {key} | {r['concurrency']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} "
                          f"| {r['over_640x480']} |")  # fmt: skip
+        ceiling, ratios = result.get("camera_decode_ceiling"), result.get("ratios", {})
+        if ceiling:
+            lines += [
+                "",
+                f"Ceiling on this machine: libjpeg alone decodes this photo (at 1/8 scale, its cheapest: the entropy "
+                f"decoding of all {ceiling['bytes']:,} bytes and little else) at {ceiling['img_per_s']} photos/s on "
+                f"{ceiling['threads']} threads ({ceiling['ms_per_img_1t']} ms per photo per core), "
+                f"{ratios.get('camera_decode_ceiling_over_640x480')}x the INT8 640x480 rate before any preprocessing, "
+                f"inference or transport; the INT8 photo rate is {ratios.get('int8_camera_over_decode_ceiling')}x "
+                "that ceiling (docs/decoding.md).",
+            ]
     lines += ["", "| variant | registration s | registration to first answer s | first answer ms | steady p50 ms |"]
     lines.append("|---|---|---|---|---|")
     for key, served in result["served"].items():
@@ -812,8 +842,10 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {layout['layout']} | {layout['workers']} | {layout['requests']} | {layout['rps']} "
             f"| {layout['p99_ms']} | {layout['errors']} |"
         )
-    overhead = result.get("metrics_overhead")
-    if overhead:
+    for key in ("metrics_overhead", "metrics_overhead_small"):
+        overhead = result.get(key)
+        if not overhead:
+            continue
         lines += ["", f"## Handler metrics overhead ({overhead['description']})", "",
                   "| metrics | req/s per run | mean req/s |", "|---|---|---|"]  # fmt: skip
         for mode in ("on", "off"):
@@ -894,6 +926,10 @@ def main(argv: list[str] | None = None) -> int:
     detector_specs = select(load_spec(REPO_ROOT / "models.yaml"), DETECTOR_MODEL, None)
     build_all(detector_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
     _, page_digits = detector_body(WORKDIR / "detector_page.png")
+    small_specs = select(load_spec(REPO_ROOT / "models.yaml"), SMALL_MODEL, SMALL_VERSION)
+    build_all(small_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
+    camera = WORKDIR / "camera_4000x3000.jpg"
+    camera.write_bytes(camera_jpeg(4000, 3000))
     fp32, int8 = specs["fp32"], specs["int8"]
     bf16 = specs.get("bf16")
 
@@ -908,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [1, 8] if args.quick else [1, 4, 8, 16]
     seconds = 0.5 if args.quick else 4.0
     in_process = {key: in_process_limit(programs[key], specs[key], jpeg, batch_sizes, seconds) for key in specs}
+    ceiling = decode_ceiling(camera.read_bytes(), os.cpu_count() or 1, seconds=0.5 if args.quick else 1.0,
+                             rounds=2 if args.quick else 5)  # fmt: skip
+    log(f"4000x3000 photo, bare libjpeg decode at 1/8 on {ceiling['threads']} threads: {ceiling['img_per_s']} photos/s")
 
     log("step 3/4: served (one TorchServe on loopback)")
     cores = os.cpu_count() or 1
@@ -927,9 +966,10 @@ def main(argv: list[str] | None = None) -> int:
                concurrencies if args.quick else list(TABULAR_CONCURRENCY))  # fmt: skip
     detector = (detector_specs, WORKDIR / "detector_page.png", page_digits, DETECTOR_CONCURRENCY)
     try:
-        served, oip, layouts, overhead, tabular_result, detector_result = serve_all(
-            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector
-        )
+        served, oip, layouts, overheads, tabular_result, detector_result = serve_all(
+            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector, camera,
+            Target(SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION)),
+        )  # fmt: skip
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -944,10 +984,12 @@ def main(argv: list[str] | None = None) -> int:
         "load": f"hey, concurrency {concurrencies}, "
         + ("4 x concurrency requests" if args.quick else f"{args.seconds:g} s each"),
         "in_process": in_process,
+        "camera_decode_ceiling": ceiling,
         "served": served,
         "oip": oip,
         "sweep": layouts,
-        "metrics_overhead": overhead,
+        "metrics_overhead": overheads[0],
+        "metrics_overhead_small": overheads[1] if len(overheads) > 1 else None,
         "tabular": tabular_result,
         "detector": detector_result,
         "archives": {

@@ -397,6 +397,28 @@ def cpu_model() -> str:
     return "unknown"
 
 
+def decode_ceiling(payload: bytes, threads: int, seconds: float = 1.0, rounds: int = 5) -> dict:
+    """The most JPEGs per second this machine can decode from ``payload``, whatever is done with them after.
+
+    The bare decode at libjpeg's cheapest scale (1/8 in the DCT domain, PIL's ``draft``): the
+    entropy (Huffman) decoding of every byte, which no scale skips, and almost nothing else. No
+    handler that decodes the JPEG with libjpeg serves it faster on ``threads`` cores; the served
+    rate is bounded by this figure before any preprocessing, inference or transport is paid.
+    Best of ``rounds`` runs of ``seconds`` on ``threads`` threads (the decoder releases the GIL).
+    """
+
+    def bare() -> Image.Image:
+        image = Image.open(io.BytesIO(payload))
+        image.draft("RGB", (image.width // 8, image.height // 8))
+        image.load()
+        return image
+
+    decoded = bare().size
+    per_s = max(rate(bare, threads, seconds) for _ in range(rounds))
+    return {"threads": threads, "bytes": len(payload), "decoded": list(decoded), "img_per_s": round(per_s, 1),
+            "ms_per_img_1t": round(1000 * threads / per_s, 2)}  # fmt: skip
+
+
 def camera_photo_report(
     model: Callable | None = None,
     preprocessing: Preprocessing = IMAGENET,

@@ -50,11 +50,19 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
         assert (camera["concurrency"], camera["requests"], camera["errors"]) == (4, 16, 0), key
         assert camera["over_640x480"] > 0
     assert "int8_camera_over_640x480" in report["ratios"]
+    ceiling = report["camera_decode_ceiling"]  # the bare libjpeg decode of the same photo, at 1/8
+    assert ceiling["decoded"] == [500, 375]
+    assert ceiling["img_per_s"] > 0
+    assert report["ratios"]["int8_camera_over_decode_ceiling"] > 0
     overhead = report["metrics_overhead"]  # the same archive with the handler metrics on and off
     assert [len(overhead["runs"][mode]) for mode in ("on", "off")] == [2, 2]
     assert all(r["errors"] == 0 and r["rps"] > 0 for runs in overhead["runs"].values() for r in runs)
     assert overhead["on_over_off"] == pytest.approx(overhead["rps_on"] / overhead["rps_off"], abs=0.01)
     assert "handler metrics cost <= 5% of req/s" in report["bars"]
+    small = report["metrics_overhead_small"]  # and the digits model, where a request costs least
+    assert small["description"].startswith("digits_v2.0.mar")
+    assert all(r["errors"] == 0 and r["rps"] > 0 for runs in small["runs"].values() for r in runs)
+    assert "metrics_on_over_off_small" in report["ratios"]
     tabular = report["tabular"]  # breast_cancer FP32 and INT8, JSON bodies of 64 records
     assert set(tabular["versions"]) == {"1.0", "2.0"}
     for entry in tabular["versions"].values():

@@ -316,6 +316,60 @@ def test_the_camera_photo_bar_and_its_table(tmp_path, camera_rps: float, passes:
     assert f"| int8 | 16 | {camera_rps} |" in (tmp_path / "bench.md").read_text()
 
 
+def test_the_camera_decode_ceiling_is_reported_beside_the_photo_bar(tmp_path) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    top = next(r for r in result["served"]["int8"]["runs"] if r["concurrency"] == 16)
+    result["served"]["int8"]["camera_photo"] = {**top, "rps": 30.0, "over_640x480": 0.15}
+    result["camera_decode_ceiling"] = {"threads": 2, "bytes": 3_000_000, "decoded": [500, 375],
+                                       "img_per_s": 60.0, "ms_per_img_1t": 33.3}  # fmt: skip
+    compute_ratios_and_bars(result, 16)
+    assert result["ratios"]["camera_decode_ceiling_over_640x480"] == 0.3  # 60 photos/s over 200 req/s
+    assert result["ratios"]["int8_camera_over_decode_ceiling"] == 0.5
+    assert result["bars"]["int8 4000x3000 photo >= 35% of the 640x480 rate (c=16)"] is False
+    write_markdown(result, tmp_path / "bench.md")
+    text = " ".join((tmp_path / "bench.md").read_text().split())
+    assert "at 60.0 photos/s on 2 threads (33.3 ms per photo per core), 0.3x the INT8 640x480 rate" in text
+    assert "the INT8 photo rate is 0.5x that ceiling" in text
+
+
+@pytest.mark.parametrize(("rps_on", "passes"), [(96.0, True), (94.0, False)])
+def test_the_small_model_metrics_overhead_has_its_own_bar_and_section(tmp_path, rps_on: float, passes: bool) -> None:
+    from servekit.perf.bench import SMALL_MODEL, compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    run = {"concurrency": 16, "requests": 100, "errors": 0, "rps": 100.0, "p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 3.0}
+    ratio = round(rps_on / 100, 3)
+    main = {"description": "resnet18", "runs": {"on": [run, run], "off": [run, run]},
+            "rps_on": 100.0, "rps_off": 100.0, "on_over_off": 1.0, "overhead": 0.0}  # fmt: skip
+    result["metrics_overhead"] = main
+    result["metrics_overhead_small"] = {
+        "description": "digits_v2.0.mar, /predictions at c=16",
+        "runs": {"on": [dict(run, rps=rps_on)] * 2, "off": [run, run]},
+        "rps_on": rps_on, "rps_off": 100.0, "on_over_off": ratio, "overhead": round(1 - ratio, 3),
+    }  # fmt: skip
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["handler metrics cost <= 5% of req/s"] is True
+    assert result["bars"][f"handler metrics cost <= 5% of req/s ({SMALL_MODEL}, the smallest model)"] is passes
+    assert result["ratios"]["metrics_on_over_off_small"] == ratio
+    write_markdown(result, tmp_path / "bench.md")
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Handler metrics overhead (digits_v2.0.mar, /predictions at c=16)" in text
+    assert f"| on | {rps_on}, {rps_on} | {rps_on} |" in text
+
+
+def test_decode_ceiling_decodes_the_jpeg_at_one_eighth() -> None:
+    from servekit.perf.photos import camera_jpeg, decode_ceiling
+
+    payload = camera_jpeg(640, 480)
+    ceiling = decode_ceiling(payload, threads=1, seconds=0.05, rounds=1)
+    assert ceiling["decoded"] == [80, 60]
+    assert ceiling["bytes"] == len(payload)
+    assert ceiling["img_per_s"] > 0
+    assert ceiling["ms_per_img_1t"] == pytest.approx(1000 / ceiling["img_per_s"], rel=0.01)
+
+
 def test_run_hey_sends_the_extra_headers_and_content_type(monkeypatch, tmp_path) -> None:
     import subprocess
     from types import SimpleNamespace
