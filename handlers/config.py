@@ -26,8 +26,8 @@ from typing import Any
 
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
+from handlers.preprocessing import Preprocessing
 from handlers.protocols import ProtocolConfig
-from handlers.transforms import Preprocessing
 
 PRECISIONS = ("fp32", "int8", "bf16")
 QUANTIZED_ENGINES = ("x86", "fbgemm", "qnnpack")

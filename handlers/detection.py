@@ -557,11 +557,11 @@ def decode_request(
     else:
         document, tail = found
         if "inputs" in document or protocols.BINARY_HEADER in headers:
-            decoded = protocols._decode_oip(document, tail, protocol, ())  # noqa: SLF001 - the shared OIP envelope
+            decoded = protocols.decode_oip(document, tail, protocol, ())
             call = DetectionCall("oip_v2", decoded.images, settings.score_threshold, settings.max_detections,
                                  decoded.request_id, decoded.outputs)  # fmt: skip
         else:
-            decoded = protocols._decode_kserve_v1(document, protocol)  # noqa: SLF001
+            decoded = protocols.decode_kserve_v1(document, protocol)
             call = DetectionCall("kserve_v1", decoded.images, settings.score_threshold, settings.max_detections)
         options = document.get("parameters") or {}
     threshold, count = options.get("score_threshold"), options.get("max_detections")
@@ -641,7 +641,7 @@ def encode_oip(
         datatype = config.outputs[name]
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
-            blob = protocols._bytes_tensor(values) if datatype == "BYTES" else values.tobytes()  # noqa: SLF001
+            blob = protocols.bytes_tensor(values) if datatype == "BYTES" else values.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "FP32":  # as the other forms: boxes to 0.01 pixel, scores to 6 decimals

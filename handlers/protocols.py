@@ -210,9 +210,9 @@ def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input
             document = parse_json(text)
     if isinstance(document, dict):
         if "inputs" in document:
-            return _decode_oip(document, b"", config, input_shape)
+            return decode_oip(document, b"", config, input_shape)
         if "instances" in document:
-            return _decode_kserve_v1(document, config)
+            return decode_kserve_v1(document, config)
         field = "body" if "body" in request else "data"
         image = extract_image_request({**request, field: document})
     else:
@@ -248,7 +248,8 @@ def _check_count(count: int, config: ProtocolConfig, what: str) -> None:
 _V1_IMAGE_KEYS = ("data", "b64", "image")
 
 
-def _decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
+def decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
+    """KServe v1 ``{"instances": [...]}``: one image per instance (``data``/``b64``/``image`` or a bare string)."""
     instances = document["instances"]
     if not isinstance(instances, list):
         raise InvalidInput(f"'instances' must be a list of images, got {type(instances).__name__}")
@@ -274,7 +275,7 @@ def _decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
 # OIP v2 --------------------------------------------------------------------------------------------
 def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
     document, tail = binary_oip_document(body, declared)
-    return _decode_oip(document, tail, config, input_shape)
+    return decode_oip(document, tail, config, input_shape)
 
 
 def binary_oip_document(body: Any, declared: str) -> tuple[dict, bytes | memoryview]:
@@ -399,7 +400,8 @@ def oip_input(document: dict, tail: bytes | memoryview, known: list[str]) -> Oip
     return OipInput(name, datatype, shape, where, tensor.get("data"), binary, request_id, parameters)
 
 
-def _decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+def decode_oip(document: dict, tail: bytes | memoryview, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    """An OIP v2 request (its JSON ``document`` and the binary ``tail`` after it) to a Call of images or tensors."""
     known = [config.image_input] + ([config.tensor_input] if config.tensor_input else [])
     tensor = oip_input(document, tail, known)
     name, datatype, shape, where = tensor.name, tensor.datatype, tensor.shape, tensor.where
@@ -506,7 +508,8 @@ def requested_outputs(value: Any, parameters: dict, config: ProtocolConfig) -> l
 
 
 # ------------------------------------------------------------------------------------------ encoding
-def _bytes_tensor(values: list[str]) -> bytes:
+def bytes_tensor(values: list[str]) -> bytes:
+    """A BYTES tensor in the binary extension's layout: per element, a 4-byte little-endian length, then UTF-8."""
     parts = []
     for value in values:
         raw = value.encode("utf-8")
@@ -528,10 +531,7 @@ def encode_oip(call: Call, results: list[Classification], model: str, version: s
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": [len(results), k]}
         values = columns[name]
         if binary:
-            if datatype == "BYTES":
-                blob = _bytes_tensor(values)
-            else:
-                blob = np.asarray(values, _NUMPY_TYPES[datatype]).tobytes()
+            blob = bytes_tensor(values) if datatype == "BYTES" else np.asarray(values, _NUMPY_TYPES[datatype]).tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -552,7 +552,10 @@ __all__ = [
     "Classification",
     "ProtocolConfig",
     "Reply",
+    "bytes_tensor",
     "decode",
+    "decode_kserve_v1",
+    "decode_oip",
     "element_error",
     "oip_metadata",
 ]

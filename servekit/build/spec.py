@@ -45,7 +45,7 @@ from handlers.config import Faults
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
 from handlers.protocols import ProtocolConfig
-from handlers.transforms import Preprocessing
+from handlers.preprocessing import Preprocessing
 from servekit.errors import ServekitError
 from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
 

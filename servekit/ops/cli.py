@@ -287,7 +287,7 @@ def _spec_rollout(spec: str | None, model: str) -> dict:
     path = Path(spec) if spec is not None else REPO_ROOT / "models.yaml"
     if spec is None and not path.is_file():
         return {}
-    from servekit.build.spec import rollout_settings  # the spec module imports the handlers (and torch)
+    from servekit.build.spec import rollout_settings  # the spec (PyYAML and the handlers' configs, no torch)
 
     return rollout_settings(path, model).given()
 

@@ -57,6 +57,18 @@ def test_registering_reads_settings_without_torch(repo_root: Path, model_store: 
     }  # fmt: skip
 
 
+def test_reading_the_specs_rollout_settings_imports_no_torch(repo_root: Path) -> None:
+    """A rollout reads the spec when it starts: the spec and the handler configs it validates are torch-free."""
+    code = (
+        "import sys; from servekit.ops.cli import _spec_rollout; "
+        "print(sorted(_spec_rollout(None, 'digits'))); print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    keys, torch_loaded = result.stdout.splitlines()
+    assert keys != "[]"  # the repository's models.yaml has a rollout: section for digits
+    assert torch_loaded == "False"
+
+
 # ------------------------------------------------------------------------------------------ serving settings
 def archive_with(tmp_path: Path, config: object | None, name: str = "m_v1.0.mar") -> Path:
     path = tmp_path / name

@@ -1248,7 +1248,10 @@ def test_module_exports() -> None:
         "Classification",
         "ProtocolConfig",
         "Reply",
+        "bytes_tensor",
         "decode",
+        "decode_kserve_v1",
+        "decode_oip",
         "element_error",
         "oip_metadata",
     }
