@@ -51,14 +51,23 @@ def quantize_static(model: nn.Module, spec: ModelVersionSpec, log: Callable[[str
 
 
 class Bf16Program(nn.Module):
-    """``net`` in BF16 behind an FP32 interface: the handler's tensors and outputs stay FP32."""
+    """``net`` in BF16 behind an FP32 interface: the handler's tensors and outputs stay FP32.
+
+    Weights and image batches are channels-last (NHWC): oneDNN's BF16 convolutions (AMX or
+    AVX512-BF16) run on that layout without reordering every activation and weight on every call.
+    ResNet-18, batch 8, one thread, on the Xeon of docs/performance.md: 113 img/s channels-last
+    against 50 img/s in the default layout (FP32 with oneDNN prepacking: 35 img/s).
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net.to(torch.bfloat16)
+        self.net = net.to(torch.bfloat16).to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(torch.bfloat16)).float()
+        x = x.to(torch.bfloat16)
+        if x.dim() == 4:  # an image batch (decided when the program is traced: one input rank per model)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).float()
 
 
 def to_bf16(model: nn.Module) -> nn.Module:

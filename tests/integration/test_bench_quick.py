@@ -63,6 +63,7 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     assert small["description"].startswith("digits_v2.0.mar")
     assert all(r["errors"] == 0 and r["rps"] > 0 for runs in small["runs"].values() for r in runs)
     assert "metrics_on_over_off_small" in report["ratios"]
+    assert 0 < small["counter_us_per_request"] < small["cpu_us_per_request"]  # the counting's own cost, measured
     tabular = report["tabular"]  # breast_cancer FP32 and INT8, JSON bodies of 64 records
     assert set(tabular["versions"]) == {"1.0", "2.0"}
     for entry in tabular["versions"].values():

@@ -18,8 +18,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +32,7 @@ from torchvision.ops import box_iou
 from servekit.build.detection import Page, evaluation_pages
 from servekit.ops.server import TorchServeProcess
 from servekit.ops.store import archive_name
-from tests.integration.conftest import Client, running_torchserve
+from tests.integration.conftest import Client, default_version, ok, operator_cli, running_torchserve, send_together
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +68,6 @@ def encoded(image: Image.Image, kind: str = "PNG", **options: object) -> bytes:
     out = io.BytesIO()
     image.save(out, format=kind, **options)
     return out.getvalue()
-
-
-def worker_pids(client: Client, model: str, version: str) -> list[int]:
-    described = client.manage("GET", f"/models/{model}/{version}").json()
-    return sorted(int(w["pid"]) for w in described[0]["workers"])
 
 
 def found_where_drawn(answer: dict, boxes: np.ndarray, labels: np.ndarray) -> int:
@@ -196,12 +189,7 @@ def test_options_change_the_answer(client: Client, pages: list[Page], form: str)
 
 # ------------------------------------------------------------------------------------------ hostile
 def test_hostile_images_in_a_server_side_batch_fail_alone(client: Client, pages: list[Page]) -> None:
-    params = {"url": archive_name(MODEL, "1.0"), "model_name": BATCH_MODEL, "batch_size": BATCH,
-              "max_batch_delay": 5000, "initial_workers": 1, "synchronous": "true"}  # fmt: skip
-    response = client.manage("POST", "/models", params=params)
-    assert response.status_code == 200, response.text
-    try:
-        pids = worker_pids(client, BATCH_MODEL, "1.0")
+    with client.one_batch_copy(archive_name(MODEL, "1.0"), BATCH_MODEL, "1.0", BATCH):
         good = [encoded(page.image) for page in pages[:4]]
         huge = encoded(Image.new("L", (6000, 6000), 230))  # 36 megapixels: over limits.max_pixels
         hostile = [
@@ -218,15 +206,10 @@ def test_hostile_images_in_a_server_side_batch_fail_alone(client: Client, pages:
                 return client.predict(BATCH_MODEL, files={"data": ("page.png", body, "image/png")}, data=options)
             return client.predict(BATCH_MODEL, data=body)
 
-        with ThreadPoolExecutor(len(batch)) as pool:
-            responses = list(pool.map(send, batch))
+        responses = send_together(batch, send)
         assert [r.status_code for r in responses] == [status for _, _, status in batch], [r.text for r in responses]
         read = [r.json()["label"] for r in responses if r.status_code == 200]
         assert sum(label == page.text() for label, page in zip(read, pages[:4], strict=True)) >= 3
-        assert max(r.elapsed.total_seconds() for r in responses) < 4, "the requests did not form one batch"
-        assert worker_pids(client, BATCH_MODEL, "1.0") == pids, "a worker restarted"
-    finally:
-        client.manage("DELETE", f"/models/{BATCH_MODEL}/1.0")
 
 
 def test_the_top_detection_feeds_the_prediction_counter(
@@ -249,33 +232,14 @@ def test_the_top_detection_feeds_the_prediction_counter(
 # ------------------------------------------------------------------------------------------ promotion
 @pytest.fixture
 def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path: Path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        command = [
-            sys.executable, "-m", "servekit.ops.cli",
-            "--management-url", server.url("management"), "--inference-url", server.url("inference"),
-            "--key-file", str(server.key_file), "--store", str(model_store),
-            "--history", str(tmp_path / "deployments.jsonl"), "--proxy-dir", str(tmp_path / "proxy"),
-            *args,
-        ]  # fmt: skip
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
-
-    return run
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def default_of(cli) -> str:
-    return next(s["version"] for s in json.loads(ok(cli("status", "--json"))) if s["model"] == MODEL and s["default"])
+    return operator_cli(server, model_store, repo_root, tmp_path)
 
 
 def test_promote_and_rollback_pass_the_golden_pages(cli, repo_root: Path) -> None:
     golden = len(json.loads((repo_root / "samples/pages/golden.json").read_text()))
 
     assert f"golden set {golden}/{golden} correct" in ok(cli("promote", MODEL, "2.0"))
-    assert default_of(cli) == "2.0"
+    assert default_version(cli, MODEL) == "2.0"
     rolled = ok(cli("rollback", MODEL))
     assert f"default is 1.0 again (was 2.0; golden set {golden}/{golden} correct)" in rolled
-    assert default_of(cli) == "1.0"
+    assert default_version(cli, MODEL) == "1.0"

@@ -12,11 +12,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from servekit.build.tabular import breast_cancer
 from servekit.ops.server import TorchServeProcess
 from servekit.ops.store import archive_name
 from tests import hostile_corpus_tabular as corpus
-from tests.integration.conftest import Client, running_torchserve
+from tests.integration.conftest import Client, default_version, ok, operator_cli, running_torchserve, send_together
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +87,6 @@ def expected(program, records: list[dict]) -> tuple[list[int], list[float]]:
 def send(client: Client, case: corpus.TabularCase, model: str = MODEL, version: str | None = None):
     return client.api.send("inference", "POST", corpus.route(case, model, version), data=case.body,
                            headers=case.headers, timeout=60)  # fmt: skip
-
-
-def worker_pids(client: Client, model: str, version: str) -> list[int]:
-    described = client.manage("GET", f"/models/{model}/{version}").json()
-    return sorted(int(w["pid"]) for w in described[0]["workers"])
 
 
 def answers(response, route: str) -> tuple[list[int], list[float]]:
@@ -176,31 +168,24 @@ def test_every_form_answers_what_the_fp32_program_computes(client: Client, progr
 
 # ------------------------------------------------------------------------------------------ hostile
 def test_every_hostile_request_fails_alone_and_no_worker_restarts(client: Client) -> None:
-    pids = worker_pids(client, MODEL, "1.0")
+    pids = client.worker_pids(MODEL, "1.0")
     for case in corpus.corpus():
         response = send(client, case)
         assert response.status_code == case.status, (case.name, response.status_code, response.text)
         body = response.json()
         assert body["code"] == case.status, case.name
         assert case.phrase in body["error"], (case.name, body["error"])
-    assert worker_pids(client, MODEL, "1.0") == pids
+    assert client.worker_pids(MODEL, "1.0") == pids
 
 
 def test_hostile_requests_in_server_side_batches_fail_alone(client: Client) -> None:
-    params = {"url": archive_name(MODEL, "1.0"), "model_name": BATCH_MODEL, "batch_size": BATCH,
-              "max_batch_delay": 5000, "initial_workers": 1, "synchronous": "true"}  # fmt: skip
-    response = client.manage("POST", "/models", params=params)
-    assert response.status_code == 200, response.text
-    try:
-        pids = worker_pids(client, BATCH_MODEL, "1.0")
+    with client.one_batch_copy(archive_name(MODEL, "1.0"), BATCH_MODEL, "1.0", BATCH):
         good, hostile = corpus.good_requests(), list(corpus.corpus())
         groups = [hostile[i : i + BATCH // 2] for i in range(0, len(hostile), BATCH // 2)]
-        slowest = 0.0
         for group in groups:
             batch = [case for pair in zip(group, good[: len(group)], strict=True) for case in pair]
             batch += good[: BATCH - len(batch)]  # the last group: fill the batch with good requests
-            with ThreadPoolExecutor(len(batch)) as pool:
-                responses = list(pool.map(lambda case: send(client, case, BATCH_MODEL), batch))
+            responses = send_together(batch, lambda case: send(client, case, BATCH_MODEL))
             for case, response in zip(batch, responses, strict=True):
                 assert response.status_code == case.status, (case.name, response.text)
                 if case.status != 200:
@@ -209,36 +194,12 @@ def test_hostile_requests_in_server_side_batches_fail_alone(client: Client) -> N
                     assert corpus.oip_labels(response.content, dict(response.headers)) == list(case.labels)
                 else:
                     assert [p["label"] for p in response.json()["predictions"]] == list(case.labels), case.name
-            slowest = max(slowest, *(r.elapsed.total_seconds() for r in responses))
-        assert slowest < 4, f"a group of {BATCH} did not form one batch ({slowest:.1f}s of a 5 s batch delay)"
-        assert worker_pids(client, BATCH_MODEL, "1.0") == pids, "a worker restarted"
-    finally:
-        client.manage("DELETE", f"/models/{BATCH_MODEL}/1.0")
 
 
 # ------------------------------------------------------------------------------------------ promotion
 @pytest.fixture
 def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path: Path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        command = [
-            sys.executable, "-m", "servekit.ops.cli",
-            "--management-url", server.url("management"), "--inference-url", server.url("inference"),
-            "--key-file", str(server.key_file), "--store", str(model_store),
-            "--history", str(tmp_path / "deployments.jsonl"), "--proxy-dir", str(tmp_path / "proxy"),
-            *args,
-        ]  # fmt: skip
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
-
-    return run
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def default_of(cli) -> str:
-    return next(s["version"] for s in json.loads(ok(cli("status", "--json"))) if s["model"] == MODEL and s["default"])
+    return operator_cli(server, model_store, repo_root, tmp_path)
 
 
 def test_promote_and_rollback_pass_the_json_golden_set(cli, client: Client, programs: dict) -> None:
@@ -246,10 +207,10 @@ def test_promote_and_rollback_pass_the_json_golden_set(cli, client: Client, prog
     assert "registered breast_cancer 2.0" in ok(cli("register", MODEL, "2.0"))
     started = time.monotonic()
     assert f"golden set {golden}/{golden} correct" in ok(cli("promote", MODEL, "2.0"))
-    assert default_of(cli) == "2.0"
+    assert default_version(cli, MODEL) == "2.0"
     assert time.monotonic() - started < 30
     # Now the default: every form, KServe v1 and OIP included, reaches the INT8 version.
     assert check_agreement(client, programs, "2.0", None) == 40
     rolled = ok(cli("rollback", MODEL))
     assert f"rolled back breast_cancer: default is 1.0 again (was 2.0; golden set {golden}/{golden} correct)" in rolled
-    assert default_of(cli) == "1.0"
+    assert default_version(cli, MODEL) == "1.0"
