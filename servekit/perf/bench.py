@@ -857,15 +857,17 @@ def write_markdown(result: dict, path: Path) -> None:
                 )
     lines += [
         "",
-        "## Worker sweep (the CPU budget: same total concurrency, layouts reached with the management API)",
+        "## Worker sweep (the CPU budget: same total concurrency, layouts reached with the management API; "
+        "full runs: each layout twice in mirrored order, the mean of the passes)",
         "",
-        "| layout | workers | requests | req/s | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
+        "| layout | workers | requests | req/s | p99 ms | errors | passes (req/s, p99 ms) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for layout in result["sweep"]:
+        passes = "; ".join(f"{p['rps']}, {p['p99_ms']}" for p in layout.get("passes", []))
         lines.append(
             f"| {layout['layout']} | {layout['workers']} | {layout['requests']} | {layout['rps']} "
-            f"| {layout['p99_ms']} | {layout['errors']} |"
+            f"| {layout['p99_ms']} | {layout['errors']} | {passes} |"
         )
     for key in ("metrics_overhead", "metrics_overhead_small"):
         overhead = result.get(key)

@@ -6,6 +6,7 @@ two registrations the clients are split evenly between them and their rates add 
 registration is the same archive under another model name (``model_name=``): two versions of equal
 cost side by side, as during a rollout, so that the layouts compare the serving, not the models.
 The CPU budget (``handlers.cpu_budget``) is what should keep every layout near the best one.
+A full run measures each layout twice, in mirrored order, and keeps the mean (``worker_sweep``).
 """
 
 from __future__ import annotations
@@ -76,28 +77,61 @@ def worker_sweep(
     quick: bool,
     log: Callable[[str], None],
 ) -> list[dict]:
-    """Layouts in order: ``main`` at 1..4 workers, then ``main`` and ``other`` at 2 workers each."""
-    layouts = []
+    """Layouts: ``main`` at 1..4 workers, then ``main`` and ``other`` at 2 workers each.
+
+    A full run measures every layout twice, in mirrored order (1, 2, 3, 4 workers, two versions, two
+    versions, 4, 3, 2, 1), and reports the mean of the two passes: a machine whose speed drifts over
+    the minutes of the sweep (shared hosts do, by 10-30 %) then weighs on every layout alike instead
+    of on whichever comes last. ``quick``: one pass over 1 and 2 workers and the two versions.
+    """
+    counts = WORKER_COUNTS[:2] if quick else WORKER_COUNTS
+    passes: dict[str, list[dict]] = {}
+    workers_of: dict[str, int] = {}
+    pair = f"{main.model} {main.version} x2 + {other.model} {other.version} x2"
+
+    def measure(layout: str, workers: int, targets: list[Target]) -> None:
+        result = _load(client, run_hey, photo, targets, concurrency, seconds, quick)
+        passes.setdefault(layout, []).append(result)
+        workers_of[layout] = workers
+        log(f"sweep {layout} (pass {len(passes[layout])}): {result['rps']} req/s, p99 {result['p99_ms']} ms")
+
+    def single(workers: int) -> None:
+        _scale(client, main, workers)
+        measure(f"{main.model} {main.version} x{workers}", workers, [main])
+
     main.register(client)
     try:
-        for workers in WORKER_COUNTS[:2] if quick else WORKER_COUNTS:
-            _scale(client, main, workers)
-            result = _load(client, run_hey, photo, [main], concurrency, seconds, quick)
-            layouts.append({"layout": f"{main.model} {main.version} x{workers}", "workers": workers, **result})
-            log(f"sweep {layouts[-1]['layout']}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
+        for workers in counts:
+            single(workers)
         _scale(client, main, 2)
         other.register(client)
         try:
             _scale(client, other, 2)
-            result = _load(client, run_hey, photo, [main, other], concurrency, seconds, quick)
-            layout = f"{main.model} {main.version} x2 + {other.model} {other.version} x2"
-            layouts.append({"layout": layout, "workers": 4, **result})
-            log(f"sweep {layout}: {result['rps']} req/s, p99 {result['p99_ms']} ms")
+            for _ in range(1 if quick else 2):
+                measure(pair, 4, [main, other])
         finally:
             client.manage("DELETE", f"/models/{other.model}/{other.version}")
+        if not quick:
+            for workers in reversed(counts):
+                single(workers)
     finally:
         client.manage("DELETE", f"/models/{main.model}/{main.version}")
-    return layouts
+    return [_combined(layout, workers_of[layout], runs) for layout, runs in passes.items()]
+
+
+def _combined(layout: str, workers: int, runs: list[dict]) -> dict:
+    """One layout's passes as one row: requests and errors summed, req/s and p99 the passes' means."""
+    p99s = [r["p99_ms"] for r in runs if r["p99_ms"] is not None]
+    return {
+        "layout": layout,
+        "workers": workers,
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "rps": round(sum(r["rps"] for r in runs) / len(runs), 1),
+        "p99_ms": round(sum(p99s) / len(p99s), 1) if p99s else None,
+        "passes": [{"rps": r["rps"], "p99_ms": r["p99_ms"]} for r in runs],
+        "per_version": runs[-1]["per_version"],
+    }
 
 
 def sweep_bars(layouts: list[dict]) -> dict[str, bool]:

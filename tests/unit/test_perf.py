@@ -605,3 +605,37 @@ def test_serve_detector_checks_the_reading_and_loads_each_version(monkeypatch, t
     answer["label"] = "0"
     with pytest.raises(bench.BenchError, match="expected the label"):
         bench.serve_detector(FakeClient(), specs, body, digits, 4, 5.0, quick=True)
+
+
+def test_the_worker_sweep_measures_in_mirrored_order_so_a_linear_drift_weighs_on_every_layout_alike(
+    monkeypatch,
+) -> None:
+    from servekit.perf import sweep
+
+    calls: list[tuple] = []
+    loads: list[list[str]] = []
+
+    class FakeClient:
+        def manage(self, method, path, params=None, timeout=None):
+            calls.append((method, path, (params or {}).get("min_worker")))
+
+    def fake_load(client, run_hey, photo, targets, total, seconds, quick):
+        loads.append([t.model for t in targets])
+        drift = len(loads) - 1  # the machine gets 10 req/s faster with every measurement
+        return {"requests": 100, "errors": 0, "rps": 100.0 + 10 * drift, "p99_ms": 50.0 + drift, "per_version": {}}
+
+    monkeypatch.setattr(sweep, "_load", fake_load)
+    main, other = sweep.Target("m", "2.0", "m.mar"), sweep.Target("m_second", "2.0", "m.mar")
+    layouts = sweep.worker_sweep(FakeClient(), None, None, main, other, 16, 1.0, False, lambda message: None)
+
+    scaled = [workers for method, path, workers in calls if method == "PUT" and path == "/models/m/2.0"]
+    assert scaled == [1, 2, 3, 4, 2, 4, 3, 2, 1]
+    assert [len(t) for t in loads] == [1, 1, 1, 1, 2, 2, 1, 1, 1, 1]
+    assert [layout["layout"] for layout in layouts] == ["m 2.0 x1", "m 2.0 x2", "m 2.0 x3", "m 2.0 x4",
+                                                        "m 2.0 x2 + m_second 2.0 x2"]  # fmt: skip
+    assert {layout["rps"] for layout in layouts} == {145.0}  # the mean of passes i and 9 - i
+    assert {layout["p99_ms"] for layout in layouts} == {54.5}
+    assert layouts[0]["passes"] == [{"rps": 100.0, "p99_ms": 50.0}, {"rps": 190.0, "p99_ms": 59.0}]
+    assert all(layout["requests"] == 200 for layout in layouts)
+    assert ("DELETE", "/models/m_second/2.0", None) in calls
+    assert calls[-1] == ("DELETE", "/models/m/2.0", None)
