@@ -467,11 +467,12 @@ def serve_versions(
     what: str,
     per_request: int = 1,
     unit: str = "req/s",
+    key: str = "per_s",
 ) -> dict[str, dict]:
     """Each version of ``specs`` in turn, alone with its archive's settings: registered, checked, loaded, removed.
 
     The check request's answer goes to ``check``, which returns what is wrong with it (None: right);
-    then hey posts ``body`` at each concurrency. Each run gets ``per_s``: its req/s times
+    then hey posts ``body`` at each concurrency. Each run gets ``key``: its req/s times
     ``per_request`` (records or pages per request), logged in ``unit``.
     """
     versions = {}
@@ -492,8 +493,8 @@ def serve_versions(
             for concurrency in concurrencies:
                 run = run_hey(url, token, body, concurrency, seconds, 4 * concurrency if quick else None,
                               content_type=content_type)  # fmt: skip
-                run["per_s"] = round(run["rps"] * per_request, 1)
-                log(f"{what} {spec.version}: c={concurrency}: {run['per_s']} {unit} ({run['rps']} req/s), "
+                run[key] = round(run["rps"] * per_request, 1)
+                log(f"{what} {spec.version}: c={concurrency}: {run[key]} {unit} ({run['rps']} req/s), "
                     f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}")  # fmt: skip
                 runs.append(run)
         finally:
@@ -522,10 +523,8 @@ def serve_tabular(
         return None if ok else f"expected {count} predictions"
 
     versions = serve_versions(client, specs, body, "application/json", check, concurrencies, seconds, quick,
-                              "tabular", per_request=count, unit="records/s")  # fmt: skip
+                              "tabular", per_request=count, unit="records/s", key="records_per_s")  # fmt: skip
     for entry in versions.values():
-        for run in entry["runs"]:
-            run["records_per_s"] = run.pop("per_s")
         best = max(entry["runs"], key=lambda r: r["records_per_s"])
         entry["best"] = {"concurrency": best["concurrency"], "records_per_s": best["records_per_s"]}
     return {
@@ -574,10 +573,7 @@ def serve_detector(
         return None if ok else f"expected the label {digits!r}"
 
     versions = serve_versions(client, specs, body, "image/png", check, [concurrency], seconds, quick, "detector",
-                              unit="pages/s")  # fmt: skip
-    for entry in versions.values():
-        for run in entry["runs"]:
-            run["pages_per_s"] = run.pop("per_s")
+                              unit="pages/s", key="pages_per_s")  # fmt: skip
     return {
         "model": specs[0].name,
         "description": f"{specs[0].name}: one held-out {width}x{height} page PNG ({len(digits)} digits) per request "
@@ -716,8 +712,8 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
             ratios["int8_vs_stock_camera"] = _rps_ratio(camera, served["stock"]["camera_photo"])
         ceiling = result.get("camera_decode_ceiling")
         if ceiling:  # the most photos/s libjpeg can decode here: the rate no handler can pass
-            small = run_at(result, "int8", top)["rps"]
-            ratios["camera_decode_ceiling_over_640x480"] = round(ceiling["img_per_s"] / small, 2) if small else None
+            rate = run_at(result, "int8", top)["rps"]  # the INT8 640x480 rate
+            ratios["camera_decode_ceiling_over_640x480"] = round(ceiling["img_per_s"] / rate, 2) if rate else None
             ratios["int8_camera_over_decode_ceiling"] = round(camera["rps"] / ceiling["img_per_s"], 2)
         runs += [v["camera_photo"] for v in served.values() if v.get("camera_photo")]
     if result.get("tabular"):
@@ -890,8 +886,8 @@ def write_markdown(result: dict, path: Path) -> None:
         if key == "metrics_overhead_small":
             lines += [
                 "",
-                "For this model the served runs vary more than the cost (10 s runs of the same mode moved by up to "
-                "10 % between neighbours on 2 cores): its bar is on the counting's measured cost.",
+                "For this model the served on/off runs vary more than the cost itself on a 2-core machine (five runs "
+                "of the same code: 0.89 to 1.07, docs/performance.md): its bar is on the counting's measured cost.",
             ]
     lines += ["", "## Ratios and bars", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
