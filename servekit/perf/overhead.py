@@ -7,7 +7,7 @@ in the order on, off, off, on (so a drift of the machine over the minute weighs 
 with the same load generator, concurrency and duration; the rates of a mode are averaged. The
 workers of the server with metrics on write every request's series into its multiprocess folder,
 exactly as ``make serve`` does, and its request log lines are written in both. Before the ordered
-runs each server gets a few seconds of unmeasured load (full runs): the Java frontend's JIT warms up
+runs each server gets 15 s of unmeasured load (full runs): the Java frontend's JIT warms up
 on it, so the first measured run is not penalised for coming first.
 """
 
