@@ -722,9 +722,14 @@ class Rollout:
 
     def run(self, model: str, version: str) -> dict:
         """Register, golden set, the steps, promote: the ``rollout-done`` event; raises ``RolloutAborted``."""
-        self._ours, percent, self._claimed = None, 0, False
+        self._ours, self._claimed = None, False
         self._baseline: float | None = None
         self._reference: Reference | None = None
+        with _interruptible():
+            return self._run(model, version)
+
+    def _run(self, model: str, version: str) -> dict:
+        percent = 0
         try:
             default = self._prepare(model, version)
             self.source.begin(model, version, default)
@@ -764,8 +769,10 @@ class Rollout:
             raise self._abort(model, version, percent, abort.reason, abort.keep_routes) from None
         except ServekitError as exc:  # register, golden set, the lock, nginx, promote, the metrics
             raise self._abort(model, version, percent, str(exc), keep_routes=False) from None
-        except KeyboardInterrupt:
-            raise self._abort(model, version, percent, "interrupted (SIGINT)", False, INTERRUPTED_EXIT) from None
+        except KeyboardInterrupt as stop:
+            name = getattr(stop, "signal_name", "SIGINT")
+            code = 128 + signal.Signals[name].value if name != "SIGINT" else INTERRUPTED_EXIT
+            raise self._abort(model, version, percent, f"interrupted ({name})", False, code) from None
         except Exception as exc:  # a bug or an unreadable log: still never leave the canary behind
             reason = f"internal error: {type(exc).__name__}: {exc}"
             raise self._abort(model, version, percent, reason, keep_routes=False) from exc
@@ -927,17 +934,50 @@ def _figures(analysis: Analysis, drift: DriftCheck | None = None) -> dict:
     }
 
 
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a rollout: the same clean abort, with the signal's name in the reason."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """A second Ctrl-C must not interrupt the clean-up (only the main thread can change signal handlers)."""
+def _interruptible() -> Iterator[None]:
+    """While a rollout runs, SIGINT and SIGTERM abort it cleanly (canary removed, default kept).
+
+    Set explicitly: a process started from a background job or a supervisor may inherit SIGINT as
+    ignored, and SIGTERM (``kill``, a CI timeout) would otherwise end it with the canary still live.
+    Only the main thread can change signal handlers; elsewhere (tests driving ``run`` from a thread)
+    the process's own handlers stay.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A second Ctrl-C (or a SIGTERM) must not interrupt the clean-up (only the main thread can change handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------ progress lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -320,6 +321,26 @@ def test_ctrl_c_mid_step_removes_the_canary_and_exits_130(tmp_path: Path) -> Non
     assert deployer.canary_of() is None
     assert deployer.default == "1.0"
     assert deployer.deployments.events("digits")[-1]["reason"] == "interrupted (SIGINT)"
+
+
+@pytest.mark.parametrize(("signum", "name", "code"), [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "SIGINT", 130)])
+def test_a_real_signal_mid_step_aborts_cleanly_even_when_sigint_was_inherited_ignored(
+    tmp_path: Path, signum: int, name: str, code: int
+) -> None:
+    """A rollout started from a background job inherits SIGINT ignored; kill (SIGTERM) must not leave the canary."""
+    deployer, clock, events = FakeDeployer(tmp_path), FakeClock(), []
+    clock.on_sleep = lambda sleeps: os.kill(os.getpid(), signum) if sleeps == 15 else None  # in the second step
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(RolloutAborted, match=rf"aborted at 50%: interrupted \({name}\)") as raised:
+            rollout(deployer, FakeLog(deployer), clock, events).run("digits", "2.0")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the process's own handlers are back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert raised.value.exit_code == code
+    assert deployer.canary_of() is None
+    assert deployer.default == "1.0"
+    assert deployer.deployments.events("digits")[-1]["reason"] == f"interrupted ({name})"
 
 
 def test_a_canary_changed_by_someone_else_aborts_and_is_left_alone(tmp_path: Path) -> None:
