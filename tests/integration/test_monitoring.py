@@ -122,8 +122,8 @@ def test_prometheus_holds_exactly_the_traffic_each_real_version_answered(stack, 
         assert by(stack, f"servekit_default_version{mine}") == {(): 1.0 if version == "1.0" else 0.0}
         assert by(stack, f"servekit_workers_ready{mine}") == {(): 1.0}
     assert query(stack, 'servekit_requests_total{version="default"}') == {}  # TorchServe's own label, not ours
-    # TorchServe's own metrics are scraped beside ours.
-    assert query(stack, 'up{job="torchserve"}')
+    # TorchServe's own metrics are scraped beside ours (its target's first scrape may come after ours: waited for).
+    wait_for(stack, 'up{job="torchserve"}', 1.0)
     assert all(v == 1 for v in query(stack, "up").values())
 
 
