@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,8 +231,11 @@ def test_directory_registration_past_the_guard_never_runs_its_code(
     assert answer["code"] == 500, answer
     assert not bait["marker"].exists(), "planted code ran"
     assert Client(server).manage("GET", "/models/planted").status_code == 404
-    log = (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
-    assert f"servekit worker guard: refusing to start this worker: model directory {bait['planted']}" in log
+    refusal = f"servekit worker guard: refusing to start this worker: model directory {bait['planted']}"
+    deadline = time.monotonic() + 15  # the frontend writes the worker's output to the log file asynchronously
+    while refusal not in (log := (server.workdir / "logs" / "model_log.log").read_text(errors="replace")):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.2)
 
 
 def grpc_register(server: TorchServeProcess, url: str, model_name: str) -> str:
