@@ -572,16 +572,6 @@ def decode_request(
     return call
 
 
-def element_error(call: DetectionCall, index: int, exc: Exception) -> Exception:
-    """``exc`` of image ``index``, its message prefixed with where it is when the call has several."""
-    if call.size <= 1 or not hasattr(exc, "status"):
-        return exc
-    where = "instances" if call.protocol == "kserve_v1" else "input"
-    error = type(exc)(f"{where}[{index}]: {exc}")
-    error.__cause__ = exc
-    return error
-
-
 def reading(found: Detections, labels: Sequence[str]) -> str:
     """The labels of ``found`` read left to right by box centre (a page's digit string)."""
     if not len(found):

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from handlers import detection
+from handlers import detection, protocols
 from handlers.base import BatchHandler
 from handlers.detection import DetectionCall, Detections, DetectorConfig, Letterbox, PreparedPage
 from handlers.errors import InvalidInput, PayloadTooLarge
@@ -97,7 +97,7 @@ class ObjectDetector(BatchHandler):
                     )
                 pages.append(self.prepare_page(payload, call, remaining if i else None))
             except Exception as exc:
-                raise detection.element_error(call, i, exc) from exc
+                raise protocols.element_error(call, i, exc) from exc
         return pages
 
     def prepare_page(self, payload: bytes, call: DetectionCall, seconds: float | None) -> PreparedPage:
