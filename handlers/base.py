@@ -13,14 +13,18 @@ Workflow of a handler built on ``BatchHandler``, for each server-side batch of r
 4. ``encode(call, results)``: -> the request's ``protocols.Reply`` (body, content type, headers).
 
 ``handle`` runs the steps, guarantees N responses for N requests, and turns every error into a
-per-request status with a JSON body. ``initialize`` joins the machine-wide CPU budget
-(``handlers.cpu_budget``: torch's thread pool follows the number of live workers, re-checked
-between batches) and warms the model up at every batch size the worker can receive.
+per-request status with a JSON body. An answer larger than the server's ``max_response_size``
+fails its own request with 413 (sent, it would make the frontend drop the worker and the whole
+batch), and JSON bodies reach the handler as bytes, to be parsed with bounds
+(``handlers.json_body``). ``initialize`` joins the machine-wide CPU budget (``handlers.cpu_budget``:
+torch's thread pool follows the number of live workers, re-checked between batches) and warms the
+model up at every batch size the worker can receive.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -31,12 +35,40 @@ import torch
 
 from handlers.config import HandlerConfig
 from handlers.cpu_budget import CpuBudget
-from handlers.errors import HandlerError, InferenceError, InjectedFault, error_payload
+from handlers.errors import HandlerError, InferenceError, InjectedFault, ResponseTooLarge, error_payload
+from handlers.json_body import DECODE_ENV, as_torchserve_decodes
 from handlers.metrics import NullMetrics, PredictionLog, handler_metrics
 
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
+# TorchServe's max_response_size, as ``servekit.ops.server`` passes it to the workers; its default otherwise.
+MAX_RESPONSE_ENV = "SERVEKIT_MAX_RESPONSE_SIZE"
+TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
+# Kept free under the limit: the frontend checks each field of the worker's reply on its own, but
+# a margin costs nothing and covers a limit changed in config.properties by a few bytes.
+RESPONSE_MARGIN = 4096
+
+
+def response_limit() -> int:
+    """The most bytes one answer may have before TorchServe's frontend would drop the worker for it."""
+    raw = os.environ.get(MAX_RESPONSE_ENV, "")
+    try:
+        limit = int(raw) if raw.strip() else TORCHSERVE_MAX_RESPONSE_SIZE
+    except ValueError:
+        logger.warning("%s=%r is not a number of bytes: using %d", MAX_RESPONSE_ENV, raw, TORCHSERVE_MAX_RESPONSE_SIZE)
+        limit = TORCHSERVE_MAX_RESPONSE_SIZE
+    return max(1024, limit - RESPONSE_MARGIN)
+
+
+def reply_size(body: Any) -> int:
+    """The bytes TorchServe's worker sends for ``body``: bytes as they are, text as UTF-8, anything
+    else as ``json.dumps(body, indent=2)`` (ASCII-escaped), exactly as ``ts.protocol`` writes it."""
+    if isinstance(body, bytes | bytearray):
+        return len(body)
+    if isinstance(body, str):
+        return len(body.encode("utf-8"))
+    return len(json.dumps(body, indent=2))
 
 
 class BatchHandler:
@@ -61,9 +93,14 @@ class BatchHandler:
         self.prediction_log: PredictionLog | None = None
         self._nested: dict[str, float] = {}
         self._answers: dict[int, list[Any]] = {}
+        self.max_response = response_limit()
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
+        # The worker hands JSON bodies over as bytes: parsed here with bounds (handlers.json_body),
+        # not by TorchServe in full before any limit applies. Read by TorchServe for each request.
+        os.environ[DECODE_ENV] = "false"
+        self.max_response = response_limit()
         self.context = context
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         self.settings = self.config_type.from_dict(yaml_config.get("handler"))
@@ -137,7 +174,8 @@ class BatchHandler:
             started = time.perf_counter()
             decoded = prepared = None
             try:
-                call = self.decode(request, request_headers(context, idx))
+                headers = request_headers(context, idx)
+                call = self.decode(as_torchserve_decodes(request, headers), headers)
                 decoded = time.perf_counter()
                 if getattr(call, "request_id", "") is None:  # the protocol has an id and the client sent none
                     call.request_id = request_id(context, idx)
@@ -186,6 +224,13 @@ class BatchHandler:
                 if failure is not None:
                     raise failure
                 reply = self.encode(call, mine)
+                size = reply_size(reply.body)
+                if size > self.max_response:
+                    # Sent, this answer would make the frontend drop the worker and fail the whole batch.
+                    raise ResponseTooLarge(
+                        f"the answer would be {size} bytes; this server sends at most {self.max_response} "
+                        "(ask for fewer outputs or elements, or a shorter id)"
+                    )
             except Exception as exc:  # noqa: BLE001
                 responses[idx] = payload = self._fail(context, idx, exc)
                 outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())

@@ -61,6 +61,11 @@ class PayloadTooLarge(HandlerError):
     status = 413
 
 
+class ResponseTooLarge(PayloadTooLarge):
+    """The answer to this request would be over the server's ``max_response_size``: the request
+    asked for more than one answer may carry (413: only the request can change it)."""
+
+
 class UnsupportedMediaType(HandlerError):
     """The bytes are a file of a kind the handler does not accept (text, PDF, ...)."""
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
 import struct
 import time
@@ -47,6 +46,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import MARKER as JPEG_MARKERS
 
 from handlers.errors import HandlerError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from handlers.json_body import parse_json
 
 IMAGE_FIELDS = ("body", "data", "file", "image")
 JSON_IMAGE_FIELDS = ("data", "image", "b64")
@@ -237,16 +237,7 @@ def extract_image_request(request: dict) -> ImageRequest:
 
 
 def _json_text(text: str | bytes, options: dict) -> ImageRequest:
-    try:
-        document = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("JSON body is not valid UTF-8") from exc
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON body: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidInput("malformed JSON body: nested too deeply") from exc
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise InvalidInput(f"malformed JSON body: {exc}") from exc
+    document = parse_json(text)
     parsed = _from_json(document)
     return ImageRequest(parsed.payload, {**options, **parsed.options})
 

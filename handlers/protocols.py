@@ -38,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from handlers import json_body
 from handlers.errors import InvalidInput, PayloadTooLarge
 from handlers.image_io import decode_base64, extract_image_request
 
 # The binary tensor extension's header: the JSON part's length in bytes.
-BINARY_HEADER = "inference-header-content-length"
+BINARY_HEADER = json_body.BINARY_HEADER
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
 TENSOR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}\Z")
@@ -52,6 +53,8 @@ DATATYPE_SIZES = {
     "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
 }  # fmt: skip
 _NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8"}
+# The OIP request id is echoed in the answer (where JSON escaping can grow a character to six bytes).
+MAX_REQUEST_ID_CHARS = 256
 MAX_PIXEL_MAGNITUDE = 1e4  # preprocessed inputs beyond this are not normalised pixels
 _QUOTE = 40
 
@@ -221,14 +224,8 @@ def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input
 
 
 def parse_json(text: bytes | str) -> Any:
-    try:
-        return json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("JSON body is not valid UTF-8") from exc
-    except RecursionError as exc:
-        raise InvalidInput("malformed JSON body: nested too deeply") from exc
-    except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
-        raise InvalidInput(f"malformed JSON body: {exc}") from exc
+    """A request body as JSON, its arrays and objects counted before parsing (``handlers.json_body``)."""
+    return json_body.parse_json(text)
 
 
 def _b64(text: Any, where: str) -> bytes:
@@ -362,6 +359,9 @@ def oip_input(document: dict, tail: bytes | memoryview, known: list[str]) -> Oip
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
+    if request_id is not None and len(request_id) > MAX_REQUEST_ID_CHARS:
+        # The answer echoes the id: an unbounded one makes the reply as large as the client likes.
+        raise InvalidInput(f"'id' is {len(request_id)} characters long; the limit is {MAX_REQUEST_ID_CHARS}")
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")
