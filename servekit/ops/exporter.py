@@ -7,6 +7,8 @@ Two parts, one page (names and labels: ``docs/monitoring.md``):
 * gauges read at scrape time from TorchServe's management API and the archives: workers per status,
   READY workers, queued requests, which version is the default, and each version's monitoring
   settings and drift reference from its ``metadata.json`` (what the alert rules compare with).
+  The management API is read through the gateway's short-lived cache (``Gateway.serving_view``,
+  shared with readiness): scrapes within its TTL cost TorchServe nothing more.
 
 A management API that does not answer costs the gauges, not the page: the handler metrics are still
 served, and ``servekit_exporter_up`` says 0.
@@ -39,7 +41,16 @@ class StateCollector:
 
     def versions(self) -> Iterator[tuple[str, dict, str]]:
         """(model, description of one version, the model's default version) for every registered version."""
-        client = self.gateway.client
+        serving_view = getattr(self.gateway, "serving_view", None)
+        if serving_view is not None:  # the gateway's cached view (servekit.ops.oip.Gateway)
+            view = serving_view()
+            if view.error is not None:
+                raise TorchServeError(view.error)
+            for name, (default, descriptions) in view.models.items():
+                for description in descriptions:
+                    yield name, description, default
+            return
+        client = self.gateway.client  # anything else with a client: asked at every scrape
         for name in client.models():
             default = str(client.describe(name, "", timeout=10)[0].get("modelVersion"))
             for description in client.describe(name, "all", timeout=10):
@@ -109,7 +120,7 @@ class StateCollector:
 
 
 def render(gateway: Any, metrics_dir: Path | None) -> bytes:
-    """The whole ``/metrics`` page (a fresh registry per scrape: nothing is cached between scrapes)."""
+    """The whole ``/metrics`` page (a fresh registry per scrape; TorchServe's view may come from the gateway cache)."""
     registry = CollectorRegistry()
     if metrics_dir is not None and metrics_dir.is_dir():
         MultiProcessCollector(registry, path=str(metrics_dir))

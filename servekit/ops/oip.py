@@ -23,6 +23,23 @@ TorchServe's inference key (``Authorization: Bearer``, gRPC metadata ``authoriza
 ``GET /metrics`` (the handler metrics and serving state for Prometheus: ``servekit.ops.exporter``). Started without
 ``--key-file`` (TorchServe runs with token authorization off, as in a bundle's pod) it checks none.
 
+What a caller cannot do through it:
+
+* reach another TorchServe route: every model name and version (HTTP path, gRPC field, or a direct
+  call to ``Gateway``) must match the store's grammar (``servekit.ops.store`` ``NAME_PATTERN`` /
+  ``VERSION_PATTERN``) before any call to TorchServe is made; anything else is 400 /
+  ``INVALID_ARGUMENT`` naming the field. An unexpected failure is 500 / ``INTERNAL`` with a generic
+  message (the details go to the log), never gRPC's ``UNKNOWN`` with the exception's text;
+* make TorchServe work per probe or scrape: ``/v2/health/ready``, gRPC ``ServerReady`` and
+  ``GET /metrics`` read TorchServe's view (models, default versions, descriptions) from a cache of
+  ``Gateway.view_ttl`` seconds (1 s), refreshed by one caller at a time while the others wait for
+  its result; the draining file is still checked on every call;
+* get an HTML error: every error the HTTP side writes, the ones ``http.server`` writes itself (bad
+  request line, unknown method, too many headers) included, is ``{"error": ...}`` JSON;
+* grow the log without bound: the process logs through ``logging`` into ``--log-file``, a rotating
+  file of ``--log-max-bytes`` (5 MiB) with ``--log-backups`` (2) old files, and a client that goes
+  away mid-answer costs one short line, not a traceback.
+
     python -m servekit.ops.oip --http 127.0.0.1:8002 --grpc 127.0.0.1:8001 \\
         --inference http://127.0.0.1:8080 --management http://127.0.0.1:8081 \\
         --key-file var/key_file.json --model-store model_store
@@ -33,11 +50,14 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
+import logging
+import logging.handlers
 import re
 import signal
 import struct
 import sys
 import threading
+import time
 import zipfile
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -53,13 +73,22 @@ from servekit.errors import ServekitError, one_line
 from servekit.ops import exporter
 from servekit.ops.client import TorchServeClient, TorchServeError
 from servekit.ops.state import version_key
-from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
+from servekit.ops.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name
 
+logger = logging.getLogger(__name__)
 BINARY_HEADER = "Inference-Header-Content-Length"
 _MODEL = re.compile(rf"/v2/models/({NAME_PATTERN})(?:/versions/({VERSION_PATTERN}))?(/ready)?\Z")
 _V1_MODEL = re.compile(rf"/v1/models/({NAME_PATTERN})\Z")
 # OIP: "a 4xx status code indicating false" for readiness.
 NOT_READY = HTTPStatus.BAD_REQUEST
+# A client that hangs up before (or while) its answer is written: normal traffic, not an error.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+INTERNAL_ERROR = "internal error in the OIP gateway (the details are in its log)"
+# The store's version grammar has no length bound; a longer version than this can never be built, since
+# its archive name (<name>_v<version>.mar) would not fit a file name (255 bytes) even with a 1-letter name.
+MAX_VERSION_LENGTH = 255 - len(archive_name("a", ""))
+LOG_MAX_BYTES = 5 << 20
+LOG_BACKUPS = 2
 
 
 class OipError(ServekitError):
@@ -68,6 +97,38 @@ class OipError(ServekitError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:72]}... ({len(value) if isinstance(value, str) else '?'} characters)"
+
+
+def check_model(name: object, version: object = None) -> None:
+    """Refuse (400) a model name or version outside the store's grammar, so none reaches a URL."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise OipError(
+            HTTPStatus.BAD_REQUEST,
+            f"model name {_shown(name)} is not a valid model name: letters, digits, '_' and '-', "
+            "starting with a letter, at most 64 characters",
+        )
+    if version is not None and (
+        not isinstance(version, str) or len(version) > MAX_VERSION_LENGTH or not VERSION_RE.match(version)
+    ):
+        raise OipError(
+            HTTPStatus.BAD_REQUEST,
+            f"model version {_shown(version)} is not a valid model version: one to three numbers joined by "
+            f"dots, such as 2.0, at most {MAX_VERSION_LENGTH} characters (none for the default version)",
+        )
+
+
+@dataclass(frozen=True)
+class ServingView:
+    """TorchServe's view at one moment: per model, its default version and every version's description."""
+
+    models: dict[str, tuple[str, list[dict]]]
+    error: str | None  # TorchServe did not answer in full: why (``models`` is then empty)
+    taken: float  # time.monotonic() when the reading ended
 
 
 # ------------------------------------------------------------------------------------------ the logic
@@ -80,8 +141,11 @@ class Gateway:
     draining_file: Path | None = None  # while it exists the server is not ready (``server.py run`` drains)
     tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
     metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.ops.exporter)
+    view_ttl: float = 1.0  # seconds a reading of TorchServe's view serves readiness and /metrics (0: every call)
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
+    _view: ServingView | None = field(default=None, repr=False)
+    _view_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -------------------------------------------------------------- tokens
     def check_token(self, authorization: str | None) -> None:
@@ -114,6 +178,7 @@ class Gateway:
             raise OipError(HTTPStatus.SERVICE_UNAVAILABLE, f"TorchServe did not answer: {exc}") from None
 
     def _version(self, name: str, version: str | None) -> tuple[dict, list[dict]]:
+        check_model(name, version)  # every per-model call (readiness, metadata) comes through here
         versions = self._describe(name, "all")
         if version is None:
             default = self._describe(name, "")[0].get("modelVersion")
@@ -135,14 +200,49 @@ class Gateway:
             return False
         return response.status_code in (200, 500)  # 500: up, but a model is not healthy
 
-    def server_ready(self) -> bool:
-        if self.draining_file is not None and self.draining_file.exists():
-            return False
+    def serving_view(self) -> ServingView:
+        """TorchServe's view, read at most once per ``view_ttl`` whatever the number of callers.
+
+        One caller reads while the others wait on the lock and take its reading (one in flight at a
+        time, so a burst of probes or scrapes costs one round of management calls, not one each).
+        A failed reading is kept for the same time: a TorchServe that does not answer is not asked again
+        by every caller in turn.
+        """
+        asked = time.monotonic()
+        view = self._view
+        if view is not None and asked - view.taken < self.view_ttl:
+            return view
+        with self._view_lock:
+            view = self._view
+            if view is not None and (view.taken >= asked or time.monotonic() - view.taken < self.view_ttl):
+                return view  # read while this caller waited
+            view = self._view = self._read_view()
+            return view
+
+    def _read_view(self) -> ServingView:
+        models: dict[str, tuple[str, list[dict]]] = {}
         try:
-            models = self.client.models()
-            return bool(models) and all(self._ready(self._version(name, None)[0]) for name in models)
-        except (OipError, TorchServeError, requests.RequestException):
+            for name in self.client.models():
+                default = str(self.client.describe(name, "", timeout=10)[0].get("modelVersion"))
+                models[name] = (default, self.client.describe(name, "all", timeout=10))
+        except Exception as exc:  # noqa: BLE001 - whatever the failure, the view is incomplete: not ready, up 0
+            if not isinstance(exc, (TorchServeError, requests.RequestException)):
+                logger.warning("reading TorchServe's view failed", exc_info=True)
+            return ServingView({}, one_line(exc), time.monotonic())
+        return ServingView(models, None, time.monotonic())
+
+    def server_ready(self) -> bool:
+        """Every model's default version has a READY worker, and the server is not draining."""
+        if self.draining_file is not None and self.draining_file.exists():
+            return False  # checked on every call, never cached
+        view = self.serving_view()
+        if view.error is not None or not view.models:
             return False
+        for default, versions in view.models.values():
+            chosen = [v for v in versions if str(v.get("modelVersion")) == default]
+            if not chosen or not self._ready(chosen[0]):
+                return False
+        return True
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self._ready(self._version(name, version)[0])
@@ -176,6 +276,7 @@ class Gateway:
     # -------------------------------------------------------------- inference
     def infer(self, name: str, version: str | None, body: bytes, headers: dict[str, str]) -> requests.Response:
         """POST one OIP request to TorchServe (the versioned route goes to /predictions/NAME/V)."""
+        check_model(name, version)
         path = f"/v2/models/{name}/infer" if version is None else f"/predictions/{name}/{version}"
         session = getattr(self._local, "session", None)
         if session is None:
@@ -230,20 +331,59 @@ class _HttpHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
-        pass
+        pass  # one line per request would grow the log with the traffic
 
     def _send(self, status: int, document: dict | None = None, raw: bytes | None = None,
               content_type: str = "application/json") -> None:  # fmt: skip
         body = raw if raw is not None else json.dumps(document).encode() if document is not None else b""
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except CLIENT_GONE as exc:
+            self.close_connection = True
+            logger.info("%s went away before its answer was written (%s)", self.client_address[0], type(exc).__name__)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # an answer without status line or headers: not for this gateway
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not served: send HTTP/1.0 or 1.1")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Every error ``http.server`` answers by itself (bad request line, unknown method, too many headers,
+        request line too long) as ``{"error": ...}`` JSON; the connection closes, since the request may
+        not have been read in full (an unread body would be taken for the next request).
+
+        An unknown method (PUT, DELETE, BREW...) keeps ``http.server``'s 501: RFC 9110 gives 501 to a method
+        the server does not implement for any resource, and 405 to one a resource refuses, which must
+        then list its ``Allow`` methods per path; this gateway implements GET and POST and nothing else.
+        """
+        short = self.responses.get(code, ("Error", ""))[0]
+        text = one_line(message or short, 200)
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            text = f"method {one_line(self.command, 40)!r} is not supported: this gateway answers GET and POST"
+        self.close_connection = True
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.0"  # whatever the request line said, write a status line and headers
+        self._send(code, {"error": text})
 
     def _route(self, method: str) -> None:
+        try:
+            self._answer(method)
+        except Exception:  # noqa: BLE001 - a bug must cost one JSON 500, not an HTML page or a dropped connection
+            logger.exception("answering %s %s failed", method, self.path[:200])
+            self.close_connection = True
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": INTERNAL_ERROR})
+
+    def _answer(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if method == "GET" and path in ("/v2/health/live", "/v2/health/ready"):
@@ -291,7 +431,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
 class _MetricsOnlyHandler(_HttpHandler):
     """The dedicated metrics listener (``--metrics-listen``, a pod's scrape port): ``GET /metrics`` only."""
 
-    def _route(self, method: str) -> None:
+    def _answer(self, method: str) -> None:
         if method == "GET" and self.path.split("?", 1)[0] == "/metrics":
             page = exporter.render(self.gateway, self.gateway.metrics_dir)
             self._send(HTTPStatus.OK, raw=page, content_type=exporter.CONTENT_TYPE)
@@ -299,12 +439,23 @@ class _MetricsOnlyHandler(_HttpHandler):
             self._send(HTTPStatus.NOT_FOUND, {"error": "this port serves GET /metrics only"})
 
 
-def http_server(gateway: Gateway, listen: str, metrics_only: bool = False) -> ThreadingHTTPServer:
+class GatewayHttpServer(ThreadingHTTPServer):
+    """The gateway's HTTP listener: a client that hangs up is one short log line, anything else one logged error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, CLIENT_GONE):
+            logger.info("%s went away (%s)", client_address[0], type(exc).__name__)
+        else:
+            logger.error("unexpected error answering %s", client_address[0], exc_info=True)
+
+
+def http_server(gateway: Gateway, listen: str, metrics_only: bool = False) -> GatewayHttpServer:
     host, port = listen.rsplit(":", 1)
     handler = type("OipHttpHandler", (_MetricsOnlyHandler if metrics_only else _HttpHandler,), {"gateway": gateway})
-    server = ThreadingHTTPServer((host, int(port)), handler)
-    server.daemon_threads = True
-    return server
+    return GatewayHttpServer((host, int(port)), handler)
 
 
 # ------------------------------------------------------------------------------------------ gRPC
@@ -330,6 +481,9 @@ def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
                 return method(self, request, context)
             except OipError as exc:
                 abort(context, exc.status, str(exc))
+            except Exception:  # noqa: BLE001 - never UNKNOWN with the exception's text: INTERNAL, details logged
+                logger.exception("gRPC %s failed", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
 
         call.__name__ = method.__name__
         return call
@@ -462,6 +616,28 @@ def http_response_to_grpc(response: requests.Response, service_pb2: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the process
+def log_handler(log_file: Path | None, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> logging.Handler:
+    """The gateway's log: ``log_file`` rotated at ``max_bytes`` with ``backups`` old files, or standard error."""
+    if log_file is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups,
+                                                       encoding="utf-8")  # fmt: skip
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def configure_logging(handler: logging.Handler) -> None:
+    """Send the root logger (grpc's loggers and warnings propagate to it) to ``handler`` alone (the process's own)."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("grpc").propagate = True
+    logging.captureWarnings(True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="The OIP gateway beside one TorchServe (see servekit/ops/oip.py).")
     parser.add_argument("--http", required=True, help="host:port for metadata and readiness (behind the nginx front)")
@@ -473,7 +649,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
     parser.add_argument("--metrics-listen", help="host:port serving GET /metrics only (a pod's scrape port)")
+    parser.add_argument("--log-file", help="the gateway's log, rotated by size (default: standard error)")
+    parser.add_argument("--log-max-bytes", type=int, default=LOG_MAX_BYTES, help="size at which --log-file rotates")
+    parser.add_argument("--log-backups", type=int, default=LOG_BACKUPS, help="rotated files kept beside --log-file")
     args = parser.parse_args(argv)
+    if args.log_max_bytes < 1024 or args.log_backups < 1:
+        parser.error("--log-max-bytes must be at least 1024 and --log-backups at least 1 (the log must stay bounded)")
+    configure_logging(log_handler(Path(args.log_file) if args.log_file else None, args.log_max_bytes, args.log_backups))
     key_file = Path(args.key_file) if args.key_file else None
     client = TorchServeClient(args.management, args.inference, key_file, timeout=10)
     draining = Path(args.prefix).parent / "draining" if args.prefix else None
@@ -495,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"oip gateway: http {args.http}, grpc {args.grpc}", flush=True)
+    print(f"oip gateway: http {args.http}, grpc {args.grpc}", flush=True)  # to the start-up file
+    logger.info("oip gateway: http %s, grpc %s", args.http, args.grpc)
     http.serve_forever(poll_interval=0.5)
     grpc_srv.stop(grace=2).wait(5)
     return 0

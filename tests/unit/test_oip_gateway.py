@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import re
+import resource
 import socket
 import struct
 import subprocess
@@ -34,9 +35,10 @@ from requests.structures import CaseInsensitiveDict
 import servekit
 from handlers.protocols import Call, Classification, ProtocolConfig, decode
 from servekit.ops import exporter
+from servekit.ops import server as server_module
 from servekit.ops.cli import main
 from servekit.ops.client import TorchServeError
-from servekit.ops.nginx import TEMP_DIRS, nginx_binary
+from servekit.ops.nginx import TEMP_DIRS, config_head, nginx_binary
 from servekit.ops.oip import (
     BINARY_HEADER,
     Gateway,
@@ -47,7 +49,7 @@ from servekit.ops.oip import (
     http_server,
     read_archive_metadata,
 )
-from servekit.ops.oip_service import OipFront, OipService, render_front_config
+from servekit.ops.oip_service import OipFront, OipService, OipServiceError, render_front_config
 from servekit.ops.processes import command_line
 from servekit.ops.server import free_port
 from servekit.ops.store import file_sha256
@@ -259,7 +261,7 @@ def test_the_server_is_not_ready_without_models() -> None:
 
 
 def test_the_server_is_ready_only_when_every_default_version_has_a_ready_worker(fake: FakeTorchServe) -> None:
-    gateway = Gateway(fake, Path("unused"))
+    gateway = Gateway(fake, Path("unused"), view_ttl=0)  # no cache: the fake changes between calls
     assert gateway.server_ready() is True
     fake.register("other", "1.0", "READY").register("other", "2.0", "UNLOADING", default=True)
     assert gateway.model_ready("other", "1.0") is True
@@ -398,7 +400,8 @@ def test_an_archive_without_metadata_json_is_500(tmp_path: Path) -> None:
 @pytest.fixture
 def gateway_http(fake: FakeTorchServe, model_store: Path) -> Iterator[str]:
     port = free_port()
-    with serving(http_server(Gateway(fake, model_store), f"127.0.0.1:{port}")):
+    # view_ttl=0: these tests change the fake between calls (the cache has its own tests)
+    with serving(http_server(Gateway(fake, model_store, view_ttl=0), f"127.0.0.1:{port}")):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -699,7 +702,7 @@ def grpc_gateway(fake: FakeTorchServe, upstream: SimpleNamespace, model_store: P
 
     fake.inference_url = upstream.url
     port = free_port()
-    server = grpc_server(Gateway(fake, model_store), f"127.0.0.1:{port}", workers=4)
+    server = grpc_server(Gateway(fake, model_store, view_ttl=0), f"127.0.0.1:{port}", workers=4)
     server.start()
     client = InferenceServerClient(f"127.0.0.1:{port}")
     try:
@@ -809,13 +812,18 @@ LOCATION = re.compile(
 
 
 def front_locations(text: str) -> dict[str, tuple[re.Pattern[str], str]]:
-    """The regex locations of a rendered front, keyed by their proxy_pass, as Python patterns."""
+    """The regex locations of a rendered front, keyed by the URI they send to TorchServe, as Python patterns."""
     found = {}
     for match in LOCATION.finditer(text):
         pattern = re.sub(r"\(\?<(?=\w)", "(?P<", match["pattern"])  # PCRE's (?<name> is Python's (?P<name>
-        proxy_pass = re.search(r"proxy_pass (\S+);", match["body"])[1]
-        found[match["pattern"].split("(")[0] + proxy_pass] = (re.compile(pattern), match["body"])
+        target = re.search(r"set \$servekit_uri (\S+);", match["body"])[1]
+        found[match["pattern"].split("(")[0] + target] = (re.compile(pattern), match["body"])
     return found
+
+
+def named_location(text: str, name: str) -> str:
+    """The body of ``location @name`` in the front's main server."""
+    return re.search(rf"^        location @{name} \{{\n(.*?)^        \}}$", text, re.MULTILINE | re.DOTALL)[1]
 
 
 @pytest.fixture
@@ -838,13 +846,13 @@ def test_the_front_passes_nginx_check(tmp_path: Path, front_text: str) -> None:
 def test_the_front_routes(front_text: str) -> None:
     locations = front_locations(front_text)
     assert sorted(locations) == [
-        "^/v1/models/http://torchserve",
-        "^/v2/models/http://torchserve",
-        "^/v2/models/http://torchserve/predictions/$model/$version",
+        "^/v1/models/$request_uri",
+        "^/v2/models/$request_uri",
+        "^/v2/models//predictions/$model/$version",
     ]
-    infer, _ = locations["^/v2/models/http://torchserve"]
-    versioned, _ = locations["^/v2/models/http://torchserve/predictions/$model/$version"]
-    predict, _ = locations["^/v1/models/http://torchserve"]
+    infer, _ = locations["^/v2/models/$request_uri"]
+    versioned, _ = locations["^/v2/models//predictions/$model/$version"]
+    predict, _ = locations["^/v1/models/$request_uri"]
     for name in ("digits", "d", "resnet-18", "Model_2", "a" * 64):
         assert infer.search(f"/v2/models/{name}/infer")["model"] == name
         assert predict.search(f"/v1/models/{name}:predict")["model"] == name
@@ -867,9 +875,16 @@ def test_inference_locations_answer_a_missing_token_with_401_json(front_text: st
     for _, body in front_locations(front_text).values():
         assert 'if ($http_authorization = "") {' in body
         assert re.search(r"return 401 '\{\"error\": \"missing token[^']*\"\}';", body)
+        assert "proxy_pass" not in body  # checks only: @torchserve proxies
+        assert body.endswith("            return 418;\n")
+    assert "\n        error_page 418 = @torchserve;" in front_text
+    assert "\n        error_page 419 = @torchserve_chunked;\n" in front_text
+    for name in ("torchserve", "torchserve_chunked"):
+        body = named_location(front_text, name)
         assert "proxy_intercept_errors on;" in body
         assert "error_page 404 = @not_found;" in body
         assert "error_page 503 = @unavailable;" in body
+        assert "proxy_pass http://torchserve$servekit_uri;" in body
     gateway_routes = re.findall(
         r'location (/v\d) \{\n\s*proxy_pass_request_body off;\n\s*proxy_set_header Content-Length "";\n'
         r"\s*proxy_pass http://gateway;",
@@ -877,6 +892,135 @@ def test_inference_locations_answer_a_missing_token_with_401_json(front_text: st
     )
     assert gateway_routes == ["/v2", "/v1"]  # no request body ever reaches the gateway
     assert "default_type application/json;" in front_text
+
+
+# What the security issue's finding B named: every one of these, when nginx writes it, is JSON.
+FRONT_STATUSES = (400, 401, 403, 404, 405, 408, 413, 414, 429, 431, 494, 500, 501, 502, 503, 504)
+
+
+def error_answers(text: str) -> dict[int, tuple[int, dict]]:
+    """Each status with a server-level error_page in the main server: the status and JSON body it answers."""
+    main_server = text.split("\n    server {\n")[1]
+    answers = {}
+    for code, uri in re.findall(r"^        error_page (\d+) = (/\S+);$", main_server, re.MULTILINE):
+        block = re.search(rf"location = {re.escape(uri)} \{{\n(.*?)\}}\n", main_server, re.DOTALL)[1]
+        status, body = re.search(r"return (\d+) '(.*)';", block).groups()
+        answers[int(code)] = (int(status), json.loads(body))
+    return answers
+
+
+def test_every_status_the_front_writes_is_a_json_error(front_text: str) -> None:
+    answers = error_answers(front_text)
+    assert set(FRONT_STATUSES) <= set(answers)
+    for code, (status, document) in answers.items():
+        assert status == (431 if code == 494 else code)  # 494: nginx's own "header too large"
+        assert list(document) == ["error"]
+        assert document["error"]
+    assert answers[413][1] == {"error": "the request body is over 6553600 bytes (the limit)"}
+    assert "location ^~ /_servekit/error/ {\n            internal;" in front_text
+    assert "default_type application/json;" in front_text
+    # TorchServe's answers: only its 404/503 (and nginx's own 429/502/504) are intercepted, never the handler's
+    # 400/413/500 on a body with a Content-Length; a chunked body's own 400/413 are answered as JSON too.
+    plain = re.findall(r"error_page (\d+) ", named_location(front_text, "torchserve"))
+    chunked = re.findall(r"error_page (\d+) ", named_location(front_text, "torchserve_chunked"))
+    assert (sorted(plain), sorted(chunked)) == (["404", "429", "502", "503", "504"],
+                                                ["400", "404", "413", "429", "502", "503", "504"])  # fmt: skip
+
+
+def test_inference_locations_refuse_every_method_but_post_with_405_json(front_text: str) -> None:
+    for _, body in front_locations(front_text).values():
+        assert body.split("\n", 1)[1].startswith(  # after "set $servekit_uri ...;"
+            '            if ($request_method != "POST") {\n'
+            "                add_header Allow POST always;\n"
+            '                return 405 \'{"error": "method $request_method is not allowed here: send POST"}\';\n'
+            "            }\n"
+        )
+
+
+def test_the_front_bounds_slow_clients_and_each_address(front_text: str) -> None:
+    settings: dict[str, str] = {}
+    for key, value in re.findall(r"^\s*(\w+) ([^;{]+);", front_text, re.MULTILINE):
+        settings.setdefault(key, value)  # the first: the http block's
+    assert (settings["worker_processes"], settings["worker_rlimit_nofile"]) == ("1", "16384")
+    assert re.search(r"^events \{ worker_connections 8192; \}$", front_text, re.MULTILINE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or int(settings["worker_rlimit_nofile"]) <= hard
+    for key, value in {"client_header_timeout": "10s", "client_body_timeout": "10s", "send_timeout": "10s",
+                       "keepalive_timeout": "15s", "reset_timedout_connection": "on",
+                       "large_client_header_buffers": "4 8k", "limit_conn_status": "429",
+                       "client_max_body_size": "6553600"}.items():  # fmt: skip
+        assert settings[key] == value, key
+    assert "limit_conn_zone $binary_remote_addr zone=servekit_clients:1m;" in front_text
+    for name in ("torchserve", "torchserve_chunked"):
+        assert "limit_conn servekit_clients 128;" in named_location(front_text, name)
+    assert front_text.count("limit_conn servekit_clients") == 2  # inference only, not the gateway's paths
+
+
+def test_the_health_listener_answers_only_the_two_probes(tmp_path: Path) -> None:
+    text = render_front_config(tmp_path / "front", "0.0.0.0:8000", "127.0.0.1:8080", "127.0.0.1:8002",
+                               tokens=False, health="0.0.0.0:8004")  # fmt: skip
+    assert re.findall(r"^\s*listen (.*);$", text, re.MULTILINE) == ["0.0.0.0:8000", "0.0.0.0:8004"]
+    health = text[text.index("        listen 0.0.0.0:8004;") :]
+    assert re.findall(r"^        location (.*) \{$", health, re.MULTILINE) == [
+        "= /v2/health/live", "= /v2/health/ready", "/", "^~ /_servekit/error/"]  # fmt: skip
+    for path in ("live", "ready"):
+        block = re.search(rf"location = /v2/health/{path} \{{\n(.*?)^        \}}", health, re.DOTALL | re.MULTILINE)[1]
+        assert block == (
+            '            if ($request_method != "GET") {\n'
+            "                add_header Allow GET always;\n"
+            '                return 405 \'{"error": "method $request_method is not allowed here: send GET"}\';\n'
+            "            }\n"
+            "            proxy_pass http://gateway;\n"
+        )
+    assert 'return 404 \'{"error": "this port serves GET /v2/health/live and /v2/health/ready only"}\';' in health
+    for line in ("limit_conn servekit_health 16;", "proxy_pass_request_headers off;", "proxy_pass_request_body off;",
+                 "client_header_timeout 5s;", "keepalive_timeout 5s;", "client_max_body_size 1024;"):  # fmt: skip
+        assert f"\n        {line}" in health, line
+    assert "servekit_health" not in render_front_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    prefix = tmp_path / "front"
+    for sub in TEMP_DIRS:
+        (prefix / "tmp" / sub).mkdir(parents=True)
+    (prefix / "nginx.conf").write_text(text)
+    check = subprocess.run([nginx_binary(), "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                           capture_output=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_config_head_sets_the_open_file_limit_only_when_asked(tmp_path: Path) -> None:
+    """The guard and the proxy call ``config_head`` without it: their configuration is unchanged."""
+    assert "worker_rlimit_nofile" not in config_head(tmp_path, 256, "user root root;\n")
+    assert config_head(tmp_path, 1024).startswith(f"worker_processes 1;\npid {tmp_path / 'nginx.pid'};\n")
+    assert config_head(tmp_path, 8192, rlimit_nofile=16384).startswith(
+        "worker_processes 1;\nworker_rlimit_nofile 16384;\n"
+    )
+
+
+def test_the_service_gives_its_front_the_health_listener_and_checks_the_port(tmp_path: Path) -> None:
+    def service(**kwargs: Any) -> OipService:
+        return OipService(tmp_path / "oip", "http://127.0.0.1:1", "http://127.0.0.1:2", None, tmp_path,
+                          http_port=free_port(), grpc_port=free_port(), **kwargs)  # fmt: skip
+
+    assert service().front.health_listen is None
+    assert service(health_port=8004, host="0.0.0.0").front.health_listen == "0.0.0.0:8004"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OipServiceError, match=rf"port {port} \(OIP health\) is already in use"):
+            service(health_port=port).start()
+    assert not (tmp_path / "oip" / "gateway.pid").exists()  # refused before anything started
+
+
+def test_server_run_passes_health_port_to_the_oip_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    started = []
+    monkeypatch.setattr(server_module, "_run", lambda server, args: started.append(server) or 0)
+    assert server_module.main(["run", "--health-port", "18004", "--metrics-port", "18083"]) == 0
+    (server,) = started
+    assert (server.oip_ports["oip_health"], server.oip_service.health_port) == (18004, 18004)
+    assert server.oip_service.front.health_listen == "127.0.0.1:18004"
+    assert server_module.main(["run"]) == 0
+    assert "oip_health" not in started[1].oip_ports
+    assert started[1].oip_service.health_port is None
 
 
 def test_the_front_for_real(tmp_path: Path, upstream: SimpleNamespace, fake: FakeTorchServe, model_store: Path) -> None:
