@@ -1,7 +1,8 @@
 """One nginx process of our own, its files under one prefix: the base of the management guard and the proxy.
 
-``NginxInstance`` owns what both share: the binary, the common head of the configuration (pid
-file, logs and temporary paths under the prefix), installing a configuration only after
+``NginxInstance`` owns what both share (and the OIP front with them): the binary, the common head of
+the configuration (pid file, logs and temporary paths under the prefix, the worker's open-file limit
+where asked), installing a configuration only after
 ``nginx -t`` accepted it (replaced whole, never half-written), starting nginx and waiting for
 it to answer, reloading it, and stopping it. nginx is signalled by us, never through
 ``nginx -s``, and only after its pid file's process is checked to be this prefix's master
@@ -44,11 +45,17 @@ def nginx_binary() -> str:
     return path
 
 
-def config_head(prefix: Path, worker_connections: int, user: str = "") -> str:
-    """Everything before an ``http`` block's own settings: one worker, every file under ``prefix``."""
+def config_head(prefix: Path, worker_connections: int, user: str = "", rlimit_nofile: int | None = None) -> str:
+    """Everything before an ``http`` block's own settings: one worker, every file under ``prefix``.
+
+    ``rlimit_nofile``: the worker's open-file limit (``worker_rlimit_nofile``), for ``worker_connections``
+    above the limit nginx inherits (often 1,024); none: the inherited one.
+    """
     temp_paths = "".join(f"    {sub}_temp_path {prefix / 'tmp' / sub};\n" for sub in TEMP_DIRS if sub != "body")
+    rlimit = f"worker_rlimit_nofile {rlimit_nofile};\n" if rlimit_nofile is not None else ""
     return (
         f"{user}worker_processes 1;\n"
+        f"{rlimit}"
         f"pid {prefix / 'nginx.pid'};\n"
         f"error_log {prefix / 'error.log'} warn;\n"
         f"events {{ worker_connections {worker_connections}; }}\n"

@@ -10,7 +10,17 @@
   rewritten to ``{"error": ...}``; the handler's own 4xx errors already are and pass untouched (a 503
   from the handler, such as an injected fault, is rewritten too: nginx cannot tell it from TorchServe's);
 * every other ``/v2`` and ``/v1`` path (metadata, readiness, server metadata) goes to the gateway
-  (``servekit.ops.oip``), which also serves gRPC.
+  (``servekit.ops.oip``), which also serves gRPC;
+* only POST reaches an inference location (any other method: 405 with ``Allow: POST``), with a body
+  of at most TorchServe's ``max_request_size``, and at most ``CLIENT_LIMIT`` in progress per client
+  address (beyond: 429);
+* every answer nginx writes by itself (a bad request line, a header too large, a %00 in the path, a
+  body too large, an upstream down...) is ``{"error": ...}`` JSON; HTTP/0.9 is closed unanswered;
+* slow clients are bounded: short header, body, send and keep-alive timeouts, and enough connections
+  (``WORKER_CONNECTIONS``) that a thousand idle sockets cannot crowd out the probes or inference.
+
+With ``health`` it also listens there for ``GET /v2/health/live`` and ``/ready`` only (proxied to the
+gateway, 404 JSON for anything else, limits of its own): a pod's probes, apart from the inference port.
 
 ``OipService`` starts the gateway (its pid file is checked before any signal, as for every process
 of ours) and the front; ``TorchServeProcess`` starts and stops it with TorchServe.
@@ -25,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,31 +45,157 @@ from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
+# The front's limits. The benchmarks drive up to ~64 concurrent connections from one address (127.0.0.1)
+# with `hey`; every number below leaves them at least 2x headroom, and none applies to a request that flows.
+DEFAULT_MAX_BODY = 6_553_600  # TorchServe's max_request_size (config.properties): over it TorchServe answers an
+# empty 413 itself, so the front refuses such a body first, with JSON, and TorchServe never sees one
+WORKER_CONNECTIONS = 8192  # client and upstream connections of the one worker: 1,024 was exhausted by ~1,200 idle
+# sockets; 8,192 costs a few MB and makes a starving attacker hold thousands, each for at most HEADER_TIMEOUT
+RLIMIT_NOFILE = 16384  # two descriptors per proxied request (client + upstream); under this machine's hard 20,000
+HEADER_TIMEOUT = "10s"  # the request line and headers must arrive within this (nginx's default: 60 s)
+BODY_TIMEOUT = "10s"  # between two reads of a body, and between two writes of an answer (not the whole transfer)
+KEEPALIVE_TIMEOUT = "15s"  # an idle keep-alive connection is closed after this (nginx's default: 75 s)
+CLIENT_LIMIT = 128  # inference requests in progress per client address: 2x the benchmark's 64; the excess gets
+# 429 at once instead of joining TorchServe's queue (job_queue_size 256), so one address cannot take all of it
+HEALTH_CLIENT_LIMIT = 16  # probes in progress per address on the health port (a kubelet sends one at a time)
+HEALTH_MAX_BODY = 1024  # bytes: a probe sends no body
+HEALTH_TIMEOUT = "5s"  # header, body, send and keep-alive timeouts of the health port (a probe sends at once)
+HEADER_BUFFERS = "4 8k"  # one header line (or the request line) over 8 KB: 431 (414); the whole header <= ~32 KB
+
+# What the front itself answers for each status it can produce (every answer is {"error": ...} JSON).
+_ERRORS = {
+    400: "bad request: the request line, a header or the URL is malformed",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not found",
+    405: "method not allowed",
+    408: "the request was not received in time",
+    413: "the request body is over {max_body} bytes (the limit)",
+    414: "the request line is over 8 KB (the limit)",
+    429: "too many requests in progress from this client address (the limit is {limit}); retry later",
+    431: "a request header line is over 8 KB, or all headers over 32 KB (the limits)",
+    500: "internal error in the front",
+    501: "not implemented: the method or transfer encoding is not supported",
+    502: "the upstream server could not be reached",
+    503: "the service is unavailable",
+    504: "the upstream server did not answer in time",
+    505: "HTTP version not supported: send HTTP/1.0 or 1.1",
+}
 
 
 class OipServiceError(NginxError):
     """The OIP front or gateway could not be started."""
 
 
-def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str, tokens: bool = True) -> str:
-    """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens."""
+# A chunked request's 400/413 from the handler, caught with nginx's own (see @torchserve_chunked).
+_REFUSED_CHUNKED = "the model refused the request ({code}): send it with a Content-Length to read why"
+
+ERROR_URI = "/_servekit/error"  # the front's own error answers, internal locations (never reachable from outside)
+
+
+def _error_pages(indent: str, codes: Iterable[int] = _ERRORS) -> str:
+    """``error_page`` lines sending each status nginx may produce by itself to its JSON answer."""
+    lines = [f"{indent}error_page {code} = {ERROR_URI}/{code};\n" for code in codes]
+    if 431 in codes:  # 494: nginx's own "request header too large" (a line over a buffer), answered as 431
+        lines.append(f"{indent}error_page 494 = {ERROR_URI}/431;\n")
+    return "".join(lines)
+
+
+def _error_locations(max_body: int, client_limit: int, allow: str) -> str:
+    """The internal locations answering ``{"error": ...}`` for each status of ``_ERRORS`` (``Content-Type``
+    from the server's ``default_type``); ``allow``: the ``Allow`` header of nginx's own 405 (TRACE).
+
+    URIs, not named locations: nginx refuses a named location for a request without a URI (a bad request
+    line, one too long, a %00 in the path), and answers 500 instead.
+    """
+    blocks = []
+    for code, message in _ERRORS.items():
+        text = message.format(max_body=max_body, limit=client_limit)
+        allow_header = f'                add_header Allow "{allow}" always;\n' if code == 405 else ""
+        blocks.append(
+            f"            location = {ERROR_URI}/{code} {{\n{allow_header}"
+            f'                return {code} \'{{"error": "{text}"}}\';\n'
+            "            }\n"
+        )
+    return (
+        f"        location ^~ {ERROR_URI}/ {{\n"
+        "            internal;\n"
+        "            client_max_body_size 0;  # the request's own body is being discarded: not checked again\n"
+        + "".join(blocks)
+        + "        }\n"
+    )
+
+
+def render_front_config(
+    prefix: Path,
+    listen: str,
+    torchserve: str,
+    gateway: str,
+    tokens: bool = True,
+    *,
+    health: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    client_limit: int = CLIENT_LIMIT,
+) -> str:
+    """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens;
+    ``health``: host:port of the health-only listener; ``max_body``: TorchServe's ``max_request_size``."""
     name, version = NAME_PATTERN, VERSION_PATTERN
     missing_token = (
         '            if ($http_authorization = "") {\n'
         '                return 401 \'{"error": "missing token: send Authorization: Bearer <inference key>"}\';\n'
         "            }\n"
     )
-    oip_errors = (
-        (missing_token if tokens else "")
-        + "            proxy_intercept_errors on;\n"
-        + "            error_page 404 = @not_found;\n"
-        + "            error_page 503 = @unavailable;\n"
+    # An inference location only checks (method, token, body size on its Content-Length) and hands the request
+    # to @torchserve (418, the server's error_page), which reads the body and proxies. Two locations because
+    # error_page is per location and, with proxy_intercept_errors on, would catch TorchServe's answers too: here
+    # every error of nginx's own is JSON, there only TorchServe's 404/503 (not OIP-shaped) are rewritten, so the
+    # handler's own 400, 413 and 500 pass untouched. The hand-over is an internal redirect (no second
+    # connection, no copy of the body).
+    checks = (
+        '            if ($request_method != "POST") {\n'
+        "                add_header Allow POST always;\n"
+        '                return 405 \'{"error": "method $request_method is not allowed here: send POST"}\';\n'
+        "            }\n"
+        + (missing_token if tokens else "")
+        + "            if ($http_transfer_encoding) {\n"
+        + "                return 419;\n"
+        + "            }\n"
+        + "            return 418;\n"
     )
+    proxied = (
+        f"            limit_conn servekit_clients {client_limit};\n"
+        "            proxy_intercept_errors on;\n"
+        "            error_page 404 = @not_found;\n"
+        "            error_page 503 = @unavailable;\n"
+        f"{_error_pages('            ', (429, 502, 504))}"
+    )
+    health_zone = "    limit_conn_zone $binary_remote_addr zone=servekit_health:1m;\n" if health is not None else ""
     return f"""# Written by servekit.ops.oip_service: the Open Inference Protocol address (see that module).
-{config_head(prefix, 1024)}    client_max_body_size 7m;
-    client_body_buffer_size 7m;
+{config_head(prefix, WORKER_CONNECTIONS, rlimit_nofile=RLIMIT_NOFILE)}    client_max_body_size {max_body};
+    client_body_buffer_size {max_body};  # a body stays in memory, never in a temporary file
     server_tokens off;
     access_log off;  # one line per inference would grow without bound (a pod's emptyDir); TorchServe logs requests
+    # Slow or idle clients must not hold connections: nginx's defaults (60 s header and body, 75 s keep-alive)
+    # let ~1,200 sockets that send nothing starve the probes. A client that stops sending or reading for
+    # these times is dropped, and reset (its buffers freed at once, no FIN_WAIT).
+    client_header_timeout {HEADER_TIMEOUT};
+    client_body_timeout {BODY_TIMEOUT};
+    send_timeout {BODY_TIMEOUT};
+    keepalive_timeout {KEEPALIVE_TIMEOUT};
+    reset_timedout_connection on;
+    large_client_header_buffers {HEADER_BUFFERS};
+    # Inference requests in progress per client address (counted once its header is read), beyond: 429 JSON.
+    limit_conn_zone $binary_remote_addr zone=servekit_clients:1m;
+{health_zone}    limit_conn_status 429;
+    limit_conn_log_level warn;
+    # "GET /path" alone (HTTP/0.9): a URI and no protocol (a malformed request line has neither: it gets its 400).
+    map "$server_protocol $request_uri" $servekit_http09 {{
+        "~^ /" 1;
+        default 0;
+    }}
+    # An inference location hands over to @torchserve through error_page; TorchServe's 404/503 there go
+    # through error_page again.
+    recursive_error_pages on;
     upstream torchserve {{
         server {torchserve};
         keepalive 32;
@@ -73,14 +210,31 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
         proxy_set_header Connection "";
         proxy_read_timeout 120s;
         default_type application/json;
+        if ($servekit_http09) {{
+            return 444;  # an HTTP/0.9 answer has no status line and no headers: close without one
+        }}
+        # Every status nginx writes by itself, here or before a location is chosen (bad request line, header
+        # too large, %00 in the path, TRACE, an unknown Transfer-Encoding): {{"error": ...}} JSON.
+{_error_pages("        ")}        error_page 418 = @torchserve;  # from the inference locations: checked, now proxy
+        error_page 419 = @torchserve_chunked;
         location ~ "^/v2/models/(?<model>{name})/infer$" {{
-{oip_errors}            proxy_pass http://torchserve;
-        }}
+            set $servekit_uri $request_uri;
+{checks}        }}
         location ~ "^/v2/models/(?<model>{name})/versions/(?<version>{version})/infer$" {{
-{oip_errors}            proxy_pass http://torchserve/predictions/$model/$version;
-        }}
+            set $servekit_uri /predictions/$model/$version;
+{checks}        }}
         location ~ "^/v1/models/(?<model>{name}):predict$" {{
-{oip_errors}            proxy_pass http://torchserve;
+            set $servekit_uri $request_uri;
+{checks}        }}
+        location @torchserve {{
+{proxied}            proxy_pass http://torchserve$servekit_uri;
+        }}
+        location @torchserve_chunked {{
+            # A chunked body is read here, so its own 400 (malformed) and 413 (over the limit) must be JSON too:
+            # they are caught with TorchServe's (then the handler's reason is lost; a Content-Length keeps it).
+{proxied}            error_page 400 = @chunked_400;
+            error_page 413 = @chunked_413;
+            proxy_pass http://torchserve$servekit_uri;
         }}
         location @not_found {{
             return 404 '{{"error": "no model or version named in $uri is being served"}}';
@@ -88,7 +242,19 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
         location @unavailable {{
             return 503 '{{"error": "the model cannot take this request now (no worker, or its queue is full)"}}';
         }}
-        location = /metrics {{
+        location @chunked_400 {{
+            if ($upstream_status) {{
+                return 400 '{{"error": "{_REFUSED_CHUNKED.format(code=400)}"}}';
+            }}
+            return 400 '{{"error": "the chunked request body is malformed"}}';
+        }}
+        location @chunked_413 {{
+            if ($upstream_status) {{
+                return 413 '{{"error": "{_REFUSED_CHUNKED.format(code=413)}"}}';
+            }}
+            return 413 '{{"error": "the request body is over {max_body} bytes (the limit)"}}';
+        }}
+{_error_locations(max_body, client_limit, "GET, POST")}        location = /metrics {{
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
             proxy_pass http://gateway;
@@ -107,7 +273,46 @@ def render_front_config(prefix: Path, listen: str, torchserve: str, gateway: str
             return 404 '{{"error": "not an Open Inference Protocol or KServe v1 path"}}';
         }}
     }}
-}}
+{_health_server(health, HEALTH_CLIENT_LIMIT) if health is not None else ""}}}
+"""
+
+
+def _health_server(listen: str, client_limit: int) -> str:
+    """The health-only listener: GET /v2/health/live and /ready, proxied to the gateway; 404 JSON for the rest."""
+    health = (
+        '            if ($request_method != "GET") {\n'
+        "                add_header Allow GET always;\n"
+        '                return 405 \'{"error": "method $request_method is not allowed here: send GET"}\';\n'
+        "            }\n"
+        "            proxy_pass http://gateway;\n"
+    )
+    return f"""    server {{
+        # The probes' own port: the inference port's clients cannot fill its requests (a limit of its own,
+        # short timeouts); the connections are the worker's, sized for that (WORKER_CONNECTIONS).
+        listen {listen};
+        client_header_timeout {HEALTH_TIMEOUT};
+        client_body_timeout {HEALTH_TIMEOUT};
+        send_timeout {HEALTH_TIMEOUT};
+        keepalive_timeout {HEALTH_TIMEOUT};
+        client_max_body_size {HEALTH_MAX_BODY};  # a probe sends no body
+        limit_conn servekit_health {client_limit};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_pass_request_headers off;  # the gateway needs none of the probe's headers
+        proxy_pass_request_body off;
+        proxy_read_timeout {HEALTH_TIMEOUT};
+        default_type application/json;
+        if ($servekit_http09) {{
+            return 444;
+        }}
+{_error_pages("        ")}        location = /v2/health/live {{
+{health}        }}
+        location = /v2/health/ready {{
+{health}        }}
+        location / {{
+            return 404 '{{"error": "this port serves GET /v2/health/live and /v2/health/ready only"}}';
+        }}
+{_error_locations(HEALTH_MAX_BODY, client_limit, "GET")}    }}
 """
 
 
@@ -117,13 +322,25 @@ class OipFront(NginxInstance):
     torchserve: str = "127.0.0.1:8080"
     gateway: str = "127.0.0.1:8002"
     tokens: bool = True  # False: TorchServe runs without token authorization (a bundle's pod)
+    health_listen: str | None = None  # host:port of the health-only listener (a pod's probes), or none
+    max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size
     label = "the OIP front"
     error = OipServiceError
 
     def start(self, timeout: float = 10.0) -> None:
         self.refuse_if_running()
-        self.install(render_front_config(self.prefix, self.listen, self.torchserve, self.gateway, self.tokens))
-        self.launch(self.listen, timeout)
+        self.install(
+            render_front_config(
+                self.prefix,
+                self.listen,
+                self.torchserve,
+                self.gateway,
+                self.tokens,
+                health=self.health_listen,
+                max_body=self.max_body,
+            )
+        )
+        self.launch(self.listen, timeout)  # nginx binds every listener or none: the health one is up too
 
 
 def _listening(port: int) -> bool:
@@ -145,6 +362,8 @@ class OipService:
     host: str = "127.0.0.1"  # where the front and gRPC listen ("0.0.0.0" in a pod)
     metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR: GET /metrics (servekit.ops.exporter)
     metrics_port: int | None = None  # also a listener on host:port with GET /metrics only (a pod's scrape port)
+    health_port: int | None = None  # also a front listener on host:port with GET /v2/health/live|ready only (probes)
+    max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size: the front refuses larger bodies itself
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -161,6 +380,8 @@ class OipService:
             torchserve=self.inference_url.split("://", 1)[-1],
             gateway=self._gateway_address(),
             tokens=self.key_file is not None,
+            health_listen=None if self.health_port is None else f"{self.host}:{self.health_port}",
+            max_body=self.max_body,
         )
 
     def _gateway_address(self) -> str:
@@ -177,6 +398,8 @@ class OipService:
         listeners = [("OIP HTTP", self.http_port), ("OIP gRPC", self.grpc_port)]
         if self.metrics_port is not None:
             listeners.append(("servekit metrics", self.metrics_port))
+        if self.health_port is not None:
+            listeners.append(("OIP health", self.health_port))
         for kind, port in listeners:
             if _listening(port):
                 raise OipServiceError(f"port {port} ({kind}) is already in use: is another server running? (make stop)")
@@ -194,7 +417,11 @@ class OipService:
             command += ["--metrics-dir", str(self.metrics_dir)]
         if self.metrics_port is not None:
             command += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
-        log = open(self.prefix / "gateway.log", "ab")  # noqa: SIM115 - handed to the child
+        # The gateway writes its own log, rotated by size (gateway.log); its standard output and error go to
+        # a start-up file emptied at each start: what a failing start said, read below.
+        command += ["--log-file", str(self.prefix / "gateway.log")]
+        startup = self.prefix / "gateway.start.log"
+        log = open(startup, "wb")  # noqa: SIM115 - handed to the child
         try:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        cwd=Path(__file__).resolve().parents[2])  # fmt: skip
@@ -207,7 +434,7 @@ class OipService:
                    and (self.metrics_port is None or _listening(self.metrics_port))):  # fmt: skip
             if process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = (self.prefix / "gateway.log").read_text(errors="replace")[-500:]
+                tail = startup.read_text(errors="replace")[-500:]
                 raise OipServiceError(f"the OIP gateway did not start: {' '.join(tail.split())}")
             time.sleep(0.1)
         try:

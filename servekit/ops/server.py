@@ -20,6 +20,8 @@ all other settings then come from the snapshot (``ports`` is set from it), the m
 (a bundle's, no snapshots: a pod is immutable), then waits for SIGTERM. On SIGTERM it drains: the
 OIP readiness turns false at once (``/v2/health/ready``: the gateway sees ``workdir/draining``),
 it waits until no request is queued (at most ``--drain-timeout`` s), and only then stops.
+``--metrics-port`` and ``--health-port`` add listeners that serve only ``GET /metrics`` and only
+``GET /v2/health/live|ready`` (a pod's scrape and probe ports; ``servekit.ops.oip_service``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from servekit.errors import ServekitError
 from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
 from servekit.ops.exporter import clear as clear_metrics
 from servekit.ops.guard import ManagementGuard
-from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, OipService
+from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, OipService
 from servekit.ops.processes import free_port, group_alive, owned_pid, read_pid
 from servekit.ops.store import verify_store
 from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
@@ -137,7 +139,8 @@ class TorchServeProcess:
     overrides: dict[str, str] = field(default_factory=dict)
     verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
     oip: bool = True  # the Open Inference Protocol address beside it (servekit.ops.oip_service)
-    # {"oip_http": .., "oip_grpc": .., "servekit_metrics": .. (optional)}; default 8000/8001, free with ports
+    # {"oip_http": .., "oip_grpc": .., "servekit_metrics": .., "oip_health": .. (both optional)}; default
+    # 8000/8001, free with ports
     oip_ports: dict[str, int] | None = None
     config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
@@ -178,6 +181,8 @@ class TorchServeProcess:
             self.key_file if self.tokens else None, self.model_store,
             http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"], host=self.bind,
             metrics_dir=self.metrics_dir, metrics_port=self.oip_ports.get("servekit_metrics"),
+            health_port=self.oip_ports.get("oip_health"),
+            max_body=int(self.props.get("max_request_size") or DEFAULT_MAX_BODY),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -305,6 +310,8 @@ class TorchServeProcess:
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
             # Every worker's handler metrics, summed by the exporter (servekit.ops.exporter).
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
+            "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
             **self.env,
         }
         clear_metrics(self.metrics_dir)
@@ -461,11 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oip-http-port", type=int, default=DEFAULT_HTTP_PORT, help="run: the OIP HTTP port")
     parser.add_argument("--oip-grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="run: the OIP gRPC port")
     parser.add_argument("--metrics-port", type=int, help="run: a port serving only servekit's GET /metrics")
+    parser.add_argument(
+        "--health-port", type=int, help="run: a port of the OIP front serving only GET /v2/health/live and /ready"
+    )
     args = parser.parse_args(argv)
     if args.action == "run":
         oip_ports = {"oip_http": args.oip_http_port, "oip_grpc": args.oip_grpc_port}
         if args.metrics_port is not None:
             oip_ports["servekit_metrics"] = args.metrics_port
+        if args.health_port is not None:
+            oip_ports["oip_health"] = args.health_port
         server = TorchServeProcess(
             Path(args.workdir), Path(args.model_store), config=Path(args.config), bind=args.bind, oip_ports=oip_ports
         )
