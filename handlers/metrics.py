@@ -12,22 +12,26 @@ dropped without a word.
 
 ``SERVEKIT_HANDLER_METRICS=off`` in the worker's environment turns all of it into no-ops (the
 benchmark measures the overhead that way). ``PredictionLog`` writes a sampled JSON-lines record of
-answers (``handler.prediction_log`` in the archive's configuration).
+answers (``handler.prediction_log`` in the archive's configuration), capped and rotated.
 
 This module must not import torch: the build and the exporter read the bucket edges from here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -181,18 +185,35 @@ def handler_metrics(model: str, version: str) -> HandlerMetrics | NullMetrics:
 
 
 # ------------------------------------------------------------------------------------------ prediction log
+MIB = 1024 * 1024
+MIN_LOG_BYTES = 4096
+MAX_LOG_BYTES = 1 << 40
+MAX_BACKUPS = 100
+
+
+def _whole_number(name: str, value: Any, low: int, high: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"prediction_log.{name}: must be a whole number {what} from {low} to {high}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PredictionLogConfig:
     """``handler.prediction_log``: a sampled JSON-lines record of answers, off by default.
 
     ``sample_rate`` (0..1): the share of answered requests written; ``include_input``: also write the
     request body, base64 (off: only its sha256, so images never land in logs by accident);
-    ``path``: the file, relative to TorchServe's log directory (``LOG_LOCATION``) unless absolute.
+    ``path``: the file, relative to TorchServe's log directory (``LOG_LOCATION``) unless absolute;
+    ``max_bytes``: the file's cap: a record that would take it past the cap first renames it to
+    ``PATH.1`` (``PATH.1`` to ``PATH.2`` and so on, the oldest beyond ``backups`` dropped; with
+    ``backups: 0`` the full file is deleted) and starts a new one, so the log never takes more than
+    ``max_bytes * (backups + 1)`` bytes of disk; a single record larger than ``max_bytes`` is skipped.
     """
 
     sample_rate: float = 0.0
     include_input: bool = False
     path: str = "servekit_predictions.jsonl"
+    max_bytes: int = 64 * MIB
+    backups: int = 3
 
     def __post_init__(self) -> None:
         rate = self.sample_rate
@@ -202,12 +223,15 @@ class PredictionLogConfig:
             raise ValueError(f"prediction_log.include_input: must be true or false, got {self.include_input!r}")
         if not isinstance(self.path, str) or not self.path.strip() or "\n" in self.path:
             raise ValueError(f"prediction_log.path: must be a file name, got {self.path!r}")
+        _whole_number("max_bytes", self.max_bytes, MIN_LOG_BYTES, MAX_LOG_BYTES, "of bytes")
+        _whole_number("backups", self.backups, 0, MAX_BACKUPS, "of rotated files kept")
 
     @classmethod
     def from_dict(cls, data: Any) -> PredictionLogConfig:
+        names = [f.name for f in fields(cls)]
         if not isinstance(data, dict):
-            raise ValueError(f"prediction_log: must be a mapping (sample_rate, include_input, path), got {data!r}")
-        valid = {"sample_rate", "include_input", "path"}
+            raise ValueError(f"prediction_log: must be a mapping ({', '.join(names)}), got {data!r}")
+        valid = set(names)
         unknown = sorted(set(data) - valid)
         if unknown:
             raise ValueError(f"prediction_log.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(valid))})")
@@ -215,7 +239,29 @@ class PredictionLogConfig:
 
 
 class PredictionLog:
-    """Appends one JSON line per sampled answer; lines from several workers stay whole (one write each)."""
+    """Appends one JSON line per sampled answer to a capped, rotated file shared by every worker.
+
+    Each record is one ``os.write`` to a file opened with ``O_APPEND``, made while holding an
+    exclusive ``flock`` on that file, so lines from several worker processes stay whole. Under the
+    lock the writer checks that the path still names the file it opened (another worker may have
+    rotated it meanwhile: then it opens the new one) and, when the record would take the file past
+    ``max_bytes``, rotates it first (``PredictionLogConfig``). The path is opened anew for each
+    record, with ``O_NOFOLLOW``: a symbolic link there is never followed, and anything that is not a
+    regular file with one link, owned by this process's user, is refused. A new file is created
+    0600; an existing one of ours that others may read is set to 0600 before anything is written
+    (it is our file and only lost its mode, e.g. to an older servekit or a hand-made copy; one that
+    belongs to another user is refused, since we cannot take it back). A refused or failed write
+    (full disk, permissions) skips the record and logs one warning per kind of failure; it never
+    fails the request.
+
+        log = PredictionLog(PredictionLogConfig(sample_rate=0.01), "digits", "1.0")
+        if log.sampled():
+            log.write(request_id, body, answers, seconds, 200)
+    """
+
+    # Each retry means another worker rotated the file while we waited for its lock (progress elsewhere); a
+    # worker that loses this many times in a row gives its record up rather than hold its request any longer.
+    _RETRIES = 64
 
     def __init__(self, config: PredictionLogConfig, model: str, version: str, rng: random.Random | None = None):
         self.config = config
@@ -225,6 +271,12 @@ class PredictionLog:
         if not path.is_absolute():
             path = Path(os.environ.get("LOG_LOCATION") or ".") / path
         self.path = path
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def backup(self, n: int) -> Path:
+        """The ``n``-th rotated file (1: the newest)."""
+        return self.path.with_name(f"{self.path.name}.{n}")
 
     def sampled(self) -> bool:
         rate = self.config.sample_rate
@@ -247,11 +299,90 @@ class PredictionLog:
 
             record["input_base64"] = base64.b64encode(raw).decode()
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if len(line) > self.config.max_bytes:
+            self._warn_once("long", f"a record of {len(line)} bytes is larger than max_bytes "
+                                    f"({self.config.max_bytes}): such records are skipped")  # fmt: skip
+            return
+        with self._lock:
             try:
-                os.write(fd, line)
+                self._append(line)
+            except OSError as exc:  # a full disk must not fail the request
+                self._warn_once(f"errno {exc.errno}", f"{exc}: records are skipped while this lasts")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning("prediction log %s: %s", self.path, message)
+
+    def _append(self, line: bytes) -> None:
+        for _ in range(self._RETRIES):
+            fd = self._open()
+            if fd is None:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                opened = os.fstat(fd)
+                try:
+                    now = os.lstat(self.path)
+                except FileNotFoundError:
+                    continue  # rotated away (or deleted) between our open and our lock
+                if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+                    continue
+                if opened.st_size and opened.st_size + len(line) > self.config.max_bytes:
+                    self._rotate()  # under the lock of the file the path names: one rotation at a time
+                    continue
+                written = os.write(fd, line)
+                if written != len(line):  # a full disk: take the cut line back, no torn record stays
+                    os.ftruncate(fd, opened.st_size)
+                    raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
+                return
             finally:
-                os.close(fd)
-        except OSError as exc:  # a full disk must not fail the request
-            logger.warning("prediction log %s: %s", self.path, exc)
+                os.close(fd)  # releases the lock
+        self._warn_once("busy", f"the file was rotated {self._RETRIES} times during one write: record skipped")
+
+    def _open(self) -> int | None:
+        """A descriptor of the log file, or None (warned once) when what the path names is refused."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._warn_once("symlink", "is a symbolic link: not followed, records are skipped")
+                return None
+            if exc.errno in (errno.EISDIR, errno.ENXIO):  # a directory, a FIFO, a socket
+                self._warn_once("special", "is not a regular file: records are skipped")
+                return None
+            raise
+        try:
+            info = os.fstat(fd)
+            refusal = None
+            if not stat.S_ISREG(info.st_mode):
+                refusal = ("special", "is not a regular file: records are skipped")
+            elif info.st_uid != os.geteuid():
+                refusal = ("owner", f"belongs to uid {info.st_uid}, not to us: records are skipped")
+            elif info.st_nlink > 1:
+                refusal = ("links", "has other hard links: records are skipped")
+            elif stat.S_IMODE(info.st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+                self._warn_once("mode", f"had mode {stat.S_IMODE(info.st_mode):04o}: set to 0600")
+        except BaseException:
+            os.close(fd)
+            raise
+        if refusal is not None:
+            os.close(fd)
+            self._warn_once(*refusal)
+            return None
+        return fd
+
+    def _rotate(self) -> None:
+        """``PATH.N-1`` to ``PATH.N`` ... ``PATH`` to ``PATH.1`` (the oldest replaced); PATH deleted with no backups.
+
+        ``rename`` never follows a link, so a link planted at a backup's name is replaced, not written through.
+        """
+        if self.config.backups == 0:
+            os.unlink(self.path)
+            return
+        for n in range(self.config.backups, 1, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.backup(n - 1), self.backup(n))
+        os.rename(self.path, self.backup(1))

@@ -18,6 +18,11 @@ default). ``servekit.ops.rollout`` reads it to compare a canary with the default
 configuration that fails the check is never installed), then the state, then reloads nginx; both
 files are replaced whole (``servekit.ops.nginx``). The proxy listens on its own loopback port and
 passes TorchServe's ``Authorization`` header through.
+
+nginx cannot rotate a log by size, so ``NginxProxy.start`` also starts a log keeper
+(``servekit.ops.logkeeper``) and ``stop`` stops it: ``requests.jsonl``, ``error.log`` and
+``access.log`` are each rotated past ``log_max_bytes`` (``FILE.1`` ... ``FILE.<log_keep>``) and nginx
+opens them anew (``SIGHUP`` to its checked master: a reload, see there why not ``SIGUSR1``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from servekit.ops.logkeeper import (
+    DEFAULT_INTERVAL,
+    DEFAULT_KEEP,
+    DEFAULT_MAX_BYTES,
+    LogKeeperError,
+    LogKeeperProcess,
+)
 from servekit.ops.nginx import NginxError, NginxInstance, config_head
 from servekit.ops.state import DeploymentState, StateError, read_state, write_state
 
@@ -110,10 +122,15 @@ class NginxProxy(NginxInstance):
 
     ``listen_port`` and ``upstream`` apply until the state records its own (the first time the
     proxy writes it); callers that change the state must hold the ``servekit`` state lock.
+    ``log_max_bytes``, ``log_keep`` and ``log_interval`` are the log keeper's cap, rotated files
+    kept per log, and seconds between its checks (``servekit.ops.logkeeper``).
     """
 
     listen_port: int = 8090
     upstream: str = "127.0.0.1:8080"
+    log_max_bytes: int = DEFAULT_MAX_BYTES
+    log_keep: int = DEFAULT_KEEP
+    log_interval: float = DEFAULT_INTERVAL
     label = "the proxy"
     error = ProxyError
 
@@ -125,6 +142,13 @@ class NginxProxy(NginxInstance):
     def request_log(self) -> Path:
         """The JSON-lines log of every request the proxy served (see the module docstring)."""
         return self.prefix / REQUEST_LOG
+
+    @property
+    def log_keeper(self) -> LogKeeperProcess:
+        """The process that keeps this proxy's logs bounded (started and stopped with nginx)."""
+        logs = (self.request_log, self.prefix / "error.log", self.prefix / "access.log")
+        return LogKeeperProcess(self.prefix, logs, self.log_max_bytes, self.log_keep, self.log_interval,
+                                warn=self.warn)  # fmt: skip
 
     def current(self) -> DeploymentState:
         """The deployment state, with this proxy's address and upstream where it records none yet."""
@@ -143,11 +167,23 @@ class NginxProxy(NginxInstance):
         return f"http://127.0.0.1:{self.current().listen.rsplit(':', 1)[1]}{path}"
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start nginx and its log keeper; return once nginx answers on its address."""
         self.refuse_if_running()
+        keeper = self.log_keeper  # invalid log settings fail here, before anything starts
         state = self.current()
         self.install(render_config(state, self.prefix))
         write_state(self.state_file, state)
         self.launch(state.listen, timeout)
+        try:
+            keeper.start()
+        except LogKeeperError as exc:
+            self.stop()
+            raise ProxyError(f"{exc}: the proxy was stopped again") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop nginx (requests in flight finish, then firmly after ``timeout`` s), then its log keeper."""
+        super().stop(timeout)
+        self.log_keeper.stop()
 
     def apply(self, state: DeploymentState, drain_timeout: float = 10.0) -> None:
         """Check and install ``state``'s configuration, save ``state``, and reload nginx if it runs.

@@ -87,10 +87,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from servekit.errors import ServekitError
 from servekit.ops.drift import PREDICTIONS, Reference, class_order, load_reference, psi, require_servekit
+from servekit.ops.logkeeper import backup_path
 from servekit.ops.metrics_source import (
     EXPORTER_UP,
     MetricsError,
@@ -193,16 +194,31 @@ class LogRecord:
 
 
 class RequestLog:
-    """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called."""
+    """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called.
+
+    The log keeper (``servekit.ops.logkeeper``) renames a full ``requests.jsonl`` to
+    ``requests.jsonl.1`` and nginx starts a new one. The reader follows the file it was reading by
+    its inode: when the path names another file, the rest of the old one is read from ``.1`` (now
+    and at every later read while ``.1`` is still that file, for the lines nginx wrote before it
+    reopened its log), then the new file from its start. Records survive one rotation between two
+    reads; a file rotated twice in between (to ``.2``) is not looked for.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file being read
         self._offset = 0
+        self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
         self._records: list[LogRecord] = []
 
     def start(self) -> None:
         """Forget everything before now: only requests logged from here on are read."""
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            info = self.path.stat()
+            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size
+        except FileNotFoundError:
+            self._file, self._offset = None, 0
+        self._previous = None
         self._records = []
 
     def records(self, since: float, until: float) -> list[LogRecord]:
@@ -213,20 +229,48 @@ class RequestLog:
 
     def _read_new(self) -> None:
         try:
-            with self.path.open("rb") as handle:
-                size = handle.seek(0, 2)
-                if size < self._offset:  # replaced or truncated (rotated): read the new file from its start
-                    self._offset = 0
-                handle.seek(self._offset)
-                data = handle.read(size - self._offset)
+            handle = self.path.open("rb")
+        except FileNotFoundError:  # renamed, and nginx has not reopened its log yet
+            handle = None
+        with handle or contextlib.nullcontext():
+            identity = None
+            if handle is not None:
+                info = os.fstat(handle.fileno())
+                identity = (info.st_dev, info.st_ino)
+            if identity != self._file:
+                if self._file is not None:
+                    self._previous = (self._file, self._offset)
+                self._file, self._offset = identity, 0
+            if self._previous is not None:
+                self._read_previous()
+            if handle is not None:
+                self._offset = self._read_from(handle, self._offset)
+
+    def _read_previous(self) -> None:
+        identity, offset = self._previous
+        try:
+            with backup_path(self.path, 1).open("rb") as handle:
+                info = os.fstat(handle.fileno())
+                if (info.st_dev, info.st_ino) != identity:  # rotated again, or not rotated but removed
+                    self._previous = None
+                    return
+                self._previous = (identity, self._read_from(handle, offset))
         except FileNotFoundError:
-            return
-        complete = data.rfind(b"\n") + 1  # a line nginx is still writing is read next time
-        self._offset += complete
+            self._previous = None
+
+    def _read_from(self, handle: BinaryIO, offset: int) -> int:
+        """Parse the complete lines after ``offset``; the new offset (a line nginx is still writing waits)."""
+        size = handle.seek(0, 2)
+        if size < offset:  # truncated in place: read it again from its start
+            offset = 0
+        handle.seek(offset)
+        data = handle.read(size - offset)
+        complete = data.rfind(b"\n") + 1
         for line in data[:complete].splitlines():
             record = LogRecord.parse(line)
             if record is not None:
                 self._records.append(record)
+        return offset + complete
 
 
 # ------------------------------------------------------------------------------------------ the figures

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from servekit.ops.logkeeper import backup_path
+from servekit.ops.processes import children, pid_matches
 from servekit.ops.proxy import NginxProxy
+from servekit.ops.rollout import RequestLog
 from servekit.ops.server import TorchServeProcess, free_port
 from tests.integration.conftest import running_torchserve
 
@@ -138,3 +141,63 @@ def test_refused_changes_leave_the_running_configuration_alone(cli) -> None:
     status = json.loads(cli("proxy", "status"))
     assert status["running"] is True
     assert status["routes"] == {}
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def test_the_request_log_is_rotated_at_its_cap_and_read_across_rotations(server, tmp_path: Path) -> None:
+    cap, keep, burst = 4096, 2, 30  # about 48 lines of /ping per file, 30 lines per burst
+    proxy = NginxProxy(tmp_path / "proxy", free_port(), server.url("inference").split("//")[1],
+                       log_max_bytes=cap, log_keep=keep, log_interval=0.1)  # fmt: skip
+    proxy.start()
+    keeper = proxy.log_keeper
+    keeper_pid = keeper.running_pid()
+    try:
+        assert keeper_pid is not None
+        log = RequestLog(proxy.request_log)
+        log.start()
+        url, headers = proxy.url("/ping"), server.headers("inference")
+        files = [proxy.request_log, *(backup_path(proxy.request_log, n) for n in range(1, keep + 2))]
+        rotated, sent, newest = set(), 0, None  # the inodes seen at requests.jsonl.1: one per rotation
+        with requests.Session() as session:
+            while len(rotated) < 3 and sent < 600:
+                workers = set(children(proxy.running_pid()))
+                for _ in range(burst):
+                    assert session.get(url, headers=headers, timeout=30).status_code == 200
+                sent += burst
+                log.records(0.0, time.time() + 60)  # the reader polls, as a rollout does
+                full, deadline = inode(proxy.request_log), time.monotonic() + 10
+                while full is not None and size(proxy.request_log) > cap and inode(proxy.request_log) == full:
+                    assert time.monotonic() < deadline, "the keeper did not rotate a full log"
+                    time.sleep(0.02)  # it checks every 0.1 s
+                if inode(backup_path(proxy.request_log, 1)) != newest:  # rotated during the burst or just now
+                    newest = inode(backup_path(proxy.request_log, 1))
+                    rotated.add(newest)
+                    # The keeper reloads nginx: the worker that served the burst writes the renamed file
+                    # until it exits. Wait for that here, so that the next burst goes to the new file.
+                    while set(children(proxy.running_pid())) & workers:
+                        assert time.monotonic() < deadline, "nginx did not reload"
+                        time.sleep(0.02)
+                log.records(0.0, time.time() + 60)
+                sizes = {p.name: p.stat().st_size for p in files if p.exists()}
+                assert "requests.jsonl.3" not in sizes  # keep 2: older files are dropped
+                assert max(sizes.values()) <= cap + 4096, sizes  # over the cap by at most about one burst
+        assert len(rotated) == 3
+        pings = [r for r in log.records(0.0, time.time() + 60) if r.uri == "/ping"]
+        assert (len(pings), {r.status for r in pings}) == (sent, {200})  # nothing lost across the rotations
+    finally:
+        proxy.stop()
+    assert not pid_matches(keeper_pid, keeper.fragments)
+    assert not keeper.pid_file.exists()

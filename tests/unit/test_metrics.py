@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import random
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -187,11 +191,179 @@ def test_the_prediction_log_samples_at_its_rate_and_writes_the_input_only_when_a
         ({"sample_rate": 2}, "prediction_log.sample_rate: must be a number from 0.0 to 1.0"),
         ({"sample_rate": 0.1, "raw": True}, "prediction_log.raw: unknown key"),
         ({"include_input": "yes"}, "prediction_log.include_input: must be true or false"),
+        ({"max_bytes": 100}, r"prediction_log.max_bytes: must be a whole number of bytes from 4096 to \d+, got 100"),
+        ({"max_bytes": "64M"}, "prediction_log.max_bytes: must be a whole number of bytes from 4096"),
+        ({"backups": -1}, "prediction_log.backups: must be a whole number of rotated files kept from 0 to 100"),
+        ({"backups": True}, "prediction_log.backups: must be a whole number"),
     ],
 )
 def test_prediction_log_settings_are_validated(data: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HandlerConfig.from_dict({"prediction_log": data})
+
+
+# ------------------------------------------------------------------------------------------ prediction log: bounds
+def small_log(tmp_path: Path, max_bytes: int = 4096, backups: int = 2, name: str = "p.jsonl") -> PredictionLog:
+    config = PredictionLogConfig(sample_rate=1.0, path=str(tmp_path / name), max_bytes=max_bytes, backups=backups)
+    return PredictionLog(config, "m", "1")
+
+
+def log_files(log: PredictionLog) -> list[Path]:
+    """The current file, then the backups from the newest: those that exist."""
+    return [p for p in (log.path, *(log.backup(n) for n in range(1, 200))) if p.exists()]
+
+
+def logged_ids(log: PredictionLog) -> list[str]:
+    """Request IDs in the order written (oldest backup first); every line must be whole JSON."""
+    ids = []
+    for path in reversed(log_files(log)):
+        data = path.read_bytes()
+        assert data.endswith(b"\n")
+        ids += [json.loads(line)["request_id"] for line in data.splitlines()]
+    return ids
+
+
+def test_the_prediction_log_rotates_at_its_cap_and_keeps_its_backups(tmp_path: Path) -> None:
+    log = small_log(tmp_path, max_bytes=4096, backups=2)
+    for i in range(200):  # about 250 bytes each: 50 KB through a 4 KiB cap
+        log.write(f"r{i:04d}", b"body", [{"label": "7", "score": 0.9}], 0.001, 200)
+    files = log_files(log)
+    assert files == [log.path, log.backup(1), log.backup(2)]  # the oldest beyond 2 backups were dropped
+    assert all(4096 - 300 < p.stat().st_size <= 4096 for p in files[1:])
+    assert sum(p.stat().st_size for p in files) <= 4096 * 3
+    ids = logged_ids(log)
+    assert ids == [f"r{i:04d}" for i in range(200 - len(ids), 200)]  # only the oldest are gone, in order
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+
+
+def test_a_prediction_log_without_backups_starts_over_and_a_record_over_the_cap_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = small_log(tmp_path, max_bytes=4096, backups=0)
+    for i in range(40):
+        log.write(f"r{i}", b"body", [], 0.001, 200)
+    assert log_files(log) == [log.path]
+    assert log.path.stat().st_size <= 4096
+    size = log.path.stat().st_size
+    with caplog.at_level(logging.WARNING, logger="handlers.metrics"):
+        log.write("huge", b"x" * 5000, ["y" * 5000], 0.001, 200)
+        log.write("huge2", b"x" * 5000, ["y" * 5000], 0.001, 200)
+    assert log.path.stat().st_size == size
+    assert len(caplog.records) == 1  # once, not per record
+    assert re.fullmatch(r"prediction log \S+: a record of 5\d\d\d bytes is larger than max_bytes \(4096\): "
+                        r"such records are skipped", caplog.records[0].getMessage())  # fmt: skip
+
+
+ROTATING_WRITER = """
+import sys, time
+from handlers.metrics import PredictionLog, PredictionLogConfig
+path, writer, count, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+log = PredictionLog(PredictionLogConfig(sample_rate=1.0, path=path, max_bytes=8192, backups=int(sys.argv[5])), "m", "1")
+while time.time() < start:
+    pass
+for i in range(count):
+    log.write(f"{writer}-{i:05d}", b"body", [{"label": writer * (1 + i % 40)}], 0.001, 200)
+"""
+
+
+@pytest.mark.parametrize("backups", [60, 3])
+def test_two_processes_share_a_rotating_prediction_log_without_tearing_or_losing_lines(
+    tmp_path: Path, repo_root: Path, backups: int
+) -> None:
+    count, path = 800, tmp_path / "p.jsonl"  # about 200 KB through an 8 KiB cap: some 25 rotations
+    start = time.time() + 1.0  # both start writing at once, after their imports
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", ROTATING_WRITER, str(path), name, str(count), str(start), str(backups)],
+            cwd=repo_root,
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+    log = small_log(tmp_path, max_bytes=8192, backups=backups)
+    files = log_files(log)
+    assert all(p.stat().st_size <= 8192 for p in files)
+    assert len(files) <= backups + 1
+    ids = logged_ids(log)  # every line whole JSON
+    assert len(ids) == len(set(ids))
+    for name in ("a", "b"):
+        mine = [int(i.split("-")[1]) for i in ids if i.startswith(name + "-")]
+        # Nothing is lost but the oldest lines, in the files rotation dropped on purpose.
+        assert mine == list(range(count - len(mine), count))
+        if backups == 60:
+            assert len(mine) == count
+    if backups == 3:
+        assert len(files) == 4
+        assert len(ids) > 4 * 8192 // 400
+
+
+def test_the_prediction_log_never_follows_a_symlink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "secret"
+    target.write_text("keep me\n")
+    target.chmod(0o644)
+    log = small_log(tmp_path)
+    log.path.symlink_to(target)
+    with caplog.at_level(logging.WARNING, logger="handlers.metrics"):
+        for i in range(3):
+            log.write(f"r{i}", b"body", [], 0.001, 200)  # no exception: the request is never failed
+    assert target.read_text() == "keep me\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert log.path.is_symlink()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"prediction log {log.path}: is a symbolic link: not followed, records are skipped"
+    ]
+
+
+def test_the_prediction_log_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = small_log(tmp_path, name="fifo")
+    os.mkfifo(fifo.path)
+    fifo.write("r", b"body", [], 0.001, 200)  # would block forever if opened without O_NONBLOCK
+    directory = small_log(tmp_path, name="dir")
+    directory.path.mkdir()
+    directory.write("r", b"body", [], 0.001, 200)
+    linked = small_log(tmp_path, name="linked")
+    (tmp_path / "elsewhere").write_text("")
+    os.link(tmp_path / "elsewhere", linked.path)
+    linked.write("r", b"body", [], 0.001, 200)
+    assert (tmp_path / "elsewhere").read_text() == ""
+    assert [sorted(log._warned) for log in (fifo, directory, linked)] == [["special"], ["special"], ["links"]]
+
+
+def test_the_prediction_log_is_created_0600_and_an_open_one_of_ours_is_closed_to_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old_umask = os.umask(0)
+    try:
+        fresh = small_log(tmp_path, name="fresh.jsonl")
+        fresh.write("r", b"body", [], 0.001, 200)
+    finally:
+        os.umask(old_umask)
+    assert fresh.path.stat().st_mode & 0o777 == 0o600
+    opened = small_log(tmp_path, name="open.jsonl")
+    opened.path.write_text("")
+    opened.path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="handlers.metrics"):
+        opened.write("r", b"body", [], 0.001, 200)
+    assert opened.path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(opened.path.read_text())["request_id"] == "r"
+    assert caplog.records[0].getMessage().endswith(": had mode 0644: set to 0600")
+
+
+def test_a_prediction_log_that_cannot_be_written_never_fails_the_request(tmp_path: Path) -> None:
+    log = small_log(tmp_path / "missing-directory")
+    log.write("r", b"body", [], 0.001, 200)
+    assert sorted(log._warned) == [f"errno {errno.ENOENT}"]
+
+
+def test_the_spec_takes_the_prediction_log_cap_and_checks_it() -> None:
+    monitoring = Monitoring.from_dict({"prediction_log": {"sample_rate": 0.5, "max_bytes": 1 << 20, "backups": 1}})
+    assert monitoring.to_dict()["prediction_log"] == {"sample_rate": 0.5, "include_input": False,
+                                                      "path": "servekit_predictions.jsonl", "max_bytes": 1 << 20,
+                                                      "backups": 1}  # fmt: skip
+    assert PredictionLogConfig().max_bytes * (PredictionLogConfig().backups + 1) == 256 * 1024 * 1024
+    with pytest.raises(ValueError, match="prediction_log.backups: must be a whole number of rotated files kept"):
+        Monitoring.from_dict({"prediction_log": {"backups": 101}})
 
 
 def test_monitoring_settings_are_validated() -> None:

@@ -23,6 +23,7 @@ from handlers.errors import InjectedFault
 from servekit.ops.cli import main
 from servekit.ops.drift import load_reference
 from servekit.ops.history import History
+from servekit.ops.logkeeper import backup_path, rotate
 from servekit.ops.metrics_source import MetricsError, MetricsPage, PrometheusAPI, Samples, parse_exposition
 from servekit.ops.nginx import nginx_binary
 from servekit.ops.processes import command_line, free_port
@@ -99,6 +100,49 @@ def test_the_request_log_reads_complete_new_lines_within_the_window(tmp_path: Pa
     assert [r.time for r in log.records(15.0, 35.0)] == [20.0, 30.0]
     path.write_text(line(40.0) + "\n")  # rotated: a new, shorter file is read from its start
     assert [r.time for r in log.records(35.0, 45.0)] == [40.0]
+
+
+def append(path: Path, *times: float) -> None:
+    with path.open("a") as handle:
+        handle.write("".join(line(t) + "\n" for t in times))
+
+
+def test_the_request_log_reads_across_a_rotation_without_losing_or_repeating_records(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    append(path, 1.0)
+    log = RequestLog(path)
+    log.start()
+    append(path, 10.0, 11.0)
+    assert [r.time for r in log.records(0.0, 100.0)] == [10.0, 11.0]
+    append(path, 12.0)
+    rotate(path, keep=2)  # the keeper renames the file; nginx writes the old one until it reopens its log
+    append(backup_path(path, 1), 13.0)
+    assert [r.time for r in log.records(0.0, 100.0)] == [10.0, 11.0, 12.0, 13.0]
+    append(backup_path(path, 1), 14.0)  # written before nginx reopened, read after the new file appeared
+    append(path, 20.0)
+    with path.open("a") as handle:  # a new file longer than the old offset is still read from its start
+        handle.write("".join(line(21.0 + i / 100) + "\n" for i in range(50)))
+    assert [r.time for r in log.records(0.0, 100.0)][4:7] == [14.0, 20.0, 21.0]
+    assert len(log.records(0.0, 100.0)) == 4 + 2 + 50
+    rotate(path, keep=2)  # rotated again: the first file moves on to .2 and is no longer read
+    append(backup_path(path, 2), 15.0)
+    append(path, 30.0)
+    times = [r.time for r in log.records(0.0, 100.0)]
+    assert (len(times), times[-1], 15.0 in times) == (57, 30.0, False)
+
+
+def test_the_request_log_started_before_the_file_exists_reads_it_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(path)
+    log.start()
+    assert log.records(0.0, 100.0) == []
+    append(path, 5.0)
+    assert [r.time for r in log.records(0.0, 100.0)] == [5.0]
+    rotate(path, keep=1)
+    append(backup_path(path, 1), 6.0)
+    assert [r.time for r in log.records(0.0, 100.0)] == [5.0, 6.0]  # from .1: nginx has not reopened its log yet
+    append(path, 7.0)
+    assert [r.time for r in log.records(0.0, 100.0)] == [5.0, 6.0, 7.0]
 
 
 def test_p99_is_the_nearest_rank() -> None:

@@ -1,0 +1,285 @@
+"""Keeps the log files of one nginx bounded: a small process started and stopped with the proxy.
+
+nginx cannot rotate a log by size, and nothing of ours runs beside the proxy between two commands,
+so ``NginxProxy.start`` starts this keeper and ``NginxProxy.stop`` stops it. Every ``interval``
+seconds the keeper looks at each of its files (the proxy's ``requests.jsonl``, ``error.log`` and
+``access.log``); one over ``max_bytes`` is renamed to ``FILE.1`` (``FILE.1`` to ``FILE.2`` and so on,
+the oldest beyond ``keep`` dropped) and, once per check that rotated anything, nginx's master gets
+``SIGHUP``: it opens its logs anew (a new ``FILE``) and hands them to new workers, while the old
+workers finish the requests they hold (into ``FILE.1``) and exit. nginx's ``SIGUSR1`` (reopen) was
+the other choice and fails here: it makes the *workers* reopen the files themselves, as nginx's
+worker user (``nobody`` under a root master), who cannot reach a prefix below a 0700 directory
+(``/root``, pytest's ``tmp_path``); nginx then keeps writing the renamed file, without bound, and
+the master hands the new, unused file to the worker user. A reload is what ``servekit canary`` does
+anyway, and its configuration on disk is always one ``nginx -t`` accepted. The master is signalled
+only after its pid file's process is checked to be this prefix's nginx master
+(``servekit.ops.processes``); the keeper never signals anything else and never edits nginx's pid
+file. A rotated file that nginx has not recreated by the next check is reported (once). When the
+master has been gone for two checks in a row, the keeper exits (nothing writes the logs any more).
+
+A file grows past the cap only by what nginx writes in one interval, and a rotated file only by
+what the old workers write while they finish, so the files of one log take about
+``(keep + 1) * (max_bytes + interval x write rate)`` bytes at most. ``servekit.ops.rollout.RequestLog``
+reads across one rotation (``FILE.1``, then the new ``FILE``).
+
+    keeper = LogKeeperProcess(prefix, (prefix / "requests.jsonl",), max_bytes=64 << 20, keep=3)
+    keeper.start()          # python -m servekit.ops.logkeeper --prefix PREFIX ... FILE...
+    keeper.stop()           # True if it was running
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from servekit.errors import ServekitError
+from servekit.ops.nginx import NginxInstance
+from servekit.ops.processes import owned_pid, pid_matches, read_pid, signal_if_matches, verified_pid
+
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_KEEP",
+    "DEFAULT_MAX_BYTES",
+    "LogKeeper",
+    "LogKeeperError",
+    "LogKeeperProcess",
+    "backup_path",
+    "reload_nginx",
+    "rotate",
+]
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_KEEP = 3
+DEFAULT_INTERVAL = 2.0
+MIN_MAX_BYTES = 4096
+MAX_KEEP = 100
+PID_FILE = "logkeeper.pid"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class LogKeeperError(ServekitError):
+    """The log keeper's settings are invalid, or it could not be started."""
+
+
+def _warn(message: str) -> None:
+    print(f"servekit: warning: {message}", file=sys.stderr, flush=True)
+
+
+def backup_path(path: Path, n: int) -> Path:
+    """The ``n``-th rotated copy of ``path`` (1: the newest)."""
+    return path.with_name(f"{path.name}.{n}")
+
+
+def rotate(path: Path, keep: int) -> bool:
+    """``FILE.keep-1`` to ``FILE.keep`` ... ``FILE`` to ``FILE.1``; False when ``path`` is not a regular file.
+
+    ``rename`` never follows a link: a link planted at a backup's name is replaced, not written through.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(keep, 1, -1):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(backup_path(path, n - 1), backup_path(path, n))
+    os.rename(path, backup_path(path, 1))
+    return True
+
+
+def reload_nginx(nginx: NginxInstance) -> bool:
+    """``SIGHUP`` to ``nginx``'s master, only once its pid file's process is checked to be it; True when sent."""
+    pid = owned_pid(nginx.pid_file, nginx.master_fragments)  # read only: nginx's pid file is never removed here
+    return pid is not None and signal_if_matches(pid, nginx.master_fragments, signal.SIGHUP)
+
+
+def _validated(max_bytes: int, keep: int, interval: float = DEFAULT_INTERVAL) -> None:
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < MIN_MAX_BYTES:
+        raise LogKeeperError(f"log max_bytes: must be a whole number of bytes >= {MIN_MAX_BYTES}, got {max_bytes!r}")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= MAX_KEEP:
+        raise LogKeeperError(f"log keep: must be a whole number of rotated files from 1 to {MAX_KEEP}, got {keep!r}")
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or not 0.05 <= interval <= 60:
+        raise LogKeeperError(f"log check interval: must be from 0.05 to 60 seconds, got {interval!r}")
+
+
+@dataclass
+class LogKeeper:
+    """One check of the files: rotate those over ``max_bytes``, then ``reopen`` (reload nginx) once."""
+
+    logs: Sequence[Path]
+    reopen: Callable[[], bool]
+    max_bytes: int = DEFAULT_MAX_BYTES
+    keep: int = DEFAULT_KEEP
+    warn: Callable[[str], None] = _warn
+    _warned: set[str] = field(default_factory=set, init=False, repr=False)
+    _reopening: list[Path] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _validated(self.max_bytes, self.keep)
+        self.logs = tuple(Path(p) for p in self.logs)
+
+    def check(self) -> list[Path]:
+        """The files rotated by this check (nginx was reloaded once if any were)."""
+        for path in self._reopening:
+            if not path.exists():
+                why = f"it may still write {backup_path(path, 1).name} (see {path.parent / 'error.log'})"
+                self._warn_once(f"reopen {path}", f"nginx did not open a new {path.name} after its rotation: {why}")
+        rotated = []
+        for path in self.logs:
+            try:
+                if os.lstat(path).st_size > self.max_bytes and rotate(path, self.keep):
+                    rotated.append(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._warn_once(str(path), f"cannot rotate {path}: {exc}")
+        if rotated and not self.reopen():
+            self._warn_once("reopen", "rotated logs but nginx's master could not be verified: nothing signalled")
+        self._reopening = rotated
+        return rotated
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:  # the keeper's own output must stay small too
+            self._warned.add(key)
+            self.warn(message)
+
+
+def run(keeper: LogKeeper, interval: float, alive: Callable[[], bool], stop: threading.Event) -> None:
+    """Check every ``interval`` s until ``stop`` is set or ``alive`` has been false for two checks in a row.
+
+    ``stop`` is only looked at between checks, so a rotation is never left half done (renamed, not reloaded).
+    """
+    missed = 0
+    while missed < 2 and not stop.is_set():
+        keeper.check()
+        missed = 0 if alive() else missed + 1
+        stop.wait(interval)
+
+
+# ------------------------------------------------------------------------------------------ the process
+@dataclass
+class LogKeeperProcess:
+    """The keeper process of the nginx under ``prefix``: its pid file and output there, checked before any signal."""
+
+    prefix: Path
+    logs: Sequence[Path]
+    max_bytes: int = DEFAULT_MAX_BYTES
+    keep: int = DEFAULT_KEEP
+    interval: float = DEFAULT_INTERVAL
+    warn: Callable[[str], None] = field(default=_warn, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _validated(self.max_bytes, self.keep, self.interval)
+        self.prefix = Path(self.prefix).resolve()
+        self.logs = tuple(Path(p) for p in self.logs)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / PID_FILE
+
+    @property
+    def output(self) -> Path:
+        return self.prefix / "logkeeper.log"
+
+    @property
+    def fragments(self) -> tuple[str, ...]:
+        """What our keeper's command line holds; nothing else is ever signalled."""
+        return ("-m servekit.ops.logkeeper", f"--prefix {self.prefix}")
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "servekit.ops.logkeeper", "--prefix", str(self.prefix),
+            "--max-bytes", str(self.max_bytes), "--keep", str(self.keep), "--interval", str(self.interval),
+            *(str(p) for p in self.logs),
+        ]  # fmt: skip
+
+    def running_pid(self) -> int | None:
+        """Our keeper's pid; a pid file naming anything else is reported, removed and never signalled."""
+        return verified_pid(self.pid_file, self.fragments, warn=self.warn)
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the keeper (one left over from a crashed proxy is stopped first)."""
+        self.stop()
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        output = open(self.output, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=output,
+                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)  # fmt: skip
+        except OSError as exc:
+            raise LogKeeperError(f"the log keeper did not start: {exc}") from None
+        finally:
+            output.close()
+        self.pid_file.write_text(str(process.pid))
+        # Popen can return while the child is still inside exec (its command line reads empty): wait
+        # until it is our keeper, so that nothing checks it too early and takes it for a stale pid.
+        deadline = time.monotonic() + timeout
+        while not pid_matches(process.pid, self.fragments):
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.pid_file.unlink(missing_ok=True)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+                raise LogKeeperError(f"the log keeper did not start (see {self.output})")
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop our keeper (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        signal_if_matches(pid, self.fragments, signal.SIGTERM)
+        if not self._wait_gone(pid, timeout):
+            signal_if_matches(pid, self.fragments, signal.SIGKILL)
+            self._wait_gone(pid, 5.0)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            gone = not pid_matches(pid, self.fragments)  # gone, or a zombie (its command line reads empty)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent, or it stays a zombie
+            if gone:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m servekit.ops.logkeeper", description=__doc__.split("\n")[0])
+    parser.add_argument("--prefix", type=Path, required=True, help="the nginx prefix (nginx.pid, nginx.conf)")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    parser.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL)
+    parser.add_argument("logs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        _validated(args.max_bytes, args.keep, args.interval)
+    except LogKeeperError as exc:
+        parser.error(str(exc))
+    nginx = NginxInstance(args.prefix)
+    keeper = LogKeeper(args.logs, lambda: reload_nginx(nginx), args.max_bytes, args.keep)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run(keeper, args.interval, lambda: owned_pid(nginx.pid_file, nginx.master_fragments) is not None, stop)
+    pid_file = args.prefix / PID_FILE
+    if read_pid(pid_file) == os.getpid():  # gone with nginx: leave no stale pid file behind
+        pid_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
