@@ -114,11 +114,13 @@ shadow: venv
 # The image and manifests for a cluster (README, "Deploy on Kubernetes"), from the archives just built:
 #   make bundle [MODELS=digits:1.0,2.0] [DEFAULT=digits:2.0] [IMAGE=registry.example.com/servekit:0.1.0]
 #               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
+#               [PUBLIC=1]   (the KServe InferenceService through the ingress gateway; default: cluster-local)
 bundle: archive
 	$(SERVEKIT) bundle $(if $(MODELS),--models $(MODELS)) $(if $(DEFAULT),--default $(DEFAULT)) \
 		$(if $(IMAGE),--image $(IMAGE)) $(if $(REPLICAS),--replicas $(REPLICAS)) \
 		$(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(CPU),--cpu $(CPU)) \
-		$(if $(MEMORY),--memory $(MEMORY)) $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(OUT),--out $(OUT))
+		$(if $(MEMORY),--memory $(MEMORY)) $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(OUT),--out $(OUT)) \
+		$(if $(filter 1 yes true,$(PUBLIC)),--public)
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache

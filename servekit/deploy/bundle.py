@@ -8,7 +8,8 @@
       Dockerfile, .dockerignore    the image: pinned Python, JRE 17, nginx, the pyproject pins, non-root
       src/                         what the image installs: pyproject.toml, README.md, handlers/, servekit/
       k8s/servekit.yaml            Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy
-      kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService: a custom predictor from the same image
+      kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService (a custom predictor from the same
+                                   image, cluster-local unless --public) and a NetworkPolicy for its predictor pods
 
 Workflow::
 
@@ -32,8 +33,10 @@ import json
 import os
 import re
 import shutil
+import textwrap
 import tomllib
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +70,23 @@ DRAIN_TIMEOUT_S = 25
 PRESTOP_SLEEP_S = 5  # the endpoint removal propagates to every proxy before SIGTERM
 TERMINATION_GRACE_S = 45  # > preStop 5 + drain 25 + stopping TorchServe and nginx
 SERVEKIT_METRICS_PORT = 8083  # GET /metrics only: scraped without opening the tokenless inference port
+# GET /v2/health/live and /v2/health/ready only: the probes' own listener, so that clients holding connections on
+# the OIP port cannot get pods marked unready and restarted. The kubelet probes from the node, which NetworkPolicies
+# do not restrict in common CNIs (Calico, Cilium: host-to-pod traffic is allowed), so no policy rule admits it.
+HEALTH_PORT = 8004
 ENTRYPOINT = [
     "python", "-m", "servekit.ops.server", "run", "--config", CONFIG_FILE, "--model-store", MODEL_STORE,
     "--workdir", WORKDIR, "--bind", "0.0.0.0", "--drain-timeout", str(DRAIN_TIMEOUT_S),
-    "--metrics-port", str(SERVEKIT_METRICS_PORT),
+    "--metrics-port", str(SERVEKIT_METRICS_PORT), "--health-port", str(HEALTH_PORT),
 ]  # fmt: skip
 ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # logs at once; site-packages is read-only
 # management 8081: loopback only; sk-metrics: servekit's handler metrics and serving state alone (docs/monitoring.md)
-PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": SERVEKIT_METRICS_PORT}
+PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": SERVEKIT_METRICS_PORT,
+         "health": HEALTH_PORT}  # fmt: skip
 SCRAPE_PORTS = ("metrics", "sk-metrics")  # what the monitoring namespace may reach
-SERVICE_PORTS = ("http", "oip-http", "oip-grpc")  # never metrics' 8082 nor the management API
+SERVICE_PORTS = ("http", "oip-http", "oip-grpc")  # never metrics' 8082, the health port nor the management API
 GRPC_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}  # TorchServe's own; not in the Service
-PROBE_PORT = PORTS["oip-http"]
+PROBE_PORT = HEALTH_PORT  # every probe: the Deployment's, the predictor's and the Dockerfile's HEALTHCHECK
 PROBES = {
     # Ready = every model's default version has a READY worker, and not draining (servekit.ops.oip).
     "readiness": {"path": "/v2/health/ready", "periodSeconds": 5, "failureThreshold": 2},
@@ -98,6 +106,27 @@ SOURCES = ("pyproject.toml", "README.md", "handlers", "servekit")  # what `pip i
 COPIED_SETTINGS = ("job_queue_size", "max_request_size", "max_response_size")
 KSERVE_DEPLOYMENT_MODE = "Knative"  # canaryTrafficPercent needs Knative revisions (KServe >= 0.16 name)
 KSERVE_CONTAINER = "kserve-container"
+# Closed by default (KServe v0.20.0 pkg/constants/constants.go and reconcilers/ingress/*.go): in Knative mode the
+# ingress reconciler keeps an InferenceService off the external gateway when networking.knative.dev/visibility is
+# cluster-local (the label also reaches the Knative Service, which Knative then keeps cluster-local); Standard
+# (raw) mode reads networking.kserve.io/visibility instead. Both are set, so that changing the mode stays closed.
+KSERVE_CLUSTER_LOCAL = {"networking.knative.dev/visibility": "cluster-local",
+                        "networking.kserve.io/visibility": "cluster-local"}  # fmt: skip
+# KServe labels every predictor pod with these (components/predictor.go); transformer and explainer pods differ.
+KSERVE_PREDICTOR_SELECTOR = {"serving.kserve.io/inferenceservice": APP, "component": "predictor"}
+# Knative mode: nobody reaches the container's port directly. The queue-proxy in each pod takes the traffic on
+# 8012 (http1; knative.dev/networking BackendHTTPPort) from Knative's activator and the ingress gateways, and
+# forwards it over loopback; the Knative autoscaler scrapes the queue-proxy's 9090. Knative's readiness probe runs
+# in the queue-proxy against the health port over loopback, and the kubelet probes from the node.
+KNATIVE_QUEUE_PORT = 8012
+KNATIVE_AUTOSCALER_METRICS_PORT = 9090
+KNATIVE_NAMESPACE = "knative-serving"  # the activator and the autoscaler (app.kubernetes.io/component labels)
+# KServe's default gateways (knative-local-gateway, knative-ingress-gateway); with Kourier: kourier-system.
+KNATIVE_INGRESS_NAMESPACE = "istio-system"
+# With serving.kserve.io/enable-metric-aggregation the queue-proxy serves servekit's page (prometheus.kserve.io/port)
+# and its own metrics on 9088 and KServe points prometheus.io/port there (webhook metrics_aggregate_injector.go);
+# without it prometheus.io/port would name the queue-proxy's 9091 and servekit's page would not be scraped.
+KSERVE_AGGREGATE_METRICS_PORT = 9088
 
 CPU_RE = re.compile(r"^(?:(?P<cores>\d+(?:\.\d{1,3})?)|(?P<milli>\d+)m)\Z")
 MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -176,8 +205,11 @@ class BundleOptions:
     image: str = "servekit:0.1.0"
     namespace: str = "servekit"
     out: Path = Path("bundle")
+    public: bool = False  # the KServe form: reachable through the ingress gateway instead of cluster-local
 
     def __post_init__(self) -> None:
+        if not isinstance(self.public, bool):
+            raise BundleError(f"--public is a switch (true or false), got {self.public!r}")
         _positive_int("--replicas", self.replicas)
         if self.max_replicas is None:
             object.__setattr__(self, "max_replicas", 2 * self.replicas)
@@ -413,6 +445,26 @@ def model_snapshot(models: list[SelectedModel]) -> dict:
     return {"name": "startup.cfg", "modelCount": count, "models": entries}
 
 
+def _listed(ports: Iterable[int]) -> str:
+    return ", ".join(str(port) for port in ports)
+
+
+def who_may_call() -> list[str]:
+    """The comment lines of config.properties that say why tokens are off and who may reach which port."""
+    text = (
+        "Tokens off: TorchServe's keys are random per process and expire, so replicas behind one Service cannot "
+        f"share one. k8s/servekit.yaml's NetworkPolicy admits only pods labelled {'='.join(CLIENT_LABEL)} "
+        f"({_listed(PORTS[n] for n in SERVICE_PORTS)}) and the monitoring namespace "
+        f"({_listed(PORTS[n] for n in SCRAPE_PORTS)}). kserve/inferenceservice.yaml is cluster-local unless bundled "
+        "with --public; its NetworkPolicy admits the labelled pods, Knative's activator and the gateways in "
+        f"{KNATIVE_INGRESS_NAMESPACE} on the queue-proxy's {KNATIVE_QUEUE_PORT}, the Knative autoscaler on "
+        f"{KNATIVE_AUTOSCALER_METRICS_PORT} and the monitoring namespace ({_listed(kserve_scrape_ports())}). "
+        f"The probes' port {HEALTH_PORT} is admitted to no one (the kubelet is not subject to NetworkPolicies). "
+        "The management API stays inside the pod."
+    )
+    return ["# " + line for line in textwrap.wrap(text, width=110, break_on_hyphens=False, break_long_words=False)]
+
+
 def render_config(models: list[SelectedModel], base_config: Path) -> str:
     """The pod's config.properties: every setting on one line (KServe's wrapper reads it line by line)."""
     base = read_properties(base_config) if base_config.is_file() else {}
@@ -427,9 +479,7 @@ def render_config(models: list[SelectedModel], base_config: Path) -> str:
         f"metrics_address=http://0.0.0.0:{PORTS['metrics']}",
         *(f"{key}={port}" for key, port in GRPC_PORTS.items()),
         f"model_store={MODEL_STORE}",
-        "# Tokens off: TorchServe's keys are random per process and expire, so replicas behind one Service",
-        "# cannot share one. The NetworkPolicy admits only pods labelled servekit.io/client=true (8080, 8000,",
-        "# 8001) and the monitoring namespace (8082, 8083); the management API stays inside the pod.",
+        *who_may_call(),
         "disable_token_authorization=true",
         "# A pod is immutable: new versions come as a new bundle and image, never by registration.",
         "enable_model_api=false",
@@ -444,7 +494,7 @@ def render_config(models: list[SelectedModel], base_config: Path) -> str:
 
 
 def probe(kind: str, extra: dict | None = None) -> dict:
-    """A Kubernetes probe on the OIP port, as bundle.json records it and the manifests use it."""
+    """A Kubernetes probe on the health port, as bundle.json records it and the manifests use it."""
     spec = PROBES[kind]
     return {
         "httpGet": {"path": spec["path"], "port": PROBE_PORT},
@@ -496,6 +546,7 @@ COPY config {HOME}/config
 # Numeric, so that Kubernetes' runAsNonRoot can check it.
 USER {UID}:{UID}
 WORKDIR {HOME}
+# The probes' port {HEALTH_PORT} is for the kubelet and this HEALTHCHECK only: not exposed.
 EXPOSE {" ".join(str(PORTS[name]) for name in ("http", "oip-http", "oip-grpc", *SCRAPE_PORTS))}
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \\
     CMD {json.dumps(healthcheck)}
@@ -685,10 +736,70 @@ def render_kubernetes(record: dict) -> list[dict]:
                     "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
                 },
             ],
+            # No rule names the health port: the kubelet's probes come from the node, which common CNIs
+            # (Calico, Cilium) never hold to a NetworkPolicy, so no client needs to reach it.
             "egress": [],  # the pod calls nothing: every hop (guard, OIP front, gateway) is on loopback
         },
     }
     return [deployment, service, hpa, pdb, network]
+
+
+def kserve_scrape_ports() -> tuple[int, ...]:
+    """What the monitoring namespace may reach on a predictor pod: TorchServe's, servekit's, the aggregate page."""
+    return (*(PORTS[name] for name in SCRAPE_PORTS), KSERVE_AGGREGATE_METRICS_PORT)
+
+
+def _namespace(name: str, pods: dict[str, str] | None = None) -> dict:
+    peer: dict[str, Any] = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+    if pods:
+        peer["podSelector"] = {"matchLabels": pods}  # these pods of that namespace only
+    return peer
+
+
+def render_kserve_network_policy(record: dict) -> dict:
+    """The NetworkPolicy of the InferenceService's predictor pods (Knative mode): closed but to whom serving needs.
+
+    Admitted, and nothing else: pods labelled like the Deployment form's clients, and Knative's activator
+    and the ingress gateways, on the queue-proxy's port (the gateways are the way in for every client of
+    the InferenceService's URL, so restricting callers beyond the namespace needs a rule at the gateway,
+    e.g. an Istio AuthorizationPolicy); the Knative autoscaler on the queue-proxy's metrics; the monitoring
+    namespace on the scrape ports. Nobody reaches the container's own ports (8080, 8000, 8001) or the health
+    port: the queue-proxy forwards over loopback, and the kubelet probes from the node.
+    """
+    client_key, client_value = CLIENT_LABEL
+
+    def queue() -> list[dict]:  # a new list each time: a shared one would be dumped as a YAML anchor and alias
+        return [{"protocol": "TCP", "port": KNATIVE_QUEUE_PORT}]
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{APP}-predictor", "namespace": record["namespace"], "labels": labels(record)},
+        "spec": {
+            "podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)},
+            # Ingress only: the Knative data plane's sidecars (queue-proxy, an Istio proxy where injected) need
+            # their own egress, which depends on the cluster's mesh and tracing settings.
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {client_key: client_value}}}], "ports": queue()},
+                {
+                    "from": [
+                        _namespace(KNATIVE_NAMESPACE, {"app.kubernetes.io/component": "activator"}),
+                        _namespace(KNATIVE_INGRESS_NAMESPACE),
+                    ],
+                    "ports": queue(),
+                },
+                {
+                    "from": [_namespace(KNATIVE_NAMESPACE, {"app.kubernetes.io/component": "autoscaler"})],
+                    "ports": [{"protocol": "TCP", "port": KNATIVE_AUTOSCALER_METRICS_PORT}],
+                },
+                {
+                    "from": [_namespace(MONITORING_NAMESPACE)],
+                    "ports": [{"protocol": "TCP", "port": port} for port in kserve_scrape_ports()],
+                },
+            ],
+        },
+    }
 
 
 def render_inferenceservice(record: dict) -> dict:
@@ -718,6 +829,10 @@ def render_inferenceservice(record: dict) -> dict:
                 # Knative routes one port: the OIP HTTP front (KServe v2 and v1 routes, readiness, metadata).
                 "ports": [{"name": "http1", "containerPort": PORTS["oip-http"], "protocol": "TCP"}],
                 "resources": resources(record),
+                # The health port, not declared (Knative allows one container port, and checks only probe ports
+                # given by name against it). The queue-proxy runs the readiness probe against it over loopback
+                # (Knative >= 1.14). Knative rewrites a liveness probe's port to the container's (8000, probed by
+                # the kubelet from the node) unless its multi-container-probing feature is enabled.
                 "readinessProbe": record["probes"]["readiness"],
                 # Knative takes no startupProbe: liveness waits out the startup budget instead.
                 "livenessProbe": {**record["probes"]["liveness"], "initialDelaySeconds": kserve["liveness_delay"]},
@@ -733,10 +848,11 @@ def render_inferenceservice(record: dict) -> dict:
         "metadata": {
             "name": APP,
             "namespace": record["namespace"],
-            "labels": labels(record),
+            "labels": labels(record) | ({} if kserve["public"] else dict(KSERVE_CLUSTER_LOCAL)),
             "annotations": {
                 "serving.kserve.io/deploymentMode": KSERVE_DEPLOYMENT_MODE,
                 "serving.kserve.io/enable-prometheus-scraping": "true",
+                "serving.kserve.io/enable-metric-aggregation": "true",
                 "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
                 "prometheus.kserve.io/path": "/metrics",
                 "servekit.io/bundle-sha256": record["bundle_sha256"],
@@ -778,6 +894,12 @@ def build_record(
     options: BundleOptions, models: list[SelectedModel], manifest: dict, config_text: str, repo_root: Path, canary
 ) -> dict:
     percent, canaries, notes = canary
+    if options.public:
+        notes = [
+            *notes,
+            "--public: the InferenceService is reachable through the ingress gateway, and tokens are off in pods: "
+            "anyone who reaches the gateway can call inference and metadata unless the gateway authenticates",
+        ]
     archives = {}
     for m in models:
         for v in m.versions:
@@ -816,9 +938,15 @@ def build_record(
         "drainTimeoutSeconds": DRAIN_TIMEOUT_S,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "rolling_update": {"maxUnavailable": 0, "maxSurge": 1},
-        "network": {"client_label": dict([CLIENT_LABEL]), "metrics_namespace": MONITORING_NAMESPACE},
+        "network": {
+            "client_label": dict([CLIENT_LABEL]),
+            "metrics_namespace": MONITORING_NAMESPACE,
+            "health_port": HEALTH_PORT,  # the probes' only: in no Service and no NetworkPolicy rule
+        },
         "kserve": {
             "deploymentMode": KSERVE_DEPLOYMENT_MODE,
+            "public": options.public,
+            "visibility": "public" if options.public else "cluster-local",
             "protocolVersion": "v2",
             "canaryTrafficPercent": percent,
             "canaries": canaries,
@@ -899,7 +1027,12 @@ def write_bundle(
         (staging / "kserve").mkdir()
         header = (
             "# Generated by `servekit bundle`: a KServe InferenceService, a custom predictor from the same image\n"
-            "# speaking the Open Inference Protocol (v2).\n"
+            "# speaking the Open Inference Protocol (v2), and the NetworkPolicy of its predictor pods.\n"
+            + (
+                "# --public: reachable through the ingress gateway by anyone who reaches it (tokens are off).\n"
+                if record["kserve"]["public"]
+                else "# Cluster-local: no external route (bundle with --public to expose it through the gateway).\n"
+            )
             + (
                 f"# canaryTrafficPercent {record['kserve']['canaryTrafficPercent']}: from `servekit canary` "
                 "(the new revision, this bundle, gets that share; the previous one the rest).\n"
@@ -908,7 +1041,7 @@ def write_bundle(
             )
         )
         (staging / "kserve" / "inferenceservice.yaml").write_text(
-            dump_documents([render_inferenceservice(record)], header)
+            dump_documents([render_inferenceservice(record), render_kserve_network_policy(record)], header)
         )
         (staging / "bundle.json").write_text(json.dumps(record, indent=2) + "\n")
         _replace(staging, out)

@@ -26,7 +26,7 @@
     servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
                                           # (inputs, outputs, datatypes, shapes), from the store
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
-                    [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--out bundle]
+                    [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--public] [--out bundle]
                                           # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
     servekit top [--once] [--json] [--interval 2] [--window 15m] [--source auto|prometheus|metrics]
                                           # req/s, p50, p99, 5xx/4xx %, queue, READY workers, default,
@@ -321,7 +321,7 @@ def cmd_bundle(ctx: Context) -> str:
     a = ctx.args
     options = BundleOptions.from_cli(
         models=a.models, defaults=a.default, replicas=a.replicas, max_replicas=a.max_replicas, cpu=a.cpu,
-        memory=a.memory, image=a.image, namespace=a.namespace, out=a.out,
+        memory=a.memory, image=a.image, namespace=a.namespace, out=a.out, public=a.public,
     )  # fmt: skip
     store = Path(a.bundle_store or a.store)
     return write_bundle(options, spec=a.spec, store=store, state_file=ctx.proxy.state_file).summary()
@@ -463,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default in (("--replicas", None), ("--max-replicas", None), ("--cpu", None), ("--memory", None),
                           ("--image", None), ("--namespace", None)):  # fmt: skip
         bundle.add_argument(flag, default=default, help="(see servekit.deploy.bundle.BundleOptions)")
+    bundle.add_argument(
+        "--public", action="store_true",
+        help="expose the KServe InferenceService through the ingress gateway (default: cluster-local)",
+    )  # fmt: skip
     bundle.add_argument("--out", type=Path, default=REPO_ROOT / "bundle")
     bundle.add_argument("--spec", type=Path, default=REPO_ROOT / "models.yaml")
     bundle.add_argument("--store", dest="bundle_store", help="the model store (default: the global --store)")

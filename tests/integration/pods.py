@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The pod's listeners: config.properties' addresses and gRPC ports, and the launcher's OIP ports.
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
-PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc", "servekit_metrics")
+PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc", "servekit_metrics", "oip_health")
 # What a container inherits from the image rather than from the Deployment (the image sets them too).
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "JAVA_HOME", "TZ")
 
@@ -188,6 +188,8 @@ class Pod:
         command += ["--oip-http-port", str(self.ports["oip_http"]), "--oip-grpc-port", str(self.ports["oip_grpc"])]
         metrics = command.index("--metrics-port") + 1  # the pod's scrape port, on a free one here
         command[metrics] = str(self.ports["servekit_metrics"])
+        health = command.index("--health-port") + 1  # the probes' port, on a free one here
+        command[health] = str(self.ports["oip_health"])
         return command
 
     def env(self) -> dict[str, str]:
@@ -218,15 +220,15 @@ class Pod:
 
     @property
     def readiness_path(self) -> str:
-        """The Deployment's readiness probe (bundle.json ``probes``), which targets the OIP HTTP port."""
+        """The Deployment's readiness probe (bundle.json ``probes``), which targets the health-only port."""
         probe = self.record["probes"]["readiness"]["httpGet"]
-        assert probe["port"] == self.record["ports"]["oip-http"], probe
+        assert probe["port"] == self.record["ports"]["health"], probe
         return probe["path"]
 
     def readiness(self) -> int | None:
         """The readiness probe's answer (HTTP status), None when nothing answers."""
         try:
-            return requests.get(self.url("oip_http", self.readiness_path), timeout=2).status_code
+            return requests.get(self.url("oip_health", self.readiness_path), timeout=2).status_code
         except requests.RequestException:
             return None
 

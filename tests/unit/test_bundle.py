@@ -47,6 +47,12 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")  # the oldest we support and the one 
 IMAGE = "registry.example.com/team/servekit:0.1.0"
 KSERVE_SCHEMA = Path(__file__).resolve().parents[1] / "data" / "kserve" / "inferenceservice-v1beta1.schema.json"
 KINDS = ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"]
+KSERVE_KINDS = ["InferenceService", "NetworkPolicy"]
+HEALTH_PORT = 8004
+CLUSTER_LOCAL = {
+    "networking.knative.dev/visibility": "cluster-local",
+    "networking.kserve.io/visibility": "cluster-local",
+}
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,10 +86,22 @@ def documents(bundle: Bundle) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
+def kserve_documents(bundle: Bundle) -> dict[str, dict]:
+    text = (bundle.path / "kserve" / "inferenceservice.yaml").read_text()
+    assert not re.search(r"[&*]id\d+", text), "YAML anchors or aliases: a shared object was dumped twice"
+    docs = list(yaml.safe_load_all(text))
+    assert [d["kind"] for d in docs] == KSERVE_KINDS
+    return {d["kind"]: d for d in docs}
+
+
 @pytest.fixture(scope="module")
 def isvc(bundle: Bundle) -> dict:
-    (doc,) = list(yaml.safe_load_all((bundle.path / "kserve" / "inferenceservice.yaml").read_text()))
-    return doc
+    return kserve_documents(bundle)["InferenceService"]
+
+
+@pytest.fixture(scope="module")
+def predictor_policy(bundle: Bundle) -> dict:
+    return kserve_documents(bundle)["NetworkPolicy"]
 
 
 def container(documents: dict[str, dict]) -> dict:
@@ -138,15 +156,18 @@ def test_bundle_json_records_what_the_pod_runs(bundle: Bundle) -> None:
     assert r["entrypoint"] == [
         "python", "-m", "servekit.ops.server", "run", "--config", "/home/model-server/config/config.properties",
         "--model-store", "/home/model-server/model-store", "--workdir", "/home/model-server/var",
-        "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083",
+        "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083", "--health-port", "8004",
     ]  # fmt: skip
     assert r["models"]["digits"] == {"versions": ["1.0", "2.0"], "default": "2.0"}
     assert list(r["models"]) == spec_models()  # every model of the spec by default, each at its newest
     assert (r["image"], r["replicas"], r["max_replicas"], r["cpu"], r["memory"]) == (IMAGE, 2, 4, "2", "4Gi")
-    assert r["ports"] == {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": 8083}
+    assert r["ports"] == {
+        "http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": 8083, "health": 8004,
+    }  # fmt: skip
     assert (r["preStopSeconds"], r["drainTimeoutSeconds"], r["terminationGracePeriodSeconds"]) == (5, 25, 45)
-    assert r["probes"]["readiness"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert r["probes"]["readiness"]["httpGet"] == {"path": "/v2/health/ready", "port": HEALTH_PORT}
     assert r["kserve"]["canaryTrafficPercent"] is None
+    assert (r["kserve"]["public"], r["kserve"]["visibility"]) == (False, "cluster-local")
 
 
 # ------------------------------------------------------------------------------------------ archives and config
@@ -180,6 +201,10 @@ def test_config_properties_has_one_setting_per_line(bundle: Bundle) -> None:
     assert props["metrics_mode"] == "prometheus"
     assert props["default_workers_per_model"] == "1"
     assert "load_models" not in props  # the snapshot says what loads
+    comments = " ".join(line[2:] for line in path.read_text().splitlines() if line.startswith("# "))
+    assert "admits only pods labelled servekit.io/client=true (8080, 8000, 8001)" in comments
+    assert "kserve/inferenceservice.yaml is cluster-local unless bundled with --public" in comments
+    assert "The probes' port 8004 is admitted to no one" in comments
 
 
 def test_the_model_snapshot_is_one_line_of_json_naming_exactly_the_bundle(bundle: Bundle, repo_root: Path) -> None:
@@ -253,7 +278,7 @@ def test_probes_prestop_and_grace_match_bundle_json(bundle: Bundle, documents: d
     assert (c["readinessProbe"]["periodSeconds"], c["readinessProbe"]["failureThreshold"]) == (5, 2)
     assert (c["livenessProbe"]["periodSeconds"], c["livenessProbe"]["failureThreshold"]) == (10, 3)
     assert (c["startupProbe"]["periodSeconds"], c["startupProbe"]["failureThreshold"]) == (5, 60)
-    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": HEALTH_PORT}
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(r["preStopSeconds"])]
     assert pod["terminationGracePeriodSeconds"] == r["terminationGracePeriodSeconds"]
     assert r["terminationGracePeriodSeconds"] > r["preStopSeconds"] + r["drainTimeoutSeconds"]
@@ -305,6 +330,23 @@ def test_the_network_policy_admits_clients_and_monitoring_only(documents: dict[s
     assert [p["port"] for p in monitoring["ports"]] == [8082, 8083]  # TorchServe's metrics and servekit's
     assert spec["egress"] == []
     assert spec["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_the_probes_have_their_own_port_that_no_client_reaches(
+    bundle: Bundle, documents: dict[str, dict], isvc: dict, predictor_policy: dict
+) -> None:
+    c = container(documents)
+    assert {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"} in c["ports"]
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[kind]["httpGet"]["port"] == HEALTH_PORT, kind
+    (predictor,) = isvc["spec"]["predictor"]["containers"]
+    assert predictor["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": HEALTH_PORT}
+    assert predictor["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": HEALTH_PORT}
+    entrypoint = bundle.record["entrypoint"]
+    assert entrypoint[entrypoint.index("--health-port") + 1] == str(HEALTH_PORT)
+    assert HEALTH_PORT not in port_numbers(documents["Service"])
+    for policy in (documents["NetworkPolicy"], predictor_policy):  # the kubelet's probes need no rule
+        assert HEALTH_PORT not in port_numbers(policy["spec"]["ingress"])
 
 
 def test_one_replica_never_blocks_a_node_drain(repo_root: Path, model_store: Path, tmp_path: Path) -> None:
@@ -371,6 +413,82 @@ def test_the_predictor_is_a_custom_container_speaking_v2(isvc: dict, bundle: Bun
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 4)
 
 
+def test_the_inferenceservice_is_cluster_local_by_default(isvc: dict, bundle: Bundle) -> None:
+    metadata = isvc["metadata"]
+    assert CLUSTER_LOCAL.items() <= metadata["labels"].items()  # Knative mode's key and Standard mode's
+    assert (bundle.record["kserve"]["visibility"], bundle.record["kserve"]["notes"]) == ("cluster-local", [])
+    header = (bundle.path / "kserve" / "inferenceservice.yaml").read_text().split("---", 1)[0]
+    assert "# Cluster-local: no external route" in header
+    # Prometheus is pointed at the queue-proxy's aggregate (9088) of servekit's page (8083) and its own metrics.
+    annotations = metadata["annotations"]
+    assert annotations["serving.kserve.io/enable-metric-aggregation"] == "true"
+    assert annotations["prometheus.kserve.io/port"] == "8083"
+
+
+def test_the_predictor_policy_selects_exactly_the_predictor_pods(isvc: dict, predictor_policy: dict) -> None:
+    assert predictor_policy["metadata"]["namespace"] == isvc["metadata"]["namespace"]
+    # The labels KServe puts on this InferenceService's predictor pods, and not on its transformer or explainer.
+    assert predictor_policy["spec"]["podSelector"] == {
+        "matchLabels": {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
+    }
+
+
+def test_the_predictor_policy_admits_clients_knative_and_monitoring_only(predictor_policy: dict) -> None:
+    spec = predictor_policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    clients, data_plane, autoscaler, monitoring = spec["ingress"]
+    queue_proxy = [{"protocol": "TCP", "port": 8012}]  # Knative's way into a pod; it forwards over loopback
+    assert clients == {"from": [{"podSelector": {"matchLabels": {"servekit.io/client": "true"}}}], "ports": queue_proxy}
+    assert data_plane == {
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/component": "activator"}}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "istio-system"}}},
+        ],
+        "ports": queue_proxy,
+    }  # fmt: skip
+    assert autoscaler == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "autoscaler"}}}],
+        "ports": [{"protocol": "TCP", "port": 9090}],
+    }  # fmt: skip
+    assert monitoring == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "ports": [{"protocol": "TCP", "port": port} for port in (8082, 8083, 9088)],
+    }
+    # Nobody reaches the container's own ports, the management API or the probes' port.
+    assert not {8080, 8000, 8001, 8081, HEALTH_PORT} & set(port_numbers(spec["ingress"]))
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_predictor_policy_validates_strictly(predictor_policy: dict, version: str) -> None:
+    assert kubernetes_validate.validate(predictor_policy, version, strict=True) == version.rsplit(".", 1)[0]
+
+
+def test_public_drops_only_the_cluster_local_labels(
+    tmp_path: Path, model_store: Path, capsys: pytest.CaptureFixture, kserve_validator: jsonschema.Draft4Validator,
+    bundle: Bundle,
+) -> None:  # fmt: skip
+    code, out, err = run_cli(["--public", "--image", IMAGE], tmp_path, model_store, capsys)
+    assert (code, err) == (0, "")
+    public = Bundle(tmp_path / "out", json.loads((tmp_path / "out" / "bundle.json").read_text()))
+    docs, closed = kserve_documents(public), kserve_documents(bundle)
+    labels = docs["InferenceService"]["metadata"]["labels"]
+    assert not {"networking.knative.dev/visibility", "networking.kserve.io/visibility"} & set(labels)
+    assert (public.record["kserve"]["public"], public.record["kserve"]["visibility"]) == (True, "public")
+    assert docs["NetworkPolicy"] == closed["NetworkPolicy"]  # the gateways are admitted either way
+    assert [e.message for e in kserve_validator.iter_errors(docs["InferenceService"])] == []
+    assert kubernetes_validate.validate(docs["NetworkPolicy"], KUBERNETES_VERSIONS[-1], strict=True)
+    (note,) = public.record["kserve"]["notes"]
+    assert note.startswith("--public: the InferenceService is reachable through the ingress gateway")
+    assert f"note: {note}" in out
+    assert (
+        "# --public: reachable through the ingress gateway"
+        in (public.path / "kserve" / "inferenceservice.yaml").read_text()
+    )
+    assert (public.path / "k8s" / "servekit.yaml").read_text() == (bundle.path / "k8s" / "servekit.yaml").read_text()
+
+
 def test_a_canary_maps_to_canary_traffic_percent(
     repo_root: Path, model_store: Path, tmp_path: Path, kserve_validator: jsonschema.Draft4Validator
 ) -> None:
@@ -378,14 +496,14 @@ def test_a_canary_maps_to_canary_traffic_percent(
     state.model("digits").set_canary("2.0", 20)
     write_state(tmp_path / "state.json", state)
     canary = make_bundle(repo_root, model_store, tmp_path / "b", state_file=tmp_path / "state.json")
-    (doc,) = yaml.safe_load_all((canary.path / "kserve" / "inferenceservice.yaml").read_text())
+    doc = kserve_documents(canary)["InferenceService"]
     assert doc["spec"]["predictor"]["canaryTrafficPercent"] == 20
     assert canary.record["kserve"]["canaries"] == {"digits": {"version": "2.0", "percent": 20}}
     assert [e.message for e in kserve_validator.iter_errors(doc)] == []
     # A canary of a version that is not this bundle's default cannot be a KServe canary of this revision.
     other = make_bundle(repo_root, model_store, tmp_path / "c", state_file=tmp_path / "state.json",
                         defaults=(("digits", "1.0"),))  # fmt: skip
-    (doc,) = yaml.safe_load_all((other.path / "kserve" / "inferenceservice.yaml").read_text())
+    doc = kserve_documents(other)["InferenceService"]
     assert "canaryTrafficPercent" not in doc["spec"]["predictor"]
     (note,) = other.record["kserve"]["notes"]
     assert note.startswith("the canary of digits 2.0 (20%) is not mapped: this bundle's default is 1.0")
@@ -414,7 +532,7 @@ def test_the_dockerfile_parses_and_follows_our_rules(bundle: Bundle, repo_root: 
     (healthcheck,) = by["HEALTHCHECK"]
     assert healthcheck.json
     assert healthcheck.value[0] == "CMD"
-    assert "127.0.0.1:8000/v2/health/ready" in healthcheck.value[-1]
+    assert "127.0.0.1:8004/v2/health/ready" in healthcheck.value[-1]  # the probes' own port
     (entrypoint,) = by["ENTRYPOINT"]
     assert entrypoint.json
     assert list(entrypoint.value) == bundle.record["entrypoint"]
@@ -466,6 +584,7 @@ def test_models_parse_as_names_and_versions() -> None:
         ({"image": "servekit:latest"}, "needs an explicit tag"),
         ({"image": "Servekit:1"}, "is not an image reference"),
         ({"namespace": "Serve_kit"}, "is not a DNS label"),
+        ({"public": "yes"}, "--public is a switch"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:
