@@ -1,4 +1,4 @@
-"""Requests that would cost a worker its life or its memory, against a real TorchServe: each fails alone.
+"""Requests that would cost a worker its life, its memory or its probes, against a real TorchServe: each fails alone.
 
 One TorchServe with the three shipped models (digits, breast_cancer, digit_pages) and its OIP front,
 started with a small ``max_response_size`` (``RESPONSE_LIMIT``) so that answers over it are cheap to
@@ -15,15 +15,27 @@ ask for. Each hostile request goes to TorchServe's own port (8080's route) and t
    peak resident memory over the bombs (``VmHWM`` after resetting it through ``clear_refs``) grows by
    less than ``PEAK_GROWTH_LIMIT_MB``.
 
+4. **gRPC names**: model names and versions with path characters on ModelReady, ModelMetadata and
+   ModelInfer (raw stubs, no client-side checks): INVALID_ARGUMENT with a short message, and no
+   request reaches TorchServe (its ``access_log.log`` holds none after them, while a valid call
+   made last is there).
+5. **Errors nginx writes itself** (``tests/integration/test_front_hardening.py``'s cases: unknown
+   methods, 101 headers, ``%00``, bodies over the limit, garbage) are JSON 4xx on the real front.
+6. **Slow clients**: while 1,200 idle connections are held to the front, ``/v2/health/live``
+   answers within 1 s there and on the health-only port, and an inference is answered.
+
 Every hostile answer comes within ``ANSWER_WITHIN_S``; at the end the worker pids are the ones of the
-start (no crash, no restart) and the summary is written to ``amplification_summary.json`` in pytest's
-base temp directory (``tests/integration/survival.py``).
+start (no crash, no restart) and the summary is written to ``protocol_hardening_summary.json`` in
+pytest's base temp directory (``tests/integration/survival.py``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import resource
+import socket
 import struct
 import time
 from collections import Counter
@@ -36,7 +48,8 @@ import psutil
 import pytest
 import requests
 
-from servekit.ops.server import TorchServeProcess
+from servekit.ops.server import TorchServeProcess, free_port
+from tests.integration import test_front_hardening as front_cases
 from tests.integration.conftest import Client, running_torchserve
 from tests.integration.survival import Workers, publish, survival_report
 
@@ -65,7 +78,8 @@ class Ledger:
     in_batches: int = 0
     lost: list[str] = field(default_factory=list)  # no answer, a 5xx, or an answer later than ANSWER_WITHIN_S
     mismatched: list[str] = field(default_factory=list)  # answered in time, but not as expected
-    statuses: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)  # HTTP statuses
+    grpc_codes: Counter = field(default_factory=Counter)
     slowest_s: float = 0.0
 
     def record(
@@ -195,7 +209,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Itera
     workdir = tmp_path_factory.mktemp("torchserve_amplification")
     archives = ",".join(f"{model}_v{VERSION}.mar" for model in MODELS)
     overrides = {"max_response_size": str(RESPONSE_LIMIT)}
-    with running_torchserve(workdir, model_store, load_models=archives, overrides=overrides) as process:
+    ports = {"oip_http": free_port(), "oip_grpc": free_port(), "oip_health": free_port()}
+    with running_torchserve(
+        workdir, model_store, load_models=archives, overrides=overrides, oip_ports=ports
+    ) as process:
         yield process
 
 
@@ -367,13 +384,139 @@ def test_a_batch_of_json_container_bombs_is_refused_before_parsing(
           f"{ {pid: round(mb, 1) for pid, mb in growth_mb.items()} }")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------ gRPC names
+BAD_NAMES = ["../digits", "digits/../breast_cancer", "digits?x=1", "digits#frag", "a/b", "digits%2F..", "digits\x00",
+             " digits", "digits/", "d" * 300]  # fmt: skip
+BAD_VERSIONS = ["../1.0", "1.0/../2.0", "1.0?x", "1.0#x", "1/0", "1.0%2F", "9" * 300]
+
+
+def access_lines(server: TorchServeProcess) -> list[str]:
+    path = server.workdir / "logs" / "access_log.log"
+    return path.read_text(errors="replace").splitlines() if path.is_file() else []
+
+
+def test_grpc_names_outside_the_grammar_are_refused_before_any_call_to_torchserve(
+    server: TorchServeProcess, baseline: Workers, ledger: Ledger
+) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    metadata = (("authorization", f"Bearer {server.keys()['inference']}"),)
+    channel = grpc.insecure_channel(server.grpc_address)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    image = png(4)
+
+    def calls(name: str, version: str) -> dict:
+        tensor = service_pb2.ModelInferRequest().InferInputTensor(name="image", datatype="BYTES", shape=[1])
+        infer = service_pb2.ModelInferRequest(model_name=name, model_version=version, inputs=[tensor],
+                                              raw_input_contents=[image_tail(image)])  # fmt: skip
+        return {
+            "ModelReady": (stub.ModelReady, service_pb2.ModelReadyRequest(name=name, version=version)),
+            "ModelMetadata": (stub.ModelMetadata, service_pb2.ModelMetadataRequest(name=name, version=version)),
+            "ModelInfer": (stub.ModelInfer, infer),
+        }
+
+    before = len(access_lines(server))
+    problems, count = [], 0
+    try:
+        for name, version in [(n, "") for n in BAD_NAMES] + [("digits", v) for v in BAD_VERSIONS]:
+            for method, (call, request) in calls(name, version).items():
+                label = f"grpc {method} {name[:20]!r} {version[:20]!r}"
+                started = time.monotonic()
+                try:
+                    call(request, metadata=metadata, timeout=ANSWER_WITHIN_S * 2)
+                    found = ["answered OK"]
+                except grpc.RpcError as exc:
+                    details = exc.details() or ""
+                    found = [] if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else [f"code {exc.code()}"]
+                    if len(details) > 300 or not details.isascii() or "http" in details.lower():
+                        found.append(f"details {details[:300]!r}")
+                seconds = time.monotonic() - started
+                if seconds > ANSWER_WITHIN_S:
+                    found.append(f"answered in {seconds:.1f} s")
+                count += 1
+                ledger.sent += 1
+                ledger.single += 1
+                ledger.grpc_codes["INVALID_ARGUMENT" if not found else "other"] += 1
+                if found:
+                    ledger.mismatched.append(f"{label}: {'; '.join(found)}")
+                problems += [f"{label}: {p}" for p in found]
+        # A valid call last: its line in the access log shows the log was written up to here.
+        answer = stub.ModelReady(service_pb2.ModelReadyRequest(name="digits", version=VERSION), metadata=metadata)
+        assert answer.ready
+    finally:
+        channel.close()
+    deadline = time.monotonic() + 15  # TorchServe writes its access log asynchronously
+    while time.monotonic() < deadline and not any("/models/digits" in line for line in access_lines(server)[before:]):
+        time.sleep(0.2)
+    new = access_lines(server)[before:]
+    assert any("/models/digits" in line for line in new), f"the valid call never reached the access log: {new}"
+    reached = [line for line in new if not re.search(rf'"GET /models/digits(/{re.escape(VERSION)}|/all)? HTTP', line)]
+    assert not reached, f"requests other than the valid call's reached TorchServe: {reached}"
+    assert count == 3 * (len(BAD_NAMES) + len(BAD_VERSIONS))
+    assert not problems, problems
+
+
+# ------------------------------------------------------------------------------------ errors nginx writes
+@pytest.mark.parametrize("case", list(front_cases.HOSTILE))
+def test_the_real_front_writes_every_error_of_its_own_as_json(
+    server: TorchServeProcess, baseline: Workers, ledger: Ledger, case: str
+) -> None:
+    data, expected = front_cases.HOSTILE[case]
+    started = time.monotonic()
+    status, headers, body = front_cases.exchange(server.oip_ports["oip_http"], data)
+    seconds = time.monotonic() - started
+    ledger.sent += 1
+    ledger.single += 1
+    ledger.statuses[status] += 1
+    front_cases.assert_json_error(status, headers, body, expected)
+    assert seconds < ANSWER_WITHIN_S
+
+
+# ------------------------------------------------------------------------------------ slow clients
+def test_idle_connections_do_not_starve_liveness_or_inference_on_the_real_front(
+    server: TorchServeProcess, baseline: Workers, ledger: Ledger
+) -> None:
+    soft = front_cases.raised_nofile(front_cases.IDLE_CONNECTIONS + 512)
+    port, health = server.oip_ports["oip_http"], server.oip_ports["oip_health"]
+    idle: list[socket.socket] = []
+    try:
+        for i in range(front_cases.IDLE_CONNECTIONS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            idle.append(sock)
+            if i % 2:
+                sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n")  # a header never finished
+        for probe_port in (port, health):
+            started = time.monotonic()
+            answer = requests.get(f"http://127.0.0.1:{probe_port}/v2/health/live", timeout=5)
+            assert time.monotonic() - started < 1.0
+            assert (answer.status_code, answer.json()) == (200, {"live": True})
+        model, (body, headers), expected = good_requests()[0]
+        started = time.monotonic()
+        answer = post(server, "front", model, body, headers)
+        ledger.record("front good request beside 1,200 idle connections", answer, time.monotonic() - started,
+                      good_problems(expected, answer))  # fmt: skip
+        assert good_problems(expected, answer) == []
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 def test_every_worker_survived_and_the_summary_is_written(
     client: Client, baseline: Workers, ledger: Ledger, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     after = snapshot(client)
-    report = survival_report(ledger, baseline, after, response_limit=RESPONSE_LIMIT, slowest_answer_s=ledger.slowest_s)
-    headline = "amplification: echo, over-limit answers, JSON bombs"
-    publish(report, "amplification_summary.json", tmp_path_factory, headline, batch_size=BOMBS_AT_ONCE)
+    report = survival_report(
+        ledger,
+        baseline,
+        after,
+        response_limit=RESPONSE_LIMIT,
+        slowest_answer_s=round(ledger.slowest_s, 3),
+        grpc_codes=dict(ledger.grpc_codes),
+    )
+    headline = "protocol hardening: echo, over-limit answers, JSON bombs, gRPC names, front errors, idle connections"
+    publish(report, "protocol_hardening_summary.json", tmp_path_factory, headline, batch_size=BOMBS_AT_ONCE)
     assert ledger.sent >= 2 * (len(long_id_cases()) + 5) + len(MODELS) * BOMBS_AT_ONCE
     assert after.pids == baseline.pids, f"workers restarted: {baseline.pids} -> {after.pids}"
     assert not ledger.lost, ledger.lost
