@@ -44,7 +44,7 @@ from pathlib import Path
 
 from servekit.errors import ServekitError
 from servekit.ops.nginx import NginxInstance
-from servekit.ops.processes import owned_pid, pid_matches, read_pid, signal_if_matches, verified_pid
+from servekit.ops.processes import owned_pid, pid_matches, read_pid, signal_if_matches, stop_verified, verified_pid
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -237,24 +237,9 @@ class LogKeeperProcess:
         pid = self.running_pid()
         if pid is None:
             return False
-        signal_if_matches(pid, self.fragments, signal.SIGTERM)
-        if not self._wait_gone(pid, timeout):
-            signal_if_matches(pid, self.fragments, signal.SIGKILL)
-            self._wait_gone(pid, 5.0)
+        stop_verified(pid, self.fragments, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
-
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            gone = not pid_matches(pid, self.fragments)  # gone, or a zombie (its command line reads empty)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent, or it stays a zombie
-            if gone:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ command line

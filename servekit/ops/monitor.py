@@ -23,10 +23,7 @@ rendered ``prometheus.yml``, the TSDB in ``data/``, ``prometheus.log`` and the p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +37,7 @@ from typing import NamedTuple
 
 from servekit.errors import ServekitError, one_line
 from servekit.ops.oip_service import DEFAULT_HTTP_PORT
-from servekit.ops.processes import command_line, pid_matches, signal_if_matches, verified_pid
+from servekit.ops.processes import command_line, stop_verified, verified_pid
 from servekit.ops.server import BASE_CONFIG, read_properties
 from servekit.ops.state_lock import atomic_write_text
 
@@ -262,24 +259,9 @@ class PrometheusServer:
         pid = self.running_pid()
         if pid is None:
             return False
-        signal_if_matches(pid, self.fragments, signal.SIGTERM)
-        if not self._wait_gone(pid, timeout):
-            signal_if_matches(pid, self.fragments, signal.SIGKILL)
-            self._wait_gone(pid, 5.0)
+        stop_verified(pid, self.fragments, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
-
-    def _wait_gone(self, pid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            gone = not pid_matches(pid, self.fragments)  # gone, or a zombie (its command line reads empty)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent (a test), or it stays a zombie
-            if gone:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
 
     # ------------------------------------------------------------------ queries
     def ready(self) -> bool:

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -173,6 +174,29 @@ def signal_if_matches(pid: int, fragments: Sequence[str], sig: signal.Signals) -
 # ------------------------------------------------------------------------------------------ ports
 _HANDED_OUT: set[int] = set()
 _PORTS_LOCK = threading.Lock()
+
+
+def wait_gone(pid: int, fragments: Sequence[str], timeout: float, poll: float = 0.05) -> bool:
+    """Wait until ``pid`` no longer runs our command (gone, or a zombie whose command line reads empty),
+    reaping it when we are its parent; False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gone = not pid_matches(pid, fragments)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent, or it stays a zombie
+        if gone:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+
+
+def stop_verified(pid: int, fragments: Sequence[str], timeout: float) -> None:
+    """SIGTERM our process ``pid`` (its command line checked first), then SIGKILL after ``timeout`` seconds."""
+    signal_if_matches(pid, fragments, signal.SIGTERM)
+    if not wait_gone(pid, fragments, timeout):
+        signal_if_matches(pid, fragments, signal.SIGKILL)
+        wait_gone(pid, fragments, 5.0)
 
 
 def free_port() -> int:
