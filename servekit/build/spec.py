@@ -562,7 +562,8 @@ def _check_version_string(name: str, version: Any) -> str:
         raise SpecError(f"version must be a string like '1.0', got {version!r}{hint}", name, str(version), "version")
     if not VERSION_RE.match(version):
         raise SpecError(
-            f"bad version string {version!r}: use 1 to 3 dot-separated numbers, e.g. '1.0' or '2.1.3'",
+            f"bad version string {version!r}: use 1 to 3 dot-separated numbers of at most 9 digits, "
+            "e.g. '1.0' or '2.1.3'",
             name,
             version,
             "version",

@@ -84,9 +84,6 @@ NOT_READY = HTTPStatus.BAD_REQUEST
 # A client that hangs up before (or while) its answer is written: normal traffic, not an error.
 CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 INTERNAL_ERROR = "internal error in the OIP gateway (the details are in its log)"
-# The store's version grammar has no length bound; a longer version than this can never be built, since
-# its archive name (<name>_v<version>.mar) would not fit a file name (255 bytes) even with a 1-letter name.
-MAX_VERSION_LENGTH = 255 - len(archive_name("a", ""))
 LOG_MAX_BYTES = 5 << 20
 LOG_BACKUPS = 2
 
@@ -112,13 +109,11 @@ def check_model(name: object, version: object = None) -> None:
             f"model name {_shown(name)} is not a valid model name: letters, digits, '_' and '-', "
             "starting with a letter, at most 64 characters",
         )
-    if version is not None and (
-        not isinstance(version, str) or len(version) > MAX_VERSION_LENGTH or not VERSION_RE.match(version)
-    ):
+    if version is not None and (not isinstance(version, str) or not VERSION_RE.match(version)):
         raise OipError(
             HTTPStatus.BAD_REQUEST,
             f"model version {_shown(version)} is not a valid model version: one to three numbers joined by "
-            f"dots, such as 2.0, at most {MAX_VERSION_LENGTH} characters (none for the default version)",
+            "dots, such as 2.0, each of at most 9 digits (none for the default version)",
         )
 
 
@@ -298,7 +293,7 @@ def read_archive_metadata(path: Path) -> dict:
 
 def store_metadata(store: Path, name: str, version: str | None = None) -> dict:
     """OIP metadata of a model as built in ``store`` (no server needed): ``version``, or the newest."""
-    from servekit.ops.store import archive_name, read_manifest, verify_archive
+    from servekit.ops.store import read_manifest, verify_archive
 
     built = [r for r in read_manifest(store)["archives"].values() if r.get("model") == name]
     versions = sorted((str(r.get("version")) for r in built), key=version_key)

@@ -20,7 +20,7 @@ from servekit.errors import ServekitError
 MANIFEST_NAME = "manifest.json"
 # "\Z", not "$": "$" also matches before a trailing newline.
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
-VERSION_PATTERN = r"\d+(?:\.\d+){0,2}"
+VERSION_PATTERN = r"\d{1,9}(?:\.\d{1,9}){0,2}"  # at most 29 characters: no version is unbounded
 NAME_RE = re.compile(rf"^{NAME_PATTERN}\Z")
 VERSION_RE = re.compile(rf"^{VERSION_PATTERN}\Z")
 

@@ -258,19 +258,20 @@ def test_the_gateway_itself_refuses_a_bad_version_before_any_call(tmp_path: Path
     assert fake.calls == []
 
 
-def test_a_version_is_at_most_as_long_as_an_archive_file_name_allows(tmp_path: Path) -> None:
-    """The store's grammar does not bound a version's length; no longer version can be built (NAME_MAX 255)."""
+def test_a_version_is_at_most_three_numbers_of_nine_digits(tmp_path: Path) -> None:
+    """The store's grammar bounds a version (29 characters at most): a longer one is refused before any call."""
     fake = recording()
     gateway = Gateway(fake, tmp_path)
-    longest = "1" * (255 - len("a_v.mar"))
+    longest = ".".join(["9" * 9] * 3)
     with pytest.raises(OipError, match="has no version") as info:  # asked, and TorchServe has no such version
         gateway.model_ready("digits", longest)
     assert info.value.status == 404
     asked = len(fake.calls)
     assert asked > 0
-    with pytest.raises(OipError, match=r"is not a valid model version: .*, at most 248 characters") as info:
-        gateway.model_ready("digits", longest + "1")
-    assert (info.value.status, len(fake.calls)) == (400, asked)
+    for longer in ("1" * 10, longest + "9", "1" * 300):
+        with pytest.raises(OipError, match=r"is not a valid model version: .*, each of at most 9 digits") as info:
+            gateway.model_ready("digits", longer)
+        assert (info.value.status, len(fake.calls)) == (400, asked)
 
 
 @pytest.mark.parametrize(

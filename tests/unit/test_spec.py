@@ -144,7 +144,7 @@ def test_unknown_key_at_version_level_names_model_version_and_field(tmp_path: Pa
     assert (err.model, err.version, err.field) == ("digits", "1.0", "batch")
 
 
-@pytest.mark.parametrize("version", ["v1", "1.0-beta", "1.2.3.4", "1.", "1.0\n"])
+@pytest.mark.parametrize("version", ["v1", "1.0-beta", "1.2.3.4", "1.", "1.0\n", "1" * 10 + ".0"])
 def test_bad_version_string_is_refused(tmp_path: Path, version: str) -> None:
     data = base_spec()
     data["models"]["digits"]["versions"] = {version: {"precision": "fp32", "weights": {"train": "digits"}}}
