@@ -5,7 +5,8 @@ Layout::
     models:
       digits:                      # model name (TorchServe's model name)
         architecture: digits_cnn   # see servekit.build.architectures.ARCHITECTURES
-        handler: image_classifier  # the task: servekit.build.tasks.TASKS (image_classifier, tabular_classifier, object_detector)
+        handler: image_classifier  # the task: servekit.build.tasks.TASKS (image_classifier,
+                                   # tabular_classifier, object_detector)
         labels: ["0", "1", ...]    # or labels_file: path/to/labels.json (a JSON list); with
                                    # weights.torchvision, the weights' own categories by default
         topk: 3
@@ -44,8 +45,8 @@ import yaml
 from handlers.config import Faults
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
-from handlers.protocols import ProtocolConfig
 from handlers.preprocessing import Preprocessing
+from handlers.protocols import ProtocolConfig
 from servekit.errors import ServekitError
 from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
 
