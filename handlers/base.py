@@ -100,7 +100,6 @@ class BatchHandler:
         # The worker hands JSON bodies over as bytes: parsed here with bounds (handlers.json_body),
         # not by TorchServe in full before any limit applies. Read by TorchServe for each request.
         os.environ[DECODE_ENV] = "false"
-        self.max_response = response_limit()
         self.context = context
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         self.settings = self.config_type.from_dict(yaml_config.get("handler"))
