@@ -187,6 +187,9 @@ def _metadata(
         "weights_sha256": file_sha256(weights_path),
         "program_sha256": file_sha256(program_path),
         "accuracy": accuracy,
+        # True: a reduced-precision version built without evaluation data (allow_ungated), never compared
+        # with FP32; servekit status shows it.
+        "ungated": spec.ungated,
         "monitoring": spec.monitoring.to_dict(),
         "drift_reference": reference,
         "oip": spec.oip_metadata(),
@@ -202,6 +205,7 @@ def _record_in_manifest(spec: ModelVersionSpec, store: Path, metadata: dict) -> 
         **{k: metadata[k] for k in ("model", "version", "precision", "spec_hash", "inputs_fingerprint")},
         "weights_sha256": metadata["weights_sha256"],
         "accuracy": metadata["accuracy"],
+        "ungated": metadata["ungated"],
         "sha256": file_sha256(archive_path),
         "size_bytes": archive_path.stat().st_size,
         "built_at": metadata["built_at"],

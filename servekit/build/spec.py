@@ -18,7 +18,8 @@ Layout::
         serving: {...}             # Serving below: TorchServe's batch and worker settings
         rollout: {...}             # RolloutSpec below: servekit rollout's steps and thresholds (model
                                    # level only, read at rollout time, not part of any archive)
-        evaluation: digits         # data set for measured accuracy (servekit.build.datasets), or omit
+        evaluation: digits         # data set for measured accuracy (servekit.build.datasets): an INT8 or
+                                   # BF16 version without one is refused unless it says allow_ungated: true
         versions:
           "1.0": {precision: fp32, weights: {train: digits}}
           "2.0": {precision: int8, weights: {train: digits}, quantization: {calibration: digits}}
@@ -62,6 +63,7 @@ COMMON_KEYS = {
     "protocol",
     "serving",
     "evaluation",
+    "allow_ungated",
     "quantization",
     "bf16",
     "description",
@@ -461,6 +463,7 @@ class ModelVersionSpec:
     faults: Faults | None = None
     monitoring: Monitoring = field(default_factory=Monitoring)
     options: Any = None  # the task's own section (``Task.options_key``), parsed; None for tasks without one
+    allow_ungated: bool = False  # a reduced-precision version built with no evaluation data, on purpose
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -483,6 +486,11 @@ class ModelVersionSpec:
         return self.max_drop
 
     @property
+    def ungated(self) -> bool:
+        """A reduced-precision version whose accuracy against FP32 is never measured (``allow_ungated``)."""
+        return self.precision != "fp32" and self.evaluation is None
+
+    @property
     def archive_name(self) -> str:
         return archive_name(self.name, self.version)
 
@@ -500,6 +508,8 @@ class ModelVersionSpec:
         for gate in ("quantization", "bf16"):
             if data.get(gate) is not None and data[gate]["max_drop"] is None:
                 data[gate].pop("max_drop")  # likewise for every gate given by its older name
+        if not self.allow_ungated:
+            data.pop("allow_ungated")  # absent unless given: fingerprints of gated versions stay as they were
         data.pop("options")
         if self.options is not None:
             data["options"] = self.options.to_dict()
@@ -668,6 +678,21 @@ class _VersionResolver:
             raise self.fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(datasets)})")
         return evaluation
 
+    def allow_ungated(self, evaluation: str | None, datasets: dict) -> bool:
+        """``allow_ungated``; a reduced-precision version without evaluation data needs it said."""
+        allow = self.merged.get("allow_ungated", False)
+        if not isinstance(allow, bool):
+            raise self.fail("allow_ungated", f"must be true or false, got {allow!r}")
+        precision = self.merged["precision"]
+        if precision != "fp32" and evaluation is None and not allow:
+            known = ", ".join(sorted(datasets)) or "none for this task"
+            raise self.fail(
+                "evaluation",
+                f"precision {precision} needs evaluation data: its accuracy gate against FP32 is measured on it "
+                f"(known data sets: {known}); or set allow_ungated: true to build it without any gate",
+            )
+        return allow
+
     def quantization(self, datasets: dict, calibrated: bool = True) -> Quantization | None:
         merged = self.merged
         if merged["precision"] != "int8":
@@ -701,6 +726,8 @@ class _VersionResolver:
         labels = self.labels(weights)
         if "preprocessing" not in merged and weights.torchvision:
             merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
+        evaluation = self.evaluation(datasets)
+        quantization, bf16 = self.quantization(datasets, task.calibrated), self.bf16()
         options = None
         if task.options_key is not None:
             options = self.nested(task.options_key, lambda: task.parse_options(merged.get(task.options_key)))
@@ -716,9 +743,10 @@ class _VersionResolver:
             preprocessing=self.nested("preprocessing", lambda: Preprocessing.from_dict(merged.get("preprocessing"))),
             limits=self.nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits"))),
             serving=self.nested("serving", lambda: Serving.from_dict(merged.get("serving"))),
-            evaluation=self.evaluation(datasets),
-            quantization=self.quantization(datasets, task.calibrated),
-            bf16=self.bf16(),
+            evaluation=evaluation,
+            allow_ungated=self.allow_ungated(evaluation, datasets),  # after the gates' own sections are checked
+            quantization=quantization,
+            bf16=bf16,
             description=str(merged.get("description", "")),
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail, task),
             protocol=self.nested("protocol", lambda: task.parse_protocol(merged.get("protocol"))),

@@ -66,6 +66,7 @@ from servekit.ops.proxy import NginxProxy
 from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
 from servekit.ops.state import DeploymentStore
 from servekit.ops.state_lock import StateLock
+from servekit.ops.store import archive_name, read_manifest
 from servekit.ops.workflows import Deployer, DeployError, VersionState, status
 
 LOCK_NAME = "servekit.lock"
@@ -94,8 +95,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(1, f"servekit: error: {message} (see {self.prog} --help)\n")
 
 
-def format_status(states: list[VersionState]) -> str:
-    header = ("MODEL", "VERSION", "DEFAULT", "WORKERS", "READY", "MIN-MAX", "BATCH", "QUEUED")
+def accuracy_gate(record: dict | None) -> str:
+    """What the build measured of a version against FP32 (its manifest record): ``gated``, ``UNGATED``
+    (a reduced-precision version built with ``allow_ungated``), ``-`` (FP32) or ``?`` (not in the store)."""
+    if record is None:
+        return "?"
+    if record.get("precision") == "fp32":
+        return "-"
+    # Archives built before the manifest said so: a reduced-precision version with no accuracy was not gated.
+    return "UNGATED" if record.get("ungated", record.get("accuracy") is None) else "gated"
+
+
+def store_gates(store: Path, states: list[VersionState]) -> dict[tuple[str, str], str]:
+    """``accuracy_gate`` of every registered version, from the store's manifest."""
+    try:
+        archives = read_manifest(store)["archives"]
+    except ServekitError:
+        archives = {}
+    return {(s.model, s.version): accuracy_gate(archives.get(archive_name(s.model, s.version))) for s in states}
+
+
+def format_status(states: list[VersionState], gates: dict[tuple[str, str], str] | None = None) -> str:
+    gates = gates or {}
+    header = ("MODEL", "VERSION", "DEFAULT", "WORKERS", "READY", "MIN-MAX", "BATCH", "QUEUED", "GATE")
     rows = [header] + [
         (
             s.model,
@@ -106,6 +128,7 @@ def format_status(states: list[VersionState]) -> str:
             f"{s.min_workers}-{s.max_workers}",
             str(s.batch_size),
             str(s.pending),
+            gates.get((s.model, s.version), "?"),
         )
         for s in states
     ]
@@ -155,7 +178,10 @@ class Context:
 # ------------------------------------------------------------------------------------------ subcommands
 def cmd_status(ctx: Context) -> str:
     states = status(ctx.client)
-    return json.dumps([s.as_dict() for s in states], indent=2) if ctx.args.json else format_status(states)
+    gates = store_gates(Path(ctx.args.store), states)
+    if ctx.args.json:
+        return json.dumps([{**s.as_dict(), "gate": gates[(s.model, s.version)]} for s in states], indent=2)
+    return format_status(states, gates)
 
 
 def cmd_register(ctx: Context) -> str:

@@ -86,6 +86,8 @@ def test_register_promote_rollback_returns_to_the_start_and_is_recorded(cli) -> 
         assert default_of(cli) == "2.0"
         status = ok(cli("status"))
         assert "digits  1.0" in status  # the previous default keeps serving
+        gates = {(s["model"], s["version"]): s["gate"] for s in json.loads(ok(cli("status", "--json")))}
+        assert (gates[("digits", "1.0")], gates[("digits", "2.0")]) == ("-", "gated")  # INT8 measured against FP32
         assert "rolled back digits: default is 1.0 again (was 2.0; golden set 10/10 correct)" in ok(
             cli("rollback", "digits")
         )

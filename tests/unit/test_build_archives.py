@@ -59,7 +59,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path):
                 str(weights_dir / "resnet18.pt"),
                 {
                     "1.0": {"precision": "fp32"},
-                    "1.1": {"precision": "int8", "quantization": {"calibration_images": 16}},
+                    "1.1": {"precision": "int8", "quantization": {"calibration_images": 16}, "allow_ungated": True},
                 },
             ),
             "mobile": vision_model("mobilenet_v3_small", str(weights_dir / "mnv3.pt"), {"1.0": {"precision": "fp32"}}),
@@ -97,6 +97,8 @@ def test_archive_carries_program_handler_config_labels_and_metadata(built, weigh
     assert metadata["precision"] == "int8"
     assert metadata["weights_sha256"] == file_sha256(weights_dir / "resnet18.pt")
     assert metadata["accuracy"] is None  # no evaluation set for these: nothing is claimed
+    assert metadata["ungated"] is True  # ... and it says so (allow_ungated)
+    assert read_manifest(store)["archives"]["resnet_v1.1.mar"]["ungated"] is True
 
 
 def test_int8_archive_is_much_smaller_than_fp32(built) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servekit.ops.cli import format_status, main
+from servekit.ops.cli import format_status, main, store_gates
 from servekit.ops.history import History
 from servekit.ops.state import DeploymentState, DeploymentStore
 from servekit.ops.workflows import DeployError, VersionState, serving_settings
@@ -109,12 +109,31 @@ def test_format_status_is_an_aligned_table() -> None:
         VersionState("digits", "1.0", True, 1, 2, ({"status": "READY"}, {"status": "UNLOADING"}), 0, 8),
         VersionState("digits", "10.0", False, 0, 0, (), 12, 1),
     ]
-    assert format_status(states).splitlines() == [
-        "MODEL   VERSION  DEFAULT  WORKERS  READY  MIN-MAX  BATCH  QUEUED",
-        "digits  1.0      *        2        1      1-2      8      0",
-        "digits  10.0              0        0      0-0      1      12",
+    gates = {("digits", "1.0"): "-", ("digits", "10.0"): "UNGATED"}
+    assert format_status(states, gates).splitlines() == [
+        "MODEL   VERSION  DEFAULT  WORKERS  READY  MIN-MAX  BATCH  QUEUED  GATE",
+        "digits  1.0      *        2        1      1-2      8      0       -",
+        "digits  10.0              0        0      0-0      1      12      UNGATED",
     ]
-    assert format_status([]) == "MODEL  VERSION  DEFAULT  WORKERS  READY  MIN-MAX  BATCH  QUEUED"
+    assert format_status([]) == "MODEL  VERSION  DEFAULT  WORKERS  READY  MIN-MAX  BATCH  QUEUED  GATE"
+
+
+def test_the_gate_column_reads_the_store_manifest(tmp_path: Path) -> None:
+    """A reduced-precision version built with allow_ungated is UNGATED; gated ones and FP32 say so too."""
+    records = {
+        "digits_v1.0.mar": {"precision": "fp32", "accuracy": {"top1": 1.0}},
+        "digits_v2.0.mar": {"precision": "int8", "accuracy": {"top1": 1.0}, "ungated": False},
+        "digits_v3.0.mar": {"precision": "int8", "accuracy": None, "ungated": True},
+        "digits_v5.0.mar": {"precision": "bf16", "accuracy": None},  # built before the manifest said so
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "archives": records}))
+    states = [VersionState("digits", v, v == "1.0", 1, 1, (), 0, 1) for v in ("1.0", "2.0", "3.0", "4.0", "5.0")]
+    assert store_gates(tmp_path, states) == {
+        ("digits", "1.0"): "-", ("digits", "2.0"): "gated", ("digits", "3.0"): "UNGATED", ("digits", "4.0"): "?",
+        ("digits", "5.0"): "UNGATED",
+    }  # fmt: skip
+    (tmp_path / "manifest.json").write_text("not json")
+    assert set(store_gates(tmp_path, states).values()) == {"?"}
 
 
 def test_version_state_as_dict_keeps_the_json_fields() -> None:

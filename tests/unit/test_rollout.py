@@ -775,7 +775,8 @@ def test_rollout_is_a_model_level_section_only(tmp_path: Path) -> None:
 
     data = rollout_spec(None)
     data["models"]["digits"]["versions"]["1.0"]["rollout"] = {"steps": [50, 100]}
-    with pytest.raises(SpecError, match=r"^digits 1.0: rollout: unknown key \(valid keys: architecture, "):
+    refused = r"^digits 1.0: rollout: unknown key \(valid keys: allow_ungated, architecture, "
+    with pytest.raises(SpecError, match=refused):
         parse_spec(data, tmp_path)
 
 

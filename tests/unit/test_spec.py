@@ -129,7 +129,7 @@ def test_unknown_key_at_model_level_names_model_and_field(tmp_path: Path) -> Non
 
     err = spec_error(tmp_path, data)
 
-    assert str(err).startswith("digits: colour: unknown key (valid keys: architecture, ")
+    assert str(err).startswith("digits: colour: unknown key (valid keys: allow_ungated, architecture, ")
     assert (err.model, err.version, err.field) == ("digits", None, "colour")
 
 
@@ -139,7 +139,7 @@ def test_unknown_key_at_version_level_names_model_version_and_field(tmp_path: Pa
 
     err = spec_error(tmp_path, data)
 
-    assert str(err).startswith("digits 1.0: batch: unknown key (valid keys: architecture, ")
+    assert str(err).startswith("digits 1.0: batch: unknown key (valid keys: allow_ungated, architecture, ")
     assert "versions" not in str(err).split("valid keys:")[1]  # a version cannot nest versions
     assert (err.model, err.version, err.field) == ("digits", "1.0", "batch")
 
@@ -261,6 +261,45 @@ def test_int8_quantization_section_is_validated(tmp_path: Path) -> None:
     err = spec_error(tmp_path, data)
 
     assert str(err) == "digits 1.0: quantization.max_top1_drop: must be a number >= 0, got -0.5"
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_a_reduced_precision_version_without_evaluation_data_is_refused(tmp_path: Path, precision: str) -> None:
+    """No silent loss of the accuracy gate: INT8/BF16 with nothing to measure it on is an error."""
+    data = base_spec()
+    data["models"]["digits"]["versions"]["2.0"] = {"precision": precision, "weights": {"train": "digits"}}
+
+    err = spec_error(tmp_path, data)
+
+    assert str(err) == (
+        f"digits 2.0: evaluation: precision {precision} needs evaluation data: its accuracy gate against FP32 is "
+        "measured on it (known data sets: digits); or set allow_ungated: true to build it without any gate"
+    )
+    assert (err.model, err.version, err.field) == ("digits", "2.0", "evaluation")
+
+
+def test_allow_ungated_builds_without_a_gate_and_says_so(tmp_path: Path) -> None:
+    data = base_spec()
+    data["models"]["digits"]["versions"]["2.0"] = {
+        "precision": "int8", "weights": {"train": "digits"}, "allow_ungated": True,
+    }  # fmt: skip
+    data["models"]["digits"]["versions"]["3.0"] = {"precision": "int8", "weights": {"train": "digits"},
+                                                   "evaluation": "digits"}  # fmt: skip
+    fp32, ungated, gated = load_spec(write_spec(tmp_path, data))
+
+    assert (fp32.ungated, ungated.ungated, gated.ungated) == (False, True, False)
+    assert ungated.to_dict()["allow_ungated"] is True
+    assert "allow_ungated" not in gated.to_dict()  # absent unless given: gated fingerprints are unchanged
+
+
+def test_allow_ungated_must_be_a_boolean(tmp_path: Path) -> None:
+    data = base_spec()
+    data["models"]["digits"]["versions"]["2.0"] = {"precision": "int8", "weights": {"train": "digits"},
+                                                   "allow_ungated": "yes"}  # fmt: skip
+
+    err = spec_error(tmp_path, data)
+
+    assert str(err) == "digits 2.0: allow_ungated: must be true or false, got 'yes'"
 
 
 @pytest.mark.parametrize("topk", [0, 11, "3"])
