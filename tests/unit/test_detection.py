@@ -36,6 +36,7 @@ from servekit.build import detection as build
 from servekit.build.detection import DetectorTask
 from servekit.build.spec import SpecError, load_spec
 from servekit.build.tasks import task_for
+from tests.fake_context import FakeContext
 
 TINY = build.DetectorRecipe(seed=1, train_pages=48, epochs=2, batch_size=16, width=8)
 
@@ -447,29 +448,7 @@ def test_train_and_evaluate_reports_the_bar(tiny_state: dict[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------ the handler
-class FakeContext:
-    """The parts of ts.context.Context a handler uses (as tests/unit/test_handler.py's)."""
-
-    def __init__(self, model_dir: Path, model_yaml_config: dict, batch_size: int) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "batch_size": batch_size, "gpu_id": None}
-        self.manifest = {"model": {"modelName": "digit_pages", "modelVersion": "1.0", "serializedFile": "model.pt"}}
-        self.model_yaml_config = model_yaml_config
-        self.model_name = "digit_pages"
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.headers: dict[int, dict[str, str]] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.headers.setdefault(idx, {})[key] = value
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return {}
+DETECTOR_MANIFEST = {"model": {"modelName": "digit_pages", "modelVersion": "1.0", "serializedFile": "model.pt"}}
 
 
 def model_dir(root: Path, program: torch.jit.ScriptModule | torch.nn.Module, traced: bool = True) -> Path:
@@ -485,7 +464,7 @@ def model_dir(root: Path, program: torch.jit.ScriptModule | torch.nn.Module, tra
 
 
 def start(directory: Path, batch_size: int = 4, **handler: object) -> tuple[ObjectDetector, FakeContext]:
-    context = FakeContext(directory, {"handler": {"precision": "fp32", **handler}}, batch_size)
+    context = FakeContext(directory, DETECTOR_MANIFEST, {"handler": {"precision": "fp32", **handler}}, batch_size)
     detector = ObjectDetector()
     detector.initialize(context)
     context.statuses.clear()
@@ -544,7 +523,7 @@ def test_initialize_warms_up_every_batch_size(tiny_dir: Path, monkeypatch: pytes
     real = detector.inference
     monkeypatch.setattr(detector, "inference", lambda items: warmed.append(len(items)) or real(items))
 
-    detector.initialize(FakeContext(tiny_dir, {"handler": {}}, 3))
+    detector.initialize(FakeContext(tiny_dir, DETECTOR_MANIFEST, {"handler": {}}, 3))
 
     rounds = detector.warmup_rounds
     # then the four warm-up requests (two raw pages, KServe v1, OIP) in batches of 3 and 1
@@ -704,7 +683,7 @@ def test_oip_answers_padded_tensors_in_json_and_binary(fixed_dir: Path) -> None:
     assert outputs["boxes"]["data"] == [34.0, 42.0, 50.0, 58.0, 68.0, 20.0, 100.0, 52.0]
     assert outputs["labels"]["data"] == ["7", "7"]
     assert outputs["counts"]["data"] == [1, 1]
-    header_length = int(context.headers[1]["Inference-Header-Content-Length"])
+    header_length = int(context.response_headers[1]["Inference-Header-Content-Length"])
     header = json.loads(second[:header_length])
     assert [o["name"] for o in header["outputs"]] == ["counts", "labels"]
     assert np.frombuffer(second[header_length:], dtype="<i8").tolist() == [2, 2]

@@ -13,47 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from ts.utils.util import list_classes_from_module
 
 from handlers import cpu_budget
 from handlers.cpu_budget import ENV_REGISTRY
 from handlers.image_classifier import ImageClassifier
 from servekit.ops.store import archive_name
+from tests.fake_context import FakeContext
 
 VERSIONS = {"1.0": "fp32", "2.0": "int8"}
-
-
-class FakeContext:
-    """The parts of ts.context.Context a handler uses, recording the per-request responses."""
-
-    def __init__(self, model_dir: Path, manifest: dict, model_yaml_config: dict, batch_size: int) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "batch_size": batch_size, "gpu_id": None}
-        self.manifest = manifest
-        self.model_yaml_config = model_yaml_config
-        self.model_name = manifest["model"]["modelName"]
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.response_headers: dict[int, dict[str, str]] = {}
-        self.request_headers: list[dict[str, str]] = []
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.response_headers.setdefault(idx, {})[key] = value
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.request_headers[idx] if idx < len(self.request_headers) else {}
-
-    def reset(self) -> None:
-        self.statuses.clear()
-        self.content_types.clear()
-        self.response_headers.clear()
-        self.request_headers = []
 
 
 def extract(store: Path, version: str, into: Path) -> Path:
@@ -65,10 +33,7 @@ def extract(store: Path, version: str, into: Path) -> Path:
 
 
 def make_context(model_dir: Path, batch_size: int | None = None, **yaml_overrides) -> FakeContext:
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    config = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
-    config.update(yaml_overrides)
-    return FakeContext(model_dir, manifest, config, batch_size or config["batchSize"])
+    return FakeContext.from_archive(model_dir, batch_size, **yaml_overrides)
 
 
 @pytest.fixture(scope="module")

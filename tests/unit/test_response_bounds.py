@@ -24,6 +24,7 @@ from handlers import base, json_body, protocols
 from handlers.base import BatchHandler, reply_size, response_limit
 from handlers.errors import InvalidInput, PayloadTooLarge
 from handlers.protocols import ProtocolConfig, Reply
+from tests.fake_context import FakeContext
 
 
 # ------------------------------------------------------------------------------------ a handler of our own
@@ -53,33 +54,6 @@ class EchoHandler(BatchHandler):
         return Reply({"echo": results[0]})
 
 
-class RecordingContext:
-    def __init__(self) -> None:
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.headers: dict[int, dict[str, str]] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.headers.setdefault(idx, {})[key] = value
-
-    def get_response_content_type(self, idx: int) -> str:
-        return self.content_types.get(idx, "")
-
-    def get_response_status(self, idx: int) -> tuple[int | None, str | None]:
-        return self.statuses.get(idx, (None, None))
-
-    def get_response_headers(self, idx: int) -> dict[str, str]:
-        return self.headers.get(idx, {})
-
-    stopping_criteria = None
-
-
 def echo_handler(limit: int, monkeypatch: pytest.MonkeyPatch) -> EchoHandler:
     monkeypatch.setenv(base.MAX_RESPONSE_ENV, str(limit))
     handler = EchoHandler()
@@ -89,7 +63,7 @@ def echo_handler(limit: int, monkeypatch: pytest.MonkeyPatch) -> EchoHandler:
 
 def test_an_answer_over_the_limit_fails_only_its_own_request_with_413_json(monkeypatch: pytest.MonkeyPatch) -> None:
     handler = echo_handler(20_000, monkeypatch)
-    context = RecordingContext()
+    context = FakeContext()
     small, large = b"a" * 100, b"b" * 15_000  # under the 15,904 bytes left once the margin is kept
     over = "é" * 3_000  # 3,000 characters, 18,000 bytes once TorchServe escapes them to \\u00e9
     answers = handler.handle([{"body": small}, {"body": over.encode()}, {"body": large}], context)
@@ -110,7 +84,7 @@ def test_an_answer_over_the_limit_fails_only_its_own_request_with_413_json(monke
 def test_reply_size_is_what_torchserve_worker_writes_for_the_reply() -> None:
     """The size checked is the one ``ts.protocol.otf_message_handler`` frames the answer with."""
     bodies = [{"echo": "é\u2603" * 50, "n": [1.5, 2, None]}, b"\x00binary", "text ☃", ["a", {"b": 1}]]
-    context = RecordingContext()
+    context = FakeContext()
     message = otf_message_handler.create_predict_response(
         bodies, {i: f"req-{i}" for i in range(len(bodies))}, "ok", 200, context
     )
@@ -331,7 +305,7 @@ def test_decoding_in_the_handler_is_bounded_and_leaves_binary_oip_bodies_alone()
 def test_a_bomb_in_a_batch_fails_only_its_own_request(monkeypatch: pytest.MonkeyPatch) -> None:
     handler = echo_handler(100_000, monkeypatch)
 
-    class Headers(RecordingContext):
+    class Headers(FakeContext):
         def get_all_request_header(self, idx: int) -> dict[str, str]:
             return {"Content-Type": "application/json"}
 

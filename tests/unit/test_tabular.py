@@ -24,6 +24,7 @@ from servekit.build import tabular as build
 from servekit.build.spec import SpecError, load_spec
 from servekit.ops.store import archive_name, read_manifest
 from tests import hostile_corpus_tabular as corpus
+from tests.fake_context import FakeContext
 
 pytestmark = pytest.mark.unit
 
@@ -405,42 +406,9 @@ def test_the_archive_carries_the_schema_for_the_handler_and_for_people(archives:
 
 
 # ------------------------------------------------------------------------------------------ the handler
-class FakeContext:
-    """The parts of ts.context.Context a handler uses, recording the per-request responses."""
-
-    def __init__(self, model_dir: Path, batch_size: int | None = None) -> None:
-        self.manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-        self.model_yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-        size = batch_size or self.model_yaml_config["batchSize"]
-        self.system_properties = {"model_dir": str(model_dir), "batch_size": size, "gpu_id": None}
-        self.model_name = self.manifest["model"]["modelName"]
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.content_types: dict[int, str] = {}
-        self.response_headers: dict[int, dict[str, str]] = {}
-        self.request_headers: list[dict[str, str]] = []
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
-
-    def set_response_header(self, idx: int, key: str, value: str) -> None:
-        self.response_headers.setdefault(idx, {})[key] = value
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.request_headers[idx] if idx < len(self.request_headers) else {}
-
-    def reset(self, headers: list[dict[str, str]] | None = None) -> None:
-        self.statuses.clear()
-        self.content_types.clear()
-        self.response_headers.clear()
-        self.request_headers = headers or []
-
-
 @pytest.fixture(scope="module", params=list(VERSIONS))
 def loaded(request: pytest.FixtureRequest, model_dirs: dict[str, Path]) -> tuple[TabularClassifier, FakeContext]:
-    context = FakeContext(model_dirs[request.param])
+    context = FakeContext.from_archive(model_dirs[request.param])
     handler = TabularClassifier()
     handler.initialize(context)
     return handler, context
@@ -462,7 +430,7 @@ def test_initialize_warms_up_every_batch_size(model_dirs: dict[str, Path], monke
         return real(items)
 
     monkeypatch.setattr(handler, "inference", spy)
-    handler.initialize(FakeContext(model_dirs["2.0"], batch_size=4))
+    handler.initialize(FakeContext.from_archive(model_dirs["2.0"], batch_size=4))
     model_sizes = [size for size in (1, 2, 3, 4) for _ in range(handler.warmup_rounds)]
     assert sizes[: len(model_sizes)] == model_sizes
     # Then the warm-up requests (a record, a list of 2, KServe v1, OIP: 5 records) as one batch, in model calls of 4.
