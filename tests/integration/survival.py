@@ -8,11 +8,13 @@ into one JSON summary, ``publish`` writes it beside the session's temporary file
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 
 @dataclass
@@ -21,6 +23,34 @@ class Workers:
 
     pids: dict[str, list[int]]
     rss: dict[int, int]
+
+
+@dataclass
+class Ledger:
+    """Every request a suite sends, and what became of it (the fields ``survival_report`` reads)."""
+
+    sent: int = 0
+    single: int = 0
+    batches: int = 0
+    in_batches: int = 0
+    lost: list[str] = field(default_factory=list)  # no HTTP answer, or a 5xx
+    mismatched: list[str] = field(default_factory=list)  # answered, but not as expected
+    statuses: Counter = field(default_factory=Counter)
+
+    def record(self, label: str, response: requests.Response | BaseException, problems: list[str]) -> None:
+        self.sent += 1
+        if isinstance(response, BaseException):
+            self.lost.append(f"{label}: no answer: {type(response).__name__}: {response}")
+            return
+        self.statuses[response.status_code] += 1
+        if self.lost_to(response, problems):
+            self.lost.append(f"{label}: {response.status_code} {response.text[:200]!r}")
+        elif problems:
+            self.mismatched.append(f"{label}: {'; '.join(problems)}")
+
+    def lost_to(self, response: requests.Response, problems: list[str]) -> bool:
+        """Whether ``response`` counts as lost: any 5xx (a suite that expects some narrows this)."""
+        return response.status_code >= 500
 
 
 def survival_report(ledger: Any, before: Any, after: Any, **head: Any) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import requests
 from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, OIP_FORM, RAW, Case, corpus, digit_png
 from tests.hostile_corpus_oip import oip_image_body
+from tests.integration import survival
 from tests.integration.conftest import Client, running_torchserve
 from tests.integration.survival import Workers, publish, survival_report
 
@@ -171,29 +171,15 @@ def _json(response: requests.Response, found: list[str]) -> dict | None:
 
 # ------------------------------------------------------------------------------------ bookkeeping
 @dataclass
-class Ledger:
+class Ledger(survival.Ledger):
     """Every request this module sends, and what became of it."""
 
     payloads: set[str] = field(default_factory=set)
     pairs: set[tuple[str, str]] = field(default_factory=set)
-    sent: int = 0
-    single: int = 0
-    batches: int = 0
-    in_batches: int = 0
-    lost: list[str] = field(default_factory=list)  # no HTTP answer, or a server failure (5xx not expected)
-    mismatched: list[str] = field(default_factory=list)  # answered, but not as expected
-    statuses: Counter = field(default_factory=Counter)
 
-    def record(self, label: str, response: requests.Response | BaseException, problems: list[str]) -> None:
-        self.sent += 1
-        if isinstance(response, BaseException):
-            self.lost.append(f"{label}: no answer: {type(response).__name__}: {response}")
-            return
-        self.statuses[response.status_code] += 1
-        if problems and response.status_code >= 500:
-            self.lost.append(f"{label}: {response.status_code} {response.text[:200]!r}")
-        elif problems:
-            self.mismatched.append(f"{label}: {'; '.join(problems)}")
+    def lost_to(self, response: requests.Response, problems: list[str]) -> bool:
+        """A 5xx is lost only when not expected (the frontend's own 500s are, for two payloads)."""
+        return bool(problems) and response.status_code >= 500
 
 
 # ------------------------------------------------------------------------------------ fixtures

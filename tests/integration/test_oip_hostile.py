@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import requests
 
 from servekit.ops.server import TorchServeProcess
 from tests.hostile_corpus_oip import BINARY_HEADER, V1, GoodRequest, OipCase, corpus, good_request, summary
+from tests.integration import survival
 from tests.integration.conftest import Client, running_torchserve
 from tests.integration.survival import Workers, publish, survival_report
 
@@ -123,28 +123,10 @@ def good_problems(good: GoodRequest, response: requests.Response) -> list[str]:
 
 # ------------------------------------------------------------------------------------ bookkeeping
 @dataclass
-class Ledger:
+class Ledger(survival.Ledger):
     """Every request this module sends, and what became of it."""
 
     cases: set[str] = field(default_factory=set)
-    sent: int = 0
-    single: int = 0
-    batches: int = 0
-    in_batches: int = 0
-    lost: list[str] = field(default_factory=list)  # no HTTP answer, or a 5xx
-    mismatched: list[str] = field(default_factory=list)  # answered, but not as expected
-    statuses: Counter = field(default_factory=Counter)
-
-    def record(self, label: str, response: requests.Response | BaseException, problems: list[str]) -> None:
-        self.sent += 1
-        if isinstance(response, BaseException):
-            self.lost.append(f"{label}: no answer: {type(response).__name__}: {response}")
-            return
-        self.statuses[response.status_code] += 1
-        if response.status_code >= 500:
-            self.lost.append(f"{label}: {response.status_code} {response.text[:200]!r}")
-        elif problems:
-            self.mismatched.append(f"{label}: {'; '.join(problems)}")
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -49,6 +49,7 @@ import pytest
 import requests
 
 from servekit.ops.server import TorchServeProcess, free_port
+from tests.integration import survival
 from tests.integration import test_front_hardening as front_cases
 from tests.integration.conftest import Client, running_torchserve
 from tests.integration.survival import Workers, publish, survival_report
@@ -69,32 +70,18 @@ ROUTES = ("torchserve", "front")  # TorchServe's 8080 route, the OIP front's 800
 
 # ------------------------------------------------------------------------------------ bookkeeping
 @dataclass
-class Ledger:
-    """Every request this module sends, and what became of it (the fields ``survival_report`` reads)."""
+class Ledger(survival.Ledger):
+    """Every request this module sends, and what became of it; an answer later than ANSWER_WITHIN_S
+    is a problem of its request (``json_error_problems``)."""
 
-    sent: int = 0
-    single: int = 0
-    batches: int = 0
-    in_batches: int = 0
-    lost: list[str] = field(default_factory=list)  # no answer, a 5xx, or an answer later than ANSWER_WITHIN_S
-    mismatched: list[str] = field(default_factory=list)  # answered in time, but not as expected
-    statuses: Counter = field(default_factory=Counter)  # HTTP statuses
     grpc_codes: Counter = field(default_factory=Counter)
     slowest_s: float = 0.0
 
-    def record(
+    def record_timed(
         self, label: str, answer: requests.Response | BaseException, seconds: float, problems: list[str]
     ) -> None:
-        self.sent += 1
         self.slowest_s = max(self.slowest_s, seconds)
-        if isinstance(answer, BaseException):
-            self.lost.append(f"{label}: no answer: {type(answer).__name__}: {answer}")
-            return
-        self.statuses[answer.status_code] += 1
-        if answer.status_code >= 500:
-            self.lost.append(f"{label}: {answer.status_code} {answer.text[:200]!r}")
-        elif problems:
-            self.mismatched.append(f"{label}: {'; '.join(problems)}")
+        self.record(label, answer, problems)
 
 
 @dataclass(frozen=True)
@@ -303,7 +290,7 @@ def test_an_echoed_id_of_megabytes_is_refused_alone_for_every_model(
     for case in long_id_cases():
         answer, seconds = timed_post(server, route, case)
         found = ["no answer"] if isinstance(answer, BaseException) else json_error_problems(case, answer, seconds)
-        ledger.record(f"{route} {case.label}", answer, seconds, found)
+        ledger.record_timed(f"{route} {case.label}", answer, seconds, found)
         ledger.single += 1
         problems += [f"{case.label}: {p}" for p in found]
     assert not problems, problems
@@ -342,7 +329,7 @@ def test_answers_over_the_response_limit_fail_alone_beside_good_requests(
         else:
             found = good_problems(item[2], answer)
         label = item.label if kind == "hostile" else f"good {item[0]}"
-        ledger.record(f"{route} {label}", answer, seconds, found)
+        ledger.record_timed(f"{route} {label}", answer, seconds, found)
         problems += [f"{label}: {p}" for p in found]
     assert not problems, problems
 
@@ -376,7 +363,7 @@ def test_a_batch_of_json_container_bombs_is_refused_before_parsing(
     problems = []
     for route, case, (answer, seconds) in zip(routes, cases, answers, strict=True):
         found = ["no answer"] if isinstance(answer, BaseException) else json_error_problems(case, answer, seconds)
-        ledger.record(f"{route} {case.label}", answer, seconds, found)
+        ledger.record_timed(f"{route} {case.label}", answer, seconds, found)
         problems += [f"{route} {case.label}: {p}" for p in found]
     assert not problems, problems
     assert all(mb < PEAK_GROWTH_LIMIT_MB for mb in growth_mb.values()), f"peak RSS growth (MB): {growth_mb}"
@@ -494,7 +481,7 @@ def test_idle_connections_do_not_starve_liveness_or_inference_on_the_real_front(
         model, (body, headers), expected = good_requests()[0]
         started = time.monotonic()
         answer = post(server, "front", model, body, headers)
-        ledger.record("front good request beside 1,200 idle connections", answer, time.monotonic() - started,
+        ledger.record_timed("front good request beside 1,200 idle connections", answer, time.monotonic() - started,
                       good_problems(expected, answer))  # fmt: skip
         assert good_problems(expected, answer) == []
     finally:
