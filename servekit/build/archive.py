@@ -71,7 +71,26 @@ class BuildResult:
 def build_version(
     spec: ModelVersionSpec, store: Path, cache_dir: Path, force: bool = False, stream=None
 ) -> BuildResult:
-    """Build one version into ``store`` (or skip it when the same inputs built it already)."""
+    """Build one version into ``store`` (or skip it when the same inputs built it already).
+
+    Every failure is one ``BuildError`` naming the model and version (and the field, for a mistake in the
+    user's model or data); nothing is written to ``store`` before the archive is complete.
+    """
+    from servekit.build.user_data import DataError
+    from servekit.build.user_model import ModelSourceError
+
+    where = f"{spec.name} {spec.version}"
+    try:
+        return _build_version(spec, store, cache_dir, force, stream)
+    except (DataError, ModelSourceError) as exc:
+        raise BuildError(f"{where}: {exc}") from None
+    except BuildError as exc:
+        if str(exc).startswith(f"{where}: "):
+            raise
+        raise BuildError(f"{where}: {exc}") from None
+
+
+def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: bool, stream) -> BuildResult:
     log = Progress(f"{spec.name} {spec.version}", stream)
     store.mkdir(parents=True, exist_ok=True)
     fingerprint = inputs_fingerprint(spec)
@@ -131,6 +150,12 @@ def _export_program(spec: ModelVersionSpec, model: torch.nn.Module, example: tor
             f"{spec.name} {spec.version}: precision bf16 needs a CPU with native BF16 (avx512_bf16 or "
             "amx_bf16) to build and to serve; this CPU has neither"
         )
+    if spec.program is not None:
+        from servekit.build.user_model import freeze_program
+
+        log(f"freezing the user's program {Path(spec.program.file).name} as TorchScript")
+        freeze_program(model, example, path)
+        return
     if spec.precision != "fp32":
         model = spec.task.convert(model, spec, log)
     log(f"exporting {spec.precision.upper()} TorchScript program")
@@ -155,10 +180,13 @@ def _export_and_evaluate(
             log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
         return None
     count = len(eval_data)
-    log(f"evaluating on {spec.evaluation} held-out split ({count} {task.unit})")
+    log(f"evaluating on {spec.data_source} held-out split ({count} {task.unit})")
     program = load_program(program_path, spec)
     score, details = task.measure(program, eval_data, spec)
     accuracy = {"dataset": spec.evaluation, "split": "holdout", task.unit: count, task.metric: score, **details}
+    if spec.data_source != spec.evaluation:
+        accuracy["source"] = spec.data_source  # the user's folder or CSV, and its sha256
+        accuracy["data_sha256"] = spec.data.sha256
     shown = "".join(f", {name.replace('_', ' ')} {value:.2f}%" for name, value in details.items())
     log(f"held-out {task.metric_label} {score:.2f}%{shown}")
     accuracy["drift_reference"] = task.drift_reference(program, eval_data, spec)
@@ -180,7 +208,7 @@ def _metadata(
     return {
         "model": spec.name,
         "version": spec.version,
-        "architecture": spec.architecture,
+        "architecture": spec.architecture_key,
         "precision": spec.precision,
         "spec_hash": spec.spec_hash(),
         "inputs_fingerprint": fingerprint,
@@ -244,11 +272,18 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
     extra = stage / "extra"
     shutil.copytree(HANDLERS_DIR, extra / "handlers", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     spec.task.archive_files(spec, extra)
+    user_file = getattr(spec.architecture, "file", None)
+    if user_file:  # the user's module, as torch-model-archiver's --model-file keeps it (the program serves)
+        (extra / "model_source").mkdir()
+        shutil.copyfile(user_file, extra / "model_source" / Path(user_file).name)
     if spec.golden_set:
         golden = extra / "golden"
         golden.mkdir()
         for item in spec.golden_set:
-            shutil.copyfile(item.path, golden / item.name)
+            if item.content is not None:  # golden_set: auto, picked from the user's held-out data
+                (golden / item.name).write_bytes(item.content)
+            else:
+                shutil.copyfile(item.path, golden / item.name)
         entries = [{"file": item.name, "label": item.label} for item in spec.golden_set]
         (golden / "golden.json").write_text(json.dumps(entries, indent=1))
     (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
@@ -278,7 +313,12 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
         "default",
         "--force",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # torch-model-archiver stages in $TMPDIR/<model name> and deletes that folder first and after: a private
+    # TMPDIR keeps it from removing a user's /tmp/<model name> (their data, say) along the way.
+    private_tmp = stage / "archiver-tmp"
+    private_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(private_tmp)}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     archive = out / f"{spec.name}.mar"
     if result.returncode != 0 or not archive.is_file():
         detail = (result.stderr or result.stdout).strip().splitlines()

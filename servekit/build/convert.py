@@ -12,7 +12,7 @@ from torch import nn
 
 from handlers.model_loading import load_model
 from handlers.transforms import ImagePreprocessor
-from servekit.build.datasets import DATASETS
+from servekit.build.datasets import images
 from servekit.build.spec import ModelVersionSpec
 from servekit.build.training import to_tensors
 
@@ -24,7 +24,7 @@ def calibration_inputs(spec: ModelVersionSpec) -> torch.Tensor:
     if q.calibration == "synthetic":
         generator = torch.Generator().manual_seed(0)
         return torch.randn((q.calibration_images, *spec.preprocessing.input_shape), generator=generator)
-    x, _ = to_tensors(DATASETS[q.calibration]("train"), ImagePreprocessor(spec.preprocessing))
+    x, _ = to_tensors(images(spec, q.calibration, "train"), ImagePreprocessor(spec.preprocessing))
     return x[: q.calibration_images]
 
 
@@ -40,7 +40,15 @@ def quantize_static(model: nn.Module, spec: ModelVersionSpec, log: Callable[[str
     example = calibration[:1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FX quantization deprecation notices
-        prepared = prepare_fx(model.eval(), get_default_qconfig_mapping(q.backend), (example,))
+        try:
+            prepared = prepare_fx(model.eval(), get_default_qconfig_mapping(q.backend), (example,))
+        except Exception as exc:  # noqa: BLE001 - a user's module torch.fx cannot trace
+            from servekit.build.training import BuildError
+
+            text = " ".join(str(exc).split())[:300]
+            raise BuildError(f"precision: static INT8 quantizes in FX graph mode, and torch.fx cannot trace "
+                             f"{spec.architecture} ({type(exc).__name__}: {text}); keep control flow that depends "
+                             "on tensor values out of forward(), or serve it in fp32 or bf16") from None  # fmt: skip
         with torch.inference_mode():
             batches = range(0, len(calibration), 32)
             for i, start in enumerate(batches, 1):
@@ -101,4 +109,4 @@ def top1_accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 def evaluation_set(spec: ModelVersionSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     if spec.evaluation is None:
         return None
-    return to_tensors(DATASETS[spec.evaluation]("holdout"), ImagePreprocessor(spec.preprocessing))
+    return to_tensors(images(spec, spec.evaluation, "holdout"), ImagePreprocessor(spec.preprocessing))

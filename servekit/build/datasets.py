@@ -57,6 +57,16 @@ def digits(split: str, sizes: tuple[int, ...] = (32,)) -> LabelledImages:
 DATASETS = {"digits": digits}
 
 
+def images(spec, name: str, split: str, sizes: tuple[int, ...] = (32,)) -> LabelledImages:
+    """The ``split`` of data set ``name`` for ``spec``: a bundled one, or ``data``, the user's image folder
+    (decoded as the handler decodes requests, within ``spec.limits``; ``sizes`` applies to rendered ones)."""
+    if name == "data":
+        from servekit.build.user_data import folder_split
+
+        return folder_split(spec.data, split, spec.limits)
+    return DATASETS[name](split, sizes)
+
+
 def write_digit_samples(directory, size: int = 128) -> list[str]:
     """Write the first held-out image of each class as ``digit_<label>.png`` (RGB, ``size`` px)."""
     from pathlib import Path

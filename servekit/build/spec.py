@@ -52,6 +52,14 @@ from servekit.errors import ServekitError
 from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
 
 PRECISIONS = ("fp32", "int8", "bf16")
+
+
+def _known(datasets: dict) -> str:
+    """The data set names a field may take, and how to add the user's own."""
+    names = ", ".join(sorted(datasets)) or "none"
+    return names if "data" in datasets else f"{names}; or data, with a data: section of your own"
+
+
 # Keys every task takes; each task adds its own (``servekit.build.tasks.Task.spec_keys``).
 COMMON_KEYS = {
     "architecture",
@@ -70,6 +78,8 @@ COMMON_KEYS = {
     "golden_set",
     "faults",
     "monitoring",
+    "data",
+    "program",
 }
 
 
@@ -401,6 +411,7 @@ class GoldenItem:
     label: str
     sha256: str
     path: str = field(compare=False)
+    content: bytes | None = field(default=None, compare=False, repr=False)  # golden_set: auto, written at packaging
 
 
 def _read_json_file(base_dir: Path, value: Any, field_name: str, what: str, fail) -> tuple[Path, Any]:
@@ -414,11 +425,19 @@ def _read_json_file(base_dir: Path, value: Any, field_name: str, what: str, fail
         raise fail(field_name, f"{path} is not valid JSON: {exc}") from exc
 
 
-def _golden_set(value: Any, base_dir: Path, labels: tuple[str, ...], fail, task: Any) -> tuple[GoldenItem, ...]:
+def _golden_set(
+    value: Any, base_dir: Path, labels: tuple[str, ...], fail, task: Any, data: Any = None
+) -> tuple[GoldenItem, ...]:
     """``golden_set: path/to/golden.json``, a JSON list of ``{"file": ..., "label": ...}``; each label
-    one the task's answers can carry (``Task.golden_label_error``: a class, or a detector's page reading)."""
+    one the task's answers can carry (``Task.golden_label_error``: a class, or a detector's page reading).
+    ``golden_set: auto``: a few held-out inputs per class of the user's ``data`` (``Task.golden_from_data``)."""
     if value is None:
         return ()
+    if value == "auto":
+        if data is None:
+            raise fail("golden_set", "auto picks held-out inputs of the user's data: it needs a data: section")
+        return tuple(GoldenItem(name, label, hashlib.sha256(content).hexdigest(), "", content)
+                     for name, label, content in task.golden_from_data(data))  # fmt: skip
     path, entries = _read_json_file(base_dir, value, "golden_set", "golden set file", fail)
     if not isinstance(entries, list) or not entries:
         raise fail("golden_set", f"{path} must be a non-empty JSON list of {{file, label}}")
@@ -464,6 +483,8 @@ class ModelVersionSpec:
     monitoring: Monitoring = field(default_factory=Monitoring)
     options: Any = None  # the task's own section (``Task.options_key``), parsed; None for tasks without one
     allow_ungated: bool = False  # a reduced-precision version built with no evaluation data, on purpose
+    data: Any = None  # the user's data (servekit.build.user_data: ImageFolder, CsvTable), named "data"
+    program: Any = None  # the user's finished program (servekit.build.user_model.UserProgram)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -491,6 +512,20 @@ class ModelVersionSpec:
         return self.precision != "fp32" and self.evaluation is None
 
     @property
+    def architecture_key(self) -> str | dict:
+        """The architecture as JSON: a built-in name, or the user's module / torchvision builder / program."""
+        if self.program is not None:
+            return self.program.to_dict()
+        return self.architecture if isinstance(self.architecture, str) else self.architecture.to_dict()
+
+    @property
+    def data_source(self) -> str | None:
+        """What ``evaluation`` names, in words (the user's folder or CSV for ``data``)."""
+        if self.evaluation == "data" and self.data is not None:
+            return self.data.source
+        return self.evaluation
+
+    @property
     def archive_name(self) -> str:
         return archive_name(self.name, self.version)
 
@@ -510,6 +545,13 @@ class ModelVersionSpec:
                 data[gate].pop("max_drop")  # likewise for every gate given by its older name
         if not self.allow_ungated:
             data.pop("allow_ungated")  # absent unless given: fingerprints of gated versions stay as they were
+        # The user's data, module and program by content (absent when not given: fingerprints stay as they were).
+        for key in ("data", "program"):
+            data.pop(key)
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key).to_dict()
+        if not isinstance(self.architecture, str):
+            data["architecture"] = self.architecture.to_dict()
         data.pop("options")
         if self.options is not None:
             data["options"] = self.options.to_dict()
@@ -630,7 +672,8 @@ class _VersionResolver:
         from servekit.build.tasks import TASKS, task_for, task_keys
 
         merged = self.merged
-        for required in ("architecture", "handler", "precision", "weights"):
+        program = "program" in merged
+        for required in ("handler", "precision") if program else ("architecture", "handler", "precision", "weights"):
             if required not in merged:
                 raise self.fail(required, "is required")
         if merged["handler"] not in TASKS:
@@ -639,14 +682,77 @@ class _VersionResolver:
         for key in sorted(set(merged) & (task_keys() - task.spec_keys)):
             own = ", ".join(sorted(task.spec_keys)) or "none"
             raise self.fail(key, f"does not apply to handler {task.handler} (its own keys: {own})")
-        if merged["architecture"] not in task.architectures():
-            known = sorted(task.architectures())
-            raise self.fail("architecture", f"unknown architecture {merged['architecture']!r} (known: {known})")
         if merged["precision"] not in PRECISIONS:
             raise self.fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
         return task
 
-    def labels(self, weights: Weights) -> tuple[str, ...]:
+    def architecture(self, task: Any) -> Any:
+        """A built-in name, or the user's own (``servekit.build.user_model``): a module file or torchvision builder."""
+        from servekit.build.user_model import ModelSourceError, parse_architecture
+
+        value = self.merged["architecture"]
+        if isinstance(value, dict):
+            kind = "torchvision" if "torchvision" in value else "file"
+            if kind not in task.user_models:
+                offered = " or ".join(sorted(task.user_models & {"file", "torchvision"})) or "none"
+                raise self.fail("architecture", f"handler {task.handler} takes a built-in architecture "
+                                f"{sorted(task.architectures())} (user models: {offered}), got {value!r}")  # fmt: skip
+            try:
+                return parse_architecture(value, self.base_dir)
+            except ModelSourceError as exc:
+                head, _, tail = str(exc).partition(": ")
+                raise self.fail(head, tail) from None
+        if not isinstance(value, str) or value not in task.architectures():
+            known = sorted(task.architectures())
+            files = " or {file: net.py, class: Net}" if "file" in task.user_models else ""
+            tv = " or {torchvision: NAME}" if "torchvision" in task.user_models else ""
+            raise self.fail("architecture", f"unknown architecture {value!r} (known: {known}{files}{tv})")
+        return value
+
+    def program(self, task: Any) -> Any:
+        """``program: {file}``: the user's finished program, FP32, instead of architecture and weights."""
+        from servekit.build.user_model import ModelSourceError, parse_program
+
+        merged = self.merged
+        if "program" not in task.user_models:
+            raise self.fail("program", f"handler {task.handler} does not take a finished program")
+        for key in ("architecture", "weights"):
+            if key in merged:
+                raise self.fail(key, "give program, or architecture and weights, not both")
+        if merged["precision"] != "fp32":
+            raise self.fail("precision", f"a program is served as given, in FP32; {merged['precision']} needs the "
+                            "nn.Module (architecture: {file, class} with weights: {file})")  # fmt: skip
+        try:
+            return parse_program(merged["program"], self.base_dir)
+        except ModelSourceError as exc:
+            head, _, tail = str(exc).partition(": ")
+            raise self.fail(head, tail) from None
+
+    def data(self, task: Any) -> Any:
+        """The user's ``data:`` (an image folder or a CSV), checked against the spec's labels when it gives them."""
+        from servekit.build.user_data import DataError, parse_data
+
+        if "data" not in self.merged:
+            return None
+        labels = None
+        if "labels" in self.merged or "labels_file" in self.merged:
+            labels = self.labels(Weights(train="data"))  # the spec's own labels, checked: the data must fit them
+        try:
+            return parse_data(self.merged["data"], self.base_dir, task.data_kinds, task.handler, labels)
+        except DataError as exc:
+            head, _, tail = str(exc).partition(": ")
+            raise self.fail(head, tail) from None
+
+    def defaults_from_data(self, task: Any) -> None:
+        """With the user's data: it is the evaluation and INT8 calibration data, unless the spec names others."""
+        merged = self.merged
+        merged.setdefault("evaluation", "data")
+        if merged["precision"] == "int8" and task.calibrated:
+            quantization = merged.get("quantization") or {}
+            if isinstance(quantization, dict) and "calibration" not in quantization:
+                merged["quantization"] = {**quantization, "calibration": "data"}
+
+    def labels(self, weights: Weights, data: Any = None) -> tuple[str, ...]:
         merged = self.merged
         if "labels" in merged and "labels_file" in merged:
             raise self.fail("labels", "give labels or labels_file, not both")
@@ -654,6 +760,8 @@ class _VersionResolver:
             _, labels = _read_json_file(self.base_dir, merged["labels_file"], "labels_file", "labels file", self.fail)
         elif "labels" in merged:
             labels = merged["labels"]
+        elif data is not None:
+            labels = list(data.labels)
         elif weights.torchvision:
             labels = _torchvision_categories(weights.torchvision)
             if labels is None:
@@ -675,7 +783,7 @@ class _VersionResolver:
     def evaluation(self, datasets: dict) -> str | None:
         evaluation = self.merged.get("evaluation")
         if evaluation is not None and evaluation not in datasets:
-            raise self.fail("evaluation", f"unknown data set {evaluation!r} (known: {sorted(datasets)})")
+            raise self.fail("evaluation", f"unknown data set {evaluation!r} (known: {_known(datasets)})")
         return evaluation
 
     def allow_ungated(self, evaluation: str | None, datasets: dict) -> bool:
@@ -685,7 +793,7 @@ class _VersionResolver:
             raise self.fail("allow_ungated", f"must be true or false, got {allow!r}")
         precision = self.merged["precision"]
         if precision != "fp32" and evaluation is None and not allow:
-            known = ", ".join(sorted(datasets)) or "none for this task"
+            known = _known(datasets)
             raise self.fail(
                 "evaluation",
                 f"precision {precision} needs evaluation data: its accuracy gate against FP32 is measured on it "
@@ -707,7 +815,7 @@ class _VersionResolver:
         if quantization.calibration != "synthetic" and quantization.calibration not in datasets:
             raise self.fail(
                 "quantization.calibration",
-                f"unknown data set {quantization.calibration!r} (known: synthetic, {', '.join(sorted(datasets))})",
+                f"unknown data set {quantization.calibration!r} (known: synthetic, {_known(datasets)})",
             )
         return quantization
 
@@ -721,9 +829,20 @@ class _VersionResolver:
     def resolve(self) -> ModelVersionSpec:
         task = self.check_required()
         merged = self.merged
-        datasets = task.datasets()
-        weights = self.nested("weights", lambda: Weights.from_dict(merged["weights"], self.base_dir))
-        labels = self.labels(weights)
+        program = self.program(task) if "program" in merged else None
+        architecture = self.architecture(task) if program is None else "program"
+        data = self.data(task)
+        datasets = dict.fromkeys(task.datasets())
+        if data is not None:
+            datasets["data"] = data
+            self.defaults_from_data(task)
+        if program is not None:
+            weights = Weights(file=program.file)  # the program is its own weights: fingerprinted by content
+        else:
+            weights = self.nested("weights", lambda: Weights.from_dict(merged["weights"], self.base_dir))
+        if weights.train is not None and weights.train not in datasets:
+            raise self.fail("weights.train", f"unknown data set {weights.train!r} (known: {_known(datasets)})")
+        labels = self.labels(weights, data)
         if "preprocessing" not in merged and weights.torchvision:
             merged["preprocessing"] = _torchvision_preprocessing(weights.torchvision)
         evaluation = self.evaluation(datasets)
@@ -734,7 +853,7 @@ class _VersionResolver:
         spec = ModelVersionSpec(
             name=self.name,
             version=self.version,
-            architecture=merged["architecture"],
+            architecture=architecture,
             handler=merged["handler"],
             precision=merged["precision"],
             weights=weights,
@@ -748,11 +867,13 @@ class _VersionResolver:
             quantization=quantization,
             bf16=bf16,
             description=str(merged.get("description", "")),
-            golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail, task),
+            golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail, task, data),
             protocol=self.nested("protocol", lambda: task.parse_protocol(merged.get("protocol"))),
             faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
             monitoring=self.nested("monitoring", lambda: Monitoring.from_dict(merged.get("monitoring"))),
             options=options,
+            data=data,
+            program=program,
         )
         try:
             task.check(spec)

@@ -100,6 +100,12 @@ def breast_cancer(split: str) -> TabularData:
 
 
 DATASETS: dict[str, Callable[[str], TabularData]] = {"breast_cancer": breast_cancer}
+SOURCES = {"breast_cancer": "scikit-learn load_breast_cancer (Breast Cancer Wisconsin (Diagnostic), UCI)"}
+
+
+def split_of(spec: Any, name: str, split: str) -> TabularData:
+    """The ``split`` of data set ``name`` for ``spec``: a bundled one, or ``data``, the user's CSV."""
+    return spec.data.split(split) if name == "data" else DATASETS[name](split)
 
 
 def describe_feature(name: str) -> tuple[str, str]:
@@ -111,7 +117,7 @@ def describe_feature(name: str) -> tuple[str, str]:
     return unit, f"{meaning} ({STATISTICS.get(statistic, statistic)})" if meaning else ""
 
 
-def feature_schema(train: TabularData, tolerance: float) -> tuple[Feature, ...]:
+def feature_schema(train: TabularData, tolerance: float, described: bool = True) -> tuple[Feature, ...]:
     """Every feature with its training range and the range a request may use.
 
     Accepted: ``[min - tolerance * span, max + tolerance * span]``, where span = max - min; a
@@ -132,22 +138,23 @@ def feature_schema(train: TabularData, tolerance: float) -> tuple[Feature, ...]:
                 max=high,
                 lower=min(round(lower, 6), low),
                 upper=max(round(upper, 6), high),
-                unit=describe_feature(name)[0],
+                unit=describe_feature(name)[0] if described else "",
             )  # fmt: skip
         )
     return tuple(schema)
 
 
-def features_document(train: TabularData, tolerance: float, dataset: str) -> dict:
+def features_document(train: TabularData, tolerance: float, dataset: str, source: str | None = None) -> dict:
     """``features.json`` in the archive: the schema with every feature's description, for callers."""
+    described = dataset in SOURCES  # the bundled data sets' features have descriptions; a user's CSV only names
     features = []
-    for feature in feature_schema(train, tolerance):
+    for feature in feature_schema(train, tolerance, described):
         entry = asdict(feature)
-        entry["description"] = describe_feature(feature.name)[1]
+        entry["description"] = describe_feature(feature.name)[1] if described else ""
         features.append(entry)
     return {
         "dataset": dataset,
-        "source": "scikit-learn load_breast_cancer (Breast Cancer Wisconsin (Diagnostic), UCI)",
+        "source": SOURCES.get(dataset, source),
         "split": f"train ({len(train)} records), stratified, seed {SPLIT_SEED}",
         "range_tolerance": tolerance,
         "accepted_range": "[min - range_tolerance * (max - min), max + range_tolerance * (max - min)], "
@@ -322,12 +329,18 @@ class TabularClassifierTask(Task):
     spec_keys = frozenset({"tabular"})
     options_key = "tabular"
     calibrated = False
+    data_kinds = ("csv",)
+    user_models = frozenset({"file", "program"})
 
     def architectures(self) -> Collection[str]:
         return (ARCHITECTURE,)
 
     def datasets(self) -> Collection[str]:
         return DATASETS
+
+    def golden_from_data(self, data: Any) -> list[tuple[str, str, bytes]]:
+        return [(name, label, (json.dumps(record, indent=1) + "\n").encode())
+                for name, record, label in data.golden_records()]  # fmt: skip
 
     def parse_protocol(self, data: dict | None) -> TabularProtocol:
         return TabularProtocol.from_dict(data)
@@ -345,16 +358,20 @@ class TabularClassifierTask(Task):
         if name is None:
             raise ValueError("evaluation: a tabular model needs a data set for its feature schema "
                              f"(weights.train or evaluation: one of {sorted(DATASETS)})")  # fmt: skip
-        if name not in DATASETS:
+        if name not in DATASETS and not (name == "data" and spec.data is not None):
             raise ValueError(f"weights.train: unknown data set {name!r} (known: {sorted(DATASETS)})")
-        classes = DATASETS[name]("train").class_names
+        if spec.weights.train is not None and not isinstance(spec.architecture, str):
+            raise ValueError(f"weights.train: training builds the built-in {ARCHITECTURE} (standardisation "
+                             "folded into its first layer); give your own module its weights: {file: ...}")  # fmt: skip
+        classes = split_of(spec, name, "train").class_names
         if len(spec.labels) != len(classes):
             raise ValueError(
                 f"labels: {name} has {len(classes)} classes {list(classes)}, got {len(spec.labels)} labels"
             )
 
     def schema(self, spec: Any) -> tuple[Feature, ...]:
-        return feature_schema(DATASETS[self.dataset(spec)]("train"), spec.options.range_tolerance)
+        name = self.dataset(spec)
+        return feature_schema(split_of(spec, name, "train"), spec.options.range_tolerance, name in SOURCES)
 
     def handler_config(self, spec: Any) -> TabularConfig:
         return TabularConfig(
@@ -373,10 +390,10 @@ class TabularClassifierTask(Task):
         return oip_metadata(spec.protocol, self.schema(spec), len(spec.labels), spec.options.max_records)
 
     def recipe(self, spec: Any) -> dict:
-        train = DATASETS[spec.weights.train]("train")
+        train = split_of(spec, spec.weights.train, "train")
         return {
             "task": self.handler,
-            "architecture": spec.architecture,
+            "architecture": spec.architecture_key,
             "hidden": list(spec.options.hidden),
             "train": spec.weights.train,
             "data_sha256": hashlib.sha256(train.x.tobytes() + train.y.tobytes()).hexdigest(),
@@ -388,11 +405,14 @@ class TabularClassifierTask(Task):
         }
 
     def train(self, spec: Any, log: Log) -> dict[str, torch.Tensor]:
-        train = DATASETS[spec.weights.train]("train")
-        log(f"training {spec.architecture} {list(spec.options.hidden)} on {spec.weights.train} ({len(train)} records)")
+        train = split_of(spec, spec.weights.train, "train")
+        source = spec.data.source if spec.weights.train == "data" else spec.weights.train
+        log(f"training {spec.architecture} {list(spec.options.hidden)} on {source} ({len(train)} records)")
         return train_mlp(train, spec.options.hidden, len(spec.labels), spec.weights.seed, spec.weights.epochs, log)
 
     def build_model(self, spec: Any) -> nn.Module:
+        if not isinstance(spec.architecture, str):
+            return spec.architecture.build(len(spec.labels))  # the user's module: it takes the raw features
         return TabularMLP(len(self.schema(spec)), spec.options.hidden, len(spec.labels))
 
     def example_input(self, spec: Any) -> torch.Tensor:
@@ -411,7 +431,7 @@ class TabularClassifierTask(Task):
         raise ValueError(f"precision: {spec.precision!r} is not a reduced precision of {self.handler}")
 
     def evaluation_data(self, spec: Any) -> Sized | None:
-        return TabularEvaluation(DATASETS[spec.evaluation]("holdout")) if spec.evaluation else None
+        return TabularEvaluation(split_of(spec, spec.evaluation, "holdout")) if spec.evaluation else None
 
     def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
         return accuracy(program, data.inputs, data.labels)
@@ -419,12 +439,13 @@ class TabularClassifierTask(Task):
     def drift_reference(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> dict | None:
         from servekit.build.reference import classifier_reference
 
-        return classifier_reference(program, data.inputs, spec.labels, f"{spec.evaluation} holdout")
+        return classifier_reference(program, data.inputs, spec.labels, f"{spec.data_source} holdout")
 
     def archive_files(self, spec: Any, directory: Path) -> None:
         super().archive_files(spec, directory)
         name = self.dataset(spec)
-        document = features_document(DATASETS[name]("train"), spec.options.range_tolerance, name)
+        source = spec.data.source if name == "data" else None
+        document = features_document(split_of(spec, name, "train"), spec.options.range_tolerance, name, source)
         (directory / FEATURES_FILE).write_text(json.dumps(document, indent=1))
 
 

@@ -9,6 +9,8 @@ accuracy gate, packaging, manifest; ``servekit.build.spec``: validation). A task
 ``unit``                          how logs name it, what the evaluation counts (``images``)
 ``spec_keys``, ``options_key``    the spec keys only this task takes; its own section, if any
 ``calibrated``                    whether INT8 needs calibration data (``quantization.calibration``)
+``data_kinds``, ``user_models``   the user's ``data:`` it takes (``folder``, ``csv``) and its own models
+                                  (``file``, ``torchvision``, ``program``: ``servekit.build.user_model``)
 ``architectures()``,              the names ``architecture:`` and ``evaluation`` / ``weights.train`` /
 ``datasets()``                    ``quantization.calibration`` may take
 ``parse_protocol(data)``          the ``protocol:`` section -> its typed config (``to_dict()``)
@@ -33,6 +35,7 @@ data, spec)``
 ``archive_files(spec, folder)``   files beside the program (``labels.json``; a task adds its own)
 ``golden_label_error(label,       why a golden set's expected ``label`` cannot be an answer's, or None
 labels)``
+``golden_from_data(data)``        ``golden_set: auto``: (file name, label, bytes) of a few held-out inputs
 ================================  =========================================================
 
 Register a task in ``TASKS`` as ``"module:Class"``; modules are imported when first used, so the
@@ -71,6 +74,8 @@ class Task:
     spec_keys: frozenset[str] = frozenset()
     options_key: str | None = None
     calibrated: bool = True
+    data_kinds: tuple[str, ...] = ()
+    user_models: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ the spec
     def architectures(self) -> Collection[str]:
@@ -137,6 +142,10 @@ class Task:
         """Why ``label`` cannot be the answer's label (``servekit promote``'s golden check), or None."""
         return None if label in labels else f"label {label!r} is not one of the model's labels"
 
+    def golden_from_data(self, data: Any) -> list[tuple[str, str, bytes]]:
+        """``golden_set: auto``: a few held-out inputs per class of the user's data, as (name, label, bytes)."""
+        raise NotImplementedError
+
 
 @cache
 def task_for(handler: str) -> Task:
@@ -164,6 +173,8 @@ class ImageClassifierTask(Task):
     handler = "image_classifier"
     handler_file = "handlers/image_classifier.py"
     spec_keys = frozenset({"topk", "preprocessing", "limits"})
+    data_kinds = ("folder",)
+    user_models = frozenset({"file", "torchvision", "program"})
 
     def architectures(self) -> Collection[str]:
         from servekit.build.architectures import ARCHITECTURES
@@ -203,8 +214,8 @@ class ImageClassifierTask(Task):
     def recipe(self, spec: Any) -> dict:
         from servekit.build.training import TRAIN_SIZES
 
-        return {
-            "architecture": spec.architecture,
+        recipe = {
+            "architecture": spec.architecture_key,
             "train": spec.weights.train,
             "seed": spec.weights.seed,
             "epochs": spec.weights.epochs,
@@ -213,6 +224,9 @@ class ImageClassifierTask(Task):
             "sizes": TRAIN_SIZES,
             "recipe_version": 1,
         }
+        if spec.weights.train == "data":
+            recipe["data_sha256"] = spec.data.sha256  # the user's images, by content
+        return recipe
 
     def train(self, spec: Any, log: Log) -> dict[str, torch.Tensor]:
         from servekit.build.training import train
@@ -222,6 +236,8 @@ class ImageClassifierTask(Task):
     def build_model(self, spec: Any) -> nn.Module:
         from servekit.build.architectures import build_architecture
 
+        if not isinstance(spec.architecture, str):
+            return spec.architecture.build(len(spec.labels))  # the user's module or a torchvision builder
         return build_architecture(spec.architecture, len(spec.labels))
 
     def example_input(self, spec: Any) -> torch.Tensor:
@@ -238,12 +254,12 @@ class ImageClassifierTask(Task):
 
     def evaluation_data(self, spec: Any) -> Sized | None:
         from servekit.build.convert import evaluation_set
-        from servekit.build.datasets import DATASETS
+        from servekit.build.datasets import images
 
         data = evaluation_set(spec)
         if data is None:
             return None
-        sizes = [image.size for image in DATASETS[spec.evaluation]("holdout").images]
+        sizes = [image.size for image in images(spec, spec.evaluation, "holdout").images]
         return ImageEvaluation(*data, sizes)
 
     def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
@@ -256,8 +272,11 @@ class ImageClassifierTask(Task):
 
         return drift_reference(
             program, data.inputs, spec.labels, data.sizes, spec.preprocessing.mean, spec.preprocessing.std,
-            f"{spec.evaluation} holdout",
+            f"{spec.data_source} holdout",
         )  # fmt: skip
+
+    def golden_from_data(self, data: Any) -> list[tuple[str, str, bytes]]:
+        return [(f"{label}_{Path(path).name}", label, Path(path).read_bytes()) for path, label in data.golden()]
 
 
 class ImageEvaluation:

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from handlers.transforms import ImagePreprocessor
-from servekit.build.architectures import build_architecture
-from servekit.build.datasets import DATASETS, LabelledImages
+from servekit.build.datasets import LabelledImages, images
 from servekit.build.spec import ModelVersionSpec
 from servekit.errors import ServekitError
 from servekit.ops.store import file_sha256
@@ -48,13 +47,14 @@ def _shift(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train(spec: ModelVersionSpec, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """Train ``spec.architecture`` on the ``train`` split of ``spec.weights.train``."""
-    dataset = DATASETS[spec.weights.train]
     preprocessor = ImagePreprocessor(spec.preprocessing)
-    log(f"training {spec.architecture} on {spec.weights.train}: rendering images")
-    x, y = to_tensors(dataset("train", TRAIN_SIZES), preprocessor)
+    source = spec.data.source if spec.weights.train == "data" else spec.weights.train
+    log(f"training {spec.architecture} on {source}: preparing images")
+    x, y = to_tensors(images(spec, spec.weights.train, "train", TRAIN_SIZES), preprocessor)
+    log(f"training on {len(x)} images of {tuple(x.shape[1:])}")
     torch.manual_seed(spec.weights.seed)
     generator = torch.Generator().manual_seed(spec.weights.seed)
-    model = build_architecture(spec.architecture, len(spec.labels))
+    model = spec.task.build_model(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=3e-3, total_steps=spec.weights.epochs * ((len(x) + 63) // 64)
@@ -119,17 +119,29 @@ def _torchvision_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[
 
 
 def load_fp32_model(spec: ModelVersionSpec, weights_path: Path) -> nn.Module:
-    """The architecture with the weights loaded (never unpickling anything but tensors)."""
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    """The architecture with the weights loaded (never unpickling anything but tensors), or the user's program."""
+    from servekit.build.user_model import state_dict_mismatch
+
+    if spec.program is not None:
+        return spec.program.load()
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - not a file of tensors (a pickled module, another format)
+        text = " ".join(str(exc).split())[:200]
+        raise BuildError(
+            f"weights.file: {Path(weights_path).name} is not a state_dict that loads with "
+            f"weights_only=True ({type(exc).__name__}: {text}); save model.state_dict()"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BuildError(f"weights.file: {Path(weights_path).name} holds a {type(state).__name__}, not a state_dict")
     model = spec.task.build_model(spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:2]
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch is not None:
         raise BuildError(
-            f"weights: {weights_path} does not fit architecture {spec.architecture} "
-            f"with {len(spec.labels)} classes: {' '.join(first)}"
-        ) from exc
+            f"weights: {Path(weights_path).name} does not fit architecture {spec.architecture} "
+            f"with {len(spec.labels)} classes: {mismatch}"
+        )
+    model.load_state_dict(state, strict=True)
     return model.eval()

@@ -273,7 +273,8 @@ def test_a_reduced_precision_version_without_evaluation_data_is_refused(tmp_path
 
     assert str(err) == (
         f"digits 2.0: evaluation: precision {precision} needs evaluation data: its accuracy gate against FP32 is "
-        "measured on it (known data sets: digits); or set allow_ungated: true to build it without any gate"
+        "measured on it (known data sets: digits; or data, with a data: section of your own); or set "
+        "allow_ungated: true to build it without any gate"
     )
     assert (err.model, err.version, err.field) == ("digits", "2.0", "evaluation")
 

@@ -262,7 +262,7 @@ def test_spec_keys_belong_to_their_task(tmp_path: Path) -> None:
     image = base_model(handler="image_classifier", architecture="digits_cnn", tabular={"hidden": [4]})
     assert spec_error(tmp_path, image).startswith("t 1.0: tabular: does not apply to handler image_classifier")
     assert spec_error(tmp_path, base_model(architecture="digits_cnn")) == (
-        "t 1.0: architecture: unknown architecture 'digits_cnn' (known: ['mlp'])"
+        "t 1.0: architecture: unknown architecture 'digits_cnn' (known: ['mlp'] or {file: net.py, class: Net})"
     )
     assert spec_error(tmp_path, base_model(tabular={"hidden": []})).startswith("t 1.0: tabular.hidden: must be a list")
     assert spec_error(tmp_path, base_model(tabular={"max_records": 0})).startswith(
