@@ -12,6 +12,7 @@ with their sha256. Exit status 1 with one line on stderr for any spec or build e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,11 @@ from servekit.build.training import BuildError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default=str(ROOT / "models.yaml"), help="model spec (default: models.yaml)")
-    parser.add_argument("--store", default=str(ROOT / "model_store"), help="output folder (default: model_store)")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("SERVEKIT_STORE", str(ROOT / "model_store")),
+        help="output folder (default: $SERVEKIT_STORE, the servekit CLI's store, else model_store)",
+    )
     parser.add_argument("--cache", default=str(ROOT / "build" / "cache"), help="trained-weights cache")
     parser.add_argument("--model", help="build only this model")
     parser.add_argument("--version", help="build only this version (with --model)")

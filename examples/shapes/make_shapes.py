@@ -45,7 +45,7 @@ def draw(shape: str, rng: random.Random, size: int = SIZE):
     return image
 
 
-def write_images(root: Path, train: int = 60, val: int = 20, seed: int = 0) -> Path:
+def write_images(root: Path, train: int = 60, val: int = 40, seed: int = 0) -> Path:
     """``root/train/<shape>/NNN.png`` and ``root/val/<shape>/NNN.png``: ``train`` and ``val`` images per shape."""
     rng = random.Random(seed)
     for split, count in (("train", train), ("val", val)):

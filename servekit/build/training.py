@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,7 +128,10 @@ def load_fp32_model(spec: ModelVersionSpec, weights_path: Path) -> nn.Module:
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - not a file of tensors (a pickled module, another format)
-        text = " ".join(str(exc).split())[:200]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))  # torch's message has terminal bold
+        # weights_only's message is a paragraph of advice; the cause is its "WeightsUnpickler error" sentence.
+        cause = re.search(r"WeightsUnpickler error: (.+?)\.(?: |$)", text)
+        text = cause.group(1) if cause else text[:200]
         raise BuildError(
             f"weights.file: {Path(weights_path).name} is not a state_dict that loads with "
             f"weights_only=True ({type(exc).__name__}: {text}); save model.state_dict()"

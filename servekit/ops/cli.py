@@ -1,5 +1,9 @@
 """``servekit``: register, scale, promote, roll back and compare model versions on TorchServe.
 
+    servekit init NAME --model-file F --class C (--weights W | --train EPOCHS) --data DIR|CSV [--target COL]
+                  [--spec models.yaml] [--torchvision NAME] [--kwargs JSON] [--mean M] [--std S] [--size N]
+                                          # a checked spec entry for your own model and data
+                                          # (servekit.build.scaffold; the one command that imports torch)
     servekit status [--json]
     servekit register NAME VERSION        # sha256 checked against model_store/manifest.json first;
                                           # workers and batching from the archive's model-config.yaml
@@ -44,7 +48,7 @@ The deployment state is ``state.json`` in the proxy directory. Every command tha
 something (register, scale, retire, promote, rollback, canary, shadow, proxy start/stop) holds one
 lock, ``servekit.lock`` beside the history, and waits at most ``--lock-timeout`` seconds for it.
 Errors print one line and exit with status 1; ``drift`` prints its report and exits 3 when the
-verdict is drift (0 otherwise). Nothing here imports torch.
+verdict is drift (0 otherwise). Nothing but ``init`` imports torch.
 """
 
 from __future__ import annotations
@@ -337,6 +341,28 @@ def _rollout_status(ctx: Context) -> str:
     return format_status(status, a.name, alive)
 
 
+def cmd_init(ctx: Context) -> str:
+    from servekit.build.scaffold import InitRequest, init
+
+    a = ctx.args
+
+    def numbers(text: str | None, flag: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ServekitError(f"init: {flag} takes numbers separated by commas, got {text!r}") from None
+
+    return init(InitRequest(
+        name=a.name, spec=Path(a.spec), data=Path(a.data),
+        model_file=Path(a.model_file) if a.model_file else None, class_name=a.class_name, kwargs=a.kwargs,
+        torchvision=a.torchvision, weights=Path(a.weights) if a.weights else None, train_epochs=a.train,
+        target=a.target, mean=numbers(a.mean, "--mean"), std=numbers(a.std, "--std"), size=a.size,
+        precisions=tuple(p.strip() for p in a.precisions.split(",")),
+    ))  # fmt: skip
+
+
 def cmd_metadata(ctx: Context) -> str:
     return json.dumps(store_metadata(Path(ctx.args.store), ctx.args.name, ctx.args.version), indent=2)
 
@@ -427,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(positional.rstrip("?"), nargs="?" if positional.endswith("?") else None)
         return sub
 
+    init = command("init", cmd_init, "write a checked spec entry for your own model and data", "name", changes=False)
+    init.add_argument("--data", required=True, help="an image folder (train/<label>/*, val/<label>/*) or a .csv")
+    init.add_argument("--model-file", help="the Python file of your nn.Module")
+    init.add_argument("--class", dest="class_name", help="the nn.Module class in --model-file")
+    init.add_argument("--torchvision", help="a torchvision classification builder instead (efficientnet_b0, ...)")
+    init.add_argument("--kwargs", help="constructor arguments as JSON, e.g. '{\"num_classes\": 3}'")
+    init.add_argument("--weights", help="a state_dict of the model (torch.save(model.state_dict(), F))")
+    init.add_argument("--train", type=int, metavar="EPOCHS", help="train on the data's train split instead")
+    init.add_argument("--target", help="the CSV column that holds the class")
+    init.add_argument("--mean", help="per-channel mean(s) your model was trained with (default ImageNet's)")
+    init.add_argument("--std", help="per-channel std(s) your model was trained with (default ImageNet's)")
+    init.add_argument("--size", type=int, help="the model's input side in pixels (default: the images', <= 224)")
+    init.add_argument("--precisions", default="fp32,int8", help="versions 1.0, 2.0, ... in these precisions")
+    init.add_argument("--spec", default="models.yaml", help="the spec to add the entry to (default: ./models.yaml)")
     command("status", cmd_status, "models, versions, default, workers, queue", changes=False).add_argument(
         "--json", action="store_true"
     )
