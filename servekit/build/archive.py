@@ -100,7 +100,7 @@ def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: 
         return BuildResult(spec, "up to date", existing)
 
     weights_path = fp32_weights(spec, cache_dir, log)
-    model = load_fp32_model(spec, weights_path)
+    model = _runs_on_example(spec, load_fp32_model(spec, weights_path))
     # The spec as built: what the task chooses from the FP32 model (a detector's score threshold); the
     # spec as written stays the fingerprint's and spec_hash's (the choice follows from it and the weights).
     tuned = spec.task.tune(model, spec, log)
@@ -121,6 +121,28 @@ def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: 
     record = _record_in_manifest(spec, store, metadata)
     log(f"wrote {store / spec.archive_name} ({record['size_bytes'] / 1e6:.2f} MB, sha256 {record['sha256'][:12]})")
     return BuildResult(spec, "built", record)
+
+
+def _runs_on_example(spec: ModelVersionSpec, model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module or program on one input of the spec's shape (the one the program is traced with):
+    one line naming it when it cannot take it (a preprocessing that does not fit it), not a traceback."""
+    if spec.program is None and isinstance(spec.architecture, str):
+        return model  # a built-in architecture takes its task's input
+    example = spec.task.example_input(spec)
+    field, what = ("program", spec.program) if spec.program is not None else ("architecture", spec.architecture)
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as exc:  # noqa: BLE001 - the user's forward on the spec's input shape
+        text = " ".join(str(exc).split())[:300]
+        raise BuildError(f"{field}: {what} cannot take an input of shape {list(example.shape)} (the spec's "
+                         f"preprocessing or data decide it): {type(exc).__name__}: {text}") from None  # fmt: skip
+    classes = len(spec.labels)
+    if spec.task.classifier and (not isinstance(output, torch.Tensor) or tuple(output.shape) != (1, classes)):
+        got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise BuildError(f"{field}: {what} answers {got} for one input; a classifier of {classes} labels "
+                         f"{list(spec.labels)[:10]} must answer [1, {classes}] (one score per label)")  # fmt: skip
+    return model
 
 
 def _existing_record(spec: ModelVersionSpec, store: Path, fingerprint: str, force: bool) -> dict | None:
@@ -288,6 +310,8 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
         (golden / "golden.json").write_text(json.dumps(entries, indent=1))
     (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
     config = {**spec.serving.model_config(), "handler": spec.handler_config().to_dict()}
+    if spec.handler_options:
+        config["handler_options"] = spec.handler_options  # the user handler's self.options
     (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     out = stage / "out"
     out.mkdir()
@@ -302,7 +326,7 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
         "--serialized-file",
         str(stage / "model.pt"),
         "--handler",
-        str(REPO_ROOT / spec.handler_file),
+        spec.handler_file,
         "--extra-files",
         str(extra),
         "--config-file",

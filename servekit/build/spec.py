@@ -80,6 +80,7 @@ COMMON_KEYS = {
     "monitoring",
     "data",
     "program",
+    "options",
 }
 
 
@@ -485,6 +486,7 @@ class ModelVersionSpec:
     allow_ungated: bool = False  # a reduced-precision version built with no evaluation data, on purpose
     data: Any = None  # the user's data (servekit.build.user_data: ImageFolder, CsvTable), named "data"
     program: Any = None  # the user's finished program (servekit.build.user_model.UserProgram)
+    custom: Any = None  # the user's handler, and task (servekit.build.user_handler.UserHandler)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -492,6 +494,8 @@ class ModelVersionSpec:
         """The ``servekit.build.tasks.Task`` of this version's ``handler``."""
         from servekit.build.tasks import task_for
 
+        if self.custom is not None and self.custom.task is not None:
+            return self.custom.task.instance()
         return task_for(self.handler)
 
     @property
@@ -531,7 +535,15 @@ class ModelVersionSpec:
 
     @property
     def handler_file(self) -> str:
-        return self.task.handler_file
+        """The archive's entry point: the user's handler file, or the task's in this repository."""
+        if self.custom is not None:
+            return self.custom.file
+        return str(Path(__file__).resolve().parents[2] / self.task.handler_file)
+
+    @property
+    def handler_options(self) -> dict:
+        """The user handler's ``options`` (``self.options`` in the worker)."""
+        return dict(self.custom.options) if self.custom is not None else {}
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -546,7 +558,7 @@ class ModelVersionSpec:
         if not self.allow_ungated:
             data.pop("allow_ungated")  # absent unless given: fingerprints of gated versions stay as they were
         # The user's data, module and program by content (absent when not given: fingerprints stay as they were).
-        for key in ("data", "program"):
+        for key in ("data", "program", "custom"):
             data.pop(key)
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key).to_dict()
@@ -650,6 +662,7 @@ class _VersionResolver:
     version: str
     merged: dict
     base_dir: Path
+    custom: Any = None  # the user's handler (servekit.build.user_handler.UserHandler), once checked
 
     def fail(self, field_name: str, message: str) -> SpecError:
         return SpecError(message, self.name, self.version, field_name)
@@ -676,15 +689,35 @@ class _VersionResolver:
         for required in ("handler", "precision") if program else ("architecture", "handler", "precision", "weights"):
             if required not in merged:
                 raise self.fail(required, "is required")
-        if merged["handler"] not in TASKS:
-            raise self.fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(TASKS)})")
-        task = task_for(merged["handler"])
+        if isinstance(merged["handler"], dict):
+            task = self.custom_handler()
+        elif merged["handler"] not in TASKS:
+            raise self.fail("handler", f"unknown handler {merged['handler']!r} (known: {sorted(TASKS)}, or your own "
+                            "{file: my_handler.py, class: MyHandler})")  # fmt: skip
+        else:
+            task = task_for(merged["handler"])
+        if "options" in merged and task.options_key != "options":
+            raise self.fail("options", f"applies to a task of your own (handler: {{task: {{file, class}}}}); "
+                            f"handler {task.handler} takes {task.options_key or 'no section'}")  # fmt: skip
         for key in sorted(set(merged) & (task_keys() - task.spec_keys)):
             own = ", ".join(sorted(task.spec_keys)) or "none"
             raise self.fail(key, f"does not apply to handler {task.handler} (its own keys: {own})")
         if merged["precision"] not in PRECISIONS:
             raise self.fail("precision", f"must be one of {list(PRECISIONS)}, got {merged['precision']!r}")
         return task
+
+    def custom_handler(self) -> Any:
+        """``handler: {file, class, task, options}`` (``servekit.build.user_handler``); returns its task."""
+        from servekit.build.tasks import task_for
+        from servekit.build.user_handler import parse_handler
+        from servekit.build.user_model import ModelSourceError
+
+        try:
+            self.custom = parse_handler(self.merged["handler"], self.base_dir)
+            return self.custom.task.instance() if self.custom.task is not None else task_for(self.custom.task_name)
+        except ModelSourceError as exc:
+            head, _, tail = str(exc).partition(": ")
+            raise self.fail(head, tail) from None
 
     def architecture(self, task: Any) -> Any:
         """A built-in name, or the user's own (``servekit.build.user_model``): a module file or torchvision builder."""
@@ -854,7 +887,7 @@ class _VersionResolver:
             name=self.name,
             version=self.version,
             architecture=architecture,
-            handler=merged["handler"],
+            handler=task.handler,
             precision=merged["precision"],
             weights=weights,
             labels=labels,
@@ -874,6 +907,7 @@ class _VersionResolver:
             options=options,
             data=data,
             program=program,
+            custom=self.custom,
         )
         try:
             task.check(spec)

@@ -331,6 +331,7 @@ class TabularClassifierTask(Task):
     calibrated = False
     data_kinds = ("csv",)
     user_models = frozenset({"file", "program"})
+    classifier = True
 
     def architectures(self) -> Collection[str]:
         return (ARCHITECTURE,)

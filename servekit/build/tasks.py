@@ -11,6 +11,7 @@ accuracy gate, packaging, manifest; ``servekit.build.spec``: validation). A task
 ``calibrated``                    whether INT8 needs calibration data (``quantization.calibration``)
 ``data_kinds``, ``user_models``   the user's ``data:`` it takes (``folder``, ``csv``) and its own models
                                   (``file``, ``torchvision``, ``program``: ``servekit.build.user_model``)
+``classifier``                    a user's model must answer one score per label (checked at build)
 ``architectures()``,              the names ``architecture:`` and ``evaluation`` / ``weights.train`` /
 ``datasets()``                    ``quantization.calibration`` may take
 ``parse_protocol(data)``          the ``protocol:`` section -> its typed config (``to_dict()``)
@@ -76,6 +77,7 @@ class Task:
     calibrated: bool = True
     data_kinds: tuple[str, ...] = ()
     user_models: frozenset[str] = frozenset()
+    classifier: bool = False  # a model of its own must answer [N, len(labels)]: one score per label
 
     # ------------------------------------------------------------------ the spec
     def architectures(self) -> Collection[str]:
@@ -175,6 +177,7 @@ class ImageClassifierTask(Task):
     spec_keys = frozenset({"topk", "preprocessing", "limits"})
     data_kinds = ("folder",)
     user_models = frozenset({"file", "torchvision", "program"})
+    classifier = True
 
     def architectures(self) -> Collection[str]:
         from servekit.build.architectures import ARCHITECTURES
