@@ -4,8 +4,8 @@ Workflow of a handler built on ``BatchHandler``, for each server-side batch of r
 
 1. ``decode(request, headers)``: ONE request dict (and its HTTP headers, lower-case names) -> a
    call object with a ``size``: how many model inputs the request carries (an OIP or KServe v1
-   request may carry several images; ``handlers.protocols``). Raise a ``HandlerError`` to fail
-   only that request;
+   request may carry several images; ``handlers.protocols.read_envelope`` tells the protocol).
+   Raise a ``HandlerError`` to fail only that request;
 2. ``prepare(call)``: -> the call's model inputs, one per element (failures fail that request);
 3. ``run(items)``: the inputs of every surviving request of the batch, in slices of at most the
    batch size the model was warmed up for: ``inference`` then ``postprocess`` -> one result per
@@ -19,6 +19,10 @@ batch), and JSON bodies reach the handler as bytes, to be parsed with bounds
 (``handlers.json_body``). ``initialize`` joins the machine-wide CPU budget (``handlers.cpu_budget``:
 torch's thread pool follows the number of live workers, re-checked between batches) and warms the
 model up at every batch size the worker can receive.
+
+The three built-in tasks (``handlers.image_classifier``, ``handlers.tabular_classifier``,
+``handlers.object_detector``) are subclasses like any other; ``BatchHandler``'s docstring is the
+contract a handler of your own implements.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 import torch
 
-from handlers.config import HandlerConfig
+from handlers.config import RuntimeConfig
 from handlers.cpu_budget import CpuBudget
 from handlers.errors import HandlerError, InferenceError, InjectedFault, ResponseTooLarge, error_payload
 from handlers.json_body import DECODE_ENV, as_torchserve_decodes
@@ -72,18 +76,47 @@ def reply_size(body: Any) -> int:
 
 
 class BatchHandler:
-    """Base class: subclasses implement ``load``, ``decode``, ``prepare``, ``inference``, ``postprocess``,
-    ``encode`` and ``warmup_items``."""
+    """Base class of every handler: a subclass implements the steps, the base runs them (module docstring).
+
+    A subclass implements:
+
+    * ``load(context, config)``: load the model from ``context.system_properties["model_dir"]``;
+    * ``decode(request, headers)`` -> a call with a ``size`` (``handlers.protocols.read_envelope``
+      tells the protocol; decode only your own elements), ``prepare(call)`` -> its model inputs;
+    * ``inference(items)`` -> the model's outputs for a list of inputs, ``postprocess(outputs, items)``
+      -> exactly one result per input;
+    * ``encode(call, results)`` -> a ``handlers.protocols.Reply``;
+    * ``warmup_items(batch_size)`` -> that many valid model inputs (warm-up runs every batch size
+      before the first request); optionally ``warmup_requests()``: whole request dicts run through
+      ``handle`` too, so the decoders are warm as well.
+
+    What it gets, all set before ``load`` runs: ``self.settings``, the archive's ``handler:`` section
+    typed by ``config_type`` (a ``handlers.config.RuntimeConfig`` subclass: name your own there);
+    ``self.options``, the archive's ``handler_options:`` section, free-form (``{}`` when absent);
+    ``self.model_name`` and ``self.model_version``; ``self.batch_size``. Requests are counted,
+    timed and logged by the base; override ``summarize(result)`` (top-1 label and confidence) and
+    ``input_statistics(item)`` to feed the prediction and drift metrics, and wrap slow parts of
+    ``prepare`` in ``self.timed("decode")``. A ``handlers.errors.HandlerError`` raised anywhere for
+    one request fails that request alone, with its status. In outline::
+
+        class TextClassifier(BatchHandler):
+            config_type = TextConfig        # handlers.config's module docstring
+
+            def load(self, context, config):
+                self.model = load_model(Path(context.system_properties["model_dir"]) / "model.pt", config)
+            ...
+    """
 
     # TorchScript's profiling executor specialises a graph on its first calls for each shape.
     warmup_rounds = 3
-    # The typed ``handler:`` section of model-config.yaml (``from_dict``; a ``threads`` attribute).
-    config_type: type = HandlerConfig
+    # The typed ``handler:`` section of model-config.yaml (``from_dict``): a RuntimeConfig subclass.
+    config_type: type[RuntimeConfig] = RuntimeConfig
 
     def __init__(self) -> None:
         self.initialized = False
         self.context: Any = None
         self.settings: Any = None
+        self.options: dict[str, Any] = {}
         self.batch_size = 1
         self.cpu: CpuBudget | None = None
         self.inputs_seen = 0  # counts inputs for the deterministic injected faults
@@ -103,6 +136,7 @@ class BatchHandler:
         self.context = context
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         self.settings = self.config_type.from_dict(yaml_config.get("handler"))
+        self.options = handler_options(yaml_config)
         self.batch_size = max(1, int(context.system_properties.get("batch_size") or 1))
         model = (getattr(context, "manifest", None) or {}).get("model", {})
         self.model_name = model.get("modelName") or getattr(context, "model_name", "") or "?"
@@ -317,24 +351,32 @@ class BatchHandler:
 
     # ----------------------------------------------------------------- to implement
     def load(self, context: Any, config: Any) -> None:
+        """Load the model (labels, transforms) once; ``config`` is ``self.settings``. Raise to refuse the archive."""
         raise NotImplementedError
 
     def decode(self, request: dict, headers: dict[str, str]) -> Any:
+        """One request dict -> a call object with a ``size`` (its model inputs) and, if the protocol has one,
+        a ``request_id`` (None: the base fills in TorchServe's)."""
         raise NotImplementedError
 
     def prepare(self, call: Any) -> list[Any]:
+        """The call's model inputs, ``call.size`` of them."""
         raise NotImplementedError
 
     def encode(self, call: Any, results: list[Any]) -> Any:
+        """The call's results (one per prepared input, in order) -> its ``handlers.protocols.Reply``."""
         raise NotImplementedError
 
     def inference(self, items: list[Any]) -> Any:
+        """The model's outputs for at most ``batch_size`` prepared inputs."""
         raise NotImplementedError
 
     def postprocess(self, outputs: Any, items: list[Any]) -> list[Any]:
+        """``inference``'s outputs -> exactly one result per item."""
         raise NotImplementedError
 
     def warmup_items(self, batch_size: int) -> list[Any]:
+        """``batch_size`` valid prepared inputs, run through ``inference`` and ``postprocess`` at warm-up."""
         raise NotImplementedError
 
     def warmup_requests(self) -> list[dict]:
@@ -349,6 +391,19 @@ class BatchHandler:
     def input_statistics(self, item: Any) -> dict[str, float] | None:
         """Cheap statistics of one prepared input (``brightness``, ``megapixels``) for drift (none by default)."""
         return None
+
+
+def handler_options(yaml_config: dict) -> dict[str, Any]:
+    """The ``handler_options:`` section of model-config.yaml: free-form, for a handler of your own; ``{}`` if absent."""
+    options = yaml_config.get("handler_options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise RuntimeError(
+            f"handler_options in model-config.yaml must be a mapping of option names to values, "
+            f"got {type(options).__name__}: {options!r:.80}"
+        )
+    return dict(options)
 
 
 def request_id(context: Any, idx: int) -> str:

@@ -1,28 +1,60 @@
 """The handler's configuration: one typed definition, written by the build and read by the worker.
 
-The build (``ModelVersionSpec.handler_config``) writes ``HandlerConfig.to_dict()`` as the
-``handler:`` section of the archive's ``model-config.yaml``; the worker reads it back with
-``HandlerConfig.from_dict``. Defaults live here and nowhere else, and every value is validated on
-construction, so a bad archive fails at load with a message naming the key.
+Every task's handler config is a frozen dataclass on one base, ``RuntimeConfig``: the fields every
+task shares (how the model is loaded and run, drills, the prediction log) are declared and validated
+there once, and each task's subclass adds only its own. The build (``ModelVersionSpec.handler_config``)
+writes ``config.to_dict()`` as the ``handler:`` section of the archive's ``model-config.yaml``; the
+worker reads it back with the handler's ``config_type.from_dict``. Defaults live in the dataclasses
+and nowhere else, and every value is validated on construction, so a bad archive fails at load with a
+message naming the key.
+
+The shared fields (``RuntimeConfig``)::
 
     handler:
       precision: fp32            # fp32 | int8 | bf16: only the model loader differs
-      topk: 5                    # default k; a request may ask for another
-      labels_file: labels.json
-      preprocessing: {...}       # handlers.transforms.Preprocessing
-      limits: {...}              # handlers.image_io.DecodeLimits
+      labels_file: labels.json   # a file name inside the archive
       threads: null              # pin torch threads; null = this worker's share of the CPU budget
       quantized_engine: x86      # INT8 kernels
       optimize: true             # FP32: oneDNN-prepacked convolutions at load
-      protocol: {...}            # handlers.protocols.ProtocolConfig: OIP / KServe tensor names
       faults: {error_rate: 0.3, delay_ms: 0, start_after: 20}   # drills and tests only (Faults); absent = none
       prediction_log: {sample_rate: 0.01, include_input: false}  # handlers.metrics.PredictionLogConfig; absent = off
+
+The image classifier's own (``ImageClassifierConfig``, also known as ``HandlerConfig``)::
+
+      topk: 5                    # default k; a request may ask for another
+      preprocessing: {...}       # handlers.transforms.Preprocessing
+      limits: {...}              # handlers.image_io.DecodeLimits
+      protocol: {...}            # handlers.protocols.ProtocolConfig: OIP / KServe tensor names
+
+The tabular classifier's and the detector's are ``handlers.tabular.TabularConfig`` and
+``handlers.detection.DetectorConfig``.
+
+A handler of your own gets a config of its own the same way: subclass ``RuntimeConfig`` with your
+fields (each with a default), validate them in ``__post_init__`` after ``super().__post_init__()``,
+turn nested mappings into their objects in ``parse_sections`` if you have any, and name the class
+as your handler's ``config_type``::
+
+    @dataclass(frozen=True)
+    class TextConfig(RuntimeConfig):
+        max_chars: int = 2000
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not isinstance(self.max_chars, int) or self.max_chars < 1:
+                raise ValueError(f"max_chars: must be a positive integer, got {self.max_chars!r}")
+
+    class TextClassifier(BatchHandler):
+        config_type = TextConfig      # self.settings is a TextConfig
+
+``from_dict`` refuses unknown keys and parses ``faults`` and ``prediction_log``; ``to_dict`` writes
+every field (nested objects through their ``to_dict``, or as plain dataclasses), leaving out
+``faults`` and ``prediction_log`` when they are absent.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Self
 
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
@@ -81,7 +113,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def check_runtime_fields(config: Any) -> None:
-    """The checks every task's handler config shares: INT8 kernels, FP32 optimisation, drills, prediction log."""
+    """The checks of INT8 kernels, FP32 optimisation, drills and prediction log (``RuntimeConfig`` runs them)."""
     if config.quantized_engine not in QUANTIZED_ENGINES:
         raise ValueError(f"quantized_engine: must be one of {list(QUANTIZED_ENGINES)}, got {config.quantized_engine!r}")
     if not isinstance(config.optimize, bool):
@@ -106,39 +138,93 @@ def handler_section(cls: type, data: dict | None) -> dict:
     return data
 
 
+def _plain(value: Any) -> Any:
+    """A field's value as YAML writes it: nested objects through ``to_dict`` (or as dataclasses), tuples as lists."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------------------------------ the shared base
 @dataclass(frozen=True)
-class HandlerConfig:
-    """What the image classifier needs besides its program (see the module docstring)."""
+class RuntimeConfig:
+    """The fields every task's handler config shares, validated once (see the module docstring).
+
+    Subclass it for a task: declare only the task's own fields (each with a default), check them in
+    ``__post_init__`` after ``super().__post_init__()``, and parse their nested mappings in
+    ``parse_sections``. ``from_dict`` and ``to_dict`` need no override.
+    """
 
     precision: str = "fp32"
-    topk: int = 5
     labels_file: str = "labels.json"
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    limits: DecodeLimits = field(default_factory=DecodeLimits)
     threads: int | None = None
     quantized_engine: str = "x86"
     optimize: bool = True
-    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     faults: Faults | None = None
     prediction_log: PredictionLogConfig | None = None
+
+    # The most torch threads ``threads`` may pin; None: any positive number (a task may bound it).
+    max_threads: ClassVar[int | None] = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        _positive_int("topk", self.topk)
         if not isinstance(self.labels_file, str) or not self.labels_file or "/" in self.labels_file:
             raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
-        if self.threads is not None:
-            _positive_int("threads", self.threads)
+        threads, limit = self.threads, self.max_threads
+        if threads is not None:
+            if limit is None:
+                _positive_int("threads", threads)
+            elif not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limit:
+                raise ValueError(f"threads: must be an integer from 1 to {limit}, got {threads!r}")
         check_runtime_fields(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Self:
+        """The ``handler:`` section (a mapping, or None for every default) -> this config, validated."""
+        return cls(**cls.parse_sections(handler_section(cls, data)))
+
+    @classmethod
+    def parse_sections(cls, data: dict) -> dict:
+        """Turn this task's nested mappings in ``data`` (the section's keys, checked) into their objects."""
+        return data
+
+    def to_dict(self) -> dict:
+        """The ``handler:`` section the build writes: every field, ``faults`` and ``prediction_log`` only if set."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        if self.faults is None:
+            data.pop("faults")  # absent, not null: the model-config.yaml of a normal version stays as it was
+        if self.prediction_log is None:
+            data.pop("prediction_log")
+        return data
+
+
+# ------------------------------------------------------------------------------------------ the image classifier
+@dataclass(frozen=True)
+class ImageClassifierConfig(RuntimeConfig):
+    """What the image classifier needs besides its program and the shared fields (module docstring)."""
+
+    topk: int = 5
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("topk", self.topk)
         if not isinstance(self.preprocessing, Preprocessing) or not isinstance(self.limits, DecodeLimits):
             raise ValueError("preprocessing and limits must be Preprocessing and DecodeLimits objects")
         if not isinstance(self.protocol, ProtocolConfig):
             raise ValueError("protocol must be a ProtocolConfig object")
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> HandlerConfig:
-        data = handler_section(cls, data)
+    def parse_sections(cls, data: dict) -> dict:
         if "preprocessing" in data:
             data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
         if "limits" in data:
@@ -148,15 +234,20 @@ class HandlerConfig:
                 data["protocol"] = ProtocolConfig.from_dict(data["protocol"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"protocol: {exc}") from None
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["preprocessing"] = self.preprocessing.to_dict()
-        data["limits"] = asdict(self.limits)
-        data["protocol"] = self.protocol.to_dict()
-        if self.faults is None:
-            data.pop("faults")  # absent, not null: the model-config.yaml of a normal version stays as it was
-        if self.prediction_log is None:
-            data.pop("prediction_log")
         return data
+
+
+# The name the image classifier's config had before the other tasks shared its base.
+HandlerConfig = ImageClassifierConfig
+
+__all__ = [
+    "MAX_FAULT_DELAY_MS",
+    "PRECISIONS",
+    "QUANTIZED_ENGINES",
+    "Faults",
+    "HandlerConfig",
+    "ImageClassifierConfig",
+    "RuntimeConfig",
+    "check_runtime_fields",
+    "handler_section",
+]

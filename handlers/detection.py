@@ -38,10 +38,9 @@ from PIL import Image
 from torchvision.ops import batched_nms, box_area, clip_boxes_to_image
 
 from handlers import protocols
-from handlers.config import PRECISIONS, Faults, check_runtime_fields, handler_section
+from handlers.config import RuntimeConfig
 from handlers.errors import InvalidInput
-from handlers.image_io import FULL_FRAME, DecodeLimits, extract_image_request
-from handlers.metrics import PredictionLogConfig
+from handlers.image_io import FULL_FRAME, DecodeLimits
 from handlers.transforms import to_model_mode
 
 # The letterbox's padding and the pages' paper: white, which is ink 0 in the model's input.
@@ -206,45 +205,24 @@ def oip_metadata(config: DetectorProtocol, detection: DetectionConfig, num_class
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(RuntimeConfig):
     """What the object detector needs besides its program: the ``handler:`` section of its archive.
 
+    The fields every task shares (``precision``, ``labels_file``, ``threads``, ``quantized_engine``,
+    ``optimize``, ``faults``, ``prediction_log``) are ``handlers.config.RuntimeConfig``'s; its own::
+
         handler:
-          precision: fp32          # fp32 | int8 | bf16: only the model loader differs
-          labels_file: labels.json
           detection: {...}         # DetectionConfig
           limits: {...}            # handlers.image_io.DecodeLimits
-          threads: null            # pin torch threads; null = this worker's share of the CPU budget
-          quantized_engine: x86    # INT8 kernels
-          optimize: true           # FP32: oneDNN-prepacked convolutions at load
           protocol: {...}          # DetectorProtocol: OIP tensor names, max_images
-          faults: {...}            # handlers.config.Faults: drills and tests only; absent = none
-          prediction_log: {...}    # handlers.metrics.PredictionLogConfig; absent = off
-
-    The attributes ``handlers.model_loading`` and ``handlers.base`` read (``precision``,
-    ``quantized_engine``, ``optimize``, ``threads``, ``faults``, ``prediction_log``) mean what they
-    mean in ``handlers.config.HandlerConfig``.
     """
 
-    precision: str = "fp32"
-    labels_file: str = "labels.json"
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     limits: DecodeLimits = field(default_factory=DecodeLimits)
-    threads: int | None = None
-    quantized_engine: str = "x86"
-    optimize: bool = True
     protocol: DetectorProtocol = field(default_factory=DetectorProtocol)
-    faults: Faults | None = None
-    prediction_log: PredictionLogConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.labels_file, str) or not self.labels_file or "/" in self.labels_file:
-            raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
-        if self.threads is not None and (not _whole(self.threads) or self.threads < 1):
-            raise ValueError(f"threads: must be a positive integer, got {self.threads!r}")
-        check_runtime_fields(self)
+        super().__post_init__()
         if not isinstance(self.detection, DetectionConfig):
             raise ValueError("detection must be a DetectionConfig object")
         if not isinstance(self.limits, DecodeLimits):
@@ -253,25 +231,13 @@ class DetectorConfig:
             raise ValueError("protocol must be a DetectorProtocol object")
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> DetectorConfig:
-        data = handler_section(cls, data)
+    def parse_sections(cls, data: dict) -> dict:
         if "detection" in data:
             data["detection"] = DetectionConfig.from_dict(data["detection"])
         if "limits" in data:
             data["limits"] = DecodeLimits.from_dict(data["limits"])
         if "protocol" in data:
             data["protocol"] = DetectorProtocol.from_dict(data["protocol"])
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["detection"] = self.detection.to_dict()
-        data["limits"] = asdict(self.limits)
-        data["protocol"] = self.protocol.to_dict()
-        if self.faults is None:
-            data.pop("faults")
-        if self.prediction_log is None:
-            data.pop("prediction_log")
         return data
 
 
@@ -516,24 +482,6 @@ def decode_detections(
 
 
 # ------------------------------------------------------------------------------------------ the protocols
-def _document(request: dict, headers: dict[str, str]) -> tuple[Any, bytes | memoryview] | None:
-    """The JSON document (and binary tail) of a KServe v1 or OIP request; None for servekit's own forms."""
-    body = request.get("body")
-    if body is None:
-        body = request.get("data")
-    if protocols.BINARY_HEADER in headers:
-        return protocols.binary_oip_document(body, headers[protocols.BINARY_HEADER])
-    document = body
-    if isinstance(body, bytes | bytearray | memoryview | str):
-        text = bytes(body) if not isinstance(body, str) else body
-        if text.lstrip()[:1] not in (b"{", "{"):
-            return None
-        document = protocols.parse_json(text)
-    if isinstance(document, dict) and ("inputs" in document or "instances" in document):
-        return document, b""
-    return None
-
-
 def decode_request(
     request: dict, headers: dict[str, str], protocol: DetectorProtocol, settings: DetectionConfig
 ) -> DetectionCall:
@@ -549,20 +497,19 @@ def decode_request(
     ``score_threshold`` and ``max_detections`` apply to every image of the request; a bad value
     is a 400 naming the option.
     """
-    found = _document(request, headers)
-    if found is None:
-        image = extract_image_request(request)
+    envelope = protocols.read_envelope(request, headers)
+    defaults = (settings.score_threshold, settings.max_detections)
+    if envelope.protocol == "native":
+        image = protocols.native_image(envelope)
+        call = DetectionCall("native", [image.payload], *defaults)
         options: Any = image.options
-        call = DetectionCall("native", [image.payload], settings.score_threshold, settings.max_detections)
     else:
-        document, tail = found
-        if "inputs" in document or protocols.BINARY_HEADER in headers:
-            decoded = protocols.decode_oip(document, tail, protocol, ())
-            call = DetectionCall("oip_v2", decoded.images, settings.score_threshold, settings.max_detections,
-                                 decoded.request_id, decoded.outputs)  # fmt: skip
+        document = envelope.document
+        if envelope.protocol == "oip_v2":
+            decoded = protocols.decode_oip(document, envelope.tail, protocol, ())
+            call = DetectionCall("oip_v2", decoded.images, *defaults, decoded.request_id, decoded.outputs)
         else:
-            decoded = protocols.decode_kserve_v1(document, protocol)
-            call = DetectionCall("kserve_v1", decoded.images, settings.score_threshold, settings.max_detections)
+            call = DetectionCall("kserve_v1", protocols.decode_kserve_v1(document, protocol).images, *defaults)
         options = document.get("parameters") or {}
     threshold, count = options.get("score_threshold"), options.get("max_detections")
     if threshold is not None:

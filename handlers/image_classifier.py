@@ -2,7 +2,7 @@
 
 TorchServe requires this module to define exactly one class: helpers live in the other modules.
 Its settings are the archive's ``handler:`` section, typed and validated by
-``handlers.config.HandlerConfig`` (defaults and keys are documented there).
+``handlers.config.ImageClassifierConfig`` (defaults and keys are documented there).
 
 Every protocol of ``handlers.protocols`` is answered on every route:
 
@@ -28,7 +28,7 @@ from PIL import Image
 
 from handlers import protocols
 from handlers.base import BatchHandler
-from handlers.config import HandlerConfig
+from handlers.config import ImageClassifierConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
 from handlers.image_io import FULL_FRAME, PreparedImage, decode_image, parse_topk
 from handlers.model_loading import load_model, verify_program
@@ -57,7 +57,9 @@ def input_brightness(tensor: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 class ImageClassifier(BatchHandler):
     """Decode -> preprocess -> batched softmax classifier -> top-k labels, in any protocol."""
 
-    def load(self, context: Any, config: HandlerConfig) -> None:
+    config_type = ImageClassifierConfig
+
+    def load(self, context: Any, config: ImageClassifierConfig) -> None:
         model_dir = Path(context.system_properties["model_dir"])
         manifest = context.manifest or {}
         serialized = manifest.get("model", {}).get("serializedFile", "model.pt")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from handlers.config import HandlerConfig
+from handlers.config import RuntimeConfig
 
 
 class TamperedArchive(RuntimeError):
@@ -56,7 +56,7 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
     return model.eval()
 
 
-def load_fp32(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
+def load_fp32(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule:
     model = _load_torchscript(path)
     if config.optimize:
         # oneDNN-prepacked convolutions: 1.4-1.9x faster for ResNet-18 on CPU. Done at load time
@@ -65,7 +65,7 @@ def load_fp32(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
     return model
 
 
-def load_int8(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
+def load_int8(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule:
     engine = config.quantized_engine
     if engine not in torch.backends.quantized.supported_engines:
         raise RuntimeError(
@@ -89,7 +89,7 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def load_bf16(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
+def load_bf16(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule:
     """A BF16 program (it casts its FP32 input itself); refused on CPUs without native BF16."""
     if not native_bf16():
         raise RuntimeError(
@@ -99,13 +99,13 @@ def load_bf16(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
     return _load_torchscript(path)
 
 
-LOADERS: dict[str, Callable[[Path, HandlerConfig], torch.jit.ScriptModule]] = {
+LOADERS: dict[str, Callable[[Path, RuntimeConfig], torch.jit.ScriptModule]] = {
     "fp32": load_fp32,
     "int8": load_int8,
     "bf16": load_bf16,
 }
 
 
-def load_model(path: Path, config: HandlerConfig) -> torch.jit.ScriptModule:
+def load_model(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule:
     """The program at ``path``, loaded the way ``config.precision`` needs."""
     return LOADERS[config.precision](path, config)

@@ -1,30 +1,46 @@
-"""The wire protocols a handler answers, decoded into one neutral form and encoded back.
+"""The wire protocols a handler answers: which one a request speaks, its elements decoded, answers encoded.
 
 TorchServe routes three kinds of request to the same handler: its own ``/predictions/NAME``,
 KServe v1 (``POST /v1/models/NAME:predict``) and the Open Inference Protocol, KServe v2
 (``POST /v2/models/NAME/infer``). The frontend does not tell the handler which route a request
-came in on, so the protocol is read from the request itself (``decode``):
+came in on, so the protocol is read from the request itself, in one place for every task
+(``read_envelope``):
 
 * an ``Inference-Header-Content-Length`` header, or a JSON object with ``inputs``: OIP v2. The JSON
   header may be followed by raw tensor bytes (the binary tensor extension ``tritonclient`` uses by
   default); ``BYTES`` elements there are each a 4-byte little-endian length and the bytes;
-* a JSON object with ``instances``: KServe v1, each instance an image (``{"data": b64}``,
-  ``{"b64": ...}``, ``{"image": ...}`` or a bare base64 string);
-* anything else: servekit's own forms (raw body, multipart, ``{"data": b64}``).
+* a JSON object with ``instances``: KServe v1;
+* anything else: servekit's own forms, each task's (for images: raw body, multipart,
+  ``{"data": b64}``; for tabular records: a JSON record or a list of them).
 
-A request becomes a ``Call``: its images (or preprocessed tensors), the options it asked for
-(``top_k``, which outputs, binary or JSON) and how to answer. The handler turns every element into
-one model input; ``Call.encode`` packs the per-element results into the protocol's answer. A
-malformed request raises ``InvalidInput`` (400) or ``PayloadTooLarge`` (413) for itself alone;
-OIP clients read the message from the body's ``error`` field.
+``read_envelope`` returns an ``Envelope`` (the protocol, the JSON document, the binary tail, the
+request) and decodes nothing else: each task decodes only its own elements from it. A handler of
+your own does the same in its ``decode``::
+
+    def decode(self, request, headers):
+        envelope = protocols.read_envelope(request, headers)   # json_lists=True: a JSON list is a form of yours
+        if envelope.protocol == "oip_v2":
+            tensor = protocols.oip_input(envelope.document, envelope.tail, ["text"])   # the envelope checked
+            ...                                                 # its elements are yours to check
+        elif envelope.protocol == "kserve_v1":
+            instances = envelope.document["instances"]
+        else:
+            ...                                                 # envelope.document, or envelope.request
+
+The image classifier's decoding is here (``decode``: a request becomes a ``Call``, its images or
+preprocessed tensors and the options it asked for, ``top_k``, which outputs, binary or JSON);
+``Call.encode`` packs the per-element results into the protocol's answer. A malformed request
+raises ``InvalidInput`` (400) or ``PayloadTooLarge`` (413) for itself alone; OIP clients read the
+message from the body's ``error`` field.
 
 What the protocols call inputs and outputs is data (``ProtocolConfig``, the spec's ``protocol:``
 section): the names, and for OIP metadata the datatypes and shapes (``oip_metadata``).
 
 The OIP envelope (``binary_oip_document``, ``oip_input``), the JSON helpers (``parse_json``,
-``flatten``, ``parse_shape``, ``quote``), the outputs a request asks for (``requested_outputs``) and
-the classification answer (``encode_oip``) are shared with the other tasks' protocol modules
-(``handlers.tabular``); what an input tensor holds is each task's own.
+``flatten``, ``parse_shape``, ``quote``), the outputs a request asks for (``requested_outputs``), the
+KServe v1 and OIP image decoders (``decode_kserve_v1``, ``decode_oip``, ``native_image``) and the
+classification answer (``encode_oip``) are shared with the other tasks' protocol modules
+(``handlers.tabular``, ``handlers.detection``); what an input tensor holds is each task's own.
 """
 
 from __future__ import annotations
@@ -40,7 +56,7 @@ import numpy as np
 
 from handlers import json_body
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.image_io import decode_base64, extract_image_request
+from handlers.image_io import ImageRequest, decode_base64, extract_image_request
 
 # The binary tensor extension's header: the JSON part's length in bytes.
 BINARY_HEADER = json_body.BINARY_HEADER
@@ -195,31 +211,97 @@ def element_error(call: Call, index: int, exc: Exception) -> Exception:
     return error
 
 
-# ------------------------------------------------------------------------------------------ decoding
-def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
-    """Read the protocol of one TorchServe request dict and decode it (see module docstring).
+# ------------------------------------------------------------------------------------------ the envelope
+@dataclass(frozen=True, eq=False)
+class Envelope:
+    """Which protocol one request speaks, and what it carries (``read_envelope``).
 
-    ``headers`` are the request's HTTP headers with lower-case names.
+    ``protocol``: ``"oip_v2"``, ``"kserve_v1"`` or ``"native"`` (servekit's own forms). ``document``:
+    the OIP inference header or the KServe v1 object; for ``native``, the body's JSON when it was
+    JSON (see ``read_envelope``), else None. ``tail``: the raw tensor bytes after an OIP binary
+    header (a slice of the body, never a copy; empty otherwise). ``request``: the TorchServe request
+    dict as it came, for the native forms a task reads itself (raw bytes, multipart fields).
+    """
+
+    protocol: str
+    document: Any
+    tail: bytes | memoryview
+    request: dict
+
+
+def read_envelope(
+    request: dict, headers: dict[str, str], json_lists: bool = False, json_only: bool = False
+) -> Envelope:
+    """Tell which protocol one TorchServe request dict speaks (module docstring); decode nothing else.
+
+    ``headers``: the request's HTTP headers, names in lower case. The body (``body``, else ``data``)
+    may be bytes, text or what TorchServe already parsed. An ``Inference-Header-Content-Length``
+    header, or a JSON object with ``inputs``, is OIP v2; a JSON object with ``instances`` is KServe
+    v1; anything else is ``native``, where ``document`` is the body's JSON object (text or bytes
+    starting with ``{``, or parsed by TorchServe), with ``json_lists=True`` also its JSON list
+    (starting with ``[``), and otherwise None: the body is the task's own to read from ``request``
+    (raw bytes, text, multipart fields).
+
+    ``json_only=True`` is for a task that takes nothing but JSON (it implies ``json_lists``): every
+    bytes body is parsed, whatever it starts with, and ``document`` is whatever JSON it holds (a
+    number, a string; None for an empty body or ``null``); a text body that does not start with
+    ``{`` or ``[``, or a value TorchServe parsed, is the document as it is.
+
+    A body that is parsed and is not JSON raises ``InvalidInput`` (400); one with too many arrays
+    and objects ``PayloadTooLarge`` (413), before it is parsed (``handlers.json_body``).
     """
     body = request.get("body")
     if body is None:
         body = request.get("data")
     if BINARY_HEADER in headers:
-        return _decode_oip_binary(body, headers[BINARY_HEADER], config, input_shape)
-    document = body
-    if isinstance(body, bytes | bytearray | memoryview | str):
-        text = bytes(body) if not isinstance(body, str) else body
-        if text.lstrip()[:1] in (b"{", "{"):
-            document = parse_json(text)
+        document, tail = binary_oip_document(body, headers[BINARY_HEADER])
+        return Envelope("oip_v2", document, tail, request)
+    document = _json_document(body, json_lists or json_only, json_only)
     if isinstance(document, dict):
         if "inputs" in document:
-            return decode_oip(document, b"", config, input_shape)
+            return Envelope("oip_v2", document, b"", request)
         if "instances" in document:
-            return decode_kserve_v1(document, config)
+            return Envelope("kserve_v1", document, b"", request)
+    return Envelope("native", document, b"", request)
+
+
+def _json_document(body: Any, lists: bool, json_only: bool) -> Any:
+    """The body's JSON, as ``read_envelope`` describes it."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        raw = bytes(body)
+        if json_only:
+            return parse_json(raw) if raw.strip() else None
+        return parse_json(raw) if raw.lstrip()[:1] in ((b"{", b"[") if lists else (b"{",)) else None
+    if isinstance(body, str):
+        if body.lstrip()[:1] in (("{", "[") if lists else ("{",)):
+            return parse_json(body)  # a text/* body (TorchServe decoded it), not a JSON string it parsed
+        return body if json_only else None
+    if json_only or isinstance(body, dict) or (lists and isinstance(body, list)):
+        return body
+    return None
+
+
+def native_image(envelope: Envelope) -> ImageRequest:
+    """The image and options of servekit's own image forms: raw body, multipart, ``{"data": b64}``."""
+    request = envelope.request
+    if isinstance(envelope.document, dict):  # parsed once, by read_envelope
         field = "body" if "body" in request else "data"
-        image = extract_image_request({**request, field: document})
-    else:
-        image = extract_image_request(request)
+        return extract_image_request({**request, field: envelope.document})
+    return extract_image_request(request)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def decode(request: dict, headers: dict[str, str], config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
+    """One TorchServe request dict -> the image classifier's ``Call``: its images or preprocessed tensors.
+
+    ``headers`` are the request's HTTP headers with lower-case names.
+    """
+    envelope = read_envelope(request, headers)
+    if envelope.protocol == "oip_v2":
+        return decode_oip(envelope.document, envelope.tail, config, input_shape)
+    if envelope.protocol == "kserve_v1":
+        return decode_kserve_v1(envelope.document, config)
+    image = native_image(envelope)
     return Call("native", [image.payload], [], topk=image.options.get("topk"))
 
 
@@ -270,11 +352,6 @@ def decode_kserve_v1(document: dict, config: ProtocolConfig) -> Call:
 
 
 # OIP v2 --------------------------------------------------------------------------------------------
-def _decode_oip_binary(body: Any, declared: str, config: ProtocolConfig, input_shape: tuple[int, ...]) -> Call:
-    document, tail = binary_oip_document(body, declared)
-    return decode_oip(document, tail, config, input_shape)
-
-
 def binary_oip_document(body: Any, declared: str) -> tuple[dict, bytes | memoryview]:
     """The JSON inference header and the raw tensor bytes after it, of a request with
     ``Inference-Header-Content-Length`` (``declared``): shared by every handler that speaks OIP."""
@@ -550,6 +627,7 @@ __all__ = [
     "BINARY_HEADER",
     "Call",
     "Classification",
+    "Envelope",
     "ProtocolConfig",
     "Reply",
     "bytes_tensor",
@@ -557,5 +635,7 @@ __all__ = [
     "decode_kserve_v1",
     "decode_oip",
     "element_error",
+    "native_image",
     "oip_metadata",
+    "read_envelope",
 ]

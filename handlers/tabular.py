@@ -4,18 +4,14 @@ The settings are the archive's ``handler:`` section, ``TabularConfig``; the buil
 the data set the model was trained on (``servekit.build.tabular``) and the worker reads it back::
 
     handler:
-      precision: fp32            # fp32 | int8 | bf16: only the model loader differs
-      labels_file: labels.json
+      precision: fp32            # the fields every task shares: handlers.config.RuntimeConfig
+      labels_file: labels.json   # (threads, quantized_engine, optimize, faults, prediction_log too;
+      threads: null              #  here threads is at most 1024)
       features:                  # the model's inputs, in the order it takes them (also in features.json)
         - {name: mean radius, type: float, unit: ..., min: 6.981, max: 28.11, lower: 0.0, upper: 38.68}
       range_tolerance: 0.5       # how the build widened [min, max] into [lower, upper] (recorded)
       max_records: 256           # records in one request: each is one model input of the server-side batch
-      threads: null              # pin torch threads; null = this worker's share of the CPU budget
-      quantized_engine: x86
-      optimize: true
       protocol: {tensor_input: features, labels_output: labels, scores_output: scores, indices_output: indices}
-      faults: {...}              # handlers.config.Faults: drills and tests only; absent = none
-      prediction_log: {...}      # handlers.metrics.PredictionLogConfig; absent = off
 
 A request is one of (``decode``; the protocol is read from the request, as for images):
 
@@ -38,15 +34,14 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from handlers import protocols
-from handlers.config import PRECISIONS, Faults, check_runtime_fields, handler_section
+from handlers.config import RuntimeConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
-from handlers.metrics import PredictionLogConfig
-from handlers.protocols import BINARY_HEADER, Classification, Reply, quote
+from handlers.protocols import Classification, Reply, quote
 
 FEATURE_TYPES = ("float",)
 MAX_RECORDS_LIMIT = 4096
@@ -145,26 +140,18 @@ class TabularProtocol:
 
 
 @dataclass(frozen=True)
-class TabularConfig:
-    """What the tabular classifier needs besides its program (see the module docstring)."""
+class TabularConfig(RuntimeConfig):
+    """What the tabular classifier needs besides its program and the shared fields (module docstring)."""
 
-    precision: str = "fp32"
-    labels_file: str = "labels.json"
     features: tuple[Feature, ...] = ()
     range_tolerance: float = 0.5
     max_records: int = 256
-    threads: int | None = None
-    quantized_engine: str = "x86"
-    optimize: bool = True
     protocol: TabularProtocol = field(default_factory=TabularProtocol)
-    faults: Faults | None = None
-    prediction_log: PredictionLogConfig | None = None
+
+    max_threads: ClassVar[int | None] = 1024
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.labels_file, str) or not self.labels_file or "/" in self.labels_file:
-            raise ValueError(f"labels_file: must be a file name inside the archive, got {self.labels_file!r}")
+        super().__post_init__()
         if not isinstance(self.features, tuple) or not all(isinstance(f, Feature) for f in self.features):
             raise ValueError("features must be a tuple of Feature objects")
         names = [f.name for f in self.features]
@@ -175,15 +162,11 @@ class TabularConfig:
         if not _number(tolerance) or not 0 <= tolerance <= 100:
             raise ValueError(f"range_tolerance: must be a number from 0 to 100, got {tolerance!r}")
         _whole("max_records", self.max_records, 1, MAX_RECORDS_LIMIT)
-        if self.threads is not None:
-            _whole("threads", self.threads, 1, 1024)
-        check_runtime_fields(self)
         if not isinstance(self.protocol, TabularProtocol):
             raise ValueError("protocol must be a TabularProtocol object")
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> TabularConfig:
-        data = handler_section(cls, data)
+    def parse_sections(cls, data: dict) -> dict:
         if "features" in data:
             if not isinstance(data["features"], list | tuple):
                 raise ValueError(f"features: must be a list of features, got {data['features']!r}")
@@ -193,16 +176,6 @@ class TabularConfig:
                 data["protocol"] = TabularProtocol.from_dict(data["protocol"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"protocol: {exc}") from None
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["features"] = [asdict(f) for f in self.features]
-        data["protocol"] = self.protocol.to_dict()
-        if self.faults is None:
-            data.pop("faults")
-        if self.prediction_log is None:
-            data.pop("prediction_log")
         return data
 
 
@@ -367,33 +340,22 @@ EMPTY_BODY = "request body is empty: send a JSON record, a JSON list of records,
 
 
 def decode(request: dict, headers: dict[str, str], schema: RecordSchema, config: TabularProtocol) -> TabularCall:
-    """Read the protocol of one TorchServe request dict and decode its records (module docstring)."""
-    body = request.get("body")
-    if body is None:
-        body = request.get("data")
-    if BINARY_HEADER in headers:
-        document, tail = protocols.binary_oip_document(body, headers[BINARY_HEADER])
-        return _decode_oip(document, tail, schema, config)
-    if isinstance(body, bytes | bytearray | memoryview):
-        if not bytes(body).strip():
-            raise InvalidInput(EMPTY_BODY)
-        body = protocols.parse_json(bytes(body))
-    elif isinstance(body, str) and body.lstrip()[:1] in ("{", "["):
-        # A text/* body (TorchServe decoded it), not a JSON string TorchServe already parsed.
-        body = protocols.parse_json(body)
-    if body is None or (isinstance(body, str) and not body.strip()):
+    """One TorchServe request dict -> its records (module docstring); ``protocols.read_envelope`` tells the protocol."""
+    envelope = protocols.read_envelope(request, headers, json_only=True)  # records are JSON, always
+    document = envelope.document
+    if envelope.protocol == "oip_v2":
+        return _decode_oip(document, envelope.tail, schema, config)
+    if envelope.protocol == "kserve_v1":
+        return _decode_kserve_v1(document, schema)
+    if document is None or (isinstance(document, str) and not document.strip()):
         raise InvalidInput(EMPTY_BODY)
-    if isinstance(body, dict):
-        if "inputs" in body:
-            return _decode_oip(body, b"", schema, config)
-        if "instances" in body:
-            return _decode_kserve_v1(body, schema)
-        return TabularCall("native", schema.rows([body], lambda i: f"record {i}"))
-    if isinstance(body, list):
-        schema.check_count(len(body), "records")
-        return TabularCall("native", schema.rows(body, lambda i: f"record {i}"))
+    if isinstance(document, dict):
+        return TabularCall("native", schema.rows([document], lambda i: f"record {i}"))
+    if isinstance(document, list):
+        schema.check_count(len(document), "records")
+        return TabularCall("native", schema.rows(document, lambda i: f"record {i}"))
     raise InvalidInput(f"expected a JSON record (an object of feature names and numbers) or a list of records, "
-                       f"got {_what(body)}")  # fmt: skip
+                       f"got {_what(document)}")  # fmt: skip
 
 
 def _decode_kserve_v1(document: dict, schema: RecordSchema) -> TabularCall:

@@ -45,14 +45,15 @@ def _import_file(path: Path, prefix: str, field_name: str):
         return module
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: dataclasses and pickling look their module up there
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - the user's module failed to import
+        del sys.modules[name]
         raise ModelSourceError(f"{field_name}: importing {path.name} failed: {_one_line(exc)}") from None
     finally:
         sys.path.remove(str(path.parent))
-    sys.modules[name] = module
     return module
 
 

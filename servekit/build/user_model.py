@@ -151,14 +151,15 @@ def load_class(path: Path, name: str) -> type:
     if module is None:
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before it runs: dataclasses look their module up there
         sys.path.insert(0, str(path.parent))
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's module failed to import
+            del sys.modules[module_name]
             raise ModelSourceError(f"architecture.file: importing {path.name} failed: {_one_line(exc)}") from None
         finally:
             sys.path.remove(str(path.parent))
-        sys.modules[module_name] = module
     cls = getattr(module, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, nn.Module)

@@ -59,6 +59,18 @@ REPO = Path(__file__).resolve().parents[2]
 SHAPES = ("circle", "square", "triangle")  # the user's label folders, sorted
 TORCHVISION = "shapes_squeezenet"
 TOLERANCE = 1e-4  # probabilities: rounded to 6 decimals, and server-side batches differ from ours in the last bits
+LOUD = "shapes_loud"  # the user's CNN behind a handler of the user's own (over the built-in image classifier)
+LOUD_HANDLER = '''
+from handlers.image_classifier import ImageClassifier
+
+
+class LoudClassifier(ImageClassifier):
+    """The built-in image classifier with its labels in capitals and the spec's options.suffix after them."""
+
+    def load(self, context, config):
+        super().load(context, config)
+        self.labels = [label.upper() + self.options["suffix"] for label in self.labels]
+'''
 CHUNK = 16  # images per OIP / KServe v1 request (the handler takes up to max_images: 32)
 
 
@@ -90,7 +102,12 @@ def project_spec(root: Path) -> Path:
         "serving": one_worker,
         "versions": {"1.0": {"precision": "fp32", "weights": {"train": "data", "epochs": 2}}},
     }
-    return write_spec(root, {"shapes": shapes_model(), "wine": wine, TORCHVISION: squeezenet})
+    (root / "loud_handler.py").write_text(LOUD_HANDLER)
+    loud = shapes_model(
+        handler={"file": "loud_handler.py", "class": "LoudClassifier", "options": {"suffix": "!"}},
+        versions={"1.0": {"precision": "fp32"}},
+    )
+    return write_spec(root, {"shapes": shapes_model(), "wine": wine, TORCHVISION: squeezenet, LOUD: loud})
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +126,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     with running_torchserve(workdir, store, load_models="") as server:
         cli = operator_cli(server, store, REPO, state)
         registered = {}
-        for model, version in (("shapes", "1.0"), ("shapes", "2.0"), ("wine", "1.0"), (TORCHVISION, "1.0")):
+        versions = (("shapes", "1.0"), ("shapes", "2.0"), ("wine", "1.0"), (TORCHVISION, "1.0"), (LOUD, "1.0"))
+        for model, version in versions:
             registered[f"{model} {version}"] = ok(cli("register", model, version))
         yield Project(root, store, server, cli, registered)
 
@@ -340,3 +358,17 @@ def test_torchvision_builder_model_answers_with_a_label_of_the_data_set(project:
         assert predictions[0]["label"] in SHAPES, truth
         assert sorted(p["label"] for p in predictions) == list(SHAPES)  # topk defaults to min(5, 3 labels)
         assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------- 6. a handler of the user's own
+def test_a_users_handler_over_the_image_classifier_answers_in_its_own_words(project: Project, client: Client) -> None:
+    """Same program and preprocessing as shapes 1.0: the same top-1 per image, as the user's handler labels it."""
+    for truth, image in val_images(project)[::15]:
+        plain = client.predict("shapes/1.0", data=image, headers={"Content-Type": "image/png"})
+        loud = client.predict(f"{LOUD}/1.0", data=image, headers={"Content-Type": "image/png"})
+        assert loud.status_code == 200, loud.text
+        expected = [p["label"].upper() + "!" for p in plain.json()["predictions"]]
+        assert [p["label"] for p in loud.json()["predictions"]] == expected, truth
+    broken = client.predict(f"{LOUD}/1.0", data=b"not an image", headers={"Content-Type": "image/png"})
+    assert broken.status_code == 415, broken.text  # the base's typed errors hold for the user's handler
+    assert broken.json()["code"] == 415

@@ -1246,6 +1246,7 @@ def test_module_exports() -> None:
         "BINARY_HEADER",
         "Call",
         "Classification",
+        "Envelope",
         "ProtocolConfig",
         "Reply",
         "bytes_tensor",
@@ -1253,7 +1254,9 @@ def test_module_exports() -> None:
         "decode_kserve_v1",
         "decode_oip",
         "element_error",
+        "native_image",
         "oip_metadata",
+        "read_envelope",
     }
     assert BINARY_HEADER == "inference-header-content-length"
 
@@ -1274,3 +1277,95 @@ def test_servekits_json_form_keeps_the_requests_other_fields() -> None:
     assert (call.protocol, call.topk, call.images) == ("native", "2", [IMG1])
     call = protocols.decode({"data": json.dumps(document).encode(), "topk": b"1"}, {}, CONFIG, SHAPE)
     assert (call.topk, call.images) == (b"1", [IMG1])
+
+
+# ------------------------------------------------------------------------------------------ read_envelope
+class TestReadEnvelope:
+    """The one place that tells which protocol a request speaks, for every task (and a user's handler)."""
+
+    OIP = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
+    V1 = {"instances": [{"data": "aGk="}]}
+
+    @staticmethod
+    def forms(document: object) -> list[object]:
+        """``document`` as the body can hold it: bytes, a bytearray, a memoryview, text, parsed by TorchServe."""
+        raw = json.dumps(document).encode()
+        return [raw, bytearray(raw), memoryview(raw), raw.decode(), document]
+
+    @pytest.mark.parametrize("flags", [{}, {"json_lists": True}, {"json_only": True}])
+    def test_a_json_object_with_inputs_is_oip_in_every_body_form(self, flags: dict) -> None:
+        for body in self.forms(self.OIP):
+            envelope = protocols.read_envelope({"body": body}, {}, **flags)
+            assert (envelope.protocol, envelope.document, envelope.tail) == ("oip_v2", self.OIP, b"")
+
+    @pytest.mark.parametrize("flags", [{}, {"json_lists": True}, {"json_only": True}])
+    def test_a_json_object_with_instances_is_kserve_v1_in_every_body_form(self, flags: dict) -> None:
+        for body in self.forms(self.V1):
+            envelope = protocols.read_envelope({"data": body}, {}, **flags)  # "data" when there is no "body"
+            assert (envelope.protocol, envelope.document, envelope.tail) == ("kserve_v1", self.V1, b"")
+
+    def test_inputs_win_over_instances(self) -> None:
+        assert protocols.read_envelope({"body": {**self.V1, **self.OIP}}, {}).protocol == "oip_v2"
+
+    def test_the_binary_header_is_oip_whatever_the_document_holds_and_its_tail_is_not_copied(self) -> None:
+        header = json.dumps({"inputs": []}).encode()
+        body = header + b"\x01\x02\x03"
+        envelope = protocols.read_envelope({"body": body}, {BINARY_HEADER: str(len(header))})
+        assert (envelope.protocol, envelope.document) == ("oip_v2", {"inputs": []})
+        assert isinstance(envelope.tail, memoryview)
+        assert envelope.tail.obj is body  # a slice of the body, not a copy
+        assert bytes(envelope.tail) == b"\x01\x02\x03"
+        # Sent as application/json, TorchServe parsed it: no tail, still OIP.
+        parsed = protocols.read_envelope({"body": {"id": "x"}}, {BINARY_HEADER: "11"})
+        assert (parsed.protocol, parsed.document, parsed.tail) == ("oip_v2", {"id": "x"}, b"")
+        with pytest.raises(InvalidInput, match="Inference-Header-Content-Length must be an integer, got 'x'"):
+            protocols.read_envelope({"body": body}, {BINARY_HEADER: "x"})
+
+    def test_native_image_bodies_keep_the_request_and_parse_only_a_json_object(self) -> None:
+        request = {"body": IMG1, "topk": b"2"}
+        envelope = protocols.read_envelope(request, {})
+        assert (envelope.protocol, envelope.document, envelope.tail) == ("native", None, b"")
+        assert envelope.request is request  # multipart fields and raw bytes stay the task's to read
+        for body in self.forms({"data": "aGk=", "topk": 3}):
+            assert protocols.read_envelope({"body": body}, {}).document == {"data": "aGk=", "topk": 3}
+        for body in (b'[{"data": "aGk="}]', "[1]", [1], "text", 7, None):
+            envelope = protocols.read_envelope({"body": body}, {})
+            assert (envelope.protocol, envelope.document) == ("native", None)
+
+    def test_json_lists_adds_json_lists_and_leaves_other_bodies_to_the_task(self) -> None:
+        for body in self.forms([{"a": 1}, [1, 2]]):
+            assert protocols.read_envelope({"body": body}, {}, json_lists=True).document == [{"a": 1}, [1, 2]]
+        for body in (b"plain text", "plain text", b"42", b"", "7", 7, None):  # e.g. a raw text body: the task's
+            envelope = protocols.read_envelope({"body": body}, {}, json_lists=True)
+            assert (envelope.protocol, envelope.document) == ("native", None)
+
+    def test_json_only_makes_every_body_json(self) -> None:
+        for body in self.forms([{"a": 1}, [1, 2]]):
+            assert protocols.read_envelope({"body": body}, {}, json_only=True).document == [{"a": 1}, [1, 2]]
+        cases = {b"42": 42, b' "x" ': "x", b"null": None, b"": None, b" \n": None, "plain text": "plain text", 7: 7}
+        for body, document in cases.items():
+            envelope = protocols.read_envelope({"body": body}, {}, json_only=True)
+            assert (envelope.protocol, envelope.document) == ("native", document)
+        bom = b"\xef\xbb\xbf" + json.dumps(self.OIP).encode()  # JSON all the same: the protocol is read from it
+        assert protocols.read_envelope({"body": bom}, {}, json_only=True).protocol == "oip_v2"
+        assert protocols.read_envelope({"body": bom}, {}).protocol == "native"  # an image task's body: not JSON
+
+    def test_a_malformed_json_body_is_a_400_and_a_container_bomb_a_413(self) -> None:
+        for flags in ({}, {"json_lists": True}, {"json_only": True}):
+            with pytest.raises(InvalidInput, match="malformed JSON body"):
+                protocols.read_envelope({"body": b'  {"inputs": '}, {}, **flags)
+        with pytest.raises(InvalidInput, match="malformed JSON body"):
+            protocols.read_envelope({"body": b"not json"}, {}, json_only=True)  # nothing but JSON
+        with pytest.raises(InvalidInput, match="malformed JSON body"):
+            protocols.read_envelope({"body": b"[not json"}, {}, json_lists=True)
+        assert protocols.read_envelope({"body": b"[not json"}, {}).document is None  # an image task's to read
+        with pytest.raises(PayloadTooLarge, match="arrays and objects"):
+            protocols.read_envelope({"body": b"{" + b"[" * 200_000}, {})
+
+    def test_the_image_tasks_read_a_native_image_from_the_envelope(self) -> None:
+        raw = protocols.native_image(protocols.read_envelope({"body": IMG1, "topk": b"2"}, {}))
+        assert (raw.payload, raw.options) == (IMG1, {"topk": b"2"})
+        document = {"data": base64.b64encode(IMG2).decode(), "topk": 3}
+        for body in self.forms(document):
+            image = protocols.native_image(protocols.read_envelope({"body": body}, {}))
+            assert (image.payload, image.options) == (IMG2, {"topk": 3})
