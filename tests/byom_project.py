@@ -20,7 +20,7 @@ EXAMPLE = REPO_ROOT / "examples" / "shapes"
 PREPROCESSING = {"color_mode": "RGB", "resize": None, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
-def _make_shapes():
+def shapes_generator():
     sys.path.insert(0, str(EXAMPLE))
     try:
         import make_shapes
@@ -31,7 +31,7 @@ def _make_shapes():
 
 def shapes_project(root: Path, train: int = 60, val: int = 40, epochs: int = 30) -> Path:
     """``root/shapes_net.py``, ``root/data/{train,val}/<shape>/*.png``, ``root/shapes_net.pt`` (trained)."""
-    make_shapes = _make_shapes()
+    make_shapes = shapes_generator()
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(EXAMPLE / "shapes_net.py", root / "shapes_net.py")
     make_shapes.write_images(root / "data", train=train, val=val)
