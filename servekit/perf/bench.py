@@ -679,6 +679,52 @@ def run_at(result: dict, key: str, concurrency: int) -> dict:
     return next(r for r in result["served"][key]["runs"] if r["concurrency"] == concurrency)
 
 
+# A lone request (c=1): its p50 against the stock handler's and against the same program in this process at
+# batch 1 on every core (issue 28). None: not judged.
+LONE_BARS = {"fp32": (1.0, 1.3), "int8": (None, 1.5), "bf16": (None, None)}
+
+
+def lone_request(result: dict) -> dict[str, dict]:
+    """Per variant at c=1: p50 ms, the in-process single-image ms (batch 1, all cores) and their ratios."""
+    served, limit = result["served"], result["in_process"]
+    if not any(r["concurrency"] == 1 for r in served.get("stock", {}).get("runs", [])):
+        return {}
+    stock = run_at(result, "stock", 1)["p50_ms"]
+    rows = {"stock": {"p50_ms": stock}}
+    for key in ("fp32", "int8", "bf16"):
+        if key not in served:
+            continue
+        p50 = run_at(result, key, 1)["p50_ms"]
+        single = limit.get(key, {}).get("by_batch", {}).get(1) or limit.get(key, {}).get("by_batch", {}).get("1")
+        single_ms = round(1000.0 / single, 1) if single else None
+        rows[key] = {
+            "p50_ms": p50,
+            "in_process_single_ms": single_ms,
+            "over_stock": round(p50 / stock, 2) if stock else None,
+            "over_in_process": round(p50 / single_ms, 2) if single_ms else None,
+        }
+    return rows
+
+
+def lone_request_bars(result: dict) -> tuple[dict[str, float], dict[str, bool]]:
+    rows = lone_request(result)
+    result["lone_request"] = rows
+    ratios, bars = {}, {}
+    for key, (max_stock, max_in_process) in LONE_BARS.items():
+        row = rows.get(key)
+        if row is None:
+            continue
+        ratios[f"{key}_c1_p50_vs_stock"] = row["over_stock"]
+        ratios[f"{key}_c1_p50_vs_in_process_single"] = row["over_in_process"]
+        if max_stock is not None and row["over_stock"] is not None:
+            bars[f"{key} c=1 p50 <= {max_stock:g}x stock's"] = row["over_stock"] <= max_stock
+        if max_in_process is not None and row["over_in_process"] is not None:
+            bars[f"{key} c=1 p50 <= {max_in_process:g}x in-process single image"] = (
+                row["over_in_process"] <= max_in_process
+            )
+    return ratios, bars
+
+
 def compute_ratios_and_bars(result: dict, top: int) -> None:
     served, limit = result["served"], result["in_process"]
     stock = run_at(result, "stock", top)["rps"]
@@ -691,6 +737,9 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
             ratios[f"{key}_vs_stock"] and ratios[f"{key}_vs_stock"] >= min_stock
         )
         bars[f"{key} c={top} >= {min_limit:.0%} of in-process limit"] = ratios[f"{key}_vs_in_process"] >= min_limit
+    ratios_c1, bars_c1 = lone_request_bars(result)
+    ratios.update(ratios_c1)
+    bars.update(bars_c1)
     if "bf16" in served:
         ratios["bf16_vs_fp32"] = round(run_at(result, "bf16", top)["rps"] / run_at(result, "fp32", top)["rps"], 2)
         bars[f"bf16 c={top} >= 1.5x fp32 (native BF16 CPU)"] = ratios["bf16_vs_fp32"] >= 1.5
@@ -774,6 +823,14 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"| {key} | {s['workers']} | {s['batch_size']} | {r['concurrency']} | {r['requests']} | {r['rps']} "
                 f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |"
             )
+    lone = result.get("lone_request") or {}
+    if lone:
+        lines += ["", "## A lone request (c=1)", "",
+                  "| variant | p50 ms | in-process single image ms (batch 1, all cores) | over stock | over in-proc |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for key, row in lone.items():
+            lines.append(f"| {key} | {row['p50_ms']} | {row.get('in_process_single_ms', '')} "
+                         f"| {row.get('over_stock', '')} | {row.get('over_in_process', '')} |")  # fmt: skip
     cameras = {key: v["camera_photo"] for key, v in result["served"].items() if v.get("camera_photo")}
     if cameras:
         lines += ["", "| variant | 4000x3000 phone photo (3 MB): concurrency | req/s | p50 ms | p99 ms | errors "

@@ -45,6 +45,10 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     ]
     assert all(layout["errors"] == 0 and layout["rps"] > 0 for layout in report["sweep"])
     assert any(name.startswith("sweep:") for name in report["bars"])
+    # A lone request (c=1) judged beside the stock handler and the in-process single image (issue 28).
+    assert set(report["lone_request"]) >= {"stock", "fp32", "int8"}
+    assert report["lone_request"]["fp32"]["in_process_single_ms"] > 0
+    assert "fp32 c=1 p50 <= 1.3x in-process single image" in report["bars"]
     for key in ("stock", "int8"):  # a 4000x3000 phone photo served next to the 640x480 one
         camera = report["served"][key]["camera_photo"]
         assert (camera["concurrency"], camera["requests"], camera["errors"]) == (4, 16, 0), key

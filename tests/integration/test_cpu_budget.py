@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.cpu_budget import ENV_CGROUP_ROOT, ENV_REGISTRY, cpu_budget, live_members, share
+from handlers.cpu_budget import ENV_ACTIVE_HOLD, ENV_CGROUP_ROOT, ENV_REGISTRY, cpu_budget, live_members, share
 from servekit.ops.server import TorchServeProcess
 from tests.integration.conftest import Client, running_torchserve
 
@@ -64,6 +64,9 @@ def wait_for_replacement(client: Client, victim: int) -> None:
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "registry"
     monkeypatch.setenv(ENV_REGISTRY, str(folder))  # inherited by the TorchServe started below
+    # Scaling and the quota are about the split among live workers: a worker that served once counts as busy
+    # for the whole test, so no share is lent (lending: test_a_lone_request_gets_the_whole_budget below).
+    monkeypatch.setenv(ENV_ACTIVE_HOLD, "3600")
     return folder
 
 
@@ -132,3 +135,30 @@ def test_threads_follow_the_cgroup_quota(
         assert list(counts.values()) == [1]
         log = (process.workdir / "logs" / "model_log.log").read_text(errors="replace")
         assert "budget of 1 CPUs (cgroup CPU quota 1 CPUs" in log
+
+
+def test_a_lone_request_gets_the_whole_budget_while_the_other_worker_idles(
+    tmp_path: Path, model_store: Path, registry: Path, samples_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers, both idle past the hold: the one that takes the next request computes on every core."""
+    budget = cpu_budget().cpus
+    if budget < 2:
+        pytest.skip("lending needs a budget of 2 CPUs or more")
+    monkeypatch.setenv(ENV_ACTIVE_HOLD, "1.0")
+    with running_torchserve(tmp_path / "ts", model_store) as process:
+        client = Client(process)
+        response = client.manage("PUT", "/models/digits/1.0?min_worker=2&max_worker=2&synchronous=true")
+        assert response.status_code == 200, response.text
+        digit = (samples_dir / "digit_5.png").read_bytes()
+        deadline = time.monotonic() + SETTLE_S
+        counts: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            time.sleep(1.5)  # both workers idle past the hold
+            assert client.predict("digits", data=digit).status_code == 200
+            counts = thread_counts(registry)
+            if len(counts) == 2 and budget in counts.values():
+                break
+        assert len(counts) == 2
+        assert budget in counts.values(), counts  # the worker that answered held the whole budget
+        log = (process.workdir / "logs" / "model_log.log").read_text(errors="replace")
+        assert "idle lend theirs" in log

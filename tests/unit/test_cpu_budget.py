@@ -159,3 +159,50 @@ def test_an_entry_removed_by_mistake_is_written_again(tmp_path: Path) -> None:
     me.entry.unlink()
     me.refresh(force=True)
     assert me.entry.is_file()
+
+
+# ------------------------------------------------------------------------------------------ lending idle shares
+def test_share_lends_the_shares_of_idle_workers_to_the_busy_ones() -> None:
+    now = 100.0
+    busy, idle, unknown = (Member(10, 1, None, "", now + 0.5), Member(11, 1, None, "", now - 0.1),
+                           Member(12, 1, None, "", None))  # fmt: skip
+    assert share(4, [busy, idle], 10, now) == 4  # the idle one lends its share
+    assert share(4, [busy, idle], 11, now) == 2  # asking means it is about to run: it counts, and so does 10
+    assert share(4, [busy, idle], 10) == 2  # without a clock: every live worker counts, as before lending
+    assert share(4, [busy, idle, unknown], 10, now) == 2  # an entry without active_until counts as busy
+    assert share(4, [Member(10, 1, 3, "", now - 5), idle], 11, now) == 1  # pinned threads never move
+
+
+def test_a_busy_worker_takes_the_idle_ones_threads_and_gives_them_back_when_it_gets_work(
+    tmp_path: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers, the other one idle: ours rises to the whole budget; the other gets work: ours falls back."""
+    monkeypatch.setattr(cpu_budget, "REFRESH_SECONDS", 0.0)
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"))
+    me.register()
+    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid)
+    other.register()  # registering counts as busy (warm-up follows)
+    assert me.refresh(force=True)[0] == 1
+
+    other.active_until = time.monotonic() - 0.01  # its last batch began ACTIVE_HOLD_SECONDS ago
+    other.register()
+    threads, reason = me.refresh()
+    assert threads == 2
+    assert reason == (
+        "threads 1 -> 2: 2 live servekit workers share a budget of 2 CPUs (test budget); 1 idle lend theirs"
+    )
+    assert json.loads(me.entry.read_text())["threads"] == 2
+
+    other.mark_busy(time.monotonic())  # the other worker's next batch
+    assert me.refresh() == (1, "threads 2 -> 1: 2 live servekit workers share a budget of 2 CPUs (test budget)")
+
+
+def test_marking_busy_writes_the_entry_at_most_twice_per_hold(tmp_path: Path) -> None:
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"))
+    me.register()
+    first = json.loads(me.entry.read_text())["active_until"]
+    me.mark_busy(time.monotonic())  # well inside the hold: nothing written
+    assert json.loads(me.entry.read_text())["active_until"] == first
+    later = first - cpu_budget.ACTIVE_HOLD_SECONDS / 2 + 0.01  # less than half a hold left
+    me.mark_busy(later)
+    assert json.loads(me.entry.read_text())["active_until"] == pytest.approx(later + cpu_budget.ACTIVE_HOLD_SECONDS)

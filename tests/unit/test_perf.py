@@ -639,3 +639,36 @@ def test_the_worker_sweep_measures_in_mirrored_order_so_a_linear_drift_weighs_on
     assert all(layout["requests"] == 200 for layout in layouts)
     assert ("DELETE", "/models/m_second/2.0", None) in calls
     assert calls[-1] == ("DELETE", "/models/m/2.0", None)
+
+
+def test_a_lone_request_is_judged_against_the_stock_handler_and_the_in_process_single_image() -> None:
+    from servekit.perf.bench import compute_ratios_and_bars
+
+    result = _fabricated_result(190.0)  # every c=1 p50 is 10 ms; in-process batch 1: 100 img/s = 10 ms
+    compute_ratios_and_bars(result, 16)
+    assert result["lone_request"]["fp32"] == {
+        "p50_ms": 10.0, "in_process_single_ms": 10.0, "over_stock": 1.0, "over_in_process": 1.0,
+    }  # fmt: skip
+    assert result["bars"]["fp32 c=1 p50 <= 1x stock's"] is True
+    assert result["bars"]["fp32 c=1 p50 <= 1.3x in-process single image"] is True
+    assert result["bars"]["int8 c=1 p50 <= 1.5x in-process single image"] is True
+
+    result = _fabricated_result(190.0)
+    result["served"]["fp32"]["runs"][0]["p50_ms"] = 14.0
+    result["served"]["int8"]["runs"][0]["p50_ms"] = 16.0
+    compute_ratios_and_bars(result, 16)
+    assert result["ratios"]["fp32_c1_p50_vs_stock"] == 1.4
+    assert result["bars"]["fp32 c=1 p50 <= 1x stock's"] is False
+    assert result["bars"]["fp32 c=1 p50 <= 1.3x in-process single image"] is False
+    assert result["bars"]["int8 c=1 p50 <= 1.5x in-process single image"] is False
+
+
+def test_the_lone_request_table_is_in_the_report(tmp_path) -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, write_markdown
+
+    result = _fabricated_result(190.0)
+    compute_ratios_and_bars(result, 16)
+    write_markdown(result, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "## A lone request (c=1)" in text
+    assert "| fp32 | 10.0 | 10.0 | 1.0 | 1.0 |" in text
