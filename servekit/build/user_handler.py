@@ -26,35 +26,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from servekit.build.user_model import ModelSourceError, _check_kwargs, _one_line
+from servekit.build.user_model import import_user_file as _import_file
 
 _TASK_CACHE: dict[tuple[str, str], Any] = {}
-
-
-def _import_file(path: Path, prefix: str, field_name: str):
-    """Import ``path`` as a fresh module (its folder on ``sys.path`` meanwhile); ModelSourceError if it fails."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    name = f"{prefix}_{path.stem}_{digest[:16]}"
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before it runs: dataclasses and pickling look their module up there
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's module failed to import
-        del sys.modules[name]
-        raise ModelSourceError(f"{field_name}: importing {path.name} failed: {_one_line(exc)}") from None
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
 
 
 def _own_classes(module) -> list[type]:

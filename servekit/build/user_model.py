@@ -144,22 +144,31 @@ def parse_architecture(value: dict, base_dir: Path) -> UserArchitecture:
     return UserArchitecture(str(path), value["class"], None, kwargs, _sha256(path))
 
 
-def load_class(path: Path, name: str) -> type:
-    """Import the user's file (its folder on ``sys.path`` meanwhile, for its own imports) and get ``name``."""
-    module_name = f"servekit_user_model_{_sha256(path)[:16]}"
+def import_user_file(path: Path, prefix: str, field_name: str):
+    """Import the user's ``path`` once per content (its folder on ``sys.path`` meanwhile, for its own imports);
+    ModelSourceError naming ``field_name`` when it fails."""
+    module_name = f"{prefix}_{path.stem}_{_sha256(path)[:16]}"
     module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # before it runs: dataclasses look their module up there
-        sys.path.insert(0, str(path.parent))
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's module failed to import
-            del sys.modules[module_name]
-            raise ModelSourceError(f"architecture.file: importing {path.name} failed: {_one_line(exc)}") from None
-        finally:
-            sys.path.remove(str(path.parent))
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before it runs: dataclasses and pickling look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's module failed to import
+        del sys.modules[module_name]
+        raise ModelSourceError(f"{field_name}: importing {path.name} failed: {_one_line(exc)}") from None
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def load_class(path: Path, name: str) -> type:
+    """Import the user's file and get its ``nn.Module`` class ``name``."""
+    module = import_user_file(path, "servekit_user_model", "architecture.file")
+    module_name = module.__name__
     cls = getattr(module, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, nn.Module)
