@@ -161,6 +161,7 @@ class BatchHandler:
             self.batch_size,
             time.perf_counter() - loaded,
         )
+        self.cpu.mark_idle()  # warm-up is over: this worker's share is free until its first batch
         self.initialized = True
 
     def warm_up(self) -> None:
@@ -197,7 +198,14 @@ class BatchHandler:
         request with TorchServe's request ID, the one its answer carries in ``x-request-id``.
         """
         began = time.perf_counter()
-        self.resize_threads()
+        self.resize_threads()  # and this worker counts as busy (handlers.cpu_budget) until the batch ends
+        try:
+            return self._handle(data, context, began)
+        finally:
+            if self.cpu is not None:
+                self.cpu.mark_idle()
+
+    def _handle(self, data: list[dict], context: Any, began: float) -> list[Any]:
         metrics = self.metrics
         responses: list[Any] = [None] * len(data)
         outcomes: list[tuple[int, str | None, float]] = [(200, None, 0.0)] * len(data)

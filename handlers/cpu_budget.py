@@ -16,11 +16,12 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
   lowest pids, at least one thread each;
 * a worker is alive while ``/proc/<pid>`` exists with the start time it registered with: a worker
   killed with SIGKILL never unregisters, and its file is ignored (and removed) by the others;
-* the budget is work-conserving: a worker marks itself busy (``active_until``, on the system-wide
-  monotonic clock) whenever it runs a batch, for ``ACTIVE_HOLD_SECONDS`` after it; workers idle
-  longer than that lend their share to the busy ones, and take it back when they get work again (the
-  busy ones see them busy at their next batch). A lone request therefore computes on every core the
-  budget has, while under load every worker is busy and the split is the same as without lending.
+* the budget is work-conserving: a worker is busy while it runs a batch (a ``<pid>.busy`` marker
+  beside its entry, made when the batch begins and removed when it ends), and only busy workers
+  split the flexible budget: idle ones lend their share. A lone request computes on every core the
+  budget has; a worker that gets work takes its share back at once (it counts itself), and the
+  others give it back at their next batch. Under load every worker is in a batch nearly all the
+  time and the split is the even one. ``SERVEKIT_CPU_LEND=0`` turns lending off.
 
     budget = CpuBudget.create(model="digits", version="1.0", pinned=None)
     budget.register(); threads = budget.refresh(force=True)   # in initialize
@@ -29,6 +30,7 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,18 +44,13 @@ logger = logging.getLogger(__name__)
 
 ENV_REGISTRY = "SERVEKIT_CPU_REGISTRY"  # override the registry folder (tests, several tenants)
 ENV_CGROUP_ROOT = "SERVEKIT_CGROUP_ROOT"  # where the cgroup filesystem is mounted (tests use a fake tree)
-REFRESH_SECONDS = 0.1  # how often a busy worker re-reads the registry (a read is ~0.1 ms: 0.1 % at most)
-ENV_ACTIVE_HOLD = "SERVEKIT_CPU_ACTIVE_HOLD"  # seconds a worker counts as busy after a batch (tests: a long hold)
+REFRESH_SECONDS = 0.25  # how often a busy worker re-reads who is alive (who is busy: every batch, one listdir)
+ENV_LEND = "SERVEKIT_CPU_LEND"  # "0": idle workers keep their share (no lending)
+BUSY_SUFFIX = ".busy"
 
 
-def _active_hold() -> float:
-    try:
-        return max(0.0, float(os.environ.get(ENV_ACTIVE_HOLD, "1.0")))
-    except ValueError:
-        return 1.0
-
-
-ACTIVE_HOLD_SECONDS = _active_hold()  # a worker counts as busy this long after its last batch began
+def lending() -> bool:
+    return os.environ.get(ENV_LEND, "1").strip() != "0"
 
 
 # ------------------------------------------------------------------------------------------- budget
@@ -151,10 +148,6 @@ class Member:
     started: int
     pinned: int | None
     label: str
-    active_until: float | None = None  # None: busy (an entry without it, from before lending)
-
-    def busy(self, now: float) -> bool:
-        return self.active_until is None or self.active_until > now
 
 
 def live_members(registry: Path) -> list[Member]:
@@ -169,28 +162,36 @@ def live_members(registry: Path) -> list[Member]:
             continue
         try:
             data = json.loads(entry.read_text())
-            active = data.get("active_until")
-            member = Member(int(data["pid"]), int(data["started"]), data.get("pinned"), str(data.get("label", "")),
-                            float(active) if active is not None else None)  # fmt: skip
+            member = Member(int(data["pid"]), int(data["started"]), data.get("pinned"), str(data.get("label", "")))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being written, or not ours
         if process_start_time(member.pid) == member.started:
             members.append(member)
         else:
             entry.unlink(missing_ok=True)
+            (registry / f"{member.pid}{BUSY_SUFFIX}").unlink(missing_ok=True)  # it died in a batch
     return sorted(members, key=lambda m: m.pid)
 
 
-def share(budget: int, members: list[Member], pid: int, now: float | None = None) -> int:
+def busy_pids(registry: Path) -> set[int]:
+    """The workers in a batch now (their ``<pid>.busy`` markers): one listdir."""
+    try:
+        names = os.listdir(registry)
+    except OSError:
+        return set()
+    return {int(name[: -len(BUSY_SUFFIX)]) for name in names if name.endswith(BUSY_SUFFIX) and name[0].isdigit()}
+
+
+def share(budget: int, members: list[Member], pid: int, busy: set[int] | None = None) -> int:
     """Threads for ``pid``: pinned workers keep theirs; the others split what is left, remainder to the lowest pids.
 
-    With ``now``, only the workers busy at ``now`` split it (``pid`` itself always counts: it is about to
-    run a batch): idle workers lend their share. Without it every live worker counts.
+    With ``busy``, only the flexible workers in a batch split it (``pid`` itself always counts: it is about
+    to run one): idle workers lend their share. Without it every live worker counts.
     """
     me = next((m for m in members if m.pid == pid), None)
     if me is not None and me.pinned:
         return me.pinned
-    flexible = [m for m in members if not m.pinned and (now is None or m.pid == pid or m.busy(now))]
+    flexible = [m for m in members if not m.pinned and (busy is None or m.pid == pid or m.pid in busy)]
     flexible = flexible or [Member(pid, 0, None, "")]
     left = max(budget - sum(m.pinned for m in members if m.pinned), len(flexible))
     base, extra = divmod(left, len(flexible))
@@ -208,8 +209,10 @@ class CpuBudget:
     budget: Budget = field(default_factory=cpu_budget)
     pid: int = field(default_factory=os.getpid)
     threads: int = 0
-    active_until: float | None = None  # None until the first write: registering counts as busy (warm-up follows)
+    lend: bool = field(default_factory=lending)
     _checked: float = 0.0
+    _members: list[Member] = field(default_factory=list)
+    _busy: bool = False
 
     @property
     def entry(self) -> Path:
@@ -218,46 +221,63 @@ class CpuBudget:
     def register(self) -> None:
         """Write (or rewrite) this worker's entry; ``threads`` is what it uses now, for operators and tests."""
         self.registry.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.active_until is None:
-            self.active_until = time.monotonic() + ACTIVE_HOLD_SECONDS
         record = {
             "pid": self.pid,
             "started": process_start_time(self.pid),
             "pinned": self.pinned,
             "label": self.label,
             "threads": self.threads,
-            "active_until": self.active_until,
         }
         tmp = self.registry / f".{self.pid}.tmp"
         tmp.write_text(json.dumps(record))
         tmp.replace(self.entry)
 
     def unregister(self) -> None:
+        self.mark_idle()
         self.entry.unlink(missing_ok=True)
 
-    def mark_busy(self, now: float) -> None:
-        """This worker runs a batch: busy until ``now + ACTIVE_HOLD_SECONDS`` (written at most twice a hold)."""
-        if self.active_until is None or self.active_until - now < ACTIVE_HOLD_SECONDS / 2:
-            self.active_until = now + ACTIVE_HOLD_SECONDS
-            self.register()
+    @property
+    def busy_marker(self) -> Path:
+        return self.registry / f"{self.pid}{BUSY_SUFFIX}"
+
+    def mark_busy(self) -> None:
+        """This worker begins a batch (the marker others count; a few microseconds on tmpfs)."""
+        if self.lend and not self._busy:
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.busy_marker, os.O_CREAT | os.O_WRONLY, 0o600))
+                self._busy = True
+
+    def mark_idle(self) -> None:
+        """The batch ended: this worker's share is free for the busy ones until its next batch."""
+        if self._busy:
+            self.busy_marker.unlink(missing_ok=True)
+            self._busy = False
 
     def refresh(self, force: bool = False) -> tuple[int, str | None]:
-        """``(threads, reason)`` for the batch about to run; ``reason`` is set only when the count changed."""
+        """``(threads, reason)`` for the batch about to run; ``reason`` is set only when the count changed.
+
+        Who is alive is re-read at most every ``REFRESH_SECONDS``; who is busy, at every call (lending).
+        """
+        self.mark_busy()
         now = time.monotonic()
-        self.mark_busy(now)
-        if not force and now - self._checked < REFRESH_SECONDS:
+        lend = self.lend and not self.pinned
+        if force or now - self._checked >= REFRESH_SECONDS:
+            self._checked = now
+            if not self.entry.is_file():
+                self.register()  # removed by someone who thought we were dead, or the registry was wiped
+            self._members = live_members(self.registry)
+        elif not lend:
             return self.threads, None
-        self._checked = now
-        if not self.entry.is_file():
-            self.register()  # removed by someone who thought we were dead, or the registry was wiped
-        members = live_members(self.registry)
-        threads = share(self.budget.cpus, members, self.pid, now)
+        members = self._members
+        alive = {m.pid for m in members}
+        busy = (busy_pids(self.registry) & alive) if lend else None
+        threads = share(self.budget.cpus, members, self.pid, busy)
         if threads == self.threads:
             return threads, None
         previous, self.threads = self.threads, threads
         self.register()
         pinned = f"pinned by serving.threads ({self.pinned})" if self.pinned else None
-        idle = sum(1 for m in members if not m.pinned and m.pid != self.pid and not m.busy(now))
+        idle = 0 if busy is None else sum(1 for m in members if not (m.pinned or m.pid == self.pid or m.pid in busy))
         lent = f"; {idle} idle lend theirs" if idle else ""
         reason = pinned or (
             f"{len(members)} live servekit workers share a budget of {self.budget.cpus} CPUs ({self.budget.reason})"

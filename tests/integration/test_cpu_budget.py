@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.cpu_budget import ENV_ACTIVE_HOLD, ENV_CGROUP_ROOT, ENV_REGISTRY, cpu_budget, live_members, share
+from handlers.cpu_budget import ENV_CGROUP_ROOT, ENV_LEND, ENV_REGISTRY, cpu_budget, live_members, share
 from servekit.ops.server import TorchServeProcess
 from tests.integration.conftest import Client, running_torchserve
 
@@ -64,9 +64,9 @@ def wait_for_replacement(client: Client, victim: int) -> None:
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "registry"
     monkeypatch.setenv(ENV_REGISTRY, str(folder))  # inherited by the TorchServe started below
-    # Scaling and the quota are about the split among live workers: a worker that served once counts as busy
-    # for the whole test, so no share is lent (lending: test_a_lone_request_gets_the_whole_budget below).
-    monkeypatch.setenv(ENV_ACTIVE_HOLD, "3600")
+    # Scaling and the quota are about the split among live workers: no share is lent here (lending:
+    # test_a_lone_request_gets_the_whole_budget_while_the_other_worker_idles below).
+    monkeypatch.setenv(ENV_LEND, "0")
     return folder
 
 
@@ -140,11 +140,11 @@ def test_threads_follow_the_cgroup_quota(
 def test_a_lone_request_gets_the_whole_budget_while_the_other_worker_idles(
     tmp_path: Path, model_store: Path, registry: Path, samples_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two workers, both idle past the hold: the one that takes the next request computes on every core."""
+    """Two workers, one request at a time: the one that takes it computes on every core, the other lending."""
     budget = cpu_budget().cpus
     if budget < 2:
         pytest.skip("lending needs a budget of 2 CPUs or more")
-    monkeypatch.setenv(ENV_ACTIVE_HOLD, "1.0")
+    monkeypatch.setenv(ENV_LEND, "1")
     with running_torchserve(tmp_path / "ts", model_store) as process:
         client = Client(process)
         response = client.manage("PUT", "/models/digits/1.0?min_worker=2&max_worker=2&synchronous=true")
@@ -153,8 +153,7 @@ def test_a_lone_request_gets_the_whole_budget_while_the_other_worker_idles(
         deadline = time.monotonic() + SETTLE_S
         counts: dict[int, int] = {}
         while time.monotonic() < deadline:
-            time.sleep(1.5)  # both workers idle past the hold
-            assert client.predict("digits", data=digit).status_code == 200
+            assert client.predict("digits", data=digit).status_code == 200  # one at a time: the other is idle
             counts = thread_counts(registry)
             if len(counts) == 2 and budget in counts.values():
                 break

@@ -127,7 +127,7 @@ def test_refresh_follows_workers_joining_and_leaving(
     tmp_path: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cpu_budget, "REFRESH_SECONDS", 0.0)
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"))
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"), lend=False)
     me.register()
     assert me.refresh(force=True) == (
         2,
@@ -145,7 +145,7 @@ def test_refresh_follows_workers_joining_and_leaving(
 
 
 def test_refresh_is_rate_limited(tmp_path: Path, sleeper: subprocess.Popen) -> None:
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"))
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=False)
     me.register()
     me.refresh(force=True)
     CpuBudget("peer", registry=tmp_path, pid=sleeper.pid).register()
@@ -154,7 +154,7 @@ def test_refresh_is_rate_limited(tmp_path: Path, sleeper: subprocess.Popen) -> N
 
 
 def test_an_entry_removed_by_mistake_is_written_again(tmp_path: Path) -> None:
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"))
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=False)
     me.register()
     me.entry.unlink()
     me.refresh(force=True)
@@ -163,46 +163,55 @@ def test_an_entry_removed_by_mistake_is_written_again(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ lending idle shares
 def test_share_lends_the_shares_of_idle_workers_to_the_busy_ones() -> None:
-    now = 100.0
-    busy, idle, unknown = (Member(10, 1, None, "", now + 0.5), Member(11, 1, None, "", now - 0.1),
-                           Member(12, 1, None, "", None))  # fmt: skip
-    assert share(4, [busy, idle], 10, now) == 4  # the idle one lends its share
-    assert share(4, [busy, idle], 11, now) == 2  # asking means it is about to run: it counts, and so does 10
-    assert share(4, [busy, idle], 10) == 2  # without a clock: every live worker counts, as before lending
-    assert share(4, [busy, idle, unknown], 10, now) == 2  # an entry without active_until counts as busy
-    assert share(4, [Member(10, 1, 3, "", now - 5), idle], 11, now) == 1  # pinned threads never move
+    group = members((10, None), (11, None), (12, 3))
+    assert share(8, group, 10, busy={10}) == 5  # 11 idle lends its share; pinned 12 keeps its 3
+    assert share(8, group, 11, busy={10}) == 2  # asking means it is about to run: it counts, and so does 10 (3)
+    assert share(8, group, 10, busy={10, 11}) == 3
+    assert share(8, group, 10) == 3  # without busy markers every live worker counts, as before lending
+    assert share(8, group, 12, busy=set()) == 3  # pinned threads never move
 
 
 def test_a_busy_worker_takes_the_idle_ones_threads_and_gives_them_back_when_it_gets_work(
-    tmp_path: Path, sleeper: subprocess.Popen, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sleeper: subprocess.Popen
 ) -> None:
     """Two workers, the other one idle: ours rises to the whole budget; the other gets work: ours falls back."""
-    monkeypatch.setattr(cpu_budget, "REFRESH_SECONDS", 0.0)
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"))
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"), lend=True)
     me.register()
-    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid)
-    other.register()  # registering counts as busy (warm-up follows)
-    assert me.refresh(force=True)[0] == 1
-
-    other.active_until = time.monotonic() - 0.01  # its last batch began ACTIVE_HOLD_SECONDS ago
+    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=True)
     other.register()
-    threads, reason = me.refresh()
+    threads, reason = me.refresh(force=True)
     assert threads == 2
-    assert reason == (
-        "threads 1 -> 2: 2 live servekit workers share a budget of 2 CPUs (test budget); 1 idle lend theirs"
+    assert (
+        reason == "threads - -> 2: 2 live servekit workers share a budget of 2 CPUs (test budget); 1 idle lend theirs"
     )
-    assert json.loads(me.entry.read_text())["threads"] == 2
+    assert me.busy_marker.exists()
 
-    other.mark_busy(time.monotonic())  # the other worker's next batch
+    other.mark_busy()  # the other worker begins a batch
     assert me.refresh() == (1, "threads 2 -> 1: 2 live servekit workers share a budget of 2 CPUs (test budget)")
+    other.mark_idle()
+    assert me.refresh()[0] == 2  # who is busy is read at every batch, not every REFRESH_SECONDS
+    me.mark_idle()
+    assert not me.busy_marker.exists()
 
 
-def test_marking_busy_writes_the_entry_at_most_twice_per_hold(tmp_path: Path) -> None:
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"))
+def test_a_worker_killed_in_a_batch_lends_nothing_and_its_marker_goes(
+    tmp_path: Path, sleeper: subprocess.Popen
+) -> None:
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=True)
     me.register()
-    first = json.loads(me.entry.read_text())["active_until"]
-    me.mark_busy(time.monotonic())  # well inside the hold: nothing written
-    assert json.loads(me.entry.read_text())["active_until"] == first
-    later = first - cpu_budget.ACTIVE_HOLD_SECONDS / 2 + 0.01  # less than half a hold left
-    me.mark_busy(later)
-    assert json.loads(me.entry.read_text())["active_until"] == pytest.approx(later + cpu_budget.ACTIVE_HOLD_SECONDS)
+    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=True)
+    other.register()
+    other.mark_busy()
+    assert me.refresh(force=True)[0] == 1
+    sleeper.kill()
+    sleeper.wait()
+    assert me.refresh(force=True)[0] == 2
+    assert not other.busy_marker.exists()
+
+
+def test_without_lending_idle_workers_keep_their_share(tmp_path: Path, sleeper: subprocess.Popen) -> None:
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=False)
+    me.register()
+    CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=False).register()
+    assert me.refresh(force=True)[0] == 1
+    assert not me.busy_marker.exists()

@@ -278,8 +278,11 @@ def test_a_worker_resizes_between_batches_when_another_joins(
         deadline = time.monotonic() + 10
         while cpu_budget.process_start_time(other.pid) is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        peer = cpu_budget.CpuBudget("peer", registry=registry, pid=other.pid)
+        peer = cpu_budget.CpuBudget("peer", registry=registry, pid=other.pid, lend=True)
         peer.register()
+        handler.handle([{"body": b"not an image"}], context)
+        assert calls == [4]  # the peer is idle: it lends its share
+        peer.mark_busy()  # the peer runs a batch
         handler.handle([{"body": b"not an image"}], context)
         assert calls == [4, 2]
     finally:
