@@ -20,8 +20,14 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
   beside its entry, made when the batch begins and removed when it ends), and only busy workers
   split the flexible budget: idle ones lend their share. A lone request computes on every core the
   budget has; a worker that gets work takes its share back at once (it counts itself), and the
-  others give it back at their next batch. Under load every worker is in a batch nearly all the
-  time and the split is the even one. ``SERVEKIT_CPU_LEND=0`` turns lending off.
+  others give it back at their next batch. ``SERVEKIT_CPU_LEND=1`` turns lending on; it is off by
+  default. In ``make bench`` (2026-12-06 04:34, results/bench/2026-12-06-0434-lending.md) it brought
+  FP32's lone-request p50 to 42.5 ms (0.95x the stock handler's; 60.2 ms without), but the same
+  run's c=16 rows fell further below the in-process limit than that noisy machine explains
+  (INT8 0.62 of it, against 0.99 the run before): between two batches of a loaded worker the other
+  sees it idle for a few milliseconds and both may take the whole budget at once, which
+  oversubscribes OpenMP's spinning threads. It stays off until a claim that two workers cannot both
+  win (and a clean side-by-side run) shows that load loses nothing.
 
     budget = CpuBudget.create(model="digits", version="1.0", pinned=None)
     budget.register(); threads = budget.refresh(force=True)   # in initialize
@@ -45,12 +51,12 @@ logger = logging.getLogger(__name__)
 ENV_REGISTRY = "SERVEKIT_CPU_REGISTRY"  # override the registry folder (tests, several tenants)
 ENV_CGROUP_ROOT = "SERVEKIT_CGROUP_ROOT"  # where the cgroup filesystem is mounted (tests use a fake tree)
 REFRESH_SECONDS = 0.25  # how often a busy worker re-reads who is alive (who is busy: every batch, one listdir)
-ENV_LEND = "SERVEKIT_CPU_LEND"  # "0": idle workers keep their share (no lending)
+ENV_LEND = "SERVEKIT_CPU_LEND"  # "1": idle workers lend their share (off by default: see the module docstring)
 BUSY_SUFFIX = ".busy"
 
 
 def lending() -> bool:
-    return os.environ.get(ENV_LEND, "1").strip() != "0"
+    return os.environ.get(ENV_LEND, "0").strip() == "1"
 
 
 # ------------------------------------------------------------------------------------------- budget

@@ -215,3 +215,10 @@ def test_without_lending_idle_workers_keep_their_share(tmp_path: Path, sleeper: 
     CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=False).register()
     assert me.refresh(force=True)[0] == 1
     assert not me.busy_marker.exists()
+
+
+def test_lending_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cpu_budget.ENV_LEND, raising=False)
+    assert cpu_budget.lending() is False
+    monkeypatch.setenv(cpu_budget.ENV_LEND, "1")
+    assert cpu_budget.lending() is True

@@ -266,6 +266,7 @@ def test_a_worker_resizes_between_batches_when_another_joins(
     monkeypatch.setattr(cpu_budget, "affinity_cpus", lambda: 4)
     monkeypatch.setattr(cpu_budget, "cgroup_cpu_limit", lambda root=None: None)
     monkeypatch.setattr(cpu_budget, "REFRESH_SECONDS", 0.0)
+    monkeypatch.setenv(cpu_budget.ENV_LEND, "1")
     calls: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     handler = ImageClassifier()
