@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 
-.PHONY: help venv java tools archive serve stop test test-unit test-integration bench soak lint format check clean monitor-demo \
+.PHONY: help venv java nginx tools archive serve stop test test-unit test-integration bench soak lint format check clean monitor-demo \
 	status register promote rollback canary shadow proxy bundle monitor
 
 help:
@@ -27,21 +28,31 @@ java:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
 	fi
 
+# nginx: the guard in front of the management API (make serve), the canary/shadow proxy and the OIP front.
+nginx:
+	@if ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; \
+	fi
+
 # hey: a compiled load generator, so the benchmark's client steals little CPU from the server.
-# nginx: the reverse proxy for canary and shadow traffic (servekit proxy/canary/shadow).
 # prometheus (with promtool): make monitor, and the rule tests (monitoring/).
-tools:
-	@if ! command -v hey >/dev/null || ! { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey nginx; \
+tools: nginx
+	@if ! command -v hey >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey; \
 	fi
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	fi
 
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
-$(STAMP): pyproject.toml
+# make serve needs only the runtime ($(RUNTIME)); tests, lint and the benchmark add the dev and bench extras.
+$(RUNTIME): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	@touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $(STAMP)
 
@@ -50,11 +61,12 @@ venv: java $(STAMP)
 archive: venv
 	$(PY) build_mar.py
 
-# Restores the versions registered at runtime from the last snapshot under today's config.properties
-# (FRESH=1 ignores it); checks every archive against model_store/manifest.json first; nginx guards
-# the management API (servekit/ops/guard.py).
-serve: archive tools
-	$(PY) -m servekit.ops.server start $(if $(FRESH),--fresh)
+# Builds what is missing and starts TorchServe as soon as the first model is built; each further model
+# is registered the moment its archive is written (servekit/serve.py; docs/operating.md). Restores the
+# versions registered at runtime from the last snapshot (FRESH=1 ignores it); checks every archive
+# against model_store/manifest.json first; nginx guards the management API (servekit/ops/guard.py).
+serve: java $(RUNTIME) nginx
+	$(PY) -m servekit.serve $(if $(FRESH),--fresh)
 
 stop:
 	-@if test -x $(PY); then $(PY) -m servekit.ops.monitor stop; fi

@@ -145,6 +145,14 @@ def _runs_on_example(spec: ModelVersionSpec, model: torch.nn.Module) -> torch.nn
     return model
 
 
+def is_current(spec: ModelVersionSpec, store: Path) -> bool:
+    """Whether ``build_version`` would skip ``spec`` (its archive is built from these inputs), without building."""
+    try:
+        return _existing_record(spec, store, inputs_fingerprint(spec), False) is not None
+    except BuildError:
+        return False  # build_version will say why
+
+
 def _existing_record(spec: ModelVersionSpec, store: Path, fingerprint: str, force: bool) -> dict | None:
     """The manifest record if this exact version is already built; refuses a changed immutable version."""
     existing = read_manifest(store)["archives"].get(spec.archive_name)
