@@ -521,6 +521,38 @@ class DetectionScores:
 
 
 @torch.inference_mode()
+def page_outputs(
+    model: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+    pages: Sequence[Page],
+    config: DetectionConfig = DetectionConfig(),  # noqa: B008 - frozen
+) -> list[tuple[Sequence[torch.Tensor], list]]:
+    """The program's heads for ``pages`` through the handler's letterbox, 64 pages at a time, with each page's
+    letterbox transform: decoded at as many thresholds as asked (``decode_pages``) for one forward pass."""
+    outputs = []
+    for start in range(0, len(pages), 64):
+        boxed = [letterbox(page.image, config.input_size) for page in pages[start : start + 64]]
+        outputs.append((model(ink_tensor(np.stack([gray for gray, _ in boxed]))), [t for _, t in boxed]))
+    return outputs
+
+
+@torch.inference_mode()
+def decode_pages(
+    outputs: list[tuple[Sequence[torch.Tensor], list]],
+    score_threshold: float,
+    max_detections: int,
+    config: DetectionConfig = DetectionConfig(),  # noqa: B008 - frozen
+) -> list[Prediction]:
+    """``page_outputs`` through the handler's ``decode_detections`` at one threshold."""
+    results = []
+    for heads, transforms in outputs:
+        found = decode_detections(
+            heads, transforms, score_threshold, max_detections, config.nms_iou, config.input_size,
+            config.class_agnostic_nms,
+        )  # fmt: skip
+        results.extend(Prediction(d.boxes.numpy(), d.scores.numpy(), d.classes.numpy()) for d in found)
+    return results
+
+
 def predict_pages(
     model: Callable[[torch.Tensor], Sequence[torch.Tensor]],
     pages: Sequence[Page],
@@ -529,17 +561,7 @@ def predict_pages(
     config: DetectionConfig = DetectionConfig(),  # noqa: B008 - frozen
 ) -> list[Prediction]:
     """Each page through the handler's letterbox, the program and ``decode_detections``."""
-    results = []
-    for start in range(0, len(pages), 64):
-        chunk = pages[start : start + 64]
-        boxed = [letterbox(page.image, config.input_size) for page in chunk]
-        inputs = ink_tensor(np.stack([gray for gray, _ in boxed]))
-        found = decode_detections(
-            model(inputs), [t for _, t in boxed], score_threshold, max_detections, config.nms_iou,
-            config.input_size, config.class_agnostic_nms,
-        )  # fmt: skip
-        results.extend(Prediction(d.boxes.numpy(), d.scores.numpy(), d.classes.numpy()) for d in found)
-    return results
+    return decode_pages(page_outputs(model, pages, config), score_threshold, max_detections, config)
 
 
 def evaluate(
@@ -549,9 +571,10 @@ def evaluate(
 ) -> DetectionScores:
     """mAP@0.5 (every detection down to ``min_score_threshold``) and page string accuracy (the defaults)."""
     truths = [(page.boxes, page.labels) for page in pages]
-    ranked = predict_pages(model, pages, config.min_score_threshold, config.max_detections_limit, config)
+    outputs = page_outputs(model, pages, config)
+    ranked = decode_pages(outputs, config.min_score_threshold, config.max_detections_limit, config)
     map50, per_class = mean_average_precision(ranked, truths)
-    served = predict_pages(model, pages, config.score_threshold, config.max_detections, config)
+    served = decode_pages(outputs, config.score_threshold, config.max_detections, config)
     right = sum(reading_order_text(p.boxes, p.labels) == page.text() for p, page in zip(served, pages))
     return DetectionScores(map50, right / max(len(pages), 1), per_class, len(pages))
 
@@ -570,8 +593,9 @@ def choose_score_threshold(
 ) -> tuple[float, dict[float, float]]:
     """The score threshold that reads the most ``pages`` right (the higher on a tie), and each candidate's accuracy."""
     accuracy = {}
+    outputs = page_outputs(model, pages, config)  # one forward pass, decoded at every candidate
     for threshold in candidates:
-        found = predict_pages(model, pages, threshold, config.max_detections, config)
+        found = decode_pages(outputs, threshold, config.max_detections, config)
         accuracy[threshold] = sum(reading_order_text(p.boxes, p.labels) == page.text() for p, page in zip(found, pages))
         accuracy[threshold] /= max(len(pages), 1)
     best = max(accuracy.values())

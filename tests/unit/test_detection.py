@@ -804,7 +804,7 @@ def test_the_real_spec_has_the_detector_with_its_gate(repo_root: Path) -> None:
     assert isinstance(config, DetectorConfig)
     assert config.quantized_engine == "x86"
     recipe = DetectorTask.detector_recipe(specs["1.0"])
-    assert (recipe.train_pages, recipe.epochs, recipe.width) == (5000, 10, 32)  # the core's measured budget
+    assert (recipe.train_pages, recipe.epochs, recipe.width) == (2500, 6, 32)  # about a minute on 2 cores
     assert [g.label for g in specs["1.0"].golden_set] == [
         e["label"] for e in json.loads((repo_root / "samples/pages/golden.json").read_text())
     ]
