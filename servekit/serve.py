@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (pid := server.running_pid()) is not None:
             raise ServerError(f"TorchServe is already running (pid {pid}); make stop first")
+        server.check_ports()  # before minutes of building, not after
         serve(server, Path(args.spec), Path(args.cache))
     except ServekitError as exc:
         print(f"serve: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -289,10 +289,7 @@ class TorchServeProcess:
                 verify_store(self.model_store, self.archives_to_load())
             except ServekitError as exc:
                 raise ServerError(f"refusing to start: {exc}") from exc
-        for kind, port in {**self.ports, **(self.oip_ports if self.oip else {})}.items():
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    raise ServerError(f"port {port} ({kind}) is already in use: is a TorchServe running? (make stop)")
+        self.check_ports()
         config = self.write_config()
         self.draining_file.unlink(missing_ok=True)  # left by a run that was killed: would say "not ready" forever
         (self.workdir / "tmp").mkdir(exist_ok=True)
@@ -349,6 +346,13 @@ class TorchServeProcess:
         except BaseException:
             self.stop()
             raise
+
+    def check_ports(self) -> None:
+        """Refuse ports another process listens on (make serve checks before building anything)."""
+        for kind, port in {**self.ports, **(self.oip_ports if self.oip else {})}.items():
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    raise ServerError(f"port {port} ({kind}) is already in use: is a TorchServe running? (make stop)")
 
     def latest_snapshot(self) -> Path | None:
         """The newest ``<timestamp>-<kind>.cfg`` that TorchServe wrote under ``workdir/logs/config``."""
