@@ -45,7 +45,7 @@ import yaml
 
 from servekit.errors import ServekitError, one_line
 from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
-from servekit.ops.state import read_state, version_key
+from servekit.ops.state import read_state
 from servekit.ops.store import (
     MANIFEST_NAME,
     NAME_RE,
@@ -55,6 +55,7 @@ from servekit.ops.store import (
     file_sha256,
     read_manifest,
     verify_archive,
+    version_key,
 )
 
 __all__ = ["Bundle", "BundleError", "BundleOptions", "ModelSelection", "write_bundle"]

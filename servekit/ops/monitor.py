@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from servekit.errors import ServekitError, one_line
+from servekit.files import atomic_write_text
 from servekit.ops.oip_service import DEFAULT_HTTP_PORT
 from servekit.ops.processes import command_line, stop_verified, verified_pid
 from servekit.ops.server import BASE_CONFIG, read_properties
-from servekit.ops.state_lock import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO_ROOT / "monitoring" / "rules"

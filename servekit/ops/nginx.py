@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from servekit.errors import ServekitError, one_line
+from servekit.files import atomic_write_text
 from servekit.ops.processes import children, pid_matches, signal_if_matches, verified_pid
-from servekit.ops.state_lock import atomic_write_text
 
 TEMP_DIRS = ("body", "proxy", "fastcgi", "uwsgi", "scgi")
 

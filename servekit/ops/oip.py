@@ -72,8 +72,7 @@ import servekit
 from servekit.errors import ServekitError, one_line
 from servekit.ops import exporter
 from servekit.ops.client import TorchServeClient, TorchServeError
-from servekit.ops.state import version_key
-from servekit.ops.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name
+from servekit.ops.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name, version_key
 
 logger = logging.getLogger(__name__)
 BINARY_HEADER = "Inference-Header-Content-Length"

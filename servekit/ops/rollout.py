@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from servekit.errors import ServekitError
+from servekit.files import atomic_write_text
 from servekit.ops.drift import PREDICTIONS, Reference, class_order, load_reference, psi, require_servekit
 from servekit.ops.logkeeper import backup_path
 from servekit.ops.metrics_source import (
@@ -103,7 +104,6 @@ from servekit.ops.metrics_source import (
 )
 from servekit.ops.processes import command_line, pid_matches
 from servekit.ops.state import Canary
-from servekit.ops.state_lock import atomic_write_text
 from servekit.ops.workflows import Deployer, DeployError, versions
 
 __all__ = [

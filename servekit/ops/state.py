@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from servekit.errors import ServekitError
+from servekit.files import atomic_write_text
 from servekit.ops.history import History
-from servekit.ops.state_lock import atomic_write_text
-from servekit.ops.store import NAME_RE, VERSION_RE
+from servekit.ops.store import NAME_RE, VERSION_RE, version_key
 
 FORMAT = 2
 # host:port, or [IPv6]:port: the proxy's listen and upstream go into nginx.conf verbatim.
@@ -228,11 +228,6 @@ def check_name(model: str) -> None:
 def check_version(version: str) -> None:
     if not VERSION_RE.match(version):
         raise StateError(f"bad version {version!r}")
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Versions in numeric order: 1.10 after 1.9."""
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def read_state(path: Path) -> DeploymentState:

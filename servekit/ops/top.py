@@ -39,7 +39,7 @@ from servekit.ops.drift import (
     require_servekit,
 )
 from servekit.ops.metrics_source import MetricsPage, PrometheusAPI, Samples
-from servekit.ops.state import version_key
+from servekit.ops.store import version_key
 
 __all__ = ["MetricsView", "PrometheusView", "Row", "Snapshot", "render", "run_top"]
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from servekit.files import atomic_write_text
 from servekit.ops.processes import pid_matches, signal_if_matches, verified_pid
 from servekit.ops.proxy import NginxProxy
-from servekit.ops.state_lock import StateLock, StateLockError, atomic_write_text
+from servekit.ops.state_lock import StateLock, StateLockError
 
 
 @pytest.fixture
