@@ -52,17 +52,17 @@ archive: venv
 
 # Restores the versions registered at runtime from the last snapshot under today's config.properties
 # (FRESH=1 ignores it); checks every archive against model_store/manifest.json first; nginx guards
-# the management API (servekit/ops/guard.py).
+# the management API (servekit/serving/guard.py).
 serve: archive tools
-	$(PY) -m servekit.ops.server start $(if $(FRESH),--fresh)
+	$(PY) -m servekit.serving.server start $(if $(FRESH),--fresh)
 
 stop:
-	-@if test -x $(PY); then $(PY) -m servekit.ops.monitor stop; fi
-	@if test -x $(PY); then $(PY) -m servekit.ops.server stop; else echo "nothing to stop"; fi
+	-@if test -x $(PY); then $(PY) -m servekit.serving.monitor stop; fi
+	@if test -x $(PY); then $(PY) -m servekit.serving.server stop; else echo "nothing to stop"; fi
 
 # Prometheus on 127.0.0.1:9090 with monitoring/rules, scraping make serve's metrics (docs/monitoring.md, "Rules").
 monitor: venv tools
-	$(PY) -m servekit.ops.monitor start
+	$(PY) -m servekit.serving.monitor start
 
 test: archive tools
 	$(PY) -m pytest tests

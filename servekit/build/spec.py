@@ -49,7 +49,11 @@ from handlers.metrics import PredictionLogConfig
 from handlers.preprocessing import Preprocessing
 from handlers.protocols import ProtocolConfig
 from servekit.errors import ServekitError
-from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
+from servekit.serving.store import (  # one definition of names and versions ("\Z", not "$")
+    NAME_RE,
+    VERSION_RE,
+    archive_name,
+)
 
 PRECISIONS = ("fp32", "int8", "bf16")
 
@@ -214,7 +218,7 @@ class Monitoring:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """A model's ``rollout:`` section: what ``servekit rollout`` holds its canaries to (``servekit.ops.rollout``).
+    """A model's ``rollout:`` section: what ``servekit rollout`` holds its canaries to (``servekit.deploy.rollout``).
 
     Every field is optional (``None``: not set here); a command-line flag overrides it, and the
     built-in default applies when neither sets it. Model-level only, and not part of any archive:

@@ -51,13 +51,13 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.ops.store import archive_name, file_sha256
 from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
 from servekit.perf.photos import camera_jpeg, decode_ceiling
 from servekit.perf.stats import percentile
 from servekit.perf.sweep import Target, sweep_bars, worker_sweep
+from servekit.serving.client import TorchServeClient
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.serving.store import archive_name, file_sha256
 
 WORKDIR = REPO_ROOT / "build" / "bench"
 CAMERA_VARIANTS = ("stock", "int8")  # also served a 4000x3000 phone photo (issue: camera photos)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.client import TorchServeClient
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.ops.store import archive_name
+from servekit.serving.client import TorchServeClient
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.serving.store import archive_name
 
 
 @contextlib.contextmanager
@@ -106,7 +106,7 @@ def operator_cli(
 
     def run(*args: str) -> subprocess.CompletedProcess:
         command = [
-            sys.executable, "-m", "servekit.ops.cli",
+            sys.executable, "-m", "servekit.cli",
             "--management-url", server.url("management"), "--inference-url", server.url("inference"),
             "--key-file", str(server.key_file), "--store", str(store),
             "--history", str(state / "deployments.jsonl"), "--proxy-dir", str(state / "proxy"),

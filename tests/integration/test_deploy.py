@@ -15,7 +15,7 @@ import yaml
 
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec, select
-from servekit.ops.server import TorchServeProcess, free_port
+from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import one_error_line, running_torchserve
 
 
@@ -51,7 +51,7 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path)
 
     def run(*args: str, store_dir: Path = store, management: str | None = None) -> subprocess.CompletedProcess:
         command = [
-            sys.executable, "-m", "servekit.ops.cli",
+            sys.executable, "-m", "servekit.cli",
             "--management-url", management or server.url("management"),
             "--inference-url", server.url("inference"),
             "--key-file", str(server.key_file),

@@ -2,7 +2,7 @@
 one address cannot take every request slot, and every answer the front writes itself is ``{"error": ...}`` JSON.
 
 The front is what is under test, so it runs for real (``OipFront``: nginx, its own health listener)
-in front of the gateway's real HTTP side (``servekit.ops.oip.http_server``, over a stand-in TorchServe
+in front of the gateway's real HTTP side (``servekit.serving.oip.http_server``, over a stand-in TorchServe
 client) and a small stand-in for TorchServe's inference API, all on loopback: no TorchServe and no
 model, so the module starts in about a second. Hostile requests are written on plain sockets (no
 HTTP client sends a NUL, a garbage request line or 101 headers), and every answer is read within a
@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from servekit.ops.oip import Gateway, http_server
-from servekit.ops.oip_service import CLIENT_LIMIT, DEFAULT_MAX_BODY, HEADER_TIMEOUT, OipFront
-from servekit.ops.processes import free_port
+from servekit.serving.oip import Gateway, http_server
+from servekit.serving.oip_service import CLIENT_LIMIT, DEFAULT_MAX_BODY, HEADER_TIMEOUT, OipFront
+from servekit.serving.processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from servekit.build.datasets import digits
-from servekit.ops.monitor import PrometheusServer, ScrapeTarget
-from servekit.ops.server import free_port
+from servekit.serving.monitor import PrometheusServer, ScrapeTarget
+from servekit.serving.server import free_port
 from tests.integration.conftest import Client, running_torchserve
 
 DRIFT_ALERT_WAIT_S = 150  # the alert's `for: 30s`, 15 s of rule evaluation and scrapes, and a loaded CI machine
@@ -139,7 +139,7 @@ def test_drift_is_reported_and_alerted_for_skewed_traffic_only(stack, samples_di
     def drift(version: str, source: str) -> tuple[int, dict]:
         server = stack.server
         result = subprocess.run(
-            [sys.executable, "-m", "servekit.ops.cli", "--metrics-url", server.url("oip_http", "/metrics"),
+            [sys.executable, "-m", "servekit.cli", "--metrics-url", server.url("oip_http", "/metrics"),
              "--prometheus-url", stack.prometheus.url, "--store", str(model_store),
              "--management-url", server.url("management"), "--key-file", str(server.key_file),
              "drift", "digits", version, "--source", source, "--json"],

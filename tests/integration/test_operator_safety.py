@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.proxy import NginxProxy, render_config
-from servekit.ops.server import TorchServeProcess, free_port
-from servekit.ops.state_lock import StateLock
+from servekit.deploy.proxy import NginxProxy, render_config
+from servekit.deploy.state_lock import StateLock
+from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import one_error_line, running_torchserve
 
 
@@ -45,7 +45,7 @@ class Operator:
 
     def command(self, *args: str, history: Path | None = None) -> list[str]:
         return [
-            sys.executable, "-m", "servekit.ops.cli",
+            sys.executable, "-m", "servekit.cli",
             "--management-url", self.server.url("management"), "--inference-url", self.server.url("inference"),
             "--key-file", str(self.server.key_file), "--store", str(self.store),
             "--history", str(history or self.history), "--proxy-dir", str(self.state / "proxy"),

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.logkeeper import backup_path
-from servekit.ops.processes import children, pid_matches
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.rollout import RequestLog
-from servekit.ops.server import TorchServeProcess, free_port
+from servekit.deploy.proxy import NginxProxy
+from servekit.deploy.rollout import RequestLog
+from servekit.serving.logkeeper import backup_path
+from servekit.serving.processes import children, pid_matches
+from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import running_torchserve
 
 
@@ -36,7 +36,7 @@ def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path_
 
     def run(*args: str, fails: bool = False) -> str:
         command = [
-            sys.executable, "-m", "servekit.ops.cli",
+            sys.executable, "-m", "servekit.cli",
             "--management-url", server.url("management"), "--inference-url", server.url("inference"),
             "--key-file", str(server.key_file), "--store", str(model_store),
             "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
@@ -134,7 +134,7 @@ def test_proxy_passes_the_token_through(cli, samples_dir: Path) -> None:
 
 def test_refused_changes_leave_the_running_configuration_alone(cli) -> None:
     config = cli.proxy.conf.read_text()
-    assert config.startswith("# Written by servekit.ops.proxy")
+    assert config.startswith("# Written by servekit.deploy.proxy")
     assert "percent must be between 0 and 100" in cli("canary", "digits", "2.0", "--percent", "150", fails=True)
     assert "digits has no registered version '7.7'" in cli("canary", "digits", "7.7", "--percent", "10", fails=True)
     assert cli.proxy.conf.read_text() == config

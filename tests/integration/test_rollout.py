@@ -29,8 +29,8 @@ import yaml
 
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.server import TorchServeProcess, free_port
+from servekit.deploy.proxy import NginxProxy
+from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import one_error_line, running_torchserve
 
 STEPS = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
@@ -67,7 +67,7 @@ def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factor
     state = tmp_path_factory.mktemp("deploy")
     port = free_port()
     command = [
-        sys.executable, "-m", "servekit.ops.cli",
+        sys.executable, "-m", "servekit.cli",
         "--management-url", server.url("management"), "--inference-url", server.url("inference"),
         "--key-file", str(server.key_file), "--store", str(store),
         "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),

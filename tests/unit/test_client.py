@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from servekit.ops.client import TorchServeClient, TorchServeError, read_keys, token_refused
-from servekit.ops.server import free_port
+from servekit.serving.client import TorchServeClient, TorchServeError, read_keys, token_refused
+from servekit.serving.server import free_port
 
 REFUSAL = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect"}
 

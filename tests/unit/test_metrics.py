@@ -35,8 +35,8 @@ from handlers.metrics import (
     handler_metrics,
 )
 from servekit.build.spec import Monitoring
-from servekit.ops import exporter
-from servekit.ops.store import archive_name
+from servekit.serving import exporter
+from servekit.serving.store import archive_name
 from tests.unit.test_handler import extract, make_context, sample
 
 V1 = {"model": "digits", "version": "1.0"}
@@ -432,7 +432,7 @@ def test_workers_in_separate_processes_are_summed_by_the_exporter(tmp_path: Path
 
 
 def test_the_exporter_publishes_the_serving_state_and_each_archive_reference(model_store: Path) -> None:
-    from servekit.ops.oip import Gateway
+    from servekit.serving.oip import Gateway
 
     gateway = Gateway(FakeManagement(), model_store)
     samples = scrape(exporter.render(gateway, None))

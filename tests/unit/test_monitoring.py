@@ -2,7 +2,7 @@
 
 ``promtool test rules`` runs the rules' own unit tests (monitoring/tests): every recording rule with
 exact values, every alert firing and not firing. The tests here make sure those run, that the rules
-and docs/monitoring.md name the same metrics, and that ``servekit.ops.monitor`` renders a
+and docs/monitoring.md name the same metrics, and that ``servekit.serving.monitor`` renders a
 configuration promtool accepts and runs a Prometheus that scrapes and records.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servekit.ops.monitor import (
+from servekit.serving.monitor import (
     DEFAULT_PREFIX,
     MonitorError,
     PrometheusServer,
@@ -35,7 +35,7 @@ from servekit.ops.monitor import (
     render_config,
     rule_files,
 )
-from servekit.ops.processes import free_port, pid_matches
+from servekit.serving.processes import free_port, pid_matches
 
 pytestmark = pytest.mark.unit
 
@@ -153,7 +153,9 @@ def test_every_alert_has_a_severity_and_names_model_and_version() -> None:
 
 # ------------------------------------------------------------------------------------------ configuration
 def test_the_module_imports_no_torch_and_no_yaml() -> None:
-    code = "import sys, servekit.ops.monitor; print(sorted(m for m in sys.modules if m in ('torch', 'numpy', 'yaml')))"
+    code = (
+        "import sys, servekit.serving.monitor; print(sorted(m for m in sys.modules if m in ('torch', 'numpy', 'yaml')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -1,6 +1,6 @@
 """Answers bounded by the server's response limit, and JSON bodies parsed only when bounded.
 
-The base handler checks every answer against ``max_response_size`` (as ``servekit.ops.server``
+The base handler checks every answer against ``max_response_size`` (as ``servekit.serving.server``
 passes it, ``SERVEKIT_MAX_RESPONSE_SIZE``) with the size TorchServe's own worker code would send,
 and fails only that request with 413; the OIP ``id`` it echoes is bounded; JSON bodies come to the
 handler as bytes (``TS_DECODE_INPUT_REQUEST=false``) and are parsed only after their arrays and

@@ -20,15 +20,10 @@ import yaml
 from handlers.base import BatchHandler
 from handlers.config import Faults, HandlerConfig
 from handlers.errors import InjectedFault
-from servekit.ops.cli import main
-from servekit.ops.drift import load_reference
-from servekit.ops.history import History
-from servekit.ops.logkeeper import backup_path, rotate
-from servekit.ops.metrics_source import MetricsError, MetricsPage, PrometheusAPI, Samples, parse_exposition
-from servekit.ops.nginx import nginx_binary
-from servekit.ops.processes import command_line, free_port
-from servekit.ops.proxy import NginxProxy, render_config
-from servekit.ops.rollout import (
+from servekit.cli import main
+from servekit.deploy.history import History
+from servekit.deploy.proxy import NginxProxy, render_config
+from servekit.deploy.rollout import (
     BUILT_IN,
     Analysis,
     Figures,
@@ -54,8 +49,13 @@ from servekit.ops.rollout import (
     select_source,
     status_path,
 )
-from servekit.ops.state import Canary, DeploymentState, DeploymentStore
-from servekit.ops.workflows import DeployError
+from servekit.deploy.state import Canary, DeploymentState, DeploymentStore
+from servekit.deploy.workflows import DeployError
+from servekit.observe.drift import load_reference
+from servekit.observe.metrics_source import MetricsError, MetricsPage, PrometheusAPI, Samples, parse_exposition
+from servekit.serving.logkeeper import backup_path, rotate
+from servekit.serving.nginx import nginx_binary
+from servekit.serving.processes import command_line, free_port
 from tests.fake_metrics import (
     CLASSES,
     FakeMetricsServer,

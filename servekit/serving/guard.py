@@ -25,8 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
+from servekit.serving.nginx import NginxError, NginxInstance, config_head
+from servekit.serving.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
 __all__ = ["REGISTER_QUERY", "GuardError", "ManagementGuard", "render_guard_config"]
 
@@ -80,7 +80,8 @@ def render_guard_config(prefix: Path, listen: str, socket_path: Path) -> str:
     # 0700 directory; the workers then keep the launcher's user (as TorchServe's own processes do).
     user = "user root root;\n" if os.geteuid() == 0 else ""
     messages = "\n".join(f'        "{key}" "{text}";' for key, text in REFUSALS.items())
-    return f"""# Written by servekit.ops.guard: the only way to TorchServe's management API (see servekit/ops/guard.py).
+    written = "# Written by servekit.serving.guard: the only way to TorchServe's management API (see that module)."
+    return f"""{written}
 {config_head(prefix, 256, user)}    client_max_body_size 64k;
     server_tokens off;
     map "$request_method $uri" $servekit_route {{

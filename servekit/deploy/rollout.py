@@ -48,7 +48,7 @@ same ``analyse`` judges it:
 * ``prometheus``: the same series as ``increase(...[Ns])`` over the step's elapsed seconds, rounded
   up; Prometheus scrapes every few seconds, so its window lags by up to a scrape interval and
   ``increase`` extrapolates (figures need not be whole numbers: they are rounded).
-* ``proxy-log``: the proxy's request log (``servekit.ops.proxy``: one JSON line per request with
+* ``proxy-log``: the proxy's request log (``servekit.deploy.proxy``: one JSON line per request with
   ``msec``, ``uri``, ``status``, ``request_time`` and ``target``, the version the split chose, empty
   for the default); p99 by nearest rank of ``request_time``. No classes: no drift gate.
 * ``auto`` (the default): Prometheus when it answers and holds servekit's series, else the metrics
@@ -70,7 +70,7 @@ The rules, per step window (``Thresholds``), whatever the source:
   sides have ``min_requests`` in the window (at 100 % the last step is judged on errors alone);
 * with ``max_drift``: once the canary has its archive's ``drift_min_samples`` top-1 predictions in
   the window, the PSI of their class mix against the archive's drift reference
-  (``servekit.ops.drift``) must be at most ``max_drift``.
+  (``servekit.observe.drift``) must be at most ``max_drift``.
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from servekit.deploy.state import Canary
+from servekit.deploy.workflows import Deployer, DeployError, versions
 from servekit.errors import ServekitError
 from servekit.files import atomic_write_text
-from servekit.ops.drift import PREDICTIONS, Reference, class_order, load_reference, psi, require_servekit
-from servekit.ops.logkeeper import backup_path
-from servekit.ops.metrics_source import (
+from servekit.observe.drift import PREDICTIONS, Reference, class_order, load_reference, psi, require_servekit
+from servekit.observe.metrics_source import (
     EXPORTER_UP,
     MetricsError,
     MetricsPage,
@@ -102,9 +103,8 @@ from servekit.ops.metrics_source import (
     choose_source,
     label_selector,
 )
-from servekit.ops.processes import command_line, pid_matches
-from servekit.ops.state import Canary
-from servekit.ops.workflows import Deployer, DeployError, versions
+from servekit.serving.logkeeper import backup_path
+from servekit.serving.processes import command_line, pid_matches
 
 __all__ = [
     "BUILT_IN",
@@ -196,7 +196,7 @@ class LogRecord:
 class RequestLog:
     """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called.
 
-    The log keeper (``servekit.ops.logkeeper``) renames a full ``requests.jsonl`` to
+    The log keeper (``servekit.serving.logkeeper``) renames a full ``requests.jsonl`` to
     ``requests.jsonl.1`` and nginx starts a new one. The reader follows the file it was reading by
     its inode: when the path names another file, the rest of the old one is read from ``.1`` (now
     and at every later read while ``.1`` is still that file, for the lines nginx wrote before it
