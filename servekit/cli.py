@@ -317,7 +317,7 @@ def _spec_rollout(spec: str | None, model: str) -> dict:
     path = Path(spec) if spec is not None else REPO_ROOT / "models.yaml"
     if spec is None and not path.is_file():
         return {}
-    from servekit.build.spec import rollout_settings  # the spec (PyYAML and the handlers' configs, no torch)
+    from servekit.deploy.rollout import rollout_settings  # the rollout: section only (PyYAML, no build side)
 
     return rollout_settings(path, model).given()
 

@@ -62,15 +62,17 @@ def test_registering_reads_settings_without_torch(repo_root: Path, model_store: 
 
 
 def test_reading_the_specs_rollout_settings_imports_no_torch(repo_root: Path) -> None:
-    """A rollout reads the spec when it starts: the spec and the handler configs it validates are torch-free."""
+    """A rollout reads its spec section when it starts: without torch, and without the build side."""
     code = (
         "import sys; from servekit.cli import _spec_rollout; "
-        "print(sorted(_spec_rollout(None, 'digits'))); print('torch' in sys.modules)"
+        "print(sorted(_spec_rollout(None, 'digits'))); print('torch' in sys.modules); "
+        "print(sorted(m for m in sys.modules if m.startswith(('servekit.build', 'handlers'))))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
-    keys, torch_loaded = result.stdout.splitlines()
+    keys, torch_loaded, build_side = result.stdout.splitlines()
     assert keys != "[]"  # the repository's models.yaml has a rollout: section for digits
     assert torch_loaded == "False"
+    assert build_side == "[]"
 
 
 # ------------------------------------------------------------------------------------------ serving settings

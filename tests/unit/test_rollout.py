@@ -35,6 +35,7 @@ from servekit.deploy.rollout import (
     Rollout,
     RolloutAborted,
     RolloutProcess,
+    RolloutSpec,
     Settings,
     StatusFile,
     Thresholds,
@@ -46,6 +47,7 @@ from servekit.deploy.rollout import (
     p99,
     parse_steps,
     read_status,
+    rollout_settings,
     select_source,
     status_path,
 )
@@ -758,7 +760,7 @@ def test_the_spec_rollout_section_is_validated_and_left_out_of_the_fingerprint(t
     ],
 )  # fmt: skip
 def test_a_bad_rollout_section_names_the_model_and_the_field(tmp_path: Path, section: object, message: str) -> None:
-    from servekit.build.spec import SpecError, parse_spec, rollout_settings
+    from servekit.build.spec import SpecError, parse_spec
 
     with pytest.raises(SpecError) as caught:
         parse_spec(rollout_spec(section), tmp_path)
@@ -781,7 +783,7 @@ def test_rollout_is_a_model_level_section_only(tmp_path: Path) -> None:
 
 
 def test_rollout_settings_reads_one_models_section(tmp_path: Path, repo_root: Path) -> None:
-    from servekit.build.spec import RolloutSpec, SpecError, rollout_settings
+    from servekit.errors import SpecError
 
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(rollout_spec({"steps": [20, 100], "max_drift": 0.3})))

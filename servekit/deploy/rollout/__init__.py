@@ -10,7 +10,8 @@ One module per job:
                     the handler metrics page, Prometheus; ``select_source`` (``--source``, ``auto``)
 ``judging``         ``Thresholds``, ``Figures``, ``Window``; ``analyse`` (error rate, p99 ratio) and
                     ``class_drift`` (PSI of the canary's class mix): the rules
-``settings``        ``BUILT_IN``, ``parse_steps``, ``Settings.resolve``: flag, else spec, else default
+``settings``        ``BUILT_IN``, ``parse_steps``, ``Settings.resolve``: flag, else spec, else default;
+                    the spec's ``rollout:`` section (``RolloutSpec``, ``rollout_settings``)
 ``status``          ``rollout-NAME.json`` (``StatusFile``, ``read_status``) and the process it names
                     (``RolloutProcess``: pid and command line, never the pid alone)
 ``run``             ``Rollout.run``: the walk, the per-change locking, the clean abort, SIGINT/SIGTERM
@@ -37,7 +38,14 @@ from servekit.deploy.rollout.judging import (
     p99,
 )
 from servekit.deploy.rollout.run import Rollout, RolloutAborted
-from servekit.deploy.rollout.settings import BUILT_IN, DEFAULT_STEPS, Settings, parse_steps
+from servekit.deploy.rollout.settings import (
+    BUILT_IN,
+    DEFAULT_STEPS,
+    RolloutSpec,
+    Settings,
+    parse_steps,
+    rollout_settings,
+)
 from servekit.deploy.rollout.sources import (
     SOURCES,
     LogRecord,
@@ -67,6 +75,7 @@ __all__ = [
     "Rollout",
     "RolloutAborted",
     "RolloutProcess",
+    "RolloutSpec",
     "Settings",
     "StatusFile",
     "Thresholds",
@@ -81,6 +90,7 @@ __all__ = [
     "p99",
     "parse_steps",
     "read_status",
+    "rollout_settings",
     "select_source",
     "status_path",
 ]
