@@ -15,8 +15,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -181,18 +180,6 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 400
             return self._send(status, json.dumps(document), "application/json")
         return self._send(404, "<html>404 page not found</html>", "text/html")
-
-
-@contextmanager
-def serving(server: FakeMetricsServer) -> Iterator[FakeMetricsServer]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 # ------------------------------------------------------------------------------------------ Prometheus answers

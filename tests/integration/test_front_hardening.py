@@ -28,6 +28,7 @@ import requests
 from servekit.serving.oip import Gateway, http_server
 from servekit.serving.oip_service import CLIENT_LIMIT, DEFAULT_MAX_BODY, HEADER_TIMEOUT, OipFront
 from servekit.serving.processes import free_port
+from tests.fake_server import serving
 
 pytestmark = pytest.mark.integration
 
@@ -84,18 +85,6 @@ class _Client:
     def send(self, kind: str, method: str, path: str, **kwargs: object) -> SimpleNamespace:
         assert (kind, method, path) == ("inference", "GET", "/ping")
         return SimpleNamespace(status_code=200)
-
-
-@contextlib.contextmanager
-def serving(server: ThreadingHTTPServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -55,11 +55,11 @@ from tests.fake_metrics import (
     exposition,
     prometheus_of,
     reference_block,
-    serving,
     values_for,
     vector,
     write_store,
 )
+from tests.fake_server import serving
 
 # A version that answers "7" for everything, unsure and in the dark: the classes drift, so does the rest.
 DRIFTED = Traffic(

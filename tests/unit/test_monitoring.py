@@ -17,7 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ from servekit.serving.monitor import (
     rule_files,
 )
 from servekit.serving.processes import free_port, pid_matches
+from tests.fake_server import loopback, serving
 
 pytestmark = pytest.mark.unit
 
@@ -298,14 +299,8 @@ servekit_workers_ready{{{labels}}} 1
 
 @pytest.fixture
 def exporter() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), FakeExporter)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(loopback(FakeExporter)) as httpd:
         yield f"127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def query(server: PrometheusServer, expr: str) -> list[dict]:

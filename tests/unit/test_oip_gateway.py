@@ -8,7 +8,6 @@ tokens, ping), and ``Upstream`` answers inference calls over HTTP with the handl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -18,11 +17,10 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,6 +51,7 @@ from servekit.serving.oip_service import OipFront, OipService, OipServiceError, 
 from servekit.serving.processes import command_line
 from servekit.serving.server import free_port
 from servekit.serving.store import file_sha256
+from tests.fake_server import loopback, serving
 
 pytestmark = pytest.mark.unit
 
@@ -195,27 +194,12 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         self._answer(200, payload, reply.content_type, reply.headers)
 
 
-@contextlib.contextmanager
-def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.fixture
 def upstream() -> Iterator[SimpleNamespace]:
     """A stand-in for TorchServe's inference API on a free port; ``seen`` lists the calls it got."""
     seen: list[dict] = []
-    handler = type("Upstream", (_UpstreamHandler,), {"seen": seen})
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    with serving(server):
+    with serving(loopback(type("Upstream", (_UpstreamHandler,), {"seen": seen}))) as server:
+        port = server.server_address[1]
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", address=f"127.0.0.1:{port}", seen=seen)
 
 

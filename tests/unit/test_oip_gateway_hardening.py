@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,7 +37,8 @@ from servekit.serving.oip import (
 )
 from servekit.serving.oip_service import OipService
 from servekit.serving.server import free_port
-from tests.unit.test_oip_gateway import GRPC_AUTH, KEY, FakeTorchServe, _UpstreamHandler, serving
+from tests.fake_server import loopback, serving
+from tests.unit.test_oip_gateway import GRPC_AUTH, KEY, FakeTorchServe, _UpstreamHandler
 
 pytestmark = pytest.mark.unit
 
@@ -116,11 +117,8 @@ def recording(delay: float = 0.0) -> RecordingTorchServe:
 def upstream_stub() -> Iterator[SimpleNamespace]:
     """TorchServe's inference API stood in for (as ``test_oip_gateway.upstream``), shared by the module."""
     seen: list[dict] = []
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), type("Upstream", (_UpstreamHandler,), {"seen": seen}))
-    server.daemon_threads = True
-    with serving(server):
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", seen=seen)
+    with serving(loopback(type("Upstream", (_UpstreamHandler,), {"seen": seen}))) as server:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", seen=seen)
 
 
 @pytest.fixture(scope="module")
@@ -570,11 +568,8 @@ class _SlowManagement(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_torchserve() -> Iterator[str]:
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), _SlowManagement)
-    server.daemon_threads = True
-    with serving(server):
-        yield f"http://127.0.0.1:{port}"
+    with serving(loopback(_SlowManagement)) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def wait_listening(port: int, process: subprocess.Popen | None = None) -> None:

@@ -64,10 +64,10 @@ from tests.fake_metrics import (
     Traffic,
     exposition,
     prometheus_of,
-    serving,
     vector,
     write_store,
 )
+from tests.fake_server import serving
 
 URI = "/predictions/digits"
 

@@ -17,7 +17,8 @@ from servekit.observe.metrics_source import MetricsPage, PrometheusAPI, parse_ex
 from servekit.observe.top import CLEAR, RAW, RULES, MetricsView, PrometheusView, Row, Snapshot, render, run_top
 from servekit.observe.top import snapshot_from_scrapes as from_scrapes
 from servekit.serving.server import free_port
-from tests.fake_metrics import FakeMetricsServer, Traffic, exposition, prometheus_of, serving, vector, write_store
+from tests.fake_metrics import FakeMetricsServer, Traffic, exposition, prometheus_of, vector, write_store
+from tests.fake_server import serving
 
 TAKEN_AT = 1_700_000_000.0
 CLOCK = time.strftime("%H:%M:%S", time.localtime(TAKEN_AT))
