@@ -16,7 +16,7 @@ help:
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
 	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
 	@echo "make check    format check, lint and unit tests"
-	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (README: Deploy on Kubernetes)"
+	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (docs/kubernetes.md)"
 
 # TorchServe's frontend needs a Java 17+ runtime.
 java:
@@ -76,7 +76,7 @@ test-integration: archive tools
 bench: venv tools
 	$(PY) -m servekit.perf.bench
 
-# A real run for the README's Monitoring figure: two versions, then drift, watched by Prometheus (~4 min).
+# A real run for the figure in docs/monitoring.md ("In practice"): two versions, then drift, watched by Prometheus (~4 min).
 monitor-demo: archive tools
 	$(PY) -m servekit.perf.monitoring_demo
 
@@ -94,7 +94,7 @@ format: venv
 
 check: lint test-unit
 
-# Deployment shortcuts over the servekit command line (see README, "Deploying versions"):
+# Deployment shortcuts over the servekit command line (docs/operating.md, "Deploying versions"):
 #   make register NAME=digits VERSION=2.0; make promote ...; make rollback NAME=digits
 #   make proxy; make canary NAME=digits VERSION=2.0 PERCENT=20; make shadow NAME=digits VERSION=2.0
 SERVEKIT := $(VENV)/bin/servekit
@@ -111,7 +111,7 @@ canary: venv
 shadow: venv
 	$(SERVEKIT) shadow $(NAME) $(VERSION)
 
-# The image and manifests for a cluster (README, "Deploy on Kubernetes"), from the archives just built:
+# The image and manifests for a cluster (docs/kubernetes.md, "Deploy on Kubernetes"), from the archives just built:
 #   make bundle [MODELS=digits:1.0,2.0] [DEFAULT=digits:2.0] [IMAGE=registry.example.com/servekit:0.1.0]
 #               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
 #               [PUBLIC=1]   (the KServe InferenceService through the ingress gateway; default: cluster-local)

@@ -1,4 +1,4 @@
-"""A real run for the README's Monitoring figure: two versions, then drift, watched by a real Prometheus.
+"""The real run in docs/monitoring.md ("In practice"): two versions, then drift, watched by a real Prometheus.
 
     make monitor-demo      # about 4 minutes; loopback only; stops everything it started
 

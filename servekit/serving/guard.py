@@ -14,7 +14,8 @@ management token alone would mean "run any code this host can read". The guard c
   worker settings. Request bodies are never forwarded (the JSON registration form is dropped).
   Everything else gets ``403`` with a JSON body ``{"code", "type", "message"}``;
 * ``allowed_urls`` in config.properties matches no URL at all, so every URL form is refused by
-  TorchServe too (the second wall, and the only one for the gRPC management port: see README).
+  TorchServe too (the second wall, and the only one for the gRPC management port: docs/security.md,
+  "Registration is confined to the model store").
 
 Token authorization is still TorchServe's: the guard passes ``Authorization`` through.
 """

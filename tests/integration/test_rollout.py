@@ -130,7 +130,7 @@ def logged_errors(cli) -> set[str]:
 
 def test_a_version_failing_some_inputs_is_rolled_back_at_the_first_step(cli, traffic: Traffic) -> None:
     result = cli("rollout", "digits", "3.0", *FAST)
-    print(result.stdout + result.stderr)  # the README's transcript
+    print(result.stdout + result.stderr)  # docs/operating.md's transcript ("Rolling out a version")
     error = one_error_line(result)
     assert "rollout of digits 3.0 aborted at 25%: step 1 (25%): canary error rate" in error, error
     assert error.endswith("canary removed, default unchanged"), error
@@ -192,7 +192,7 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
         assert status["source"] == "metrics"  # auto: no Prometheus at the address given, the metrics page answers
         assert status["settings_from"]["min_requests"] == "spec"  # models.yaml's rollout: section
         shown = cli("rollout", "--status", "digits").stdout.splitlines()
-        print("\n".join(["$ servekit rollout --status digits", *shown]))  # the README's transcript
+        print("\n".join(["$ servekit rollout --status digits", *shown]))  # docs/operating.md's transcript
         assert shown[0].startswith(f"rollout of digits 2.0: running (pid {process.pid}), step 1/2 at 25% for "), shown
         assert shown[1].startswith("  window "), shown
         time.sleep(1)
@@ -218,7 +218,7 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
 def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: Traffic) -> None:
     result = cli("rollout", "digits", "2.0", *FAST)
     assert result.returncode == 0, result.stderr
-    print(result.stdout)  # the README's transcript
+    print(result.stdout)  # docs/operating.md's transcript ("Rolling out a version")
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%, figures from proxy-log"
     assert lines[1] == (
