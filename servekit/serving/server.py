@@ -306,9 +306,9 @@ class TorchServeProcess:
             "TEMP": str(self.workdir / "tmp"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
-            # Workers run only code unpacked from archives here (servekit.serving.worker_guard).
+            # Workers run only code unpacked from archives here (servekit.ops.worker_guard).
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
-            # Every worker's handler metrics, summed by the exporter (servekit.serving.exporter).
+            # Every worker's handler metrics, summed by the exporter (servekit.ops.exporter).
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
             "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
