@@ -17,7 +17,7 @@ help:
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
 	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
 	@echo "make check    format check, lint and unit tests"
-	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (README: Deploy on Kubernetes)"
+	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (docs/kubernetes.md)"
 
 # TorchServe's frontend needs a Java 17+ runtime.
 java:
@@ -64,17 +64,17 @@ archive: venv
 # Builds what is missing and starts TorchServe as soon as the first model is built; each further model
 # is registered the moment its archive is written (servekit/serve.py; docs/operating.md). Restores the
 # versions registered at runtime from the last snapshot (FRESH=1 ignores it); checks every archive
-# against model_store/manifest.json first; nginx guards the management API (servekit/ops/guard.py).
+# against model_store/manifest.json first; nginx guards the management API (servekit/serving/guard.py).
 serve: java $(RUNTIME) nginx
 	$(PY) -m servekit.serve $(if $(FRESH),--fresh)
 
 stop:
-	-@if test -x $(PY); then $(PY) -m servekit.ops.monitor stop; fi
-	@if test -x $(PY); then $(PY) -m servekit.ops.server stop; else echo "nothing to stop"; fi
+	-@if test -x $(PY); then $(PY) -m servekit.serving.monitor stop; fi
+	@if test -x $(PY); then $(PY) -m servekit.serving.server stop; else echo "nothing to stop"; fi
 
 # Prometheus on 127.0.0.1:9090 with monitoring/rules, scraping make serve's metrics (docs/monitoring.md, "Rules").
 monitor: venv tools
-	$(PY) -m servekit.ops.monitor start
+	$(PY) -m servekit.serving.monitor start
 
 test: archive tools
 	$(PY) -m pytest tests
@@ -88,7 +88,7 @@ test-integration: archive tools
 bench: venv tools
 	$(PY) -m servekit.perf.bench
 
-# A real run for the README's Monitoring figure: two versions, then drift, watched by Prometheus (~4 min).
+# A real run for the figure in docs/monitoring.md ("In practice"): two versions, then drift, watched by Prometheus (~4 min).
 monitor-demo: archive tools
 	$(PY) -m servekit.perf.monitoring_demo
 
@@ -106,7 +106,7 @@ format: venv
 
 check: lint test-unit
 
-# Deployment shortcuts over the servekit command line (see README, "Deploying versions"):
+# Deployment shortcuts over the servekit command line (docs/operating.md, "Deploying versions"):
 #   make register NAME=digits VERSION=2.0; make promote ...; make rollback NAME=digits
 #   make proxy; make canary NAME=digits VERSION=2.0 PERCENT=20; make shadow NAME=digits VERSION=2.0
 SERVEKIT := $(VENV)/bin/servekit
@@ -123,7 +123,7 @@ canary: venv
 shadow: venv
 	$(SERVEKIT) shadow $(NAME) $(VERSION)
 
-# The image and manifests for a cluster (README, "Deploy on Kubernetes"), from the archives just built:
+# The image and manifests for a cluster (docs/kubernetes.md, "Deploy on Kubernetes"), from the archives just built:
 #   make bundle [MODELS=digits:1.0,2.0] [DEFAULT=digits:2.0] [IMAGE=registry.example.com/servekit:0.1.0]
 #               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
 #               [PUBLIC=1]   (the KServe InferenceService through the ingress gateway; default: cluster-local)

@@ -46,7 +46,7 @@ from handlers.metrics import NullMetrics, PredictionLog, handler_metrics
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
-# TorchServe's max_response_size, as ``servekit.ops.server`` passes it to the workers; its default otherwise.
+# TorchServe's max_response_size, as ``servekit.serving.server`` passes it to the workers; its default otherwise.
 MAX_RESPONSE_ENV = "SERVEKIT_MAX_RESPONSE_SIZE"
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
 # Kept free under the limit: the frontend checks each field of the worker's reply on its own, but

@@ -4,7 +4,7 @@ The names, labels and buckets are the contract in ``docs/monitoring.md``. Worker
 processes started by TorchServe, so the counting is ``prometheus_client``'s multiprocess mode:
 with ``PROMETHEUS_MULTIPROC_DIR`` set (``make serve`` sets it, ``var/metrics``), every worker writes
 its series into memory-mapped files there and the exporter in the OIP gateway sums them per label
-set at each scrape (``servekit.ops.oip``). TorchServe's own metrics API was the other choice; it
+set at each scrape (``servekit.serving.oip``). TorchServe's own metrics API was the other choice; it
 sends every observation from the worker to the frontend as a log line that the frontend parses,
 its histograms have the Java client's fixed latency buckets (5 ms to 10 s: no bins for a
 probability or a brightness), and a metric not declared in the server's metrics configuration is

@@ -26,3 +26,17 @@ class ServekitError(RuntimeError):
 def one_line(text: object, limit: int = 300) -> str:
     """``text`` with every run of white space (newlines included) folded to one space, cut at ``limit``."""
     return " ".join(str(text).split())[:limit]
+
+
+class SpecError(ServekitError, ValueError):
+    """A mistake in the spec (``models.yaml``), located by model, version and field.
+
+    Raised by the build's spec (``servekit.build.spec``) and by the rollout's reading of a model's
+    ``rollout:`` section (``servekit.deploy.rollout.settings``): both read the same file.
+    """
+
+    def __init__(self, message: str, model: str | None = None, version: str | None = None, field: str | None = None):
+        where = " ".join(part for part in (model, version) if part)
+        location = ": ".join(part for part in (where, field) if part)
+        super().__init__(f"{location}: {message}" if location else message)
+        self.model, self.version, self.field = model, version, field

@@ -26,9 +26,9 @@ import time
 import warnings
 from pathlib import Path
 
+from servekit.deploy.workflows import serving_settings
 from servekit.errors import ServekitError
-from servekit.ops.server import REPO_ROOT, ServerError, TorchServeProcess, load_models_archives, print_usage
-from servekit.ops.workflows import serving_settings
+from servekit.serving.server import REPO_ROOT, ServerError, TorchServeProcess, load_models_archives, print_usage
 
 
 def _say(started: float, text: str) -> None:

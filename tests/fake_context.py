@@ -1,8 +1,13 @@
 """One stand-in for TorchServe's ``ts.context.Context``, for every handler test in process.
 
 It holds what a handler reads (``system_properties``, ``manifest``, ``model_yaml_config``, the request
-headers) and records what it writes per request (status and phrase, content type, response headers),
-with the getters TorchServe's own ``create_predict_response`` reads back when it frames a reply.
+headers and TorchServe's request IDs) and records what it writes per request (status and phrase,
+content type, response headers), with the getters TorchServe's own ``create_predict_response`` reads
+back when it frames a reply.
+
+    context = FakeContext.from_archive(unpacked_dir)                 # or FakeContext(manifest=..., ...)
+    context.reset(headers=[{}, {"X-Request-ID": "c-1"}], request_ids=["ts-1", "ts-2"])   # the next batch
+    handler.handle(batch, context); context.statuses[1]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class FakeContext:
         self.content_types: dict[int, str] = {}
         self.response_headers: dict[int, dict[str, str]] = {}
         self.request_headers: list[dict[str, str]] = []
+        self.request_ids: list[str] = []  # TorchServe's ID per request of the batch; "-" where none is set
         self.stopping_criteria = None  # read by TorchServe's create_predict_response
 
     @classmethod
@@ -57,6 +63,9 @@ class FakeContext:
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return self.request_headers[idx] if idx < len(self.request_headers) else {}
 
+    def get_request_id(self, idx: int) -> str:
+        return self.request_ids[idx] if idx < len(self.request_ids) else "-"
+
     # ------------------------------------------------------------------ what TorchServe reads back
     def get_response_content_type(self, idx: int) -> str | None:
         return self.content_types.get(idx)
@@ -67,9 +76,10 @@ class FakeContext:
     def get_response_headers(self, idx: int) -> dict[str, str]:
         return self.response_headers.get(idx, {})
 
-    def reset(self, headers: list[dict[str, str]] | None = None) -> None:
-        """Forget the recorded responses; ``headers``: the next batch's request headers."""
+    def reset(self, headers: list[dict[str, str]] | None = None, request_ids: list[str] | None = None) -> None:
+        """Forget the recorded responses; ``headers``, ``request_ids``: the next batch's."""
         self.statuses.clear()
         self.content_types.clear()
         self.response_headers.clear()
         self.request_headers = headers or []
+        self.request_ids = request_ids or []

@@ -15,8 +15,7 @@ import re
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from servekit.ops.store import archive_name, file_sha256, read_manifest, write_manifest
+from servekit.serving.store import archive_name, file_sha256, read_manifest, write_manifest
 
 SECONDS_EDGES = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -183,18 +182,6 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(404, "<html>404 page not found</html>", "text/html")
 
 
-@contextmanager
-def serving(server: FakeMetricsServer) -> Iterator[FakeMetricsServer]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 # ------------------------------------------------------------------------------------------ Prometheus answers
 def vector(*series: tuple[dict[str, str], float]) -> dict:
     return {"resultType": "vector", "result": [{"metric": labels, "value": [1.0, str(v)]} for labels, v in series]}
@@ -215,7 +202,7 @@ def prometheus_of(*versions: Traffic, extra: dict[str, dict] | None = None) -> A
 
     ``extra``: exact query -> data (rules, raw top queries); anything else answers an empty vector.
     """
-    from servekit.ops.metrics_source import parse_exposition
+    from servekit.observe.metrics_source import parse_exposition
 
     samples = parse_exposition(exposition(*versions))
 

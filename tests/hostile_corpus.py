@@ -21,9 +21,10 @@ A JSON-only case (malformed JSON, a JSON array, ...) is raw only: wrapping it in
 would test a different thing (base64 of some JSON text is just a non-image). ``skip`` says, for
 each form that does not apply, why.
 
-Expected outcomes come from the contract in README.md (400 corrupt / 413 too large / 415 not an
-image) and, where a file is odd but valid (CMYK, EXIF-rotated, 16-bit, palette, RGBA), 200 with
-the right digit. Everything is deterministic: the "random" payloads use fixed seeds.
+Expected outcomes come from the contract in docs/protocols.md ("Images and bad input on
+``/predictions``": 400 corrupt / 413 too large / 415 not an image) and, where a file is odd but
+valid (CMYK, EXIF-rotated, 16-bit, palette, RGBA), 200 with the right digit. Everything is
+deterministic: the "random" payloads use fixed seeds.
 
 Sizes are bounded: decompression bombs are small files whose headers lie (CRCs fixed so PIL reads
 them); the only large bodies are the three byte-limit cases (about 6 to 7 MB each).

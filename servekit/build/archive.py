@@ -34,8 +34,8 @@ from handlers.model_loading import native_bf16
 from servekit.build.convert import export_torchscript, load_program
 from servekit.build.spec import ModelVersionSpec
 from servekit.build.training import BuildError, fp32_weights, load_fp32_model, recipe_key
-from servekit.ops.store import file_sha256, read_manifest, write_manifest
 from servekit.progress import Progress
+from servekit.serving.store import file_sha256, read_manifest, write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HANDLERS_DIR = REPO_ROOT / "handlers"

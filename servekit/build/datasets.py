@@ -7,23 +7,15 @@ make digit images: dark ink on light paper, at a chosen size in pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 from PIL import Image
 
+from servekit.build.splits import LabelledImages
+
 SPLIT_SEED = 0
 HOLDOUT_FRACTION = 0.25
-
-
-@dataclass(frozen=True)
-class LabelledImages:
-    images: tuple[Image.Image, ...]
-    labels: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 def render_digit(cells: np.ndarray, size: int = 32, mode: str = "L") -> Image.Image:

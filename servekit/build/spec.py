@@ -16,8 +16,8 @@ Layout::
         faults: {error_rate: 0.3}  # handlers.config.Faults: injected errors/delay, drills and tests only
         monitoring: {...}          # Monitoring below: SLO, drift thresholds, sampled prediction log
         serving: {...}             # Serving below: TorchServe's batch and worker settings
-        rollout: {...}             # RolloutSpec below: servekit rollout's steps and thresholds (model
-                                   # level only, read at rollout time, not part of any archive)
+        rollout: {...}             # servekit rollout's steps and thresholds (model level only, read at
+                                   # rollout time, not part of any archive): servekit.deploy.rollout.settings
         evaluation: digits         # data set for measured accuracy (servekit.build.datasets): an INT8 or
                                    # BF16 version without one is refused unless it says allow_ungated: true
         versions:
@@ -48,8 +48,13 @@ from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
 from handlers.preprocessing import Preprocessing
 from handlers.protocols import ProtocolConfig
-from servekit.errors import ServekitError
-from servekit.ops.store import NAME_RE, VERSION_RE, archive_name  # one definition of names and versions ("\Z", not "$")
+from servekit.deploy.rollout.settings import model_rollout
+from servekit.errors import SpecError
+from servekit.serving.store import (  # one definition of names and versions ("\Z", not "$")
+    NAME_RE,
+    VERSION_RE,
+    archive_name,
+)
 
 PRECISIONS = ("fp32", "int8", "bf16")
 
@@ -95,19 +100,10 @@ def model_keys() -> set[str]:
     """A model's keys: a version's, plus ``versions`` and ``rollout``.
 
     ``rollout`` is model-level only and never reaches a ModelVersionSpec: changing a threshold must not
-    change the archives' fingerprints (``rollout_settings`` reads it when a rollout starts).
+    change the archives' fingerprints (``servekit.deploy.rollout.rollout_settings`` reads it when a rollout
+    starts; it is validated here with the rest by ``model_rollout`` from there).
     """
     return version_keys() | {"versions", "rollout"}
-
-
-class SpecError(ServekitError, ValueError):
-    """A mistake in the spec, located by model, version and field."""
-
-    def __init__(self, message: str, model: str | None = None, version: str | None = None, field: str | None = None):
-        where = " ".join(part for part in (model, version) if part)
-        location = ": ".join(part for part in (where, field) if part)
-        super().__init__(f"{location}: {message}" if location else message)
-        self.model, self.version, self.field = model, version, field
 
 
 def _check_keys(data: dict, valid: set[str], what: str) -> None:
@@ -210,100 +206,6 @@ class Monitoring:
         if self.prediction_log is None:
             data.pop("prediction_log")
         return data
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    """A model's ``rollout:`` section: what ``servekit rollout`` holds its canaries to (``servekit.ops.rollout``).
-
-    Every field is optional (``None``: not set here); a command-line flag overrides it, and the
-    built-in default applies when neither sets it. Model-level only, and not part of any archive:
-    ``rollout_settings`` reads it when a rollout starts, so a changed threshold needs no rebuild.
-
-        rollout: {steps: [10, 25, 50, 100], step_seconds: 30, max_error_rate: 0.01, max_p99_ratio: 1.5,
-                  min_requests: 50, max_wait_factor: 4, max_drift: 0.2}
-    """
-
-    steps: tuple[int, ...] | None = None
-    step_seconds: float | None = None
-    max_error_rate: float | None = None
-    max_p99_ratio: float | None = None
-    min_requests: int | None = None
-    max_wait_factor: float | None = None
-    max_drift: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps is not None:
-            steps = self.steps
-            valid = (
-                isinstance(steps, list | tuple)
-                and steps
-                and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 100 for s in steps)
-            )
-            if not valid or list(steps) != sorted(set(steps)):
-                raise ValueError(f"steps: must be a list of increasing whole percentages from 1 to 100, "
-                                 f"e.g. [10, 25, 50, 100], got {steps!r}")  # fmt: skip
-            object.__setattr__(self, "steps", tuple(steps))
-        _rollout_number("step_seconds", self.step_seconds, "a number > 0", lambda v: v > 0)
-        _rollout_number("max_error_rate", self.max_error_rate, "a number from 0 to 1", lambda v: 0 <= v <= 1)
-        _rollout_number("max_p99_ratio", self.max_p99_ratio, "a number > 0", lambda v: v > 0)
-        _rollout_number("max_wait_factor", self.max_wait_factor, "a number >= 1", lambda v: v >= 1)
-        _rollout_number("max_drift", self.max_drift, "a number > 0 (a PSI)", lambda v: v > 0)
-        if self.min_requests is not None:
-            _positive_int("min_requests", self.min_requests)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> RolloutSpec:
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ValueError(f"must be a mapping ({', '.join(f.name for f in fields(cls))}), got {data!r}")
-        _check_keys(data, {f.name for f in fields(cls)}, "rollout")
-        return cls(**data)
-
-    def given(self) -> dict[str, Any]:
-        """The settings this section sets (``None`` fields left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-def _rollout_number(name: str, value: Any, what: str, ok) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool) or value != value or not ok(value):
-        raise ValueError(f"{name}: must be {what}, got {value!r}")
-
-
-def _model_rollout(name: str, data: Any) -> RolloutSpec:
-    """``RolloutSpec.from_dict`` with its errors located as ``MODEL: rollout.FIELD: ...``."""
-    try:
-        return RolloutSpec.from_dict(data)
-    except (ValueError, TypeError) as exc:
-        head, sep, tail = str(exc).partition(": ")
-        if sep and " " not in head:
-            raise SpecError(tail, name, None, f"rollout.{head}") from None
-        raise SpecError(str(exc), name, None, "rollout") from None
-
-
-def rollout_settings(path: str | Path, model: str) -> RolloutSpec:
-    """``model``'s ``rollout:`` section in the spec at ``path``, validated (empty when it has none).
-
-    Reads only that section (no version is resolved, no weights looked at): a rollout starts from
-    what the spec says now, whatever the archives were built from.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path} is not a valid YAML spec: {' '.join(str(exc).split())}") from None
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict):
-        raise SpecError(f"{path}: the spec needs a 'models:' mapping at the top level")
-    entry = models.get(model)
-    if not isinstance(entry, dict):
-        return RolloutSpec()
-    return _model_rollout(model, entry.get("rollout"))
 
 
 @dataclass(frozen=True)
@@ -943,7 +845,7 @@ def parse_spec(data: Any, base_dir: Path) -> list[ModelVersionSpec]:
             if key not in valid:
                 raise SpecError(f"unknown key (valid keys: {', '.join(sorted(valid))})", name, None, key)
         if "rollout" in model:
-            _model_rollout(name, model["rollout"])  # checked with the rest; used only by servekit rollout
+            model_rollout(name, model["rollout"])  # checked with the rest; used only by servekit rollout
         versions = model.get("versions")
         if not isinstance(versions, dict) or not versions:
             raise SpecError("needs at least one entry under 'versions:'", name, None, "versions")

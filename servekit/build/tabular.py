@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from handlers.tabular import Feature, TabularConfig, TabularProtocol, oip_metadata
+from servekit.build.splits import TabularData
 from servekit.build.tasks import Log, Task
 
 SPLIT_SEED = 0
@@ -65,19 +66,6 @@ STATISTICS = {"mean": "mean over the nuclei in the image", "error": "standard er
 
 
 # ------------------------------------------------------------------------------------------ data
-@dataclass(frozen=True)
-class TabularData:
-    """One split: ``x`` ``[N, F]`` float64, ``y`` ``[N]`` class indices, and the names of both."""
-
-    x: np.ndarray
-    y: np.ndarray
-    feature_names: tuple[str, ...]
-    class_names: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
 @cache
 def _breast_cancer_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple, tuple]:
     from sklearn.datasets import load_breast_cancer

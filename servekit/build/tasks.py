@@ -40,7 +40,9 @@ labels)``
 ================================  =========================================================
 
 Register a task in ``TASKS`` as ``"module:Class"``; modules are imported when first used, so the
-spec (and a task module that subclasses ``Task``) can import this one freely.
+spec (and a task module that subclasses ``Task``) can import this one freely. This module imports
+nothing else of the build: the spec reads the registry, each task module (``image_classifier``,
+``tabular``, ``detection``) uses training, conversion and the spec, and no import leads back.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from torch import nn
 Log = Callable[[str], None]
 
 TASKS: dict[str, str] = {
-    "image_classifier": "servekit.build.tasks:ImageClassifierTask",
+    "image_classifier": "servekit.build.image_classifier:ImageClassifierTask",
     "tabular_classifier": "servekit.build.tabular:TabularClassifierTask",
     "object_detector": "servekit.build.detection:DetectorTask",
 }
@@ -162,131 +164,3 @@ def task_for(handler: str) -> Task:
 def task_keys() -> frozenset[str]:
     """Every task-specific spec key: a version may use only its own task's."""
     return frozenset().union(*(task_for(handler).spec_keys for handler in TASKS))
-
-
-# ------------------------------------------------------------------------------------------ image classifier
-class ImageClassifierTask(Task):
-    """Images in any protocol -> top-k classes: the digits CNN, torchvision classifiers (``handlers.image_classifier``).
-
-    Weights trained on rendered images (``servekit.build.training``); INT8 is static FX quantization
-    calibrated on training images; BF16 casts weights and activations; the metric is held-out top-1.
-    """
-
-    handler = "image_classifier"
-    handler_file = "handlers/image_classifier.py"
-    spec_keys = frozenset({"topk", "preprocessing", "limits"})
-    data_kinds = ("folder",)
-    user_models = frozenset({"file", "torchvision", "program"})
-    classifier = True
-
-    def architectures(self) -> Collection[str]:
-        from servekit.build.architectures import ARCHITECTURES
-
-        return ARCHITECTURES
-
-    def datasets(self) -> Collection[str]:
-        from servekit.build.datasets import DATASETS
-
-        return DATASETS
-
-    def parse_protocol(self, data: dict | None) -> Any:
-        from handlers.protocols import ProtocolConfig
-
-        return ProtocolConfig.from_dict(data)
-
-    def handler_config(self, spec: Any) -> Any:
-        from handlers.config import HandlerConfig
-
-        return HandlerConfig(
-            precision=spec.precision,
-            topk=spec.topk,
-            preprocessing=spec.preprocessing,
-            limits=spec.limits,
-            threads=spec.serving.threads,
-            quantized_engine=spec.quantization.backend if spec.quantization is not None else "x86",
-            protocol=spec.protocol,
-            faults=spec.faults,
-            prediction_log=spec.monitoring.prediction_log,
-        )
-
-    def oip_metadata(self, spec: Any) -> dict:
-        from handlers.protocols import oip_metadata
-
-        return oip_metadata(spec.protocol, spec.preprocessing.input_shape, len(spec.labels))
-
-    def recipe(self, spec: Any) -> dict:
-        from servekit.build.training import TRAIN_SIZES
-
-        recipe = {
-            "architecture": spec.architecture_key,
-            "train": spec.weights.train,
-            "seed": spec.weights.seed,
-            "epochs": spec.weights.epochs,
-            "labels": list(spec.labels),
-            "preprocessing": spec.preprocessing.to_dict(),
-            "sizes": TRAIN_SIZES,
-            "recipe_version": 1,
-        }
-        if spec.weights.train == "data":
-            recipe["data_sha256"] = spec.data.sha256  # the user's images, by content
-        return recipe
-
-    def train(self, spec: Any, log: Log) -> dict[str, torch.Tensor]:
-        from servekit.build.training import train
-
-        return train(spec, log)
-
-    def build_model(self, spec: Any) -> nn.Module:
-        from servekit.build.architectures import build_architecture
-
-        if not isinstance(spec.architecture, str):
-            return spec.architecture.build(len(spec.labels))  # the user's module or a torchvision builder
-        return build_architecture(spec.architecture, len(spec.labels))
-
-    def example_input(self, spec: Any) -> torch.Tensor:
-        return torch.zeros((1, *spec.preprocessing.input_shape))
-
-    def convert(self, model: nn.Module, spec: Any, log: Log) -> nn.Module:
-        from servekit.build import convert
-
-        if spec.precision == "int8":
-            return convert.quantize_static(model, spec, log)
-        if spec.precision == "bf16":
-            return convert.to_bf16(model)
-        raise ValueError(f"precision: {spec.precision!r} is not a reduced precision of {self.handler}")
-
-    def evaluation_data(self, spec: Any) -> Sized | None:
-        from servekit.build.convert import evaluation_set
-        from servekit.build.datasets import images
-
-        data = evaluation_set(spec)
-        if data is None:
-            return None
-        sizes = [image.size for image in images(spec, spec.evaluation, "holdout").images]
-        return ImageEvaluation(*data, sizes)
-
-    def evaluate(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> float:
-        from servekit.build.convert import top1_accuracy
-
-        return top1_accuracy(program, data.inputs, data.labels)
-
-    def drift_reference(self, program: Callable[[torch.Tensor], Any], data: Any, spec: Any) -> dict | None:
-        from servekit.build.reference import drift_reference
-
-        return drift_reference(
-            program, data.inputs, spec.labels, data.sizes, spec.preprocessing.mean, spec.preprocessing.std,
-            f"{spec.data_source} holdout",
-        )  # fmt: skip
-
-    def golden_from_data(self, data: Any) -> list[tuple[str, str, bytes]]:
-        return [(f"{label}_{Path(path).name}", label, Path(path).read_bytes()) for path, label in data.golden()]
-
-
-class ImageEvaluation:
-    """The held-out images, preprocessed as the handler does, their labels and the decoded sizes."""
-
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
-        self.inputs, self.labels, self.sizes = inputs, labels, sizes
-
-    def __len__(self) -> int:
-        return len(self.labels)

@@ -20,7 +20,7 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.datasets import LabelledImages, images
 from servekit.build.spec import ModelVersionSpec
 from servekit.errors import ServekitError
-from servekit.ops.store import file_sha256
+from servekit.serving.store import file_sha256
 
 TRAIN_SIZES = (16, 32, 64)  # render training digits at several sizes: users send any size
 

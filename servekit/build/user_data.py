@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from servekit.build.splits import LabelledImages, TabularData
+
 DATA = "data"  # the name the rest of the spec calls the user's data by
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLITS = {"train": "train", "holdout": "val"}  # the build's split names -> the folder's
@@ -167,10 +169,8 @@ def _decoded(folder: ImageFolder, split: str, limits: Any) -> tuple[tuple, tuple
     return tuple(images), tuple(labels)
 
 
-def folder_split(folder: ImageFolder, split: str, limits: Any):
+def folder_split(folder: ImageFolder, split: str, limits: Any) -> LabelledImages:
     """The ``train`` or ``holdout`` (val) split as ``LabelledImages``, decoded once per build process."""
-    from servekit.build.datasets import LabelledImages
-
     images, labels = _decoded(folder, split, limits)
     return LabelledImages(images, labels)
 
@@ -203,9 +203,7 @@ class CsvTable:
     def source(self) -> str:
         return f"CSV {Path(self.csv).name}" + (f" + {Path(self.val_csv).name}" if self.val_csv else "")
 
-    def split(self, split: str):
-        from servekit.build.tabular import TabularData
-
+    def split(self, split: str) -> TabularData:
         x, y = {"train": (self.x_train, self.y_train), "holdout": (self.x_val, self.y_val)}[split]
         return TabularData(x, y, self.feature_names, self.labels)
 

@@ -51,19 +51,17 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.ops.store import archive_name, file_sha256
 from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
 from servekit.perf.photos import camera_jpeg, decode_ceiling
+from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WEIGHTS_NOTE, WORKDIR, make_weights
 from servekit.perf.stats import percentile
 from servekit.perf.sweep import Target, sweep_bars, worker_sweep
+from servekit.serving.client import TorchServeClient
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.serving.store import archive_name, file_sha256
 
-WORKDIR = REPO_ROOT / "build" / "bench"
 CAMERA_VARIANTS = ("stock", "int8")  # also served a 4000x3000 phone photo (issue: camera photos)
 CAMERA_MIN_RATIO = 0.35  # the 4000x3000 rate over the 640x480 rate, INT8
-SPEC_TEMPLATE = REPO_ROOT / "bench" / "models.yaml"
-WEIGHTS_NOTE = "ResNet-18 with random-initialised weights (seed 0): speed does not depend on the weight values"
 STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
 STOCK_ARCHIVE = archive_name(STOCK_MODEL, STOCK_VERSION)  # <name>_v<version>.mar: the only form the guard registers
 OIP_MIN_RATIO = 0.90  # the bar: OIP binary costs at most 10 % of the req/s of /predictions
@@ -99,15 +97,6 @@ def make_photo(path: Path) -> bytes:
     image.save(buffer, "JPEG", quality=90)
     path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
-
-
-def make_weights(path: Path) -> None:
-    import torchvision
-
-    (path.parent / "labels.json").write_text(json.dumps([f"class_{i}" for i in range(1000)]))
-    if not path.is_file():
-        torch.manual_seed(0)
-        torch.save(torchvision.models.resnet18().state_dict(), path)
 
 
 STOCK_MODEL_FILE = '''"""ResNet-18 as a class with a no-argument constructor, as TorchServe's stock handler expects."""
@@ -1005,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
 
     log(f"step 1/4: archives ({WEIGHTS_NOTE})")
-    make_weights(WORKDIR / "resnet18_random.pt")
+    make_weights(WORKDIR / WEIGHTS_FILE)
     jpeg = make_photo(WORKDIR / "photo_640x480.jpg")
     specs = {s.precision: s for s in load_spec(args.spec)}
     if "bf16" in specs and not native_bf16():
@@ -1013,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
         specs.pop("bf16")
     store = WORKDIR / "store"
     build_all(list(specs.values()), store, WORKDIR / "cache", force=True)
-    build_stock_archive(WORKDIR / "resnet18_random.pt", store)
+    build_stock_archive(WORKDIR / WEIGHTS_FILE, store)
     tabular_specs = select(load_spec(REPO_ROOT / "models.yaml"), TABULAR_MODEL, None)
     build_all(tabular_specs, store, REPO_ROOT / "build" / "cache", force=True)  # trained weights: the repo's cache
     tabular_body(WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json")

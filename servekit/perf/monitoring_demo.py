@@ -1,4 +1,4 @@
-"""A real run for the README's Monitoring figure: two versions, then drift, watched by a real Prometheus.
+"""The real run in docs/monitoring.md ("In practice"): two versions, then drift, watched by a real Prometheus.
 
     make monitor-demo      # about 4 minutes; loopback only; stops everything it started
 
@@ -32,14 +32,14 @@ import requests
 
 from servekit.build.archive import REPO_ROOT
 from servekit.build.datasets import digits
-from servekit.ops.drift import ReferenceCache
-from servekit.ops.metrics_source import PrometheusAPI
-from servekit.ops.monitor import PrometheusServer, ScrapeTarget
-from servekit.ops.oip import read_archive_metadata
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.ops.top import PrometheusView, render
+from servekit.observe.drift import ReferenceCache
+from servekit.observe.metrics_source import PrometheusAPI
+from servekit.observe.top import PrometheusView, render
 from servekit.perf.bench import machine
 from servekit.progress import Progress
+from servekit.serving.monitor import PrometheusServer, ScrapeTarget
+from servekit.serving.oip import read_archive_metadata
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
 
 WORKDIR = REPO_ROOT / "build" / "monitoring_demo"
 WARM_S = 60.0  # traffic before the plotted span
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         frame = render(view.snapshot())
         (args.out / "monitoring_top.txt").write_text(frame + "\n")
         drift = subprocess.run(
-            [sys.executable, "-m", "servekit.ops.cli", "--prometheus-url", prometheus.url, "--store", str(store),
+            [sys.executable, "-m", "servekit.cli", "--prometheus-url", prometheus.url, "--store", str(store),
              "--metrics-url", server.url("oip_http", "/metrics"), "drift", "digits", "2.0", "--source", "prometheus"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from handlers.cpu_budget import ENV_REGISTRY
 from handlers.metrics import SWITCH
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from servekit.perf.sweep import Target
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
 
 MAX_OVERHEAD = 0.05  # the bar: metrics cost at most 5 % of req/s
 ORDER = ("on", "off", "off", "on")

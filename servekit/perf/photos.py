@@ -496,10 +496,10 @@ def resnet18_int8_program(workdir: Path) -> Callable:
     from handlers.model_loading import load_model
     from servekit.build.archive import build_all
     from servekit.build.spec import load_spec
-    from servekit.perf.bench import SPEC_TEMPLATE, WORKDIR, make_weights
+    from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WORKDIR, make_weights
 
     WORKDIR.mkdir(parents=True, exist_ok=True)
-    make_weights(WORKDIR / "resnet18_random.pt")
+    make_weights(WORKDIR / WEIGHTS_FILE)
     spec = next(s for s in load_spec(SPEC_TEMPLATE) if s.precision == "int8")
     store = workdir / "store"
     build_all([spec], store, workdir / "cache")

@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient
-from servekit.ops.server import ADDRESS_KEYS, REPO_ROOT, TorchServeProcess, free_port
-from servekit.ops.store import archive_name
 from servekit.perf.stats import ms, percentile
+from servekit.serving.client import TorchServeClient
+from servekit.serving.server import ADDRESS_KEYS, REPO_ROOT, TorchServeProcess, free_port
+from servekit.serving.store import archive_name
 
 SAMPLES = REPO_ROOT / "samples"
 

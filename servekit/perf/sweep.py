@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.client import TorchServeClient
+from servekit.serving.client import TorchServeClient
 
 WORKER_COUNTS = (1, 2, 3, 4)
 

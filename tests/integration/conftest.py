@@ -7,16 +7,18 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from servekit.ops.client import TorchServeClient
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
-from servekit.ops.store import archive_name
+from servekit.deploy.proxy import NginxProxy
+from servekit.serving.client import TorchServeClient
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.serving.store import archive_name
 
 
 @contextlib.contextmanager
@@ -99,22 +101,74 @@ def send_together(items: list, send: Callable[..., requests.Response]) -> list[r
     return responses
 
 
-def operator_cli(
-    server: TorchServeProcess, store: Path, repo_root: Path, state: Path
-) -> Callable[..., subprocess.CompletedProcess]:
-    """``servekit ...`` against ``server`` and ``store``, its history and proxy files under ``state``."""
+@dataclass(frozen=True)
+class OperatorCli:
+    """The ``servekit`` command line of a test: against ``server`` (None: a command that needs none, such as
+    ``bundle``) and ``store``, with its history, state lock and proxy files under ``state``, never the
+    repository's ``var/``.
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        command = [
-            sys.executable, "-m", "servekit.ops.cli",
+    ``options``: more of the command's own flags, given before every subcommand (``--metrics-url``);
+    a call's ``options`` come after them and win (argparse keeps the last one). ``proxy_port``: where
+    ``servekit proxy start`` listens; ``proxy`` is that nginx, for the test to read and stop.
+
+        cli = operator_cli(server, store, repo_root, tmp_path, "--metrics-url", url, proxy_port=free_port())
+        cli("status", "--json")                                   # a CompletedProcess (text, never raises)
+        cli("register", "digits", "2.0", options=["--store", str(other)])
+        process = cli.start("rollout", "digits", "2.0")           # a Popen with stdout/stderr piped
+    """
+
+    server: TorchServeProcess | None
+    store: Path
+    repo_root: Path
+    state: Path
+    options: tuple[str, ...] = ()
+    proxy_port: int | None = None
+
+    @property
+    def history(self) -> Path:
+        return self.state / "deployments.jsonl"
+
+    @property
+    def proxy_dir(self) -> Path:
+        return self.state / "proxy"
+
+    @property
+    def proxy(self) -> NginxProxy:
+        assert self.server is not None, "a proxy needs the server it forwards to"
+        assert self.proxy_port is not None, "operator_cli(..., proxy_port=PORT)"
+        return NginxProxy(self.proxy_dir, self.proxy_port, self.server.url("inference").split("//")[1])
+
+    def argv(self, *args: str, options: Sequence[str] = ()) -> list[str]:
+        server = self.server
+        address = [] if server is None else [
             "--management-url", server.url("management"), "--inference-url", server.url("inference"),
-            "--key-file", str(server.key_file), "--store", str(store),
-            "--history", str(state / "deployments.jsonl"), "--proxy-dir", str(state / "proxy"),
-            *args,
+            "--key-file", str(server.key_file),
         ]  # fmt: skip
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
+        proxy = [] if self.proxy_port is None else ["--proxy-port", str(self.proxy_port)]
+        return [
+            sys.executable, "-m", "servekit.cli", *address, "--store", str(self.store), "--history", str(self.history),
+            "--proxy-dir", str(self.proxy_dir), *proxy, *self.options, *options, *args,
+        ]  # fmt: skip
 
-    return run
+    def __call__(self, *args: str, options: Sequence[str] = (), timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args, options=options), capture_output=True, text=True, timeout=timeout,
+                              check=False, cwd=self.repo_root)  # fmt: skip
+
+    def start(self, *args: str, options: Sequence[str] = ()) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*args, options=options), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=self.repo_root)  # fmt: skip
+
+
+def operator_cli(
+    server: TorchServeProcess | None,
+    store: Path,
+    repo_root: Path,
+    state: Path,
+    *options: str,
+    proxy_port: int | None = None,
+) -> OperatorCli:
+    """``servekit ...`` against ``server`` and ``store``, its files under ``state``: see ``OperatorCli``."""
+    return OperatorCli(server, store, repo_root, state, options, proxy_port)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -39,9 +39,10 @@ from typing import ClassVar
 
 import requests
 
-from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.processes import children, command_line, process_table
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.nginx import NginxError, NginxInstance, config_head
+from servekit.serving.processes import children, command_line, process_table
+from servekit.serving.server import TorchServeProcess
+from tests.integration.conftest import operator_cli
 
 CONTAINER_HOME = "/home/model-server"
 REPO = Path(__file__).resolve().parents[2]
@@ -73,10 +74,13 @@ def free_ports(count: int) -> list[int]:
 
 
 def make_bundle(out: Path, model_store: Path, *options: str) -> dict:
-    """``servekit bundle --out OUT`` from ``model_store`` (``options``: the generator's selection flags)."""
-    command = [sys.executable, "-m", "servekit.ops.cli", "bundle", "--out", str(out), "--store", str(model_store)]
-    result = subprocess.run([*command, *options], capture_output=True, text=True, timeout=120, check=False, cwd=REPO)
-    assert result.returncode == 0, f"{' '.join(command[3:] + list(options))} failed: {result.stderr}"
+    """``servekit bundle --out OUT`` from ``model_store`` (``options``: the generator's selection flags).
+
+    No server; the deployment state it maps canaries from is an empty one beside ``out``, never ``var/proxy``.
+    """
+    cli = operator_cli(None, model_store, REPO, out.with_name(f"{out.name}.state"))
+    result = cli("bundle", "--out", str(out), *options, timeout=120)
+    assert result.returncode == 0, f"bundle --out {out} {' '.join(options)} failed: {result.stderr}"
     return record_of(out)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.client import TorchServeClient
+from servekit.serving.client import TorchServeClient
 from tests.integration.conftest import Client
 
 MANAGEMENT_CALLS = [

@@ -24,7 +24,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import yaml
 
-from servekit.ops.server import read_properties
+from servekit.serving.server import read_properties
 from tests.integration.pods import Pod, make_bundle, pod_timing, record_of
 
 pytestmark = pytest.mark.integration
@@ -137,7 +137,7 @@ def test_sigterm_turns_readiness_false_drains_and_leaves_nothing(pod: Pod) -> No
     grace = pod_timing(pod.record)["grace_s"]
     pod.note_processes()
     running = [line for _, line in pod.owned().values()]
-    for part in ("org.pytorch.serve.ModelServer", "servekit.ops.oip", "nginx: master process"):
+    for part in ("org.pytorch.serve.ModelServer", "servekit.serving.oip", "nginx: master process"):
         assert any(part in line for line in running), f"no {part} among the pod's processes: {running}"
 
     pod.terminate()

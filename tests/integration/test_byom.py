@@ -41,8 +41,8 @@ from handlers.config import HandlerConfig
 from handlers.model_loading import load_model
 from handlers.tabular import TabularConfig
 from servekit.build.user_data import csv_table
-from servekit.ops.server import TorchServeProcess
-from servekit.ops.store import archive_name
+from servekit.serving.server import TorchServeProcess
+from servekit.serving.store import archive_name
 from tests.byom_project import PREPROCESSING, shapes_model, shapes_project, wine_csv, write_spec
 from tests.integration.conftest import (
     Client,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from handlers.cpu_budget import ENV_CGROUP_ROOT, ENV_LEND, ENV_REGISTRY, cpu_budget, live_members, share
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.integration.conftest import Client, running_torchserve
 
 SETTLE_S = 60.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import yaml
 
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec, select
-from servekit.ops.server import TorchServeProcess, free_port
-from tests.integration.conftest import one_error_line, running_torchserve
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import OperatorCli, one_error_line, operator_cli, running_torchserve
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Iterator[To
 
 
 @pytest.fixture
-def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path):
-    history = tmp_path / "deployments.jsonl"  # the state lock lives beside it: one per test
-
-    def run(*args: str, store_dir: Path = store, management: str | None = None) -> subprocess.CompletedProcess:
-        command = [
-            sys.executable, "-m", "servekit.ops.cli",
-            "--management-url", management or server.url("management"),
-            "--inference-url", server.url("inference"),
-            "--key-file", str(server.key_file),
-            "--store", str(store_dir),
-            "--history", str(history),
-            "--proxy-dir", str(tmp_path / "proxy"),  # never the repository's var/proxy
-            *args,
-        ]  # fmt: skip
-        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
-
-    run.history = history
-    return run
+def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path: Path) -> OperatorCli:
+    return operator_cli(server, store, repo_root, tmp_path)  # the state lock lives beside its history: one per test
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -184,7 +167,7 @@ def test_register_refuses_an_archive_whose_sha256_differs(cli, store: Path, tmp_
     tampered.mkdir()
     shutil.copyfile(store / "manifest.json", tampered / "manifest.json")
     (tampered / "digits_v2.0.mar").write_bytes((store / "digits_v2.0.mar").read_bytes() + b"\0")
-    line = one_error_line(cli("register", "digits", "2.0", store_dir=tampered))
+    line = one_error_line(cli("register", "digits", "2.0", options=["--store", str(tampered)]))
     assert "sha256 mismatch for digits_v2.0.mar" in line
     assert "digits  2.0" not in ok(cli("status"))
 
@@ -203,5 +186,5 @@ def test_error_paths_print_one_line(cli, args: tuple[str, ...], message: str) ->
 
 
 def test_torchserve_down_is_one_line(cli) -> None:
-    line = one_error_line(cli("status", management=f"http://127.0.0.1:{free_port()}"))
+    line = one_error_line(cli("status", options=["--management-url", f"http://127.0.0.1:{free_port()}"]))
     assert "TorchServe is not reachable at http://127.0.0.1:" in line

@@ -30,8 +30,8 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from servekit.build.detection import Page, evaluation_pages
-from servekit.ops.server import TorchServeProcess
-from servekit.ops.store import archive_name
+from servekit.serving.server import TorchServeProcess
+from servekit.serving.store import archive_name
 from tests.integration.conftest import Client, default_version, ok, operator_cli, running_torchserve, send_together
 
 pytestmark = pytest.mark.integration

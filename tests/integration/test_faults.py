@@ -31,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from tests.integration.conftest import Client
 
 CONCURRENCY = 4  # client threads in the kill test, each with at most one request outstanding
@@ -196,7 +196,7 @@ def test_restart_restores_versions_workers_and_default(
     assert snapshot.name.endswith("-shutdown.cfg"), snapshot
 
     # Same workdir, model store and ports; no load_models: the launcher carries the shutdown
-    # snapshot's registrations into today's configuration (servekit.ops.server.apply_snapshot).
+    # snapshot's registrations into today's configuration (servekit.serving.server.apply_snapshot).
     second = TorchServeProcess(
         workdir=workdir, model_store=store, ports=first.ports, load_models="", snapshots=True, restore=True
     )

@@ -2,7 +2,7 @@
 one address cannot take every request slot, and every answer the front writes itself is ``{"error": ...}`` JSON.
 
 The front is what is under test, so it runs for real (``OipFront``: nginx, its own health listener)
-in front of the gateway's real HTTP side (``servekit.ops.oip.http_server``, over a stand-in TorchServe
+in front of the gateway's real HTTP side (``servekit.serving.oip.http_server``, over a stand-in TorchServe
 client) and a small stand-in for TorchServe's inference API, all on loopback: no TorchServe and no
 model, so the module starts in about a second. Hostile requests are written on plain sockets (no
 HTTP client sends a NUL, a garbage request line or 101 headers), and every answer is read within a
@@ -25,9 +25,10 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from servekit.ops.oip import Gateway, http_server
-from servekit.ops.oip_service import CLIENT_LIMIT, DEFAULT_MAX_BODY, HEADER_TIMEOUT, OipFront
-from servekit.ops.processes import free_port
+from servekit.serving.oip import Gateway, http_server
+from servekit.serving.oip_service import CLIENT_LIMIT, DEFAULT_MAX_BODY, HEADER_TIMEOUT, OipFront
+from servekit.serving.processes import free_port
+from tests.fake_server import serving
 
 pytestmark = pytest.mark.integration
 
@@ -84,18 +85,6 @@ class _Client:
     def send(self, kind: str, method: str, path: str, **kwargs: object) -> SimpleNamespace:
         assert (kind, method, path) == ("inference", "GET", "/ping")
         return SimpleNamespace(status_code=200)
-
-
-@contextlib.contextmanager
-def serving(server: ThreadingHTTPServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import psutil
 import pytest
 import requests
 
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.hostile_corpus import JSON_FORM, MULTIPART, OIP_FORM, RAW, Case, corpus, digit_png
 from tests.hostile_corpus_oip import oip_image_body
 from tests.integration import survival

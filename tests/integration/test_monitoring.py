@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,9 +20,9 @@ import pytest
 import requests
 
 from servekit.build.datasets import digits
-from servekit.ops.monitor import PrometheusServer, ScrapeTarget
-from servekit.ops.server import free_port
-from tests.integration.conftest import Client, running_torchserve
+from servekit.serving.monitor import PrometheusServer, ScrapeTarget
+from servekit.serving.server import free_port
+from tests.integration.conftest import Client, operator_cli, running_torchserve
 
 DRIFT_ALERT_WAIT_S = 150  # the alert's `for: 30s`, 15 s of rule evaluation and scrapes, and a loaded CI machine
 
@@ -127,7 +125,9 @@ def test_prometheus_holds_exactly_the_traffic_each_real_version_answered(stack, 
     assert all(v == 1 for v in query(stack, "up").values())
 
 
-def test_drift_is_reported_and_alerted_for_skewed_traffic_only(stack, samples_dir: Path, model_store: Path) -> None:
+def test_drift_is_reported_and_alerted_for_skewed_traffic_only(
+    stack, samples_dir: Path, model_store: Path, repo_root: Path, tmp_path: Path
+) -> None:
     holdout = digits("holdout")
     balanced = [png(image) for image in holdout.images[:150]]
     skewed = [(samples_dir / "digit_1.png").read_bytes()] * 130
@@ -136,15 +136,19 @@ def test_drift_is_reported_and_alerted_for_skewed_traffic_only(stack, samples_di
     expected = sum(len(answers) for answers in stack.sent.values())
     wait_for(stack, "sum(servekit_request_seconds_count)", expected)
 
+    cli = operator_cli(
+        stack.server,
+        model_store,
+        repo_root,
+        tmp_path,
+        "--metrics-url",
+        stack.server.url("oip_http", "/metrics"),
+        "--prometheus-url",
+        stack.prometheus.url,
+    )
+
     def drift(version: str, source: str) -> tuple[int, dict]:
-        server = stack.server
-        result = subprocess.run(
-            [sys.executable, "-m", "servekit.ops.cli", "--metrics-url", server.url("oip_http", "/metrics"),
-             "--prometheus-url", stack.prometheus.url, "--store", str(model_store),
-             "--management-url", server.url("management"), "--key-file", str(server.key_file),
-             "drift", "digits", version, "--source", source, "--json"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        result = cli("drift", "digits", version, "--source", source, "--json", timeout=60)
         assert result.returncode in (0, 3), result.stderr
         return result.returncode, json.loads(result.stdout)
 

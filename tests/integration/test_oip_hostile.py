@@ -32,7 +32,7 @@ import psutil
 import pytest
 import requests
 
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.hostile_corpus_oip import BINARY_HEADER, V1, GoodRequest, OipCase, corpus, good_request, summary
 from tests.integration import survival
 from tests.integration.conftest import Client, running_torchserve

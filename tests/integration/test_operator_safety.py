@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,50 +18,39 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.proxy import NginxProxy, render_config
-from servekit.ops.server import TorchServeProcess, free_port
-from servekit.ops.state_lock import StateLock
-from tests.integration.conftest import one_error_line, running_torchserve
+from servekit.deploy.proxy import NginxProxy, render_config
+from servekit.deploy.state_lock import StateLock
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import OperatorCli, one_error_line, operator_cli, running_torchserve
 
 
 @dataclass
 class Operator:
-    """Runs ``servekit`` against this module's TorchServe and proxy, each call in its own process."""
+    """Runs ``servekit`` (``operator_cli``) against this module's TorchServe and proxy, each call in its own process."""
 
-    server: TorchServeProcess
-    store: Path
-    state: Path
-    port: int
-    repo_root: Path
+    cli: OperatorCli
+
+    @property
+    def server(self) -> TorchServeProcess:
+        return self.cli.server
+
+    @property
+    def state(self) -> Path:
+        return self.cli.state
 
     @property
     def history(self) -> Path:
-        return self.state / "history.jsonl"
+        return self.cli.history
 
     @property
     def proxy(self) -> NginxProxy:
-        return NginxProxy(self.state / "proxy", self.port, self.server.url("inference").split("//")[1])
-
-    def command(self, *args: str, history: Path | None = None) -> list[str]:
-        return [
-            sys.executable, "-m", "servekit.ops.cli",
-            "--management-url", self.server.url("management"), "--inference-url", self.server.url("inference"),
-            "--key-file", str(self.server.key_file), "--store", str(self.store),
-            "--history", str(history or self.history), "--proxy-dir", str(self.state / "proxy"),
-            "--proxy-port", str(self.port),
-            *args,
-        ]  # fmt: skip
+        return self.cli.proxy
 
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.repo_root
-        )
+        return self.cli.start(*args)
 
     def run(self, *args: str, history: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            self.command(*args, history=history),
-            capture_output=True, text=True, timeout=300, check=False, cwd=self.repo_root,
-        )  # fmt: skip
+        return self.cli(*args, options=["--history", str(history)] if history is not None else [])
 
     def ok(self, *args: str, history: Path | None = None) -> str:
         result = self.run(*args, history=history)
@@ -101,7 +89,8 @@ def history_events(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def op(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root: Path) -> Iterator[Operator]:
     with running_torchserve(tmp_path_factory.mktemp("torchserve"), model_store) as server:
-        operator = Operator(server, model_store, tmp_path_factory.mktemp("deploy"), free_port(), repo_root)
+        state = tmp_path_factory.mktemp("deploy")
+        operator = Operator(operator_cli(server, model_store, repo_root, state, proxy_port=free_port()))
         operator.ok("register", "digits", "2.0")
         operator.ok("proxy", "start")
         try:

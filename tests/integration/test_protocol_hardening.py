@@ -48,7 +48,7 @@ import psutil
 import pytest
 import requests
 
-from servekit.ops.server import TorchServeProcess, free_port
+from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration import survival
 from tests.integration import test_front_hardening as front_cases
 from tests.integration.conftest import Client, running_torchserve

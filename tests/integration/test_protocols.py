@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from handlers.transforms import ImagePreprocessor
 from servekit.build.spec import load_spec
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.integration.conftest import Client, running_torchserve
 
 pytestmark = pytest.mark.integration

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,12 +13,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.logkeeper import backup_path
-from servekit.ops.processes import children, pid_matches
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.rollout import RequestLog
-from servekit.ops.server import TorchServeProcess, free_port
-from tests.integration.conftest import running_torchserve
+from servekit.deploy.proxy import NginxProxy
+from servekit.deploy.rollout import RequestLog
+from servekit.serving.logkeeper import backup_path
+from servekit.serving.processes import children, pid_matches
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import operator_cli, running_torchserve
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +29,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path) -> Itera
 
 @pytest.fixture(scope="module")
 def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    state = tmp_path_factory.mktemp("deploy")
-    port = free_port()
+    operator = operator_cli(server, model_store, repo_root, tmp_path_factory.mktemp("deploy"), proxy_port=free_port())
 
     def run(*args: str, fails: bool = False) -> str:
-        command = [
-            sys.executable, "-m", "servekit.ops.cli",
-            "--management-url", server.url("management"), "--inference-url", server.url("inference"),
-            "--key-file", str(server.key_file), "--store", str(model_store),
-            "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
-            *args,
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=repo_root)
+        result = operator(*args)
         if fails:
             assert result.returncode == 1, result.stdout
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -50,7 +40,7 @@ def cli(server: TorchServeProcess, model_store: Path, repo_root: Path, tmp_path_
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    run.proxy = NginxProxy(state / "proxy", port, server.url("inference").split("//")[1])
+    run.proxy = operator.proxy
     run("register", "digits", "2.0")
     run("proxy", "start")
     try:
@@ -134,7 +124,7 @@ def test_proxy_passes_the_token_through(cli, samples_dir: Path) -> None:
 
 def test_refused_changes_leave_the_running_configuration_alone(cli) -> None:
     config = cli.proxy.conf.read_text()
-    assert config.startswith("# Written by servekit.ops.proxy")
+    assert config.startswith("# Written by servekit.deploy.proxy")
     assert "percent must be between 0 and 100" in cli("canary", "digits", "2.0", "--percent", "150", fails=True)
     assert "digits has no registered version '7.7'" in cli("canary", "digits", "7.7", "--percent", "10", fails=True)
     assert cli.proxy.conf.read_text() == config

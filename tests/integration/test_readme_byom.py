@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.integration.conftest import running_torchserve
 
 pytestmark = pytest.mark.integration

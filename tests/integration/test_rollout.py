@@ -17,7 +17,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +28,8 @@ import yaml
 
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.server import TorchServeProcess, free_port
-from tests.integration.conftest import one_error_line, running_torchserve
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import one_error_line, operator_cli, running_torchserve
 
 STEPS = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
 FAST = (*STEPS, "--source", "proxy-log")
@@ -64,23 +62,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Iterator[To
 
 @pytest.fixture(scope="module")
 def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    state = tmp_path_factory.mktemp("deploy")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "servekit.ops.cli",
-        "--management-url", server.url("management"), "--inference-url", server.url("inference"),
-        "--key-file", str(server.key_file), "--store", str(store),
-        "--history", str(state / "history.jsonl"), "--proxy-dir", str(state / "proxy"), "--proxy-port", str(port),
+    run = operator_cli(
+        server, store, repo_root, tmp_path_factory.mktemp("deploy"),
         "--metrics-url", server.url("oip_http", "/metrics"), "--prometheus-url", f"http://127.0.0.1:{free_port()}",
-    ]  # fmt: skip
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, check=False,
-                              cwd=repo_root)  # fmt: skip
-
-    run.command = command
-    run.proxy = NginxProxy(state / "proxy", port, server.url("inference").split("//")[1])
-    run.history = state / "history.jsonl"
+        proxy_port=free_port(),
+    )  # fmt: skip
     assert run("proxy", "start").returncode == 0
     try:
         yield run
@@ -144,7 +130,7 @@ def logged_errors(cli) -> set[str]:
 
 def test_a_version_failing_some_inputs_is_rolled_back_at_the_first_step(cli, traffic: Traffic) -> None:
     result = cli("rollout", "digits", "3.0", *FAST)
-    print(result.stdout + result.stderr)  # the README's transcript
+    print(result.stdout + result.stderr)  # docs/operating.md's transcript ("Rolling out a version")
     error = one_error_line(result)
     assert "rollout of digits 3.0 aborted at 25%: step 1 (25%): canary error rate" in error, error
     assert error.endswith("canary removed, default unchanged"), error
@@ -197,10 +183,7 @@ def status_while_running(cli, process: subprocess.Popen, percent: int) -> dict:
 
 
 def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic, repo_root: Path) -> None:
-    process = subprocess.Popen(
-        [*cli.command, "rollout", "digits", "2.0", "--steps", "25,100", "--step-seconds", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo_root,
-    )  # fmt: skip
+    process = cli.start("rollout", "digits", "2.0", "--steps", "25,100", "--step-seconds", "60")
     try:
         status = status_while_running(cli, process, 25)  # the first step is live
         assert cli.proxy.state()["routes"]["digits"]["canary"] == {"version": "2.0", "percent": 25}
@@ -209,7 +192,7 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
         assert status["source"] == "metrics"  # auto: no Prometheus at the address given, the metrics page answers
         assert status["settings_from"]["min_requests"] == "spec"  # models.yaml's rollout: section
         shown = cli("rollout", "--status", "digits").stdout.splitlines()
-        print("\n".join(["$ servekit rollout --status digits", *shown]))  # the README's transcript
+        print("\n".join(["$ servekit rollout --status digits", *shown]))  # docs/operating.md's transcript
         assert shown[0].startswith(f"rollout of digits 2.0: running (pid {process.pid}), step 1/2 at 25% for "), shown
         assert shown[1].startswith("  window "), shown
         time.sleep(1)
@@ -235,7 +218,7 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
 def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: Traffic) -> None:
     result = cli("rollout", "digits", "2.0", *FAST)
     assert result.returncode == 0, result.stderr
-    print(result.stdout)  # the README's transcript
+    print(result.stdout)  # docs/operating.md's transcript ("Rolling out a version")
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%, figures from proxy-log"
     assert lines[1] == (
@@ -263,10 +246,7 @@ def test_a_good_version_judged_from_the_handler_metrics_is_promoted_and_status_s
     version = "1.0" if before == "2.0" else "2.0"  # the other built version, whichever is the default now
     # The source is under test here, not the latency gate: with 10 to 20 canary requests a step, the p99 of
     # the handler's histogram is its slowest bucket's, and this machine is shared; 3 leaves room for that.
-    process = subprocess.Popen(
-        [*cli.command, "rollout", "digits", version, *STEPS, "--source", "metrics", "--max-p99-ratio", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo_root,
-    )  # fmt: skip
+    process = cli.start("rollout", "digits", version, *STEPS, "--source", "metrics", "--max-p99-ratio", "3")
     try:
         running = status_while_running(cli, process, 25)
         during = cli("rollout", "--status", "digits").stdout  # human form; the step may have moved on meanwhile

@@ -16,8 +16,8 @@ import pytest
 from servekit.build.archive import build_version
 from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
-from servekit.ops.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from servekit.serve import serve
+from servekit.serving.server import ADDRESS_KEYS, TorchServeProcess, free_port
 from tests.byom_project import wine_csv, write_spec
 
 pytestmark = pytest.mark.integration

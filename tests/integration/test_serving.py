@@ -1,4 +1,5 @@
-"""The README's flow against a real TorchServe: predict, register, scale, set-default, metrics."""
+"""README's "Try it" and docs/operating.md's "The same steps through TorchServe's own API", against a real
+TorchServe: predict, register, scale, set-default, metrics."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Registration is confined to the model store; restarts apply today's configuration; tampered archives never serve.
 
-Against a real TorchServe behind the management guard (servekit.ops.guard, a real nginx):
+Against a real TorchServe behind the management guard (servekit.serving.guard, a real nginx):
 
 - every escape the review found is refused with a JSON 4xx: a ``model_store`` folder elsewhere,
   ``?`` and ``#`` tricks that made TorchServe copy any readable file into the store, percent-encoded
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servekit.ops.server import ADDRESS_KEYS, ServerError, TorchServeProcess, free_port
+from servekit.serving.server import ADDRESS_KEYS, ServerError, TorchServeProcess, free_port
 from tests.integration.conftest import Client, running_torchserve
 
 MARKER_CODE = "\nimport pathlib\npathlib.Path({marker!r}).write_text('planted code ran')\n"

@@ -24,8 +24,8 @@ import yaml
 from handlers.model_loading import load_model
 from handlers.tabular import TabularConfig
 from servekit.build.tabular import breast_cancer
-from servekit.ops.server import TorchServeProcess
-from servekit.ops.store import archive_name
+from servekit.serving.server import TorchServeProcess
+from servekit.serving.store import archive_name
 from tests import hostile_corpus_tabular as corpus
 from tests.integration.conftest import Client, default_version, ok, operator_cli, running_torchserve, send_together
 

@@ -26,7 +26,7 @@ import pytest
 import requests
 import torch
 
-from servekit.ops.server import TorchServeProcess
+from servekit.serving.server import TorchServeProcess
 from tests.integration.conftest import Client, default_version, ok, operator_cli, running_torchserve, send_together
 
 pytestmark = pytest.mark.integration

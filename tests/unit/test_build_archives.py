@@ -16,7 +16,7 @@ import yaml
 from servekit.build.archive import build_all
 from servekit.build.spec import load_spec
 from servekit.build.training import BuildError
-from servekit.ops.store import file_sha256, read_manifest
+from servekit.serving.store import file_sha256, read_manifest
 
 LABELS = [f"class_{i}" for i in range(10)]
 

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from servekit.build.spec import load_spec
+from servekit.cli import main
 from servekit.deploy.bundle import (
     Bundle,
     BundleError,
@@ -37,9 +38,8 @@ from servekit.deploy.bundle import (
     parse_models,
     write_bundle,
 )
-from servekit.ops.cli import main
-from servekit.ops.state import DeploymentState, write_state
-from servekit.ops.store import file_sha256, read_manifest, verify_store
+from servekit.deploy.state import DeploymentState, write_state
+from servekit.serving.store import file_sha256, read_manifest, verify_store
 
 pytestmark = pytest.mark.unit
 
@@ -154,7 +154,7 @@ def test_src_holds_every_package_that_pyproject_installs(bundle: Bundle) -> None
 def test_bundle_json_records_what_the_pod_runs(bundle: Bundle) -> None:
     r = bundle.record
     assert r["entrypoint"] == [
-        "python", "-m", "servekit.ops.server", "run", "--config", "/home/model-server/config/config.properties",
+        "python", "-m", "servekit.serving.server", "run", "--config", "/home/model-server/config/config.properties",
         "--model-store", "/home/model-server/model-store", "--workdir", "/home/model-server/var",
         "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083", "--health-port", "8004",
     ]  # fmt: skip

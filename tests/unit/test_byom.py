@@ -23,7 +23,7 @@ from servekit.build.architectures import ARCHITECTURES
 from servekit.build.archive import build_version
 from servekit.build.spec import ModelVersionSpec, SpecError, load_spec
 from servekit.build.training import BuildError
-from servekit.ops.store import read_manifest
+from servekit.serving.store import read_manifest
 from tests.byom_project import EXAMPLE, shapes_model, shapes_project, wine_csv, write_spec
 
 SHAPES = ["circle", "square", "triangle"]

@@ -14,8 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from servekit.ops.client import TorchServeClient, TorchServeError, read_keys, token_refused
-from servekit.ops.server import free_port
+from servekit.serving.client import TorchServeClient, TorchServeError, read_keys, token_refused
+from servekit.serving.server import free_port
+from tests.fake_server import serving
 
 REFUSAL = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed. Token either incorrect"}
 
@@ -94,14 +95,8 @@ class FakeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeTorchServe]:
-    server = FakeTorchServe(tmp_path / "key_file.json")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(FakeTorchServe(tmp_path / "key_file.json")) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from handlers.model_loading import TamperedArchive, verify_program
-from servekit.ops.guard import REGISTER_QUERY, GuardError, ManagementGuard, render_guard_config
-from servekit.ops.nginx import nginx_binary
-from servekit.ops.processes import command_line, owned_pid, pid_matches
-from servekit.ops.server import TorchServeProcess, load_models_archives, read_snapshot
-from servekit.ops.store import IntegrityError, file_sha256, verify_archive, verify_store
-from servekit.ops.worker_guard import ENV_ROOT, refusal
+from servekit.serving.guard import REGISTER_QUERY, GuardError, ManagementGuard, render_guard_config
+from servekit.serving.nginx import nginx_binary
+from servekit.serving.processes import command_line, owned_pid, pid_matches
+from servekit.serving.server import TorchServeProcess, load_models_archives, read_snapshot
+from servekit.serving.store import IntegrityError, file_sha256, verify_archive, verify_store
+from servekit.serving.worker_guard import ENV_ROOT, refusal
 
 WORKER = ["/venv/bin/python", "/venv/lib/python3.11/site-packages/ts/model_service_worker.py", "--sock-type", "unix"]
 
@@ -111,7 +111,7 @@ def test_worker_guard_ignores_other_processes_and_unguarded_servers(tmp_path: Pa
 
 def test_worker_guard_stops_a_real_interpreter_before_any_import(tmp_path: Path) -> None:
     """The installed .pth runs the check when Python starts: the worker script never runs."""
-    from servekit.ops.worker_guard import ensure_installed
+    from servekit.serving.worker_guard import ensure_installed
 
     ensure_installed()
     script = tmp_path / "model_service_worker.py"

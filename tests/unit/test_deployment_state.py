@@ -1,4 +1,4 @@
-"""The deployment state (servekit.ops.state) and its rendering into nginx.conf (servekit.ops.proxy): no server."""
+"""The deployment state (servekit.deploy.state) and its rendering into nginx.conf (servekit.deploy.proxy): no server."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.history import History
-from servekit.ops.nginx import nginx_binary
-from servekit.ops.proxy import NginxProxy, ProxyError, render_config
-from servekit.ops.state import (
+from servekit.deploy.history import History
+from servekit.deploy.proxy import NginxProxy, ProxyError, render_config
+from servekit.deploy.state import (
     Canary,
     DeploymentState,
     DeploymentStore,
@@ -21,6 +20,7 @@ from servekit.ops.state import (
     read_state,
     write_state,
 )
+from servekit.serving.nginx import nginx_binary
 
 # What servekit wrote before there was one deployment state: the proxy's routes only.
 FORMAT_1 = {
@@ -207,7 +207,7 @@ def test_render_config_is_a_pure_function_of_the_state(tmp_path: Path) -> None:
     text = render_config(state, tmp_path)
     assert text == render_config(state.to_json(), tmp_path)  # the object or its JSON form: the same file
     assert text == render_config(DeploymentState.from_json(json.loads(json.dumps(state.to_json()))), tmp_path)
-    assert text.startswith(f"# Written by servekit.ops.proxy from {tmp_path / 'state.json'}")
+    assert text.startswith(f"# Written by servekit.deploy.proxy from {tmp_path / 'state.json'}")
     assert "listen 127.0.0.1:8090;" in text
     assert "server 127.0.0.1:8080;" in text
     assert 'split_clients "${request_id}" $servekit_digits {\n        20% "/2.0";\n        * "";\n    }' in text

@@ -871,7 +871,7 @@ def test_a_tiny_build_carries_golden_pages_and_a_drift_reference(tiny_build: dic
 
 
 def test_golden_check_reads_a_top_level_label() -> None:
-    from servekit.ops.workflows import _top_label
+    from servekit.deploy.workflows import _top_label
 
     class Answer:
         status_code = 200

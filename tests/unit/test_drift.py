@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.cli import main
-from servekit.ops.drift import (
+from servekit.cli import main
+from servekit.observe.drift import (
     DriftError,
     ReferenceCache,
     bin_labels,
@@ -30,7 +30,7 @@ from servekit.ops.drift import (
     run_drift,
     verdict,
 )
-from servekit.ops.metrics_source import (
+from servekit.observe.metrics_source import (
     Histogram,
     MetricsError,
     MetricsPage,
@@ -43,8 +43,8 @@ from servekit.ops.metrics_source import (
     parse_exposition,
     parse_window,
 )
-from servekit.ops.server import free_port
-from servekit.ops.store import IntegrityError
+from servekit.serving.server import free_port
+from servekit.serving.store import IntegrityError
 from tests.fake_metrics import (
     BRIGHTNESS_EDGES,
     CLASSES,
@@ -55,11 +55,11 @@ from tests.fake_metrics import (
     exposition,
     prometheus_of,
     reference_block,
-    serving,
     values_for,
     vector,
     write_store,
 )
+from tests.fake_server import serving
 
 # A version that answers "7" for everything, unsure and in the dark: the classes drift, so does the rest.
 DRIFTED = Traffic(

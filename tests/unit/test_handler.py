@@ -18,7 +18,7 @@ from ts.utils.util import list_classes_from_module
 from handlers import cpu_budget
 from handlers.cpu_budget import ENV_REGISTRY
 from handlers.image_classifier import ImageClassifier
-from servekit.ops.store import archive_name
+from servekit.serving.store import archive_name
 from tests.fake_context import FakeContext
 
 VERSIONS = {"1.0": "fp32", "2.0": "int8"}

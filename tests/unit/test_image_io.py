@@ -420,7 +420,7 @@ def test_importing_the_handlers_leaves_pils_bomb_limit_alone(repo_root: Path) ->
     ],
 )
 def test_unreadable_header_of_an_accepted_format_is_invalid_input_not_415(payload: bytes, fmt: str) -> None:
-    # A damaged image is a 400 (README), even when PIL cannot even identify it.
+    # A damaged image is a 400 (docs/protocols.md, "Images and bad input"), even when PIL cannot even identify it.
     with pytest.raises(InvalidInput) as info:
         decode_image(payload, LIMITS)
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def servekit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "servekit.ops.cli", *args]
+    command = [sys.executable, "-m", "servekit.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300, check=False)
 
 

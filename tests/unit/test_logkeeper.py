@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.logkeeper import (
+from servekit.serving.logkeeper import (
     LogKeeper,
     LogKeeperError,
     LogKeeperProcess,
@@ -20,8 +20,8 @@ from servekit.ops.logkeeper import (
     rotate,
     run,
 )
-from servekit.ops.nginx import NginxInstance
-from servekit.ops.processes import pid_matches
+from servekit.serving.nginx import NginxInstance
+from servekit.serving.processes import pid_matches
 
 # A stand-in for nginx's master: the command line nginx gives itself, and a file written on SIGHUP.
 FAKE_MASTER = (

@@ -35,24 +35,11 @@ from handlers.metrics import (
     handler_metrics,
 )
 from servekit.build.spec import Monitoring
-from servekit.ops import exporter
-from servekit.ops.store import archive_name
+from servekit.serving import exporter
+from servekit.serving.store import archive_name
 from tests.unit.test_handler import extract, make_context, sample
 
 V1 = {"model": "digits", "version": "1.0"}
-
-
-class IdContext:
-    """The fake context of test_handler plus TorchServe's request IDs."""
-
-    def __init__(self, inner, ids: list[str]) -> None:
-        self.inner, self.ids = inner, ids
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def get_request_id(self, idx: int) -> str:
-        return self.ids[idx]
 
 
 def value(name: str, **labels: str) -> float:
@@ -128,10 +115,9 @@ def test_warm_up_is_not_counted(digits_dir: Path) -> None:
 
 def test_every_request_is_logged_with_torchserve_request_id(classifier, caplog: pytest.LogCaptureFixture) -> None:
     handler, context = classifier
-    context.reset()
-    context.request_headers = [{}, {"X-Request-ID": "client-42\nforged line"}]
+    context.reset(headers=[{}, {"X-Request-ID": "client-42\nforged line"}], request_ids=["id-a", "id-b"])
     with caplog.at_level(logging.INFO, logger="handlers.base"):
-        handler.handle([{"body": sample(1)}, {"body": b"??"}], IdContext(context, ["id-a", "id-b"]))
+        handler.handle([{"body": sample(1)}, {"body": b"??"}], context)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
     assert lines[0].startswith("request id-a digits 1.0: 200 in ")
     assert lines[1].startswith("request id-b digits 1.0: 415 in ")
@@ -147,8 +133,8 @@ def test_an_oip_answer_carries_the_request_id(classifier) -> None:
         "data": [__import__("base64").b64encode(sample(2)).decode()],
     }
     for document, expected in (({"inputs": [image]}, "ts-id"), ({"id": "mine", "inputs": [image]}, "mine")):
-        context.reset()
-        (answer,) = handler.handle([{"body": json.dumps(document).encode()}], IdContext(context, ["ts-id"]))
+        context.reset(request_ids=["ts-id"])
+        (answer,) = handler.handle([{"body": json.dumps(document).encode()}], context)
         assert answer["id"] == expected
 
 
@@ -162,11 +148,11 @@ def test_the_switch_turns_handler_metrics_off(monkeypatch: pytest.MonkeyPatch) -
 # ------------------------------------------------------------------------------------------ prediction log
 def test_the_prediction_log_writes_sampled_answers_without_the_input(classifier, tmp_path: Path) -> None:
     handler, context = classifier
-    context.reset()
+    context.reset(request_ids=["a", "b"])
     handler.prediction_log = PredictionLog(PredictionLogConfig(sample_rate=1.0, path=str(tmp_path / "p.jsonl")),
                                            "digits", "1.0")  # fmt: skip
     try:
-        handler.handle([{"body": sample(7)}, {"body": b"junk"}], IdContext(context, ["a", "b"]))
+        handler.handle([{"body": sample(7)}, {"body": b"junk"}], context)
     finally:
         handler.prediction_log = None
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -432,7 +418,7 @@ def test_workers_in_separate_processes_are_summed_by_the_exporter(tmp_path: Path
 
 
 def test_the_exporter_publishes_the_serving_state_and_each_archive_reference(model_store: Path) -> None:
-    from servekit.ops.oip import Gateway
+    from servekit.serving.oip import Gateway
 
     gateway = Gateway(FakeManagement(), model_store)
     samples = scrape(exporter.render(gateway, None))

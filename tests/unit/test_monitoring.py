@@ -2,7 +2,7 @@
 
 ``promtool test rules`` runs the rules' own unit tests (monitoring/tests): every recording rule with
 exact values, every alert firing and not firing. The tests here make sure those run, that the rules
-and docs/monitoring.md name the same metrics, and that ``servekit.ops.monitor`` renders a
+and docs/monitoring.md name the same metrics, and that ``servekit.serving.monitor`` renders a
 configuration promtool accepts and runs a Prometheus that scrapes and records.
 """
 
@@ -17,13 +17,13 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import yaml
 
-from servekit.ops.monitor import (
+from servekit.serving.monitor import (
     DEFAULT_PREFIX,
     MonitorError,
     PrometheusServer,
@@ -35,7 +35,8 @@ from servekit.ops.monitor import (
     render_config,
     rule_files,
 )
-from servekit.ops.processes import free_port, pid_matches
+from servekit.serving.processes import free_port, pid_matches
+from tests.fake_server import loopback, serving
 
 pytestmark = pytest.mark.unit
 
@@ -153,7 +154,9 @@ def test_every_alert_has_a_severity_and_names_model_and_version() -> None:
 
 # ------------------------------------------------------------------------------------------ configuration
 def test_the_module_imports_no_torch_and_no_yaml() -> None:
-    code = "import sys, servekit.ops.monitor; print(sorted(m for m in sys.modules if m in ('torch', 'numpy', 'yaml')))"
+    code = (
+        "import sys, servekit.serving.monitor; print(sorted(m for m in sys.modules if m in ('torch', 'numpy', 'yaml')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -296,14 +299,8 @@ servekit_workers_ready{{{labels}}} 1
 
 @pytest.fixture
 def exporter() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), FakeExporter)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(loopback(FakeExporter)) as httpd:
         yield f"127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def query(server: PrometheusServer, expr: str) -> list[dict]:

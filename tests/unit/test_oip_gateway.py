@@ -8,7 +8,6 @@ tokens, ping), and ``Upstream`` answers inference calls over HTTP with the handl
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -18,11 +17,10 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,12 +32,12 @@ from requests.structures import CaseInsensitiveDict
 
 import servekit
 from handlers.protocols import Call, Classification, ProtocolConfig, decode
-from servekit.ops import exporter
-from servekit.ops import server as server_module
-from servekit.ops.cli import main
-from servekit.ops.client import TorchServeError
-from servekit.ops.nginx import TEMP_DIRS, config_head, nginx_binary
-from servekit.ops.oip import (
+from servekit.cli import main
+from servekit.serving import exporter
+from servekit.serving import server as server_module
+from servekit.serving.client import TorchServeError
+from servekit.serving.nginx import TEMP_DIRS, config_head, nginx_binary
+from servekit.serving.oip import (
     BINARY_HEADER,
     Gateway,
     OipError,
@@ -49,10 +47,11 @@ from servekit.ops.oip import (
     http_server,
     read_archive_metadata,
 )
-from servekit.ops.oip_service import OipFront, OipService, OipServiceError, render_front_config
-from servekit.ops.processes import command_line
-from servekit.ops.server import free_port
-from servekit.ops.store import file_sha256
+from servekit.serving.oip_service import OipFront, OipService, OipServiceError, render_front_config
+from servekit.serving.processes import command_line
+from servekit.serving.server import free_port
+from servekit.serving.store import file_sha256
+from tests.fake_server import loopback, serving
 
 pytestmark = pytest.mark.unit
 
@@ -195,27 +194,12 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
         self._answer(200, payload, reply.content_type, reply.headers)
 
 
-@contextlib.contextmanager
-def serving(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.fixture
 def upstream() -> Iterator[SimpleNamespace]:
     """A stand-in for TorchServe's inference API on a free port; ``seen`` lists the calls it got."""
     seen: list[dict] = []
-    handler = type("Upstream", (_UpstreamHandler,), {"seen": seen})
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    with serving(server):
+    with serving(loopback(type("Upstream", (_UpstreamHandler,), {"seen": seen}))) as server:
+        port = server.server_address[1]
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", address=f"127.0.0.1:{port}", seen=seen)
 
 
@@ -1166,9 +1150,9 @@ def test_stop_signals_the_gateway_it_started(tmp_path: Path) -> None:
     key_file = tmp_path / "key_file.json"
     code = "import time; time.sleep(30)"
     prefix = (tmp_path / "oip").resolve()
-    other = started([sys.executable, "-c", code, "servekit.ops.oip", "--prefix", str(tmp_path / "other")],
+    other = started([sys.executable, "-c", code, "servekit.serving.oip", "--prefix", str(tmp_path / "other")],
                     str(tmp_path / "other"))  # fmt: skip
-    ours = started([sys.executable, "-c", code, "servekit.ops.oip", "--prefix", str(prefix)], str(prefix))
+    ours = started([sys.executable, "-c", code, "servekit.serving.oip", "--prefix", str(prefix)], str(prefix))
     try:
         service = OipService(tmp_path / "oip", "http://127.0.0.1:1", "http://127.0.0.1:2", key_file, tmp_path,
                              http_port=free_port(), grpc_port=free_port())  # fmt: skip

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from servekit.ops.oip import (
+from servekit.serving.oip import (
     INTERNAL_ERROR,
     Gateway,
     OipError,
@@ -35,9 +35,10 @@ from servekit.ops.oip import (
     log_handler,
     main,
 )
-from servekit.ops.oip_service import OipService
-from servekit.ops.server import free_port
-from tests.unit.test_oip_gateway import GRPC_AUTH, KEY, FakeTorchServe, _UpstreamHandler, serving
+from servekit.serving.oip_service import OipService
+from servekit.serving.server import free_port
+from tests.fake_server import loopback, serving
+from tests.unit.test_oip_gateway import GRPC_AUTH, KEY, FakeTorchServe, _UpstreamHandler
 
 pytestmark = pytest.mark.unit
 
@@ -116,11 +117,8 @@ def recording(delay: float = 0.0) -> RecordingTorchServe:
 def upstream_stub() -> Iterator[SimpleNamespace]:
     """TorchServe's inference API stood in for (as ``test_oip_gateway.upstream``), shared by the module."""
     seen: list[dict] = []
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), type("Upstream", (_UpstreamHandler,), {"seen": seen}))
-    server.daemon_threads = True
-    with serving(server):
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", seen=seen)
+    with serving(loopback(type("Upstream", (_UpstreamHandler,), {"seen": seen}))) as server:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", seen=seen)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +217,7 @@ def test_an_unexpected_failure_is_grpc_internal_with_a_generic_message(
     grpc: SimpleNamespace, method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     grpc.fake.fail_with = RuntimeError("secret detail: http://127.0.0.1:8081/models/digits?x")
-    with caplog.at_level(logging.ERROR, logger="servekit.ops.oip"):
+    with caplog.at_level(logging.ERROR, logger="servekit.serving.oip"):
         status, message = grpc_error(grpc.client, method, "digits", "2.0")
     assert (status, message) == ("StatusCode.INTERNAL", INTERNAL_ERROR)
     assert any("secret detail" in r.getMessage() or "secret detail" in (r.exc_text or "") for r in caplog.records)
@@ -518,7 +516,7 @@ class _Gate(RecordingTorchServe):
 def test_an_aborted_scrape_costs_one_short_line_and_no_traceback(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     path = tmp_path / "gateway.log"
     handler = log_handler(path)
-    oip_logger = logging.getLogger("servekit.ops.oip")
+    oip_logger = logging.getLogger("servekit.serving.oip")
     oip_logger.addHandler(handler)
     oip_logger.setLevel(logging.INFO)  # as main() sets the root logger
     fake = _Gate()
@@ -570,11 +568,8 @@ class _SlowManagement(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow_torchserve() -> Iterator[str]:
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), _SlowManagement)
-    server.daemon_threads = True
-    with serving(server):
-        yield f"http://127.0.0.1:{port}"
+    with serving(loopback(_SlowManagement)) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def wait_listening(port: int, process: subprocess.Popen | None = None) -> None:
@@ -593,7 +588,7 @@ def test_the_gateway_process_keeps_its_log_bounded_whatever_clients_do(tmp_path:
     http_port, grpc_port = free_port(), free_port()
     log = tmp_path / "gateway.log"
     startup = tmp_path / "start.log"
-    command = [sys.executable, "-m", "servekit.ops.oip", "--http", f"127.0.0.1:{http_port}",
+    command = [sys.executable, "-m", "servekit.serving.oip", "--http", f"127.0.0.1:{http_port}",
                "--grpc", f"127.0.0.1:{grpc_port}", "--inference", slow_torchserve, "--management", slow_torchserve,
                "--model-store", str(tmp_path), "--log-file", str(log), "--log-max-bytes", "1024",
                "--log-backups", "1"]  # fmt: skip

@@ -11,20 +11,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servekit.ops.cli import format_status, main, store_gates
-from servekit.ops.history import History
-from servekit.ops.state import DeploymentState, DeploymentStore
-from servekit.ops.workflows import DeployError, VersionState, serving_settings
+from servekit.cli import format_status, main, store_gates
+from servekit.deploy.history import History
+from servekit.deploy.state import DeploymentState, DeploymentStore
+from servekit.deploy.workflows import DeployError, VersionState, serving_settings
 
-OPS_MODULES = ["cli", "client", "drift", "exporter", "guard", "history", "metrics_source", "nginx", "processes",
-               "proxy", "server", "state", "state_lock", "store", "top", "worker_guard", "workflows"]  # fmt: skip
+OPERATOR_MODULES = [
+    "servekit.cli", *(f"servekit.serving.{name}" for name in ("client", "exporter", "guard", "nginx", "processes",
+                                                              "server", "store", "worker_guard")),
+    *(f"servekit.observe.{name}" for name in ("drift", "metrics_source", "top")),
+    *(f"servekit.deploy.{name}" for name in ("history", "proxy", "state", "state_lock", "workflows")),
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ torch-free
 def test_the_operator_side_imports_without_torch(repo_root: Path) -> None:
     code = (
         "import sys, json; "
-        + "; ".join(f"import servekit.ops.{name}" for name in OPS_MODULES)
+        + "; ".join(f"import {name}" for name in OPERATOR_MODULES)
         + "; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy',"
         " 'handlers', 'yaml') or m.startswith('servekit.build'))))"
     )
@@ -33,11 +37,11 @@ def test_the_operator_side_imports_without_torch(repo_root: Path) -> None:
 
 
 def test_the_cli_runs_from_this_checkout_and_its_help_imports_no_torch(repo_root: Path) -> None:
-    code = "import sys, servekit.ops.cli as cli; print(cli.__file__); print('torch' in sys.modules)"
+    code = "import sys, servekit.cli as cli; print(cli.__file__); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
-    assert result.stdout.splitlines() == [str(repo_root / "servekit" / "ops" / "cli.py"), "False"]
+    assert result.stdout.splitlines() == [str(repo_root / "servekit" / "cli.py"), "False"]
     helped = subprocess.run(
-        [sys.executable, "-m", "servekit.ops.cli", "--help"], cwd=repo_root, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "servekit.cli", "--help"], cwd=repo_root, capture_output=True, text=True, check=True
     )
     assert "servekit [-h]" in helped.stdout
     assert "--spec" not in helped.stdout  # register reads the archive's own settings
@@ -45,7 +49,7 @@ def test_the_cli_runs_from_this_checkout_and_its_help_imports_no_torch(repo_root
 
 def test_registering_reads_settings_without_torch(repo_root: Path, model_store: Path) -> None:
     code = (
-        "import sys, json; from pathlib import Path; from servekit.ops.workflows import serving_settings; "
+        "import sys, json; from pathlib import Path; from servekit.deploy.workflows import serving_settings; "
         f"print(json.dumps(serving_settings(Path({str(model_store / 'digits_v2.0.mar')!r})))); "
         "print('torch' in sys.modules)"
     )
@@ -58,15 +62,17 @@ def test_registering_reads_settings_without_torch(repo_root: Path, model_store: 
 
 
 def test_reading_the_specs_rollout_settings_imports_no_torch(repo_root: Path) -> None:
-    """A rollout reads the spec when it starts: the spec and the handler configs it validates are torch-free."""
+    """A rollout reads its spec section when it starts: without torch, and without the build side."""
     code = (
-        "import sys; from servekit.ops.cli import _spec_rollout; "
-        "print(sorted(_spec_rollout(None, 'digits'))); print('torch' in sys.modules)"
+        "import sys; from servekit.cli import _spec_rollout; "
+        "print(sorted(_spec_rollout(None, 'digits'))); print('torch' in sys.modules); "
+        "print(sorted(m for m in sys.modules if m.startswith(('servekit.build', 'handlers'))))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
-    keys, torch_loaded = result.stdout.splitlines()
+    keys, torch_loaded, build_side = result.stdout.splitlines()
     assert keys != "[]"  # the repository's models.yaml has a rollout: section for digits
     assert torch_loaded == "False"
+    assert build_side == "[]"
 
 
 # ------------------------------------------------------------------------------------------ serving settings

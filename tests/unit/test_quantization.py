@@ -21,7 +21,7 @@ from servekit.build.archive import build_version
 from servekit.build.convert import evaluation_set, top1_accuracy
 from servekit.build.spec import Bf16, ModelVersionSpec, load_spec
 from servekit.build.training import BuildError, fp32_weights
-from servekit.ops.store import file_sha256, read_manifest
+from servekit.serving.store import file_sha256, read_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STORE = REPO_ROOT / "model_store"

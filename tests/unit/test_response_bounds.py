@@ -1,6 +1,6 @@
 """Answers bounded by the server's response limit, and JSON bodies parsed only when bounded.
 
-The base handler checks every answer against ``max_response_size`` (as ``servekit.ops.server``
+The base handler checks every answer against ``max_response_size`` (as ``servekit.serving.server``
 passes it, ``SERVEKIT_MAX_RESPONSE_SIZE``) with the size TorchServe's own worker code would send,
 and fails only that request with 413; the OIP ``id`` it echoes is bounded; JSON bodies come to the
 handler as bytes (``TS_DECODE_INPUT_REQUEST=false``) and are parsed only after their arrays and
@@ -241,8 +241,7 @@ def test_after_initialize_torchserves_worker_hands_json_bodies_over_as_bytes(
         def load(self, context: Any, config: Any) -> None:
             raise Stop  # everything after the first lines of initialize is not this test's business
 
-    context = type("Context", (), {"model_yaml_config": {}, "system_properties": {"batch_size": 1},
-                                   "manifest": {}, "model_name": "echo"})()  # fmt: skip
+    context = FakeContext(manifest={"model": {"modelName": "echo"}})
     monkeypatch.setattr(base, "CpuBudget", _NoBudget)
     with pytest.raises(Stop):
         Ready().initialize(context)
@@ -305,11 +304,8 @@ def test_decoding_in_the_handler_is_bounded_and_leaves_binary_oip_bodies_alone()
 def test_a_bomb_in_a_batch_fails_only_its_own_request(monkeypatch: pytest.MonkeyPatch) -> None:
     handler = echo_handler(100_000, monkeypatch)
 
-    class Headers(FakeContext):
-        def get_all_request_header(self, idx: int) -> dict[str, str]:
-            return {"Content-Type": "application/json"}
-
-    context = Headers()
+    context = FakeContext()
+    context.reset(headers=[{"Content-Type": "application/json"}] * 3)
     answers = handler.handle([{"body": b'"fine"'}, {"body": _bomb(400_000)}, {"body": b'"also fine"'}], context)
     assert answers[0] == {"echo": "fine"}
     assert answers[2] == {"echo": "also fine"}

@@ -20,15 +20,10 @@ import yaml
 from handlers.base import BatchHandler
 from handlers.config import Faults, HandlerConfig
 from handlers.errors import InjectedFault
-from servekit.ops.cli import main
-from servekit.ops.drift import load_reference
-from servekit.ops.history import History
-from servekit.ops.logkeeper import backup_path, rotate
-from servekit.ops.metrics_source import MetricsError, MetricsPage, PrometheusAPI, Samples, parse_exposition
-from servekit.ops.nginx import nginx_binary
-from servekit.ops.processes import command_line, free_port
-from servekit.ops.proxy import NginxProxy, render_config
-from servekit.ops.rollout import (
+from servekit.cli import main
+from servekit.deploy.history import History
+from servekit.deploy.proxy import NginxProxy, render_config
+from servekit.deploy.rollout import (
     BUILT_IN,
     Analysis,
     Figures,
@@ -40,6 +35,7 @@ from servekit.ops.rollout import (
     Rollout,
     RolloutAborted,
     RolloutProcess,
+    RolloutSpec,
     Settings,
     StatusFile,
     Thresholds,
@@ -51,21 +47,27 @@ from servekit.ops.rollout import (
     p99,
     parse_steps,
     read_status,
+    rollout_settings,
     select_source,
     status_path,
 )
-from servekit.ops.state import Canary, DeploymentState, DeploymentStore
-from servekit.ops.workflows import DeployError
+from servekit.deploy.state import Canary, DeploymentState, DeploymentStore
+from servekit.deploy.workflows import DeployError
+from servekit.observe.drift import load_reference
+from servekit.observe.metrics_source import MetricsError, MetricsPage, PrometheusAPI, Samples, parse_exposition
+from servekit.serving.logkeeper import backup_path, rotate
+from servekit.serving.nginx import nginx_binary
+from servekit.serving.processes import command_line, free_port
 from tests.fake_metrics import (
     CLASSES,
     FakeMetricsServer,
     Traffic,
     exposition,
     prometheus_of,
-    serving,
     vector,
     write_store,
 )
+from tests.fake_server import serving
 
 URI = "/predictions/digits"
 
@@ -758,7 +760,7 @@ def test_the_spec_rollout_section_is_validated_and_left_out_of_the_fingerprint(t
     ],
 )  # fmt: skip
 def test_a_bad_rollout_section_names_the_model_and_the_field(tmp_path: Path, section: object, message: str) -> None:
-    from servekit.build.spec import SpecError, parse_spec, rollout_settings
+    from servekit.build.spec import SpecError, parse_spec
 
     with pytest.raises(SpecError) as caught:
         parse_spec(rollout_spec(section), tmp_path)
@@ -781,7 +783,7 @@ def test_rollout_is_a_model_level_section_only(tmp_path: Path) -> None:
 
 
 def test_rollout_settings_reads_one_models_section(tmp_path: Path, repo_root: Path) -> None:
-    from servekit.build.spec import RolloutSpec, SpecError, rollout_settings
+    from servekit.errors import SpecError
 
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(rollout_spec({"steps": [20, 100], "max_drift": 0.3})))

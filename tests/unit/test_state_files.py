@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.processes import pid_matches, signal_if_matches, verified_pid
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.state_lock import StateLock, StateLockError, atomic_write_text
+from servekit.deploy.proxy import NginxProxy
+from servekit.deploy.state_lock import StateLock, StateLockError
+from servekit.files import atomic_write_text
+from servekit.serving.processes import pid_matches, signal_if_matches, verified_pid
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_a_second_holder_gives_up_after_the_timeout_naming_the_first(tmp_path: P
 def test_the_lock_is_free_again_when_its_holder_is_killed(tmp_path: Path) -> None:
     lock = tmp_path / "servekit.lock"
     code = (
-        "import sys, time; from servekit.ops.state_lock import StateLock; "
+        "import sys, time; from servekit.deploy.state_lock import StateLock; "
         f"StateLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

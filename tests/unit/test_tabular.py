@@ -22,7 +22,7 @@ from handlers.tabular import Feature, RecordSchema, TabularConfig, TabularProtoc
 from handlers.tabular_classifier import TabularClassifier
 from servekit.build import tabular as build
 from servekit.build.spec import SpecError, load_spec
-from servekit.ops.store import archive_name, read_manifest
+from servekit.serving.store import archive_name, read_manifest
 from tests import hostile_corpus_tabular as corpus
 from tests.fake_context import FakeContext
 

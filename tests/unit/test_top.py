@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from servekit.ops.cli import main
-from servekit.ops.drift import ReferenceCache
-from servekit.ops.metrics_source import MetricsPage, PrometheusAPI, parse_exposition
-from servekit.ops.server import free_port
-from servekit.ops.top import CLEAR, RAW, RULES, MetricsView, PrometheusView, Row, Snapshot, render, run_top
-from servekit.ops.top import snapshot_from_scrapes as from_scrapes
-from tests.fake_metrics import FakeMetricsServer, Traffic, exposition, prometheus_of, serving, vector, write_store
+from servekit.cli import main
+from servekit.observe.drift import ReferenceCache
+from servekit.observe.metrics_source import MetricsPage, PrometheusAPI, parse_exposition
+from servekit.observe.top import CLEAR, RAW, RULES, MetricsView, PrometheusView, Row, Snapshot, render, run_top
+from servekit.observe.top import snapshot_from_scrapes as from_scrapes
+from servekit.serving.server import free_port
+from tests.fake_metrics import FakeMetricsServer, Traffic, exposition, prometheus_of, vector, write_store
+from tests.fake_server import serving
 
 TAKEN_AT = 1_700_000_000.0
 CLOCK = time.strftime("%H:%M:%S", time.localtime(TAKEN_AT))
@@ -161,7 +162,7 @@ def test_once_and_json_print_one_frame() -> None:
 
 
 def test_the_loop_clears_the_screen_survives_a_failed_frame_and_stops_on_ctrl_c() -> None:
-    from servekit.ops.metrics_source import MetricsError
+    from servekit.observe.metrics_source import MetricsError
 
     out, slept = io.StringIO(), []
 
@@ -230,7 +231,7 @@ def test_cli_top_when_nothing_answers_is_one_line(cli_env: Path, capsys: pytest.
 
 def test_the_reading_side_imports_no_torch(repo_root: Path) -> None:
     code = (
-        "import sys, json; import servekit.ops.metrics_source, servekit.ops.drift, servekit.ops.top; "
+        "import sys, json; import servekit.observe.metrics_source, servekit.observe.drift, servekit.observe.top; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy',"
         " 'handlers', 'yaml') or m.startswith('servekit.build'))))"
     )

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from servekit.ops.cli import main
-from servekit.ops.client import TorchServeClient
-from servekit.ops.history import History
-from servekit.ops.state import DeploymentState, DeploymentStore, promotions_to_undo, write_state
-from servekit.ops.workflows import QUIET_S, Deployer, DeployError
+from servekit.cli import main
+from servekit.deploy.history import History
+from servekit.deploy.state import DeploymentState, DeploymentStore, promotions_to_undo, write_state
+from servekit.deploy.workflows import QUIET_S, Deployer, DeployError
+from servekit.serving.client import TorchServeClient
 
 
 @dataclass
@@ -346,11 +346,13 @@ def test_an_append_after_a_cut_line_starts_on_a_new_line(tmp_path: Path) -> None
 
 
 def test_each_append_is_one_write_of_one_whole_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import servekit.ops.history
+    import servekit.deploy.history
 
     writes: list[bytes] = []
-    real_write = servekit.ops.history.os.write
-    monkeypatch.setattr(servekit.ops.history.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+    real_write = servekit.deploy.history.os.write
+    monkeypatch.setattr(
+        servekit.deploy.history.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data)
+    )
     history = History(tmp_path / "history.jsonl")
     history.append("register", "digits", version="2.0")
     history.append("promote", "digits", version="2.0", previous_default="1.0")

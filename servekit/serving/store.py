@@ -25,6 +25,11 @@ NAME_RE = re.compile(rf"^{NAME_PATTERN}\Z")
 VERSION_RE = re.compile(rf"^{VERSION_PATTERN}\Z")
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """Versions in numeric order: 1.10 after 1.9."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 def archive_pattern(name: str = NAME_PATTERN, version: str = VERSION_PATTERN) -> str:
     """The regex of an archive name, ``<name>_v<version>.mar`` (the guard's nginx uses it too)."""
     return rf"{name}_v{version}\.mar"

@@ -10,7 +10,7 @@
   rewritten to ``{"error": ...}``; the handler's own 4xx errors already are and pass untouched (a 503
   from the handler, such as an injected fault, is rewritten too: nginx cannot tell it from TorchServe's);
 * every other ``/v2`` and ``/v1`` path (metadata, readiness, server metadata) goes to the gateway
-  (``servekit.ops.oip``), which also serves gRPC;
+  (``servekit.serving.oip``), which also serves gRPC;
 * only POST reaches an inference location (any other method: 405 with ``Allow: POST``), with a body
   of at most TorchServe's ``max_request_size``, and at most ``CLIENT_LIMIT`` in progress per client
   address (beyond: 429);
@@ -39,9 +39,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.processes import free_port, owned_pid, signal_if_matches
-from servekit.ops.store import NAME_PATTERN, VERSION_PATTERN
+from servekit.serving.nginx import NginxError, NginxInstance, config_head
+from servekit.serving.processes import free_port, owned_pid, signal_if_matches
+from servekit.serving.store import NAME_PATTERN, VERSION_PATTERN
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
@@ -170,7 +170,7 @@ def render_front_config(
         f"{_error_pages('            ', (429, 502, 504))}"
     )
     health_zone = "    limit_conn_zone $binary_remote_addr zone=servekit_health:1m;\n" if health is not None else ""
-    return f"""# Written by servekit.ops.oip_service: the Open Inference Protocol address (see that module).
+    return f"""# Written by servekit.serving.oip_service: the Open Inference Protocol address (see that module).
 {config_head(prefix, WORKER_CONNECTIONS, rlimit_nofile=RLIMIT_NOFILE)}    client_max_body_size {max_body};
     client_body_buffer_size {max_body};  # a body stays in memory, never in a temporary file
     server_tokens off;
@@ -360,7 +360,7 @@ class OipService:
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
     host: str = "127.0.0.1"  # where the front and gRPC listen ("0.0.0.0" in a pod)
-    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR: GET /metrics (servekit.ops.exporter)
+    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR: GET /metrics (servekit.serving.exporter)
     metrics_port: int | None = None  # also a listener on host:port with GET /metrics only (a pod's scrape port)
     health_port: int | None = None  # also a front listener on host:port with GET /v2/health/live|ready only (probes)
     max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size: the front refuses larger bodies itself
@@ -389,7 +389,7 @@ class OipService:
         return path.read_text().strip() if path.is_file() else "127.0.0.1:1"
 
     def _fragments(self) -> tuple[str, ...]:
-        return ("servekit.ops.oip", "--prefix", str(self.prefix))
+        return ("servekit.serving.oip", "--prefix", str(self.prefix))
 
     def running_pid(self) -> int | None:
         return owned_pid(self.pid_file, self._fragments())
@@ -407,7 +407,7 @@ class OipService:
         internal = f"127.0.0.1:{free_port()}"
         (self.prefix / "gateway.address").write_text(internal)
         command = [
-            sys.executable, "-m", "servekit.ops.oip", "--http", internal, "--grpc", f"{self.host}:{self.grpc_port}",
+            sys.executable, "-m", "servekit.serving.oip", "--http", internal, "--grpc", f"{self.host}:{self.grpc_port}",
             "--inference", self.inference_url, "--management", self.management_url,
             "--model-store", str(self.model_store), "--prefix", str(self.prefix),
         ]  # fmt: skip

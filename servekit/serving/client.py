@@ -1,7 +1,7 @@
 """The one TorchServe client: addresses, tokens from the key file, refresh on refusal, timeouts, errors.
 
 Everything in servekit that speaks HTTP to TorchServe goes through ``TorchServeClient``: the
-``servekit`` workflows, the launcher's readiness checks (``servekit.ops.server``), the benchmark,
+``servekit`` workflows, the launcher's readiness checks (``servekit.serving.server``), the benchmark,
 the soak and the integration tests. TorchServe 0.12 keeps token authorization on: the
 ``inference``, ``management`` and ``API`` keys are in ``key_file.json`` (written where TorchServe
 starts); inference and management tokens expire, and ``GET /token?type=KIND`` with the API key

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Protocol, TextIO
 
 from servekit.errors import ServekitError, one_line
-from servekit.ops.drift import (
+from servekit.observe.drift import (
     DEFAULT_WINDOW,
     JUDGED,
     DriftError,
@@ -38,8 +38,8 @@ from servekit.ops.drift import (
     prometheus_drift_samples,
     require_servekit,
 )
-from servekit.ops.metrics_source import MetricsPage, PrometheusAPI, Samples
-from servekit.ops.state import version_key
+from servekit.observe.metrics_source import MetricsPage, PrometheusAPI, Samples
+from servekit.serving.store import version_key
 
 __all__ = ["MetricsView", "PrometheusView", "Row", "Snapshot", "render", "run_top"]
 

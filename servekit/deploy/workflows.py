@@ -5,7 +5,7 @@ checks around them: archives are verified against the build manifest before regi
 registered with the serving settings they carry, a version becomes the default only after its
 golden set answers correctly, the default and scale are never left without workers, and routed
 versions are never retired behind the proxy's back. Each workflow reads and writes the one
-deployment state (``servekit.ops.state``: default, versions, canary, shadow, history) and asks the
+deployment state (``servekit.deploy.state``: default, versions, canary, shadow, history) and asks the
 proxy to re-render nginx only when a route changed. Every refusal is a ``DeployError`` with a
 one-line message.
 """
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servekit.deploy.history import History
+from servekit.deploy.proxy import NginxProxy
+from servekit.deploy.state import DeploymentState, DeploymentStore
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient
-from servekit.ops.history import History
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.state import DeploymentState, DeploymentStore
-from servekit.ops.store import archive_name, verify_archive
+from servekit.serving.client import TorchServeClient
+from servekit.serving.store import archive_name, verify_archive
 
 __all__ = ["Deployer", "DeployError", "VersionState", "require_version", "serving_settings", "status", "versions"]
 

@@ -20,13 +20,13 @@ the OIP HTTP port (8000 by default, as Triton) that passes inference straight to
 this module's gateway for everything else plus the gRPC port (8001). Tokens: every call needs
 TorchServe's inference key (``Authorization: Bearer``, gRPC metadata ``authorization``), except
 ``/v2/health/live`` and ``/v2/health/ready``, which say only yes or no (for probes), and
-``GET /metrics`` (the handler metrics and serving state for Prometheus: ``servekit.ops.exporter``). Started without
+``GET /metrics`` (the handler metrics and serving state for Prometheus: ``servekit.serving.exporter``). Started without
 ``--key-file`` (TorchServe runs with token authorization off, as in a bundle's pod) it checks none.
 
 What a caller cannot do through it:
 
 * reach another TorchServe route: every model name and version (HTTP path, gRPC field, or a direct
-  call to ``Gateway``) must match the store's grammar (``servekit.ops.store`` ``NAME_PATTERN`` /
+  call to ``Gateway``) must match the store's grammar (``servekit.serving.store`` ``NAME_PATTERN`` /
   ``VERSION_PATTERN``) before any call to TorchServe is made; anything else is 400 /
   ``INVALID_ARGUMENT`` naming the field. An unexpected failure is 500 / ``INTERNAL`` with a generic
   message (the details go to the log), never gRPC's ``UNKNOWN`` with the exception's text;
@@ -40,7 +40,7 @@ What a caller cannot do through it:
   file of ``--log-max-bytes`` (5 MiB) with ``--log-backups`` (2) old files, and a client that goes
   away mid-answer costs one short line, not a traceback.
 
-    python -m servekit.ops.oip --http 127.0.0.1:8002 --grpc 127.0.0.1:8001 \\
+    python -m servekit.serving.oip --http 127.0.0.1:8002 --grpc 127.0.0.1:8001 \\
         --inference http://127.0.0.1:8080 --management http://127.0.0.1:8081 \\
         --key-file var/key_file.json --model-store model_store
 """
@@ -70,10 +70,9 @@ import requests
 
 import servekit
 from servekit.errors import ServekitError, one_line
-from servekit.ops import exporter
-from servekit.ops.client import TorchServeClient, TorchServeError
-from servekit.ops.state import version_key
-from servekit.ops.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name
+from servekit.serving import exporter
+from servekit.serving.client import TorchServeClient, TorchServeError
+from servekit.serving.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name, version_key
 
 logger = logging.getLogger(__name__)
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -135,7 +134,7 @@ class Gateway:
     model_store: Path
     draining_file: Path | None = None  # while it exists the server is not ready (``server.py run`` drains)
     tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
-    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.ops.exporter)
+    metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.serving.exporter)
     view_ttl: float = 1.0  # seconds a reading of TorchServe's view serves readiness and /metrics (0: every call)
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
@@ -158,7 +157,7 @@ class Gateway:
             raise OipError(
                 HTTPStatus.UNAUTHORIZED,
                 "missing or wrong token: send 'Authorization: Bearer <inference key>' "
-                "(python -m servekit.ops.server key inference)",
+                "(python -m servekit.serving.server key inference)",
             )
 
     # -------------------------------------------------------------- TorchServe's view
@@ -293,7 +292,7 @@ def read_archive_metadata(path: Path) -> dict:
 
 def store_metadata(store: Path, name: str, version: str | None = None) -> dict:
     """OIP metadata of a model as built in ``store`` (no server needed): ``version``, or the newest."""
-    from servekit.ops.store import read_manifest, verify_archive
+    from servekit.serving.store import read_manifest, verify_archive
 
     built = [r for r in read_manifest(store)["archives"].values() if r.get("model") == name]
     versions = sorted((str(r.get("version")) for r in built), key=version_key)
@@ -634,7 +633,7 @@ def configure_logging(handler: logging.Handler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The OIP gateway beside one TorchServe (see servekit/ops/oip.py).")
+    parser = argparse.ArgumentParser(description="The OIP gateway beside one TorchServe (see servekit/serving/oip.py).")
     parser.add_argument("--http", required=True, help="host:port for metadata and readiness (behind the nginx front)")
     parser.add_argument("--grpc", required=True, help="host:port of the inference.GRPCInferenceService")
     parser.add_argument("--inference", required=True)

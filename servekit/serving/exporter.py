@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from servekit.ops.client import TorchServeError
+from servekit.serving.client import TorchServeError
 
 logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -34,7 +34,7 @@ _VERSION_LABELS = ["model", "version"]
 
 
 class StateCollector:
-    """The gauges read at scrape time (see the module docstring); ``gateway``: a ``servekit.ops.oip.Gateway``."""
+    """The gauges read at scrape time (see the module docstring); ``gateway``: a ``servekit.serving.oip.Gateway``."""
 
     def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
@@ -42,7 +42,7 @@ class StateCollector:
     def versions(self) -> Iterator[tuple[str, dict, str]]:
         """(model, description of one version, the model's default version) for every registered version."""
         serving_view = getattr(self.gateway, "serving_view", None)
-        if serving_view is not None:  # the gateway's cached view (servekit.ops.oip.Gateway)
+        if serving_view is not None:  # the gateway's cached view (servekit.serving.oip.Gateway)
             view = serving_view()
             if view.error is not None:
                 raise TorchServeError(view.error)

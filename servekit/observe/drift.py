@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servekit.errors import ServekitError
-from servekit.ops.metrics_source import (
+from servekit.observe.metrics_source import (
     Histogram,
     MetricsError,
     MetricsPage,
@@ -245,8 +245,8 @@ def parse_reference(metadata: Mapping, model: str, version: str) -> Reference:
 
 def load_reference(store: Path, model: str, version: str) -> Reference:
     """The reference in ``store``'s archive of ``model`` ``version`` (sha256 checked against the manifest)."""
-    from servekit.ops.oip import read_archive_metadata
-    from servekit.ops.store import archive_name, verify_archive
+    from servekit.serving.oip import read_archive_metadata
+    from servekit.serving.store import archive_name, verify_archive
 
     path = verify_archive(Path(store), archive_name(model, version))
     return parse_reference(read_archive_metadata(path), model, version)
@@ -264,7 +264,7 @@ class ReferenceCache:
         self.errors: dict[tuple[str, str], str] = {}
 
     def get(self, model: str, version: str) -> Reference | None:
-        from servekit.ops.store import archive_name
+        from servekit.serving.store import archive_name
 
         path = self.store / archive_name(model, version)
         try:

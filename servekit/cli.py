@@ -24,7 +24,7 @@
                     [--source auto|prometheus|metrics|proxy-log] [--spec models.yaml] [--json]
                                           # canary steps judged from the handler metrics or the proxy's
                                           # request log, then promote; any failure or Ctrl-C: canary 0,
-                                          # default kept (servekit.ops.rollout; lock per step, exit 1/130);
+                                          # default kept (servekit.deploy.rollout; lock per step, exit 1/130);
                                           # unset thresholds from the spec's rollout: section
     servekit rollout --status NAME [--json]   # the running or last rollout of NAME (its status file)
     servekit metadata NAME [VERSION]      # the Open Inference Protocol metadata of a built version
@@ -34,10 +34,10 @@
                                           # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
     servekit top [--once] [--json] [--interval 2] [--window 15m] [--source auto|prometheus|metrics]
                                           # req/s, p50, p99, 5xx/4xx %, queue, READY workers, default,
-                                          # drift verdict per version (servekit.ops.top)
+                                          # drift verdict per version (servekit.observe.top)
     servekit drift NAME [VERSION] [--window 15m | --seconds N] [--json] [--source auto|prometheus|metrics]
                                           # live classes, confidence, brightness against the archive's
-                                          # drift reference, PSI (servekit.ops.drift); exit 3 on drift
+                                          # drift reference, PSI (servekit.observe.drift); exit 3 on drift
 
 Connection settings default to this repository's config.properties and ``make serve``'s files;
 override them with flags or SERVEKIT_MANAGEMENT_URL, SERVEKIT_INFERENCE_URL, SERVEKIT_KEY_FILE,
@@ -62,16 +62,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from servekit.deploy.history import History
+from servekit.deploy.proxy import NginxProxy
+from servekit.deploy.state import DeploymentStore
+from servekit.deploy.state_lock import StateLock
+from servekit.deploy.workflows import Deployer, DeployError, VersionState, status
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient
-from servekit.ops.history import History
-from servekit.ops.oip import store_metadata
-from servekit.ops.proxy import NginxProxy
-from servekit.ops.server import BASE_CONFIG, REPO_ROOT, read_properties
-from servekit.ops.state import DeploymentStore
-from servekit.ops.state_lock import StateLock
-from servekit.ops.store import archive_name, read_manifest
-from servekit.ops.workflows import Deployer, DeployError, VersionState, status
+from servekit.serving.client import TorchServeClient
+from servekit.serving.oip import store_metadata
+from servekit.serving.server import BASE_CONFIG, REPO_ROOT, read_properties
+from servekit.serving.store import archive_name, read_manifest
 
 LOCK_NAME = "servekit.lock"
 
@@ -275,8 +275,8 @@ def cmd_shadow(ctx: Context) -> str:
 
 
 def cmd_rollout(ctx: Context) -> str:
-    from servekit.ops import rollout as ro
-    from servekit.ops.state import check_name
+    from servekit.deploy import rollout as ro
+    from servekit.deploy.state import check_name
 
     a = ctx.args
     if a.status:
@@ -317,14 +317,14 @@ def _spec_rollout(spec: str | None, model: str) -> dict:
     path = Path(spec) if spec is not None else REPO_ROOT / "models.yaml"
     if spec is None and not path.is_file():
         return {}
-    from servekit.build.spec import rollout_settings  # the spec (PyYAML and the handlers' configs, no torch)
+    from servekit.deploy.rollout import rollout_settings  # the rollout: section only (PyYAML, no build side)
 
     return rollout_settings(path, model).given()
 
 
 def _rollout_status(ctx: Context) -> str:
-    from servekit.ops.rollout import RolloutProcess, format_status, read_status, status_path
-    from servekit.ops.state import check_name
+    from servekit.deploy.rollout import RolloutProcess, format_status, read_status, status_path
+    from servekit.deploy.state import check_name
 
     a = ctx.args
     if a.name is None:
@@ -380,14 +380,14 @@ def cmd_bundle(ctx: Context) -> str:
 
 
 def _metric_sources(ctx: Context):
-    from servekit.ops.metrics_source import MetricsPage, PrometheusAPI
+    from servekit.observe.metrics_source import MetricsPage, PrometheusAPI
 
     page = MetricsPage(ctx.args.metrics_url, auth=lambda: ctx.client.headers("inference"))
     return page, PrometheusAPI(ctx.args.prometheus_url)
 
 
 def cmd_drift(ctx: Context) -> str:
-    from servekit.ops.drift import format_report, run_drift
+    from servekit.observe.drift import format_report, run_drift
 
     a = ctx.args
     page, prometheus = _metric_sources(ctx)
@@ -403,9 +403,9 @@ def cmd_drift(ctx: Context) -> str:
 
 
 def cmd_top(ctx: Context) -> str:
-    from servekit.ops.drift import DEFAULT_WINDOW, ReferenceCache
-    from servekit.ops.metrics_source import choose_source, parse_window
-    from servekit.ops.top import MetricsView, PrometheusView, run_top
+    from servekit.observe.drift import DEFAULT_WINDOW, ReferenceCache
+    from servekit.observe.metrics_source import choose_source, parse_window
+    from servekit.observe.top import MetricsView, PrometheusView, run_top
 
     a = ctx.args
     if not a.interval > 0:

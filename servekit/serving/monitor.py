@@ -10,14 +10,14 @@ rendered ``prometheus.yml``, the TSDB in ``data/``, ``prometheus.log`` and the p
 2. installs it only once ``promtool check config`` accepted it (which also checks the rule files);
 3. starts ``prometheus`` in its own session on a loopback address and waits for ``/-/ready``;
 4. stops it by its pid file, signalling only a process whose command line is this prefix's
-   Prometheus (``servekit.ops.processes``): a stale pid file is reported and removed, nothing signalled.
+   Prometheus (``servekit.serving.processes``): a stale pid file is reported and removed, nothing signalled.
 
     server = PrometheusServer(Path("var/prometheus"), listen="127.0.0.1:9090")
     server.start()          # returns once Prometheus is ready
     server.stop()           # True if it was running
 
-    python -m servekit.ops.monitor start [--port 9090] [--interval 5] [--proxy 127.0.0.1:8090/metrics]
-    python -m servekit.ops.monitor status | stop
+    python -m servekit.serving.monitor start [--port 9090] [--interval 5] [--proxy 127.0.0.1:8090/metrics]
+    python -m servekit.serving.monitor status | stop
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from servekit.errors import ServekitError, one_line
-from servekit.ops.oip_service import DEFAULT_HTTP_PORT
-from servekit.ops.processes import command_line, stop_verified, verified_pid
-from servekit.ops.server import BASE_CONFIG, read_properties
-from servekit.ops.state_lock import atomic_write_text
+from servekit.files import atomic_write_text
+from servekit.serving.oip_service import DEFAULT_HTTP_PORT
+from servekit.serving.processes import command_line, stop_verified, verified_pid
+from servekit.serving.server import BASE_CONFIG, read_properties
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RULES_DIR = REPO_ROOT / "monitoring" / "rules"
@@ -104,7 +104,7 @@ def render_config(targets: Sequence[ScrapeTarget], rules: Sequence[Path], interv
     if len(set(jobs)) != len(jobs):
         raise MonitorError(f"scrape jobs must have distinct names, got {jobs}")
     lines = [
-        "# Written by servekit.ops.monitor (make monitor): replaced at every start.",
+        "# Written by servekit.serving.monitor (make monitor): replaced at every start.",
         "global:",
         f"  scrape_interval: {every}",
         f"  scrape_timeout: {every}",
@@ -227,7 +227,7 @@ class PrometheusServer:
     def start(self, timeout: float = 30.0) -> None:
         """Install the configuration, start Prometheus and return once it answers ``/-/ready``."""
         if (pid := self.running_pid()) is not None:
-            raise MonitorError(f"Prometheus is already running (pid {pid}): python -m servekit.ops.monitor stop")
+            raise MonitorError(f"Prometheus is already running (pid {pid}): python -m servekit.serving.monitor stop")
         if _port_in_use(self.listen):
             raise MonitorError(f"{self.listen} is already in use: another Prometheus? (--port picks another port)")
         prometheus = _binary("prometheus")
@@ -283,12 +283,12 @@ def print_usage(server: PrometheusServer) -> None:
 rules:  {rules}; files under {server.prefix}
 query:  {query}
 alerts: curl -s {server.url}/api/v1/alerts    (or open {server.url}/alerts)
-stop:   make stop    (or python -m servekit.ops.monitor stop)"""
+stop:   make stop    (or python -m servekit.serving.monitor stop)"""
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servekit.ops.monitor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servekit.serving.monitor", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="start: Prometheus's loopback port (9090)")
     parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL,

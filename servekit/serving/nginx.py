@@ -6,7 +6,7 @@ where asked), installing a configuration only after
 ``nginx -t`` accepted it (replaced whole, never half-written), starting nginx and waiting for
 it to answer, reloading it, and stopping it. nginx is signalled by us, never through
 ``nginx -s``, and only after its pid file's process is checked to be this prefix's master
-(``servekit.ops.processes``): a stale pid file is reported and removed, nothing is signalled.
+(``servekit.serving.processes``): a stale pid file is reported and removed, nothing is signalled.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from servekit.errors import ServekitError, one_line
-from servekit.ops.processes import children, pid_matches, signal_if_matches, verified_pid
-from servekit.ops.state_lock import atomic_write_text
+from servekit.files import atomic_write_text
+from servekit.serving.processes import children, pid_matches, signal_if_matches, verified_pid
 
 TEMP_DIRS = ("body", "proxy", "fastcgi", "uwsgi", "scgi")
 

@@ -1,6 +1,6 @@
 """A real nginx in front of TorchServe for canary and shadow traffic, configured from the deployment state.
 
-``render_config`` is a pure function of the deployment state (``servekit.ops.state``): where the
+``render_config`` is a pure function of the deployment state (``servekit.deploy.state``): where the
 proxy listens, what it forwards to, and each model's canary and shadow:
 
 * canary: ``split_clients`` on ``$request_id`` sends P % of ``/predictions/NAME`` to
@@ -12,15 +12,15 @@ proxy listens, what it forwards to, and each model's canary and shadow:
 Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` under the prefix
 (``log_format ... escape=json``): ``msec`` (epoch seconds), ``uri``, ``status``,
 ``request_time`` (seconds) and ``target``, the version the split sent it to (``"/2.0"``; empty: the
-default). ``servekit.ops.rollout`` reads it to compare a canary with the default.
+default). ``servekit.deploy.rollout`` reads it to compare a canary with the default.
 
 ``NginxProxy.apply`` installs the rendering of a changed state (checked with ``nginx -t`` first: a
 configuration that fails the check is never installed), then the state, then reloads nginx; both
-files are replaced whole (``servekit.ops.nginx``). The proxy listens on its own loopback port and
+files are replaced whole (``servekit.serving.nginx``). The proxy listens on its own loopback port and
 passes TorchServe's ``Authorization`` header through.
 
 nginx cannot rotate a log by size, so ``NginxProxy.start`` also starts a log keeper
-(``servekit.ops.logkeeper``) and ``stop`` stops it: ``requests.jsonl``, ``error.log`` and
+(``servekit.serving.logkeeper``) and ``stop`` stops it: ``requests.jsonl``, ``error.log`` and
 ``access.log`` are each rotated past ``log_max_bytes`` (``FILE.1`` ... ``FILE.<log_keep>``) and nginx
 opens them anew (``SIGHUP`` to its checked master: a reload, see there why not ``SIGUSR1``).
 """
@@ -31,15 +31,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.logkeeper import (
+from servekit.deploy.state import DeploymentState, StateError, read_state, write_state
+from servekit.serving.logkeeper import (
     DEFAULT_INTERVAL,
     DEFAULT_KEEP,
     DEFAULT_MAX_BYTES,
     LogKeeperError,
     LogKeeperProcess,
 )
-from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.state import DeploymentState, StateError, read_state, write_state
+from servekit.serving.nginx import NginxError, NginxInstance, config_head
 
 __all__ = ["REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
 
@@ -94,7 +94,9 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
                 f"            proxy_pass http://torchserve/predictions/{name}{target};\n"
                 "        }\n"
             )
-    return f"""# Written by servekit.ops.proxy from {prefix / "state.json"}: do not edit, run `servekit canary/shadow`.
+    state_file = prefix / "state.json"
+    written = f"# Written by servekit.deploy.proxy from {state_file}: do not edit, run `servekit canary/shadow`."
+    return f"""{written}
 {config_head(prefix, 1024)}    client_max_body_size 7m;
     client_body_buffer_size 7m;
     upstream torchserve {{
@@ -123,7 +125,7 @@ class NginxProxy(NginxInstance):
     ``listen_port`` and ``upstream`` apply until the state records its own (the first time the
     proxy writes it); callers that change the state must hold the ``servekit`` state lock.
     ``log_max_bytes``, ``log_keep`` and ``log_interval`` are the log keeper's cap, rotated files
-    kept per log, and seconds between its checks (``servekit.ops.logkeeper``).
+    kept per log, and seconds between its checks (``servekit.serving.logkeeper``).
     """
 
     listen_port: int = 8090

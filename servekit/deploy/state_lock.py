@@ -1,4 +1,4 @@
-"""One lock for every state-changing ``servekit`` command, and atomic file replacement.
+"""One lock for every state-changing ``servekit`` command.
 
 Two operators (or two scripts) running ``promote`` and ``canary`` at once would otherwise both read
 ``state.json``, change their copy and write it back: the second write silently undoes the first, and
@@ -10,11 +10,8 @@ such commands take turns:
 
 It is an ``fcntl.flock`` on a file next to the deployment history, so the kernel releases it when
 the holder exits, even after ``kill -9``: no stale lock to clean up by hand. The holder writes a
-one-line description into the file so that a command that gives up can say who holds it.
-
-``atomic_write_text`` writes a file through a unique temporary file in the same directory and
-``os.replace``: readers see the old or the new content, never a half-written file, and two writers
-never share a temporary name.
+one-line description into the file so that a command that gives up can say who holds it. The files
+the lock guards are each replaced whole (``servekit.files.atomic_write_text``).
 """
 
 from __future__ import annotations
@@ -23,9 +20,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -95,26 +90,3 @@ class StateLock:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.release()
-
-
-def atomic_write_text(path: Path, text: str, mode: int = 0o644, check: Callable[[Path], None] | None = None) -> None:
-    """Replace ``path`` with ``text`` in one step, through a unique temporary file beside it.
-
-    ``check`` (e.g. ``nginx -t``) runs on the complete temporary file first; if it raises, the
-    temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)  # mkstemp creates 0600
-        if check is not None:
-            check(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

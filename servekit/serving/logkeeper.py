@@ -13,17 +13,17 @@ worker user (``nobody`` under a root master), who cannot reach a prefix below a 
 the master hands the new, unused file to the worker user. A reload is what ``servekit canary`` does
 anyway, and its configuration on disk is always one ``nginx -t`` accepted. The master is signalled
 only after its pid file's process is checked to be this prefix's nginx master
-(``servekit.ops.processes``); the keeper never signals anything else and never edits nginx's pid
+(``servekit.serving.processes``); the keeper never signals anything else and never edits nginx's pid
 file. A rotated file that nginx has not recreated by the next check is reported (once). When the
 master has been gone for two checks in a row, the keeper exits (nothing writes the logs any more).
 
 A file grows past the cap only by what nginx writes in one interval, and a rotated file only by
 what the old workers write while they finish, so the files of one log take about
-``(keep + 1) * (max_bytes + interval x write rate)`` bytes at most. ``servekit.ops.rollout.RequestLog``
+``(keep + 1) * (max_bytes + interval x write rate)`` bytes at most. ``servekit.deploy.rollout.RequestLog``
 reads across one rotation (``FILE.1``, then the new ``FILE``).
 
     keeper = LogKeeperProcess(prefix, (prefix / "requests.jsonl",), max_bytes=64 << 20, keep=3)
-    keeper.start()          # python -m servekit.ops.logkeeper --prefix PREFIX ... FILE...
+    keeper.start()          # python -m servekit.serving.logkeeper --prefix PREFIX ... FILE...
     keeper.stop()           # True if it was running
 """
 
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.errors import ServekitError
-from servekit.ops.nginx import NginxInstance
-from servekit.ops.processes import owned_pid, pid_matches, read_pid, signal_if_matches, stop_verified, verified_pid
+from servekit.serving.nginx import NginxInstance
+from servekit.serving.processes import owned_pid, pid_matches, read_pid, signal_if_matches, stop_verified, verified_pid
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -194,11 +194,11 @@ class LogKeeperProcess:
     @property
     def fragments(self) -> tuple[str, ...]:
         """What our keeper's command line holds; nothing else is ever signalled."""
-        return ("-m servekit.ops.logkeeper", f"--prefix {self.prefix}")
+        return ("-m servekit.serving.logkeeper", f"--prefix {self.prefix}")
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "servekit.ops.logkeeper", "--prefix", str(self.prefix),
+            sys.executable, "-m", "servekit.serving.logkeeper", "--prefix", str(self.prefix),
             "--max-bytes", str(self.max_bytes), "--keep", str(self.keep), "--interval", str(self.interval),
             *(str(p) for p in self.logs),
         ]  # fmt: skip
@@ -244,7 +244,7 @@ class LogKeeperProcess:
 
 # ------------------------------------------------------------------------------------------ command line
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m servekit.ops.logkeeper", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servekit.serving.logkeeper", description=__doc__.split("\n")[0])
     parser.add_argument("--prefix", type=Path, required=True, help="the nginx prefix (nginx.pid, nginx.conf)")
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES)
     parser.add_argument("--keep", type=int, default=DEFAULT_KEEP)

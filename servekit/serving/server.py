@@ -12,16 +12,16 @@ every snapshot), so ``restore=True`` starts it that way when a snapshot exists: 
 all other settings then come from the snapshot (``ports`` is set from it), the model store from
 ``model_store``.
 
-    python -m servekit.ops.server start [--workdir var]   # background, returns when /ping is Healthy
-    python -m servekit.ops.server stop  [--workdir var]
-    python -m servekit.ops.server run --config C --model-store S --bind 0.0.0.0   # a container's entrypoint
+    python -m servekit.serving.server start [--workdir var]   # background, returns when /ping is Healthy
+    python -m servekit.serving.server stop  [--workdir var]
+    python -m servekit.serving.server run --config C --model-store S --bind 0.0.0.0   # a container's entrypoint
 
 ``run`` stays in the foreground (a container's main process): it starts TorchServe from ``--config``
 (a bundle's, no snapshots: a pod is immutable), then waits for SIGTERM. On SIGTERM it drains: the
 OIP readiness turns false at once (``/v2/health/ready``: the gateway sees ``workdir/draining``),
 it waits until no request is queued (at most ``--drain-timeout`` s), and only then stops.
 ``--metrics-port`` and ``--health-port`` add listeners that serve only ``GET /metrics`` and only
-``GET /v2/health/live|ready`` (a pod's scrape and probe ports; ``servekit.ops.oip_service``).
+``GET /v2/health/live|ready`` (a pod's scrape and probe ports; ``servekit.serving.oip_service``).
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from servekit.errors import ServekitError
-from servekit.ops.client import TorchServeClient, TorchServeError, read_keys
-from servekit.ops.exporter import clear as clear_metrics
-from servekit.ops.guard import ManagementGuard
-from servekit.ops.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, OipService
-from servekit.ops.processes import free_port, group_alive, owned_pid, read_pid
-from servekit.ops.store import verify_store
-from servekit.ops.worker_guard import ENV_ROOT, ensure_installed
+from servekit.serving.client import TorchServeClient, TorchServeError, read_keys
+from servekit.serving.exporter import clear as clear_metrics
+from servekit.serving.guard import ManagementGuard
+from servekit.serving.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, OipService
+from servekit.serving.processes import free_port, group_alive, owned_pid, read_pid
+from servekit.serving.store import verify_store
+from servekit.serving.worker_guard import ENV_ROOT, ensure_installed
 
 __all__ = ["ServerError", "TorchServeProcess", "free_port", "read_properties"]
 
@@ -126,7 +126,7 @@ _LOCATION_KEYS = {"model_store", "model_snapshot", "load_models", "tsConfigFile"
 class TorchServeProcess:
     """One TorchServe, its files under ``workdir``; ports from ``config.properties`` or chosen free.
 
-    The management API is reached through the guard (``servekit.ops.guard``) on ``ports["management"]``;
+    The management API is reached through the guard (``servekit.serving.guard``) on ``ports["management"]``;
     TorchServe's own management listener is a Unix socket in ``workdir/run`` (mode 0700).
     """
 
@@ -138,7 +138,7 @@ class TorchServeProcess:
     restore: bool = False  # re-register what the latest snapshot in workdir/logs/config holds (needs snapshots)
     overrides: dict[str, str] = field(default_factory=dict)
     verify: bool = True  # check every archive to be loaded against model_store/manifest.json first
-    oip: bool = True  # the Open Inference Protocol address beside it (servekit.ops.oip_service)
+    oip: bool = True  # the Open Inference Protocol address beside it (servekit.serving.oip_service)
     # {"oip_http": .., "oip_grpc": .., "servekit_metrics": .., "oip_health": .. (both optional)}; default
     # 8000/8001, free with ports
     oip_ports: dict[str, int] | None = None
@@ -247,7 +247,7 @@ class TorchServeProcess:
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "config.properties"
-        lines = [f"# generated from {BASE_CONFIG} by servekit.ops.server"]
+        lines = [f"# generated from {BASE_CONFIG} by servekit.serving.server"]
         lines += [f"{key}={value}" for key, value in self.props.items()]
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -303,9 +303,9 @@ class TorchServeProcess:
             "TEMP": str(self.workdir / "tmp"),
             "LOG_LOCATION": str(self.workdir / "logs"),
             "METRICS_LOCATION": str(self.workdir / "logs"),
-            # Workers run only code unpacked from archives here (servekit.ops.worker_guard).
+            # Workers run only code unpacked from archives here (servekit.serving.worker_guard).
             ENV_ROOT: str(self.workdir / "tmp" / "models"),
-            # Every worker's handler metrics, summed by the exporter (servekit.ops.exporter).
+            # Every worker's handler metrics, summed by the exporter (servekit.serving.exporter).
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
             "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
@@ -562,8 +562,8 @@ def print_usage(server: TorchServeProcess) -> None:
         f"""TorchServe is Healthy: inference {inference}, management {management}, metrics {server.url("metrics")}
 Keys are in {server.key_file}. Try:
 
-  INF=$(.venv/bin/python -m servekit.ops.server key inference)
-  MGT=$(.venv/bin/python -m servekit.ops.server key management)
+  INF=$(.venv/bin/python -m servekit.serving.server key inference)
+  MGT=$(.venv/bin/python -m servekit.serving.server key management)
   curl -H "Authorization: Bearer $INF" {inference}/predictions/digits -T samples/digit_7.png
   curl -H "Authorization: Bearer $MGT" -X POST \\
        "{management}/models?url=digits_v2.0.mar&initial_workers=1&synchronous=true"

@@ -1,6 +1,6 @@
 """The worker guard: a TorchServe Python worker refuses to run code that is not an unpacked archive.
 
-The management guard (``servekit.ops.guard``) confines HTTP registrations to archives of the store,
+The management guard (``servekit.serving.guard``) confines HTTP registrations to archives of the store,
 but TorchServe 0.12 also serves a gRPC management API (loopback, token-protected, cannot be turned
 off) whose ``RegisterModel`` accepts a local directory path: the directory is symlinked into the
 frontend's temporary folder and its handler code runs in a new worker. The frontend puts the

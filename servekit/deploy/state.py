@@ -8,11 +8,11 @@
         canary               Canary(version, percent): that share of /predictions/NAME through the proxy
         shadow               the version that gets a copy of every request through the proxy
     DeploymentStore.promotions(NAME)   the promotion stack that ``rollback`` pops, from the history
-    DeploymentStore.record(...)        the history: who did what when (``servekit.ops.history``)
+    DeploymentStore.record(...)        the history: who did what when (``servekit.deploy.history``)
 
 Every workflow loads the state, changes it and saves it through ``DeploymentStore`` under the
-``servekit`` state lock (``servekit.ops.state_lock``); the nginx configuration is a pure rendering
-of it (``servekit.ops.proxy.render_config``). TorchServe stays the authority on what is registered
+``servekit`` state lock (``servekit.deploy.state_lock``); the nginx configuration is a pure rendering
+of it (``servekit.deploy.proxy.render_config``). TorchServe stays the authority on what is registered
 and which version is the default: the state records what the commands last saw, and the proxy
 routes that only the state knows.
 
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servekit.deploy.history import History
 from servekit.errors import ServekitError
-from servekit.ops.history import History
-from servekit.ops.state_lock import atomic_write_text
-from servekit.ops.store import NAME_RE, VERSION_RE
+from servekit.files import atomic_write_text
+from servekit.serving.store import NAME_RE, VERSION_RE, version_key
 
 FORMAT = 2
 # host:port, or [IPv6]:port: the proxy's listen and upstream go into nginx.conf verbatim.
@@ -228,11 +228,6 @@ def check_name(model: str) -> None:
 def check_version(version: str) -> None:
     if not VERSION_RE.match(version):
         raise StateError(f"bad version {version!r}")
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Versions in numeric order: 1.10 after 1.9."""
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def read_state(path: Path) -> DeploymentState:

@@ -14,7 +14,8 @@ management token alone would mean "run any code this host can read". The guard c
   worker settings. Request bodies are never forwarded (the JSON registration form is dropped).
   Everything else gets ``403`` with a JSON body ``{"code", "type", "message"}``;
 * ``allowed_urls`` in config.properties matches no URL at all, so every URL form is refused by
-  TorchServe too (the second wall, and the only one for the gRPC management port: see README).
+  TorchServe too (the second wall, and the only one for the gRPC management port: docs/security.md,
+  "Registration is confined to the model store").
 
 Token authorization is still TorchServe's: the guard passes ``Authorization`` through.
 """
@@ -25,8 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from servekit.ops.nginx import NginxError, NginxInstance, config_head
-from servekit.ops.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
+from servekit.serving.nginx import NginxError, NginxInstance, config_head
+from servekit.serving.store import ARCHIVE_PATTERN, NAME_PATTERN, VERSION_PATTERN
 
 __all__ = ["REGISTER_QUERY", "GuardError", "ManagementGuard", "render_guard_config"]
 
@@ -80,7 +81,8 @@ def render_guard_config(prefix: Path, listen: str, socket_path: Path) -> str:
     # 0700 directory; the workers then keep the launcher's user (as TorchServe's own processes do).
     user = "user root root;\n" if os.geteuid() == 0 else ""
     messages = "\n".join(f'        "{key}" "{text}";' for key, text in REFUSALS.items())
-    return f"""# Written by servekit.ops.guard: the only way to TorchServe's management API (see servekit/ops/guard.py).
+    written = "# Written by servekit.serving.guard: the only way to TorchServe's management API (see that module)."
+    return f"""{written}
 {config_head(prefix, 256, user)}    client_max_body_size 64k;
     server_tokens off;
     map "$request_method $uri" $servekit_route {{

@@ -1,0 +1,316 @@
+"""Where a step window's figures come from: the proxy's request log, the metrics page, Prometheus.
+
+``--source`` picks one (``select_source``); every source gives one ``Window`` per poll (``Figures``
+for the canary and for the default, and the canary's top-1 classes), and the same ``analyse``
+(``servekit.deploy.rollout.judging``) judges it:
+
+* ``metrics``: the handler metrics on the OIP front's ``/metrics`` page (``docs/monitoring.md``),
+  scraped at the step's start and at each poll; the window is the difference. Per side, from the
+  series of that side's real version: requests and non-2xx errors from ``servekit_requests_total``,
+  p99 from the ``servekit_request_seconds`` buckets (interpolated inside the bucket, as
+  ``histogram_quantile``), classes from ``servekit_predictions_total``. The default side is the
+  version TorchServe's default route answers with (the handler labels its answers with the real
+  version, never ``default``).
+* ``prometheus``: the same series as ``increase(...[Ns])`` over the step's elapsed seconds, rounded
+  up; Prometheus scrapes every few seconds, so its window lags by up to a scrape interval and
+  ``increase`` extrapolates (figures need not be whole numbers: they are rounded).
+* ``proxy-log``: the proxy's request log (``servekit.deploy.proxy``: one JSON line per request with
+  ``msec``, ``uri``, ``status``, ``request_time`` and ``target``, the version the split chose, empty
+  for the default); p99 by nearest rank of ``request_time``. No classes: no drift gate.
+* ``auto`` (the default): Prometheus when it answers and holds servekit's series, else the metrics
+  page when it has servekit's series, else the proxy log (the reason is printed and recorded).
+
+What they count differs. The handler metrics count every request a version answers: golden set
+checks, direct ``/predictions/NAME/VERSION`` calls and clients that bypass the proxy too, and their
+latency is the handler's (decode to encoded answer, not TorchServe's queue). The proxy log counts
+only requests to ``/predictions/NAME`` through the proxy, timed by nginx end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from servekit.deploy.rollout.judging import Figures, Window, p99
+from servekit.deploy.workflows import DeployError
+from servekit.observe.drift import PREDICTIONS, require_servekit
+from servekit.observe.metrics_source import (
+    EXPORTER_UP,
+    MetricsError,
+    MetricsPage,
+    PrometheusAPI,
+    Samples,
+    choose_source,
+    label_selector,
+)
+from servekit.serving.logkeeper import backup_path
+
+SOURCES = ("auto", "prometheus", "metrics", "proxy-log")
+REQUESTS = "servekit_requests_total"
+REQUEST_SECONDS = "servekit_request_seconds"
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    time: float  # epoch seconds, when nginx finished the request
+    uri: str
+    status: int
+    seconds: float  # request_time
+    target: str  # "/VERSION" the split chose; "" = TorchServe's default
+
+    @classmethod
+    def parse(cls, line: bytes) -> LogRecord | None:
+        """One line of the proxy's log, or None for a line that is not one (cut, hand-edited)."""
+        try:
+            data = json.loads(line)
+            return cls(float(data["msec"]), str(data["uri"]), int(data["status"]),
+                       float(data["request_time"]), str(data["target"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class RequestLog:
+    """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called.
+
+    The log keeper (``servekit.serving.logkeeper``) renames a full ``requests.jsonl`` to
+    ``requests.jsonl.1`` and nginx starts a new one. The reader follows the file it was reading by
+    its inode: when the path names another file, the rest of the old one is read from ``.1`` (now
+    and at every later read while ``.1`` is still that file, for the lines nginx wrote before it
+    reopened its log), then the new file from its start. Records survive one rotation between two
+    reads; a file rotated twice in between (to ``.2``) is not looked for.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file being read
+        self._offset = 0
+        self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
+        self._records: list[LogRecord] = []
+
+    def start(self) -> None:
+        """Forget everything before now: only requests logged from here on are read."""
+        try:
+            info = self.path.stat()
+            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size
+        except FileNotFoundError:
+            self._file, self._offset = None, 0
+        self._previous = None
+        self._records = []
+
+    def records(self, since: float, until: float) -> list[LogRecord]:
+        """The requests finished in ``[since, until]``; older ones are forgotten (windows only move forward)."""
+        self._read_new()
+        self._records = [r for r in self._records if r.time >= since]
+        return [r for r in self._records if r.time <= until]
+
+    def _read_new(self) -> None:
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:  # renamed, and nginx has not reopened its log yet
+            handle = None
+        with handle or contextlib.nullcontext():
+            identity = None
+            if handle is not None:
+                info = os.fstat(handle.fileno())
+                identity = (info.st_dev, info.st_ino)
+            if identity != self._file:
+                if self._file is not None:
+                    self._previous = (self._file, self._offset)
+                self._file, self._offset = identity, 0
+            if self._previous is not None:
+                self._read_previous()
+            if handle is not None:
+                self._offset = self._read_from(handle, self._offset)
+
+    def _read_previous(self) -> None:
+        identity, offset = self._previous
+        try:
+            with backup_path(self.path, 1).open("rb") as handle:
+                info = os.fstat(handle.fileno())
+                if (info.st_dev, info.st_ino) != identity:  # rotated again, or not rotated but removed
+                    self._previous = None
+                    return
+                self._previous = (identity, self._read_from(handle, offset))
+        except FileNotFoundError:
+            self._previous = None
+
+    def _read_from(self, handle: BinaryIO, offset: int) -> int:
+        """Parse the complete lines after ``offset``; the new offset (a line nginx is still writing waits)."""
+        size = handle.seek(0, 2)
+        if size < offset:  # truncated in place: read it again from its start
+            offset = 0
+        handle.seek(offset)
+        data = handle.read(size - offset)
+        complete = data.rfind(b"\n") + 1
+        for line in data[:complete].splitlines():
+            record = LogRecord.parse(line)
+            if record is not None:
+                self._records.append(record)
+        return offset + complete
+
+
+def log_figures(records: list[LogRecord]) -> Figures:
+    """Requests, non-2xx answers and p99 (nearest rank of ``request_time``) of proxy log records."""
+    latency = p99([r.seconds for r in records])
+    return Figures(
+        requests=len(records),
+        errors=sum(1 for r in records if not 200 <= r.status < 300),
+        p99_ms=round(latency * 1000, 1) if latency is not None else None,
+    )
+
+
+def log_window(records: list[LogRecord], model: str, version: str) -> Window:
+    """The canary's (split target ``/version``) and the default's share of ``/predictions/model`` in the log."""
+    uri = f"/predictions/{model}"
+    return Window(
+        log_figures([r for r in records if r.uri == uri and r.target == f"/{version}"]),
+        log_figures([r for r in records if r.uri == uri and r.target == ""]),
+    )
+
+
+def _is_success(code: str) -> bool:
+    try:
+        return 200 <= int(code) < 300
+    except ValueError:
+        return False
+
+
+def metric_figures(samples: Samples, model: str, version: str) -> Figures:
+    """``version``'s requests, non-2xx answers and p99 in ``samples`` (deltas of the handler metrics)."""
+    codes = samples.by_label(REQUESTS, "code", model=model, version=version)
+    histogram = samples.histogram(REQUEST_SECONDS, model=model, version=version)
+    latency = histogram.quantile(0.99) if histogram is not None else None
+    return Figures(
+        requests=round(sum(codes.values())),
+        errors=round(sum(n for code, n in codes.items() if not _is_success(code))),
+        p99_ms=round(latency * 1000, 1) if latency is not None else None,
+    )
+
+
+def metrics_window(samples: Samples, model: str, version: str, default: str) -> Window:
+    """The canary ``version`` against the ``default`` version, from handler-metric deltas."""
+    return Window(
+        metric_figures(samples, model, version),
+        metric_figures(samples, model, default),
+        samples.by_label(PREDICTIONS, "class", model=model, version=version),
+    )
+
+
+class FigureSource(Protocol):
+    """Where a step window's figures come from: ``begin`` once, ``start_step`` per step, ``window`` per poll."""
+
+    name: str
+
+    def begin(self, model: str, version: str, default: str) -> None: ...
+
+    def start_step(self, at: float) -> None: ...
+
+    def window(self, since: float, now: float) -> Window: ...
+
+
+class ProxyLogSource:
+    """The proxy's request log (a ``RequestLog``, or anything with ``start`` and ``records``)."""
+
+    name = "proxy-log"
+
+    def __init__(self, log: RequestLog) -> None:
+        self.log = log
+        self._who = ("", "")
+
+    def begin(self, model: str, version: str, default: str) -> None:
+        self._who = (model, version)
+        self.log.start()  # what was logged before the rollout never counts
+
+    def start_step(self, at: float) -> None:
+        pass  # the window is a time range of the log
+
+    def window(self, since: float, now: float) -> Window:
+        return log_window(self.log.records(since, now), *self._who)
+
+
+class MetricsPageSource:
+    """The handler metrics page, scraped at each step's start and at each poll: the window is the difference."""
+
+    name = "metrics"
+
+    def __init__(self, page: MetricsPage) -> None:
+        self.page = page
+        self._who = ("", "", "")
+        self._base: Samples | None = None
+
+    def begin(self, model: str, version: str, default: str) -> None:
+        self._who = (model, version, default)
+
+    def start_step(self, at: float) -> None:
+        self._base = self.page.scrape()
+
+    def window(self, since: float, now: float) -> Window:
+        if self._base is None:
+            raise MetricsError("internal: the metrics page was not scraped at the step's start")
+        return metrics_window(self.page.scrape().since(self._base), *self._who)
+
+
+class PrometheusSource:
+    """Prometheus' ``increase()`` over the step's elapsed seconds (rounded up) of the same handler series."""
+
+    name = "prometheus"
+
+    def __init__(self, prometheus: PrometheusAPI) -> None:
+        self.prometheus = prometheus
+        self._who = ("", "", "")
+
+    def begin(self, model: str, version: str, default: str) -> None:
+        self._who = (model, version, default)
+
+    def start_step(self, at: float) -> None:
+        pass  # the window is a range Prometheus already holds
+
+    def window(self, since: float, now: float) -> Window:
+        model, version, default = self._who
+        span = f"{max(1, math.ceil(now - since))}s"
+        selector = label_selector(model=model)
+        ask = self.prometheus.samples
+        found = ask(REQUESTS, f"sum by (model, version, code) (increase({REQUESTS}{selector}[{span}]))")
+        found += ask(f"{REQUEST_SECONDS}_bucket",
+                     f"sum by (model, version, le) (increase({REQUEST_SECONDS}_bucket{selector}[{span}]))")  # fmt: skip
+        canary = label_selector(model=model, version=version)
+        found += ask(PREDICTIONS, f"sum by (model, version, class) (increase({PREDICTIONS}{canary}[{span}]))")
+        return metrics_window(Samples(found), model, version, default)
+
+
+def select_source(
+    requested: str, *, page: MetricsPage, prometheus: PrometheusAPI, request_log: RequestLog
+) -> tuple[FigureSource, str | None]:
+    """The source ``--source`` names (``auto``: see the module docstring), and a note when auto fell back.
+
+    ``prometheus`` and ``metrics`` must answer with servekit's series now (one-line error otherwise);
+    ``auto`` ends at the proxy log when neither does, and the note says why.
+    """
+    if requested not in SOURCES:
+        raise DeployError(f"--source must be one of {', '.join(SOURCES)}, got {requested!r}")
+    if requested == "proxy-log":
+        return ProxyLogSource(request_log), None
+    if requested == "prometheus":
+        choose_source("prometheus", prometheus, page)  # a one-line error when it does not answer
+        if not prometheus.has(EXPORTER_UP):
+            raise MetricsError(
+                f"Prometheus at {prometheus.url} holds no servekit series ({EXPORTER_UP}): is it scraping the "
+                "OIP front's /metrics (make monitor)?"
+            )
+        return PrometheusSource(prometheus), None
+    if requested == "metrics":
+        require_servekit(page.scrape(), page.url)
+        return MetricsPageSource(page), None
+    try:
+        chosen, note = choose_source("auto", prometheus, page)
+        if chosen == "prometheus":
+            return PrometheusSource(prometheus), None
+        require_servekit(page.scrape(), page.url)
+        return MetricsPageSource(page), note
+    except MetricsError as exc:
+        return ProxyLogSource(request_log), f"{exc}: judging from the proxy's request log"
