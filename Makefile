@@ -76,8 +76,13 @@ stop:
 monitor: venv tools
 	$(PY) -m servekit.serving.monitor start
 
+# The suite in 3 processes (pytest-xdist, one module per process at a time, the longest first:
+# tests/conftest.py): on 2 cores the integration tests spend much of their time waiting on servers.
+# A short temporary root: TorchServe's management socket path must stay under 100 bytes.
+PYTEST := $(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
 test: archive tools
-	$(PY) -m pytest tests
+	@tmp=$$(mktemp -d /tmp/sk.XXXXXX); $(PYTEST) --basetemp=$$tmp tests; rc=$$?; \
+		if test $$rc -eq 0; then rm -rf $$tmp; else echo "test files kept in $$tmp"; fi; exit $$rc
 
 test-unit: archive tools
 	$(PY) -m pytest tests/unit -m unit

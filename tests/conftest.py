@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import sys
 from pathlib import Path
 
@@ -12,6 +13,32 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+# The longest modules (make test's --durations, 2 cores), sent to the workers first: `make test` runs
+# the suite in 3 processes, one module per process at a time (pytest-xdist --dist loadfile), so a
+# long module started last would leave the others idle while it finishes.
+LONGEST_FIRST = (
+    "integration/test_bench_quick.py",  # about 2.5 min: every bench variant once
+    "integration/test_byom.py",
+    "integration/test_soak_short.py",
+    "integration/test_rollout.py",
+    "integration/test_rolling_update.py",
+    "integration/test_monitoring.py",
+    "integration/test_text_example.py",
+    "integration/test_faults.py",
+    "unit/test_byom.py",
+    "unit/test_build_archives.py",
+    "integration/test_cpu_budget.py",
+    "integration/test_deploy.py",
+    "integration/test_store_confinement.py",
+    "unit/test_init.py",
+)
+
+
+def _rank(item: pytest.Item) -> int:
+    path = Path(str(item.fspath)).as_posix()
+    return next((i for i, tail in enumerate(LONGEST_FIRST) if path.endswith(tail)), len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
@@ -19,6 +46,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
         elif "integration" in parts:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=_rank)  # stable: every module keeps its own order
 
 
 @pytest.fixture(scope="session")
@@ -42,5 +70,9 @@ def model_store(repo_root: Path) -> Path:
     from servekit.build.spec import load_spec
 
     store = repo_root / "model_store"
-    build_all(load_spec(repo_root / "models.yaml"), store, repo_root / "build" / "cache")
+    lock = repo_root / "build" / "model_store.lock"  # make test's parallel workers: one builds, the rest wait
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        build_all(load_spec(repo_root / "models.yaml"), store, repo_root / "build" / "cache")
     return store
