@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNTIME := $(VENV)/.runtime
 
-.PHONY: help venv java nginx tools archive serve stop test test-unit test-integration bench soak lint format check clean monitor-demo \
+.PHONY: help venv java nginx tools archive serve stop test test-unit test-integration docs-check bench soak lint format \
+	check clean monitor-demo \
 	status register promote rollback canary shadow proxy bundle monitor
 
 help:
 	@echo "make serve    build the archives and start TorchServe in the background (make stop)"
 	@echo "make monitor  Prometheus with the alert rules on 127.0.0.1:9090, scraping make serve (make stop)"
 	@echo "make test     set up, build, and run every test against a real TorchServe"
+	@echo "make docs-check  run every command README.md and docs/ show, or the tests that run them (docs/tests.md)"
 	@echo "make archive  build model_store/*.mar from models.yaml"
 	@echo "make bench    served vs stock vs in-process benchmark -> results/bench/"
 	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
@@ -89,6 +91,12 @@ test-unit: archive tools
 
 test-integration: archive tools
 	$(PY) -m pytest tests/integration -m integration
+
+# Every command README.md and docs/*.md show (docs/tests.md, "The docs check"): the blocks the check runs or
+# checks without running, and the tests that their <!-- docs-check: test FILE --> markers name.
+DOCS_TESTS = $(sort $(shell sed -n 's/^<!-- docs-check: test \([^ ]*\) -->$$/\1/p' README.md docs/*.md))
+docs-check: archive tools
+	$(PY) -m pytest tests/integration/test_docs_commands.py $(DOCS_TESTS)
 
 bench: venv tools
 	$(PY) -m servekit.perf.bench

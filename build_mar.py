@@ -3,7 +3,7 @@
 
     python build_mar.py                          # every model x version in models.yaml
     python build_mar.py --model digits --version 2.0
-    python build_mar.py --force                  # rebuild versions whose inputs changed
+    python build_mar.py --force                  # rebuild every version, also those whose inputs changed
 
 Archives go to model_store/ (see model_store/README.md); model_store/manifest.json lists them
 with their sha256. Exit status 1 with one line on stderr for any spec or build error.
