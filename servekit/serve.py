@@ -28,7 +28,7 @@ from pathlib import Path
 
 from servekit.deploy.workflows import serving_settings
 from servekit.errors import ServekitError
-from servekit.serving.server import REPO_ROOT, ServerError, TorchServeProcess, load_models_archives, print_usage
+from servekit.serving.server import REPO_ROOT, ServerError, TorchServeProcess, announce, load_models_archives
 
 
 def _say(started: float, text: str) -> None:
@@ -150,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServekitError as exc:
         print(f"serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
-    server.process = None  # leave it running in the background
-    if server.snapshot_differences:
-        print(
-            "note: restored the registered versions from the last snapshot; these settings differ from it and "
-            "today's config.properties applies:\n  " + "\n  ".join(server.snapshot_differences)
-        )
-    print_usage(server)
+    announce(server)
     return 0
 
 

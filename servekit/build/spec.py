@@ -50,6 +50,7 @@ from handlers.preprocessing import Preprocessing
 from handlers.protocols import ProtocolConfig
 from servekit.deploy.rollout.settings import model_rollout
 from servekit.errors import SpecError
+from servekit.fields import check_keys, positive_int
 from servekit.serving.store import (  # one definition of names and versions ("\Z", not "$")
     NAME_RE,
     VERSION_RE,
@@ -106,18 +107,6 @@ def model_keys() -> set[str]:
     return version_keys() | {"versions", "rollout"}
 
 
-def _check_keys(data: dict, valid: set[str], what: str) -> None:
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key in {what} (valid keys: {', '.join(sorted(valid))})")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class Serving:
     """TorchServe settings for one version, written into the archive's model-config.yaml."""
@@ -132,23 +121,23 @@ class Serving:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("max_batch_delay_ms", self.max_batch_delay_ms, 0)
-        _positive_int("min_workers", self.min_workers, 0)
-        _positive_int("max_workers", self.max_workers)
+        positive_int("batch_size", self.batch_size)
+        positive_int("max_batch_delay_ms", self.max_batch_delay_ms, 0)
+        positive_int("min_workers", self.min_workers, 0)
+        positive_int("max_workers", self.max_workers)
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers: must be >= min_workers ({self.min_workers}), got {self.max_workers}")
-        _positive_int("response_timeout_s", self.response_timeout_s)
-        _positive_int("startup_timeout_s", self.startup_timeout_s)
+        positive_int("response_timeout_s", self.response_timeout_s)
+        positive_int("startup_timeout_s", self.startup_timeout_s)
         if self.job_queue_size is not None:
-            _positive_int("job_queue_size", self.job_queue_size)
+            positive_int("job_queue_size", self.job_queue_size)
         if self.threads is not None:
-            _positive_int("threads", self.threads)
+            positive_int("threads", self.threads)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Serving:
         data = data or {}
-        _check_keys(data, {f.name for f in fields(cls)}, "serving")
+        check_keys(data, {f.name for f in fields(cls)}, "serving")
         return cls(**data)
 
     def model_config(self) -> dict:
@@ -188,7 +177,7 @@ class Monitoring:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1e6:
                 raise ValueError(f"{name}: must be a number > 0, got {value!r}")
-        _positive_int("drift_min_samples", self.drift_min_samples)
+        positive_int("drift_min_samples", self.drift_min_samples)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Monitoring:
@@ -196,7 +185,7 @@ class Monitoring:
             raise ValueError(f"must be a mapping (slo_p99_ms, drift_threshold, drift_min_samples, prediction_log), "
                              f"got {data!r}")  # fmt: skip
         data = dict(data or {})
-        _check_keys(data, {f.name for f in fields(cls)}, "monitoring")
+        check_keys(data, {f.name for f in fields(cls)}, "monitoring")
         if data.get("prediction_log") is not None:
             data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
         return cls(**data)
@@ -223,7 +212,7 @@ class Weights:
     def from_dict(cls, data: Any, base_dir: Path) -> Weights:
         if not isinstance(data, dict):
             raise ValueError("weights: must be a mapping such as {file: weights.pt} or {train: digits}")
-        _check_keys(data, {f.name for f in fields(cls)}, "weights")
+        check_keys(data, {f.name for f in fields(cls)}, "weights")
         weights = cls(**data)
         sources = [name for name in ("train", "file", "torchvision") if getattr(weights, name)]
         if len(sources) != 1:
@@ -235,7 +224,7 @@ class Weights:
             weights = cls(**{**asdict(weights), "file": str(path)})
         if weights.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(weights.sha256)):
             raise ValueError(f"weights.sha256: must be 64 lowercase hex digits, got {weights.sha256!r}")
-        _positive_int("weights.epochs", weights.epochs)
+        positive_int("weights.epochs", weights.epochs)
         return weights
 
 
@@ -274,10 +263,10 @@ class Quantization:
     @classmethod
     def from_dict(cls, data: dict | None) -> Quantization:
         data = data or {}
-        _check_keys(data, {f.name for f in fields(cls)}, "quantization")
+        check_keys(data, {f.name for f in fields(cls)}, "quantization")
         _one_drop(data, "quantization")
         q = cls(**data)
-        _positive_int("quantization.calibration_images", q.calibration_images)
+        positive_int("quantization.calibration_images", q.calibration_images)
         if q.backend not in ("x86", "fbgemm", "qnnpack"):
             raise ValueError(f"quantization.backend: must be x86, fbgemm or qnnpack, got {q.backend!r}")
         _check_drops("quantization", q.max_top1_drop, q.max_drop)
@@ -301,7 +290,7 @@ class Bf16:
     @classmethod
     def from_dict(cls, data: dict | None) -> Bf16:
         data = data or {}
-        _check_keys(data, {f.name for f in fields(cls)}, "bf16")
+        check_keys(data, {f.name for f in fields(cls)}, "bf16")
         _one_drop(data, "bf16")
         return cls(**data)
 

@@ -546,14 +546,19 @@ def _start(server: TorchServeProcess, args: argparse.Namespace) -> int:
     if (pid := server.running_pid()) is not None:
         raise ServerError(f"TorchServe is already running (pid {pid}); make stop first")
     server.start()
-    server.process = None  # leave it running in the background
+    announce(server)
+    return 0
+
+
+def announce(server: TorchServeProcess) -> None:
+    """Leave the started server running in the background; say what differs from its snapshot and how to call it."""
+    server.process = None
     if server.snapshot_differences:
         print(
             "note: restored the registered versions from the last snapshot; these settings differ from it and "
             "today's config.properties applies:\n  " + "\n  ".join(server.snapshot_differences)
         )
     print_usage(server)
-    return 0
 
 
 def print_usage(server: TorchServeProcess) -> None:

@@ -22,6 +22,7 @@ import yaml
 from servekit.deploy.rollout.judging import Thresholds
 from servekit.deploy.workflows import DeployError
 from servekit.errors import SpecError
+from servekit.fields import check_keys, positive_int
 
 DEFAULT_STEPS = (10, 25, 50, 100)
 # Every setting and its built-in default, in the order they are shown; None: off.
@@ -122,7 +123,7 @@ class RolloutSpec:
         _rollout_number("max_wait_factor", self.max_wait_factor, "a number >= 1", lambda v: v >= 1)
         _rollout_number("max_drift", self.max_drift, "a number > 0 (a PSI)", lambda v: v > 0)
         if self.min_requests is not None:
-            _positive_int("min_requests", self.min_requests)
+            positive_int("min_requests", self.min_requests)
 
     @classmethod
     def from_dict(cls, data: Any) -> RolloutSpec:
@@ -130,7 +131,7 @@ class RolloutSpec:
             return cls()
         if not isinstance(data, dict):
             raise ValueError(f"must be a mapping ({', '.join(f.name for f in fields(cls))}), got {data!r}")
-        _check_keys(data, {f.name for f in fields(cls)}, "rollout")
+        check_keys(data, {f.name for f in fields(cls)}, "rollout")
         return cls(**data)
 
     def given(self) -> dict[str, Any]:
@@ -176,15 +177,3 @@ def rollout_settings(path: str | Path, model: str) -> RolloutSpec:
     if not isinstance(entry, dict):
         return RolloutSpec()
     return model_rollout(model, entry.get("rollout"))
-
-
-def _check_keys(data: dict, valid: set[str], what: str) -> None:
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key in {what} (valid keys: {', '.join(sorted(valid))})")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return value
