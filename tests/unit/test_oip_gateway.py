@@ -8,6 +8,7 @@ tokens, ping), and ``Upstream`` answers inference calls over HTTP with the handl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -501,7 +502,10 @@ def test_one_post_gets_one_answer_whatever_its_body(gateway_http: str) -> None:
     port = int(gateway_http.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head + body)
-        sock.shutdown(socket.SHUT_WR)  # the server sees the end once it has read all we sent
+        # The server sees the end once it has read all we sent; under load it may have answered and closed
+        # already (ENOTCONN here), which is as good: the answer is still in our receive buffer.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
