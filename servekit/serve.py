@@ -60,12 +60,12 @@ class _Background:
 
 def _order(specs: list, at_start: set[str], cache_dir: Path) -> list:
     """The versions loaded at start first (cached weights before training), then the rest in spec order."""
-    from servekit.build.training import recipe_key
+    from servekit.build.training import cached_weights_path
 
     def needs_training(spec) -> bool:
         if spec.program is not None or spec.weights.file or spec.weights.torchvision:
             return False
-        return not (cache_dir / f"{spec.name}-{recipe_key(spec)}.pt").is_file()
+        return not cached_weights_path(spec, cache_dir).is_file()
 
     first = [s for s in specs if s.archive_name in at_start]
     rest = [s for s in specs if s.archive_name not in at_start]

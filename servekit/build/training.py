@@ -78,6 +78,11 @@ def train(spec: ModelVersionSpec, log: Callable[[str], None]) -> dict[str, torch
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def cached_weights_path(spec: ModelVersionSpec, cache_dir: Path) -> Path:
+    """Where the weights trained from ``spec``'s recipe are cached (they may not be there yet)."""
+    return cache_dir / f"{spec.name}-{recipe_key(spec)}.pt"
+
+
 def fp32_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[[str], None]) -> Path:
     """Path of a state_dict file holding the version's FP32 weights (trained and cached if needed)."""
     if spec.weights.file:
@@ -88,7 +93,7 @@ def fp32_weights(spec: ModelVersionSpec, cache_dir: Path, log: Callable[[str], N
     if spec.weights.torchvision:
         return _torchvision_weights(spec, cache_dir, log)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{spec.name}-{recipe_key(spec)}.pt"
+    path = cached_weights_path(spec, cache_dir)
     if path.is_file():
         log(f"using cached trained weights {path}")
         return path
