@@ -161,7 +161,7 @@ class BatchHandler:
             self.batch_size,
             time.perf_counter() - loaded,
         )
-        self.cpu.mark_idle()  # warm-up is over: this worker's share is free until its first batch
+        self.warm_up_lent()
         self.initialized = True
 
     def warm_up(self) -> None:
@@ -180,11 +180,32 @@ class BatchHandler:
             for start in range(0, len(requests), self.batch_size):
                 self.handle(requests[start : start + self.batch_size], _WarmupContext())
 
-    def resize_threads(self, force: bool = False) -> int:
-        """Follow this worker's share of the CPU budget; logs every change with its reason."""
+    def warm_up_lent(self) -> None:
+        """With lending, a lone request may run on the whole budget: warm that thread count too.
+
+        oneDNN keys some of its kernels by the thread count, so the first lone request on more
+        threads than the warm-up used would pay their creation.
+        """
+        cpu = self.cpu
+        if cpu is None or not cpu.lend or cpu.pinned or cpu.lendable() <= cpu.threads:
+            return
+        torch.set_num_threads(cpu.lendable())
+        try:
+            items = self.warmup_items(1)
+            for _ in range(self.warmup_rounds):
+                self.postprocess(self.inference(items), items)
+        finally:
+            torch.set_num_threads(cpu.threads)
+
+    def resize_threads(self, force: bool = False, requests: int | None = None) -> int:
+        """Follow this worker's share of the CPU budget (``requests``: claim it for a batch of that many);
+        logs every change with its reason."""
         if self.cpu is None:
             return torch.get_num_threads()
-        threads, reason = self.cpu.refresh(force=force)
+        if requests is None:
+            threads, reason = self.cpu.refresh(force=force)
+        else:
+            threads, reason = self.cpu.claim(requests, force=force)
         if reason is not None:
             torch.set_num_threads(threads)
             logger.info("cpu budget: %s", reason)
@@ -198,12 +219,12 @@ class BatchHandler:
         request with TorchServe's request ID, the one its answer carries in ``x-request-id``.
         """
         began = time.perf_counter()
-        self.resize_threads()  # and this worker counts as busy (handlers.cpu_budget) until the batch ends
+        self.resize_threads(requests=len(data))  # this batch's CPUs (handlers.cpu_budget), held until it ends
         try:
             return self._handle(data, context, began)
         finally:
             if self.cpu is not None:
-                self.cpu.mark_idle()
+                self.cpu.release()
 
     def _handle(self, data: list[dict], context: Any, began: float) -> list[Any]:
         metrics = self.metrics

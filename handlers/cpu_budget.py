@@ -16,27 +16,29 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
   lowest pids, at least one thread each;
 * a worker is alive while ``/proc/<pid>`` exists with the start time it registered with: a worker
   killed with SIGKILL never unregisters, and its file is ignored (and removed) by the others;
-* the budget is work-conserving: a worker is busy while it runs a batch (a ``<pid>.busy`` marker
-  beside its entry, made when the batch begins and removed when it ends), and only busy workers
-  split the flexible budget: idle ones lend their share. A lone request computes on every core the
-  budget has; a worker that gets work takes its share back at once (it counts itself), and the
-  others give it back at their next batch. ``SERVEKIT_CPU_LEND=1`` turns lending on; it is off by
-  default. In ``make bench`` (2026-12-06 04:34, results/bench/2026-12-06-0434-lending.md) it brought
-  FP32's lone-request p50 to 42.5 ms (0.95x the stock handler's; 60.2 ms without), but the same
-  run's c=16 rows fell further below the in-process limit than that noisy machine explains
-  (INT8 0.62 of it, against 0.99 the run before): between two batches of a loaded worker the other
-  sees it idle for a few milliseconds and both may take the whole budget at once, which
-  oversubscribes OpenMP's spinning threads. It stays off until a claim that two workers cannot both
-  win (and a clean side-by-side run) shows that load loses nothing.
+* the budget is work-conserving, and its CPUs are tokens that two workers cannot both hold: the
+  flexible CPUs are numbered, one lock file each (``cpu-<i>.lock`` beside the entries), and each
+  flexible worker owns a fair range of them (its share, in pid order). When a batch begins the
+  worker takes its own tokens (``flock``; it waits only while another worker still runs a lone
+  request on one it lent) and, when the batch is a lone request (``LEND_MAX_REQUESTS``), also every
+  token no one holds, without waiting; it runs with as many torch threads as it holds tokens and
+  gives them all back when the batch ends. An idle worker holds nothing, so a lone request computes
+  on every core of the budget, and two busy workers can never both take the same CPU: under load
+  (batches of several requests) nobody borrows and the split is the fair one. A worker killed in a
+  batch holds nothing either (the kernel drops a dead process's locks). Workers beyond the number of
+  CPUs (more workers than cores) own no token and run one thread, as without lending.
+  ``SERVEKIT_CPU_LEND=0`` turns lending off (each worker keeps its fair share; no tokens are taken).
 
-    budget = CpuBudget.create(model="digits", version="1.0", pinned=None)
-    budget.register(); threads = budget.refresh(force=True)   # in initialize
-    threads = budget.refresh()                                  # before each batch (cheap, rate-limited)
+    budget = CpuBudget(label="digits pid 123", pinned=None)
+    budget.register(); threads, why = budget.refresh(force=True)   # in initialize: the fair share
+    threads, why = budget.claim(requests=len(batch))                 # when a batch begins
+    budget.release()                                                 # when it ends
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -51,12 +53,21 @@ logger = logging.getLogger(__name__)
 ENV_REGISTRY = "SERVEKIT_CPU_REGISTRY"  # override the registry folder (tests, several tenants)
 ENV_CGROUP_ROOT = "SERVEKIT_CGROUP_ROOT"  # where the cgroup filesystem is mounted (tests use a fake tree)
 REFRESH_SECONDS = 0.25  # how often a busy worker re-reads who is alive (who is busy: every batch, one listdir)
-ENV_LEND = "SERVEKIT_CPU_LEND"  # "1": idle workers lend their share (off by default: see the module docstring)
-BUSY_SUFFIX = ".busy"
+ENV_LEND = "SERVEKIT_CPU_LEND"  # "0": idle workers keep their share to themselves (lending is on by default)
+ENV_LEND_MAX_REQUESTS = "SERVEKIT_CPU_LEND_MAX_REQUESTS"  # batches of at most this many requests borrow
+LEND_MAX_REQUESTS = 1  # a lone request borrows; a batch of several (load) keeps to its own share
+TOKEN_PREFIX, TOKEN_SUFFIX = "cpu-", ".lock"
 
 
 def lending() -> bool:
-    return os.environ.get(ENV_LEND, "0").strip() == "1"
+    return os.environ.get(ENV_LEND, "1").strip() != "0"
+
+
+def lend_max_requests() -> int:
+    try:
+        return max(0, int(os.environ.get(ENV_LEND_MAX_REQUESTS, LEND_MAX_REQUESTS)))
+    except ValueError:
+        return LEND_MAX_REQUESTS
 
 
 # ------------------------------------------------------------------------------------------- budget
@@ -175,39 +186,45 @@ def live_members(registry: Path) -> list[Member]:
             members.append(member)
         else:
             entry.unlink(missing_ok=True)
-            (registry / f"{member.pid}{BUSY_SUFFIX}").unlink(missing_ok=True)  # it died in a batch
     return sorted(members, key=lambda m: m.pid)
 
 
-def busy_pids(registry: Path) -> set[int]:
-    """The workers in a batch now (their ``<pid>.busy`` markers): one listdir."""
-    try:
-        names = os.listdir(registry)
-    except OSError:
-        return set()
-    return {int(name[: -len(BUSY_SUFFIX)]) for name in names if name.endswith(BUSY_SUFFIX) and name[0].isdigit()}
-
-
-def share(budget: int, members: list[Member], pid: int, busy: set[int] | None = None) -> int:
-    """Threads for ``pid``: pinned workers keep theirs; the others split what is left, remainder to the lowest pids.
-
-    With ``busy``, only the flexible workers in a batch split it (``pid`` itself always counts: it is about
-    to run one): idle workers lend their share. Without it every live worker counts.
-    """
+def share(budget: int, members: list[Member], pid: int) -> int:
+    """Threads for ``pid``: pinned workers keep theirs; the others split what is left, remainder to the lowest pids."""
     me = next((m for m in members if m.pid == pid), None)
     if me is not None and me.pinned:
         return me.pinned
-    flexible = [m for m in members if not m.pinned and (busy is None or m.pid == pid or m.pid in busy)]
-    flexible = flexible or [Member(pid, 0, None, "")]
+    flexible = [m for m in members if not m.pinned] or [Member(pid, 0, None, "")]
     left = max(budget - sum(m.pinned for m in members if m.pinned), len(flexible))
     base, extra = divmod(left, len(flexible))
     rank = next((i for i, m in enumerate(flexible) if m.pid == pid), len(flexible) - 1)
     return max(1, base + (1 if rank < extra else 0))
 
 
+def flexible_cpus(budget: int, members: list[Member]) -> int:
+    """The CPUs left to the unpinned workers: the number of tokens."""
+    return max(0, budget - sum(m.pinned for m in members if m.pinned))
+
+
+def own_tokens(budget: int, members: list[Member], pid: int) -> range:
+    """The tokens ``pid`` owns: its fair share, numbered in pid order and cut at the number of CPUs."""
+    cpus, start = flexible_cpus(budget, members), 0
+    for member in (m for m in members if not m.pinned):
+        count = share(budget, members, member.pid)
+        if member.pid == pid:
+            return range(min(start, cpus), min(start + count, cpus))
+        start += count
+    return range(0)
+
+
 @dataclass
 class CpuBudget:
-    """This worker's place in the machine-wide budget; ``refresh`` returns the thread count to use."""
+    """This worker's place in the machine-wide budget.
+
+    ``refresh`` gives the fair share (at start, and for every batch without lending); ``claim``
+    takes the tokens for a batch (its own, and with lending the free ones for a lone request) and
+    returns the thread count; ``release`` gives them back when the batch ends.
+    """
 
     label: str
     pinned: int | None = None
@@ -216,9 +233,12 @@ class CpuBudget:
     pid: int = field(default_factory=os.getpid)
     threads: int = 0
     lend: bool = field(default_factory=lending)
+    lend_max_requests: int = field(default_factory=lend_max_requests)
     _checked: float = 0.0
     _members: list[Member] = field(default_factory=list)
-    _busy: bool = False
+    _files: dict[int, int] = field(default_factory=dict)  # token -> open descriptor (kept open)
+    held: list[int] = field(default_factory=list)  # the tokens held for the running batch
+    waited_s: float = 0.0  # time the last claim waited for its own tokens (lent to a lone request)
 
     @property
     def entry(self) -> Path:
@@ -239,54 +259,90 @@ class CpuBudget:
         tmp.replace(self.entry)
 
     def unregister(self) -> None:
-        self.mark_idle()
+        self.release()
+        for descriptor in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
+        self._files.clear()
         self.entry.unlink(missing_ok=True)
 
-    @property
-    def busy_marker(self) -> Path:
-        return self.registry / f"{self.pid}{BUSY_SUFFIX}"
-
-    def mark_busy(self) -> None:
-        """This worker begins a batch (the marker others count; a few microseconds on tmpfs)."""
-        if self.lend and not self._busy:
-            with contextlib.suppress(OSError):
-                os.close(os.open(self.busy_marker, os.O_CREAT | os.O_WRONLY, 0o600))
-                self._busy = True
-
-    def mark_idle(self) -> None:
-        """The batch ended: this worker's share is free for the busy ones until its next batch."""
-        if self._busy:
-            self.busy_marker.unlink(missing_ok=True)
-            self._busy = False
-
-    def refresh(self, force: bool = False) -> tuple[int, str | None]:
-        """``(threads, reason)`` for the batch about to run; ``reason`` is set only when the count changed.
-
-        Who is alive is re-read at most every ``REFRESH_SECONDS``; who is busy, at every call (lending).
-        """
-        self.mark_busy()
+    def _members_now(self, force: bool) -> list[Member]:
+        """Who is alive, re-read at most every ``REFRESH_SECONDS`` (or now with ``force``)."""
         now = time.monotonic()
-        lend = self.lend and not self.pinned
         if force or now - self._checked >= REFRESH_SECONDS:
             self._checked = now
             if not self.entry.is_file():
                 self.register()  # removed by someone who thought we were dead, or the registry was wiped
             self._members = live_members(self.registry)
-        elif not lend:
-            return self.threads, None
-        members = self._members
-        alive = {m.pid for m in members}
-        busy = (busy_pids(self.registry) & alive) if lend else None
-        threads = share(self.budget.cpus, members, self.pid, busy)
+        return self._members
+
+    def _token(self, index: int) -> int:
+        descriptor = self._files.get(index)
+        if descriptor is None:
+            path = self.registry / f"{TOKEN_PREFIX}{index}{TOKEN_SUFFIX}"
+            descriptor = self._files[index] = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        return descriptor
+
+    def _take(self, index: int, wait: bool) -> bool:
+        try:
+            fcntl.flock(self._token(index), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        except OSError:  # the registry vanished under us: run without this token rather than fail the batch
+            self._files.pop(index, None)
+            return False
+        self.held.append(index)
+        return True
+
+    def refresh(self, force: bool = False) -> tuple[int, str | None]:
+        """``(threads, reason)``: the fair share, without claiming; ``reason`` is set only when the count changed."""
+        members = self._members_now(force)
+        return self._use(share(self.budget.cpus, members, self.pid), members, lent=0)
+
+    def claim(self, requests: int = 1, force: bool = False) -> tuple[int, str | None]:
+        """Take this batch's CPUs: ``(threads, reason)``, ``reason`` set only when the count changed.
+
+        Without lending, or for a pinned worker, this is ``refresh``: nothing is taken.
+        """
+        if not self.lend or self.pinned:
+            return self.refresh(force)
+        self.release()  # a claim is never nested; a batch that raised before its release gave nothing back
+        members = self._members_now(force)
+        own = own_tokens(self.budget.cpus, members, self.pid)
+        began = time.perf_counter()
+        for index in own:  # ascending, waiting: no two workers wait on each other in a cycle
+            self._take(index, wait=True)
+        self.waited_s = time.perf_counter() - began
+        lent = 0
+        cpus = flexible_cpus(self.budget.cpus, members)
+        if requests <= self.lend_max_requests:
+            for index in range(cpus):
+                if len(self.held) >= cpus:
+                    break
+                if index not in own and self._take(index, wait=False):
+                    lent += 1
+        return self._use(max(1, len(self.held)), members, lent)
+
+    def lendable(self) -> int:
+        """The most threads a lone request can get: every flexible CPU."""
+        return max(1, flexible_cpus(self.budget.cpus, self._members) if self._members else self.budget.cpus)
+
+    def release(self) -> None:
+        """The batch ended: every token goes back (the lent ones to their owners, who may be waiting)."""
+        while self.held:
+            index = self.held.pop()
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._files[index], fcntl.LOCK_UN)
+
+    def _use(self, threads: int, members: list[Member], lent: int) -> tuple[int, str | None]:
         if threads == self.threads:
             return threads, None
         previous, self.threads = self.threads, threads
         self.register()
         pinned = f"pinned by serving.threads ({self.pinned})" if self.pinned else None
-        idle = 0 if busy is None else sum(1 for m in members if not (m.pinned or m.pid == self.pid or m.pid in busy))
-        lent = f"; {idle} idle lend theirs" if idle else ""
+        borrowed = f"; a lone request borrows {lent} idle CPU{'s' if lent > 1 else ''}" if lent else ""
         reason = pinned or (
             f"{len(members)} live servekit workers share a budget of {self.budget.cpus} CPUs ({self.budget.reason})"
-            f"{lent}"
+            f"{borrowed}"
         )
         return threads, f"threads {previous or '-'} -> {threads}: {reason}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,17 @@ from pathlib import Path
 import pytest
 
 from handlers import cpu_budget
-from handlers.cpu_budget import CpuBudget, Member, cgroup_cpu_limit, live_members, process_start_time, share
+from handlers.cpu_budget import (
+    CpuBudget,
+    Member,
+    cgroup_cpu_limit,
+    live_members,
+    own_tokens,
+    process_start_time,
+    share,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_cgroup(root: Path, own: str, limits: dict[str, str], version: str = "v2") -> Path:
@@ -161,64 +174,178 @@ def test_an_entry_removed_by_mistake_is_written_again(tmp_path: Path) -> None:
     assert me.entry.is_file()
 
 
-# ------------------------------------------------------------------------------------------ lending idle shares
-def test_share_lends_the_shares_of_idle_workers_to_the_busy_ones() -> None:
-    group = members((10, None), (11, None), (12, 3))
-    assert share(8, group, 10, busy={10}) == 5  # 11 idle lends its share; pinned 12 keeps its 3
-    assert share(8, group, 11, busy={10}) == 2  # asking means it is about to run: it counts, and so does 10 (3)
-    assert share(8, group, 10, busy={10, 11}) == 3
-    assert share(8, group, 10) == 3  # without busy markers every live worker counts, as before lending
-    assert share(8, group, 12, busy=set()) == 3  # pinned threads never move
+# ------------------------------------------------------------------------------------------ lending idle CPUs
+def pair(tmp_path: Path, sleeper: subprocess.Popen, cpus: int = 2) -> tuple[CpuBudget, CpuBudget]:
+    """This process and a stand-in second worker (the sleeper's pid), both lending, on a budget of ``cpus``.
+
+    flock locks belong to open file descriptions, so two budgets in one process exclude each other
+    exactly as two worker processes do.
+    """
+    budget = cpu_budget.Budget(cpus, "test budget")
+    me = CpuBudget("me", registry=tmp_path, budget=budget, lend=True, lend_max_requests=1)
+    other = CpuBudget("other", registry=tmp_path, budget=budget, pid=sleeper.pid, lend=True, lend_max_requests=1)
+    me.register()
+    other.register()
+    return me, other
 
 
-def test_a_busy_worker_takes_the_idle_ones_threads_and_gives_them_back_when_it_gets_work(
+def test_own_tokens_are_the_fair_shares_numbered_in_pid_order() -> None:
+    two = members((10, None), (11, None))
+    assert [own_tokens(4, two, pid) for pid in (10, 11)] == [range(0, 2), range(2, 4)]
+    assert [own_tokens(3, two, pid) for pid in (10, 11)] == [range(0, 2), range(2, 3)]  # remainder to the lowest pid
+    pinned = members((10, None), (11, None), (12, 1))
+    assert [own_tokens(4, pinned, pid) for pid in (10, 11, 12)] == [range(0, 2), range(2, 3), range(0)]
+    crowd = members(*((pid, None) for pid in range(10, 16)))  # 6 workers on 2 CPUs: 4 own no CPU
+    assert [len(own_tokens(2, crowd, pid)) for pid in range(10, 16)] == [1, 1, 0, 0, 0, 0]
+    assert own_tokens(2, two, 99) == range(0)  # not registered yet: owns nothing
+
+
+def test_a_lone_request_takes_the_idle_workers_cpu_and_falls_back_when_the_other_gets_work(
     tmp_path: Path, sleeper: subprocess.Popen
 ) -> None:
-    """Two workers, the other one idle: ours rises to the whole budget; the other gets work: ours falls back."""
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "test budget"), lend=True)
-    me.register()
-    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=True)
-    other.register()
-    threads, reason = me.refresh(force=True)
+    """Two workers, the other idle: ours rises to the whole budget; the other gets work: ours falls back."""
+    me, other = pair(tmp_path, sleeper)
+    threads, reason = me.claim(requests=1, force=True)
     assert threads == 2
-    assert (
-        reason == "threads - -> 2: 2 live servekit workers share a budget of 2 CPUs (test budget); 1 idle lend theirs"
+    assert reason == (
+        "threads - -> 2: 2 live servekit workers share a budget of 2 CPUs (test budget); "
+        "a lone request borrows 1 idle CPU"
     )
-    assert me.busy_marker.exists()
+    me.release()
 
-    other.mark_busy()  # the other worker begins a batch
-    assert me.refresh() == (1, "threads 2 -> 1: 2 live servekit workers share a budget of 2 CPUs (test budget)")
-    other.mark_idle()
-    assert me.refresh()[0] == 2  # who is busy is read at every batch, not every REFRESH_SECONDS
-    me.mark_idle()
-    assert not me.busy_marker.exists()
+    assert other.claim(requests=3, force=True)[0] == 1  # the other gets work (a batch): it takes its own CPU
+    assert me.claim(requests=1, force=True) == (
+        1,
+        "threads 2 -> 1: 2 live servekit workers share a budget of 2 CPUs (test budget)",
+    )
+    assert sorted(me.held + other.held) == [0, 1]  # ...and never both hold one CPU
+    me.release()
+    other.release()
+    assert me.claim(requests=1)[0] == 2  # the other is idle again: ours takes the whole budget back
+    me.release()
 
 
-def test_a_worker_killed_in_a_batch_lends_nothing_and_its_marker_goes(
+def test_a_batch_of_several_requests_keeps_to_its_fair_share(tmp_path: Path, sleeper: subprocess.Popen) -> None:
+    me, _ = pair(tmp_path, sleeper)
+    assert me.claim(requests=2, force=True)[0] == 1  # load: no borrowing, the split is the fair one
+    assert me.held == [0]
+    me.release()
+    assert me.held == []
+
+
+def test_the_owner_waits_for_its_lent_cpu_until_the_lone_request_ends(
     tmp_path: Path, sleeper: subprocess.Popen
 ) -> None:
-    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=True)
+    me, other = pair(tmp_path, sleeper)
+    assert me.claim(requests=1, force=True)[0] == 2  # holds the other's CPU too
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(other.claim(requests=8, force=True)[0]))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()
+    assert not got
+    me.release()
+    waiter.join(5)
+    assert got == [1]
+    assert other.waited_s >= 0.2
+    other.release()
+
+
+def test_claims_racing_from_many_workers_never_hold_more_cpus_than_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers on four CPUs claim lone requests and batches as fast as they can: at no moment are
+    more tokens held than there are CPUs, and every worker always holds its own share at least."""
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        for process in sleepers:
+            while process_start_time(process.pid) is None:
+                time.sleep(0.01)
+        budget = cpu_budget.Budget(4, "b")
+        workers = [CpuBudget("me", registry=tmp_path, budget=budget, lend=True, lend_max_requests=1)]
+        workers += [CpuBudget(f"w{p.pid}", registry=tmp_path, budget=budget, pid=p.pid, lend=True) for p in sleepers]
+        for worker in workers:
+            worker.register()
+        lock, held, peak, problems = threading.Lock(), [0], [0], []
+
+        def run(worker: CpuBudget, seed: int) -> None:
+            for step in range(300):
+                threads, _ = worker.claim(requests=1 + (step + seed) % 3, force=step == 0)
+                with lock:
+                    held[0] += len(worker.held)
+                    peak[0] = max(peak[0], held[0])
+                    if not worker.held or threads != len(worker.held):  # its own CPU, one thread per CPU held
+                        problems.append((threads, list(worker.held)))
+                time.sleep(0.0002)
+                with lock:
+                    held[0] -= len(worker.held)
+                worker.release()
+
+        threads = [threading.Thread(target=run, args=(w, i)) for i, w in enumerate(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert not problems
+        assert 4 >= peak[0] > 1
+    finally:
+        for process in sleepers:
+            process.kill()
+            process.wait()
+
+
+def free(token: Path) -> bool:
+    """Whether no one holds ``token`` now (a non-blocking flock on a new open file description)."""
+    descriptor = os.open(token, os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def test_a_worker_killed_in_a_lone_request_gives_its_cpus_back(tmp_path: Path) -> None:
+    """The kernel drops a dead process's locks: what it held (its own CPU and the one it borrowed) is free."""
+    script = (
+        "import sys, time; from handlers.cpu_budget import CpuBudget, Budget; from pathlib import Path\n"
+        "b = CpuBudget('victim', registry=Path(sys.argv[1]), budget=Budget(2, 'b'), lend=True, lend_max_requests=1)\n"
+        "b.register(); print(b.claim(requests=1, force=True)[0], flush=True); time.sleep(60)\n"
+    )
+    victim = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    try:
+        assert victim.stdout is not None
+        assert victim.stdout.readline().strip() == "2"
+        assert [free(tmp_path / f"cpu-{index}.lock") for index in (0, 1)] == [False, False]  # it holds both
+    finally:
+        victim.kill()
+        victim.wait()
+    me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=True, lend_max_requests=1)
     me.register()
-    other = CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=True)
-    other.register()
-    other.mark_busy()
-    assert me.refresh(force=True)[0] == 1
-    sleeper.kill()
-    sleeper.wait()
-    assert me.refresh(force=True)[0] == 2
-    assert not other.busy_marker.exists()
+    assert [free(tmp_path / f"cpu-{index}.lock") for index in (0, 1)] == [True, True]
+    assert me.claim(requests=1, force=True)[0] == 2  # a dead worker's locks are gone with it
+    me.release()
 
 
-def test_without_lending_idle_workers_keep_their_share(tmp_path: Path, sleeper: subprocess.Popen) -> None:
+def test_without_lending_a_claim_is_the_fair_share_and_takes_nothing(tmp_path: Path, sleeper: subprocess.Popen) -> None:
     me = CpuBudget("me", registry=tmp_path, budget=cpu_budget.Budget(2, "b"), lend=False)
     me.register()
     CpuBudget("other", registry=tmp_path, pid=sleeper.pid, lend=False).register()
-    assert me.refresh(force=True)[0] == 1
-    assert not me.busy_marker.exists()
+    assert me.claim(requests=1, force=True)[0] == 1
+    assert me.held == []
+    assert not list(tmp_path.glob("cpu-*.lock"))
 
 
-def test_lending_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lending_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cpu_budget.ENV_LEND, raising=False)
-    assert cpu_budget.lending() is False
-    monkeypatch.setenv(cpu_budget.ENV_LEND, "1")
     assert cpu_budget.lending() is True
+    monkeypatch.setenv(cpu_budget.ENV_LEND, "0")
+    assert cpu_budget.lending() is False
+    monkeypatch.setenv(cpu_budget.ENV_LEND_MAX_REQUESTS, "4")
+    assert cpu_budget.lend_max_requests() == 4
+    monkeypatch.setenv(cpu_budget.ENV_LEND_MAX_REQUESTS, "many")
+    assert cpu_budget.lend_max_requests() == cpu_budget.LEND_MAX_REQUESTS
