@@ -219,7 +219,6 @@ class BatchHandler:
         request with TorchServe's request ID, the one its answer carries in ``x-request-id``.
         """
         began = time.perf_counter()
-        self.resize_threads(requests=len(data))  # this batch's CPUs (handlers.cpu_budget), held until it ends
         try:
             return self._handle(data, context, began)
         finally:
@@ -267,7 +266,14 @@ class BatchHandler:
             if stats:
                 metrics.input(**stats)
         try:
-            results = self.run(items)
+            # This batch's CPUs (handlers.cpu_budget), claimed after decoding so that a worker waiting
+            # for a CPU it lent has decoded its own batch meanwhile, and given back right after.
+            self.resize_threads(requests=len(calls))
+            try:
+                results = self.run(items)
+            finally:
+                if self.cpu is not None:
+                    self.cpu.release()
             if len(results) != len(items):
                 raise InferenceError(
                     f"{type(self).__name__}.postprocess returned {len(results)} results for "

@@ -281,16 +281,23 @@ def test_a_worker_resizes_between_batches_when_another_joins(
             time.sleep(0.01)
         peer = cpu_budget.CpuBudget("peer", registry=registry, pid=other.pid, lend=True)
         peer.register()
-        handler.handle([{"body": b"not an image"}], context)
-        assert calls == [4]  # the peer is idle: it lends its share
-        peer.mark_busy()  # the peer runs a batch
-        handler.handle([{"body": b"not an image"}], context)
+        handler.handle([{"body": sample(3)}], context)
+        assert calls == [4]  # a lone request while the peer idles: it borrows the peer's CPUs
+        assert peer.claim(requests=4, force=True)[0] == 2  # the peer runs a batch on its own two CPUs
+        handler.handle([{"body": sample(3)}], context)
         assert calls == [4, 2]
+        peer.release()
+        handler.handle([{"body": sample(3)}], context)
+        assert calls == [4, 2, 4]  # the peer's batch is over: the lone request borrows again
+        peer.claim(requests=4)
+        handler.handle([{"body": sample(3)}], context)
+        assert calls == [4, 2, 4, 2]
     finally:
         other.kill()
         other.wait()
-    handler.handle([{"body": b"not an image"}], context)  # the peer died without unregistering
-    assert calls == [4, 2, 4]
+        peer.unregister()  # the kernel drops a dead worker's locks; the stand-in's are in this process
+    handler.handle([{"body": sample(3)}], context)  # the peer died in a batch
+    assert calls == [4, 2, 4, 2, 4]
 
 
 # ------------------------------------------------------------------------------------ TorchServe's contract
