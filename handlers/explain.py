@@ -58,10 +58,11 @@ ENV_BUDGET_DIR = "SERVEKIT_EXPLAIN_DIR"  # where the per-model share files live 
 REFERENCE_FILE = "fp32_reference.pt"
 METHOD = "integrated_gradients"
 INTEGRATION = "gausslegendre"
-# What a completeness error is judged against: the attributions sum to the score difference within
-# this share of it (or within COMPLETENESS_ABS for a difference near 0); answers say whether they do.
+# The stated tolerance of completeness: |sum - (score - baseline_score)| <= ABS + REL * |score - baseline_score|.
+# Measured: smooth models (softplus, tanh) are within 1e-3 relative at 32 steps; ReLU kinks make the
+# integrand non-smooth and leave up to ~4 % at 32 steps on a small difference (tests/unit/test_explain.py).
 COMPLETENESS_REL = 0.05
-COMPLETENESS_ABS = 1e-3
+COMPLETENESS_ABS = 5e-3
 HEATMAP_MIN_SIDE = 256  # pixels: the PNG is scaled up (nearest) so a 16x16 input stays visible
 
 
@@ -197,8 +198,8 @@ class Attribution:
             "baseline_score": _round(self.baseline_score[i]),
             "error": _round(error),
             "relative_error": _round(relative) if math.isfinite(relative) else None,
-            "tolerance": f"{COMPLETENESS_REL:g} of |score - baseline_score|, or {COMPLETENESS_ABS:g}",
-            "within_tolerance": error <= max(COMPLETENESS_ABS, COMPLETENESS_REL * abs(difference)),
+            "tolerance": f"{COMPLETENESS_ABS:g} + {COMPLETENESS_REL:g} x |score - baseline_score|",
+            "within_tolerance": error <= COMPLETENESS_ABS + COMPLETENESS_REL * abs(difference),
         }
 
 

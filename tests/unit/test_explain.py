@@ -146,18 +146,24 @@ def test_integrated_gradients_attributions_sum_to_the_score_difference_within_to
         difference = check["score"] - check["baseline_score"]
         assert abs(check["attribution_sum"] - difference) <= 1e-3 * max(1.0, abs(difference)) + 1e-5
         assert check["within_tolerance"] is True
-        assert check["error"] <= explain.COMPLETENESS_ABS or check["relative_error"] <= 1e-3
 
 
-def test_completeness_holds_on_a_frozen_torchscript_program_like_an_archive(tmp_path: Path) -> None:
+def test_completeness_holds_on_a_frozen_relu_program_within_the_stated_tolerance_and_converges(
+    tmp_path: Path,
+) -> None:
+    """A ReLU MLP as an archive holds it (traced, frozen, loaded): within the answers' stated tolerance
+    (0.005 + 0.05 x |difference|) at the default 32 steps, and the error shrinks with more steps."""
     torch.manual_seed(3)
     mlp = torch.nn.Sequential(torch.nn.Linear(30, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     program = torch.jit.load(str(frozen(mlp, torch.zeros(1, 30), tmp_path / "p.pt")))
     x, baseline = torch.randn(4, 30), torch.zeros(1, 30)
-    result = explain.integrated_gradients(program, x, baseline, [0, 1, 0, 1], steps=16)
-    for i in range(4):
-        check = result.completeness(i)
-        assert check["error"] <= 1e-4 + 1e-4 * abs(check["score"] - check["baseline_score"])
+    errors = {}
+    for steps in (8, 32, 128):
+        result = explain.integrated_gradients(program, x, baseline, [0, 1, 0, 1], steps=steps)
+        errors[steps] = sum(result.completeness(i)["error"] for i in range(4))
+        if steps >= 32:
+            assert all(result.completeness(i)["within_tolerance"] for i in range(4))
+    assert errors[128] < errors[32] < errors[8]
 
 
 # ------------------------------------------------------------------------------------------ known region, known feature
@@ -188,7 +194,7 @@ def test_a_tabular_model_that_uses_one_feature_gets_it_ranked_first(tmp_path: Pa
     program = frozen(OneFeatureNet(), torch.zeros(1, 5), folder / "model.pt")
     names = ["age", "income", "debt", "late_payments", "tenure"]
     features = [{"name": n, "min": 0.0, "max": 10.0, "lower": -5.0, "upper": 15.0, "unit": "u"} for n in names]
-    section = {"labels_file": "labels.json", "features": features, "max_records": 8}
+    section = {"labels_file": "labels.json", "features": features, "max_records": 8, "explain": {"max_share": 1.0}}
     context = model_dir(tmp_path, "credit", program, section, ["refuse", "grant"])
     handler = TabularClassifier()
     handler.initialize(context)
