@@ -173,10 +173,14 @@ def test_a_model_that_looks_at_one_quadrant_gets_it_ranked_first(quadrant_handle
     assert context.statuses == {}
     [answer] = body["explanations"]
     cells = np.array(answer["attributions"])
-    assert cells.shape == (16, 16) and answer["attributions_shape"] == [16, 16]
+    assert cells.shape == (16, 16)
+    assert answer["attributions_shape"] == [16, 16]
     quadrants = {
-        "top-left": cells[:8, :8], "top-right": cells[:8, 8:], "bottom-left": cells[8:, :8], "bottom-right": cells[8:, 8:],
-    }  # fmt: skip
+        "top-left": cells[:8, :8],
+        "top-right": cells[:8, 8:],
+        "bottom-left": cells[8:, :8],
+        "bottom-right": cells[8:, 8:],
+    }
     ranked = sorted(quadrants, key=lambda q: -np.abs(quadrants[q]).sum())
     assert ranked[0] == "top-left"
     for other in ranked[1:]:
@@ -184,7 +188,8 @@ def test_a_model_that_looks_at_one_quadrant_gets_it_ranked_first(quadrant_handle
     assert answer["target"] == {"label": "yes", "index": 1}
     assert answer["prediction"]["label"] == "yes"
     assert answer["completeness"]["within_tolerance"] is True
-    assert answer["method"] == "integrated_gradients" and answer["steps"] == 32
+    assert answer["method"] == "integrated_gradients"
+    assert answer["steps"] == 32
     assert answer["program"].startswith("the served FP32 program")
 
 
@@ -207,7 +212,8 @@ def test_a_tabular_model_that_uses_one_feature_gets_it_ranked_first(tmp_path: Pa
     by_name = {f["name"]: f for f in answer["features"]}
     assert by_name["late_payments"]["attribution"] != 0.0
     assert all(by_name[n]["attribution"] == 0.0 for n in names if n != "late_payments")
-    assert by_name["late_payments"]["value"] == 8.5 and by_name["late_payments"]["baseline"] == 5.0
+    assert by_name["late_payments"]["value"] == 8.5
+    assert by_name["late_payments"]["baseline"] == 5.0
     assert answer["completeness"]["within_tolerance"] is True
     # Signed: the attribution of the class refused is the negation of the class granted.
     [other] = ask(handler, context, [json.dumps(record).encode()], [{**EXPLAIN, "X-Explain-Target": "#0"}])[0][
@@ -223,7 +229,8 @@ def test_predictions_and_an_explanation_in_one_batch_are_each_answered_as_asked(
     image = bright_everywhere()
     bodies = ask(handler, context, [image, image, image], [PREDICT, EXPLAIN, {"Explain": "True"}])
     assert context.statuses == {}
-    assert "predictions" in bodies[0] and "explanations" not in bodies[0]
+    assert "predictions" in bodies[0]
+    assert "explanations" not in bodies[0]
     assert "explanations" in bodies[1]
     # A client's own "Explain" header on a prediction route is not TorchServe's flag: a prediction.
     assert "predictions" in bodies[2]
@@ -233,12 +240,15 @@ def test_predictions_and_an_explanation_in_one_batch_are_each_answered_as_asked(
 def test_kserve_v1_explain_answers_one_explanation_per_instance_with_a_heatmap(quadrant_handler) -> None:
     handler, context = quadrant_handler
     b64 = base64.b64encode(bright_everywhere()).decode()
-    [body] = ask(handler, context, [{"instances": [{"b64": b64}, {"b64": b64}]}], [{**EXPLAIN, "X-Explain-Heatmap": "png"}])
+    [body] = ask(
+        handler, context, [{"instances": [{"b64": b64}, {"b64": b64}]}], [{**EXPLAIN, "X-Explain-Heatmap": "png"}]
+    )
     assert context.statuses == {}
     assert set(body) == {"explanations", "model_name", "model_version"}
     assert len(body["explanations"]) == 2
     picture = Image.open(io.BytesIO(base64.b64decode(body["explanations"][0]["heatmap_png"])))
-    assert picture.format == "PNG" and picture.size == (256, 256)
+    assert picture.format == "PNG"
+    assert picture.size == (256, 256)
 
 
 @pytest.mark.parametrize(
@@ -254,8 +264,10 @@ def test_a_bad_explanation_request_fails_alone_with_a_json_error(quadrant_handle
     handler, context = quadrant_handler
     image = bright_everywhere()
     bodies = ask(handler, context, [image, image], [{**EXPLAIN, **headers}, PREDICT])
-    assert context.statuses[0][0] == status and 1 not in context.statuses
-    assert bodies[0]["code"] == status and words in bodies[0]["error"]
+    assert context.statuses[0][0] == status
+    assert 1 not in context.statuses
+    assert bodies[0]["code"] == status
+    assert words in bodies[0]["error"]
     assert bodies[1]["predictions"][0]["label"] == "yes"
 
 
@@ -263,7 +275,8 @@ def test_more_inputs_than_max_inputs_is_413(quadrant_handler) -> None:
     handler, context = quadrant_handler
     b64 = base64.b64encode(bright_everywhere()).decode()
     [body] = ask(handler, context, [{"instances": [b64, b64, b64]}], [EXPLAIN])
-    assert body["code"] == 413 and "explain.max_inputs" in body["error"]
+    assert body["code"] == 413
+    assert "explain.max_inputs" in body["error"]
 
 
 def test_the_share_of_time_refuses_the_next_explanation_with_429_then_lets_it_through(tmp_path: Path) -> None:
@@ -286,7 +299,8 @@ def test_a_429_from_the_share_reaches_the_client_as_json(quadrant_handler, budge
     (budget_dir / "quadrant.json").write_text(json.dumps({"running": {"pid": 1, "until": time.time() + 30}}))
     image = bright_everywhere()
     bodies = ask(handler, context, [image, image], [EXPLAIN, PREDICT])
-    assert bodies[0]["code"] == 429 and bodies[0]["type"] == "TooManyRequests"
+    assert bodies[0]["code"] == 429
+    assert bodies[0]["type"] == "TooManyRequests"
     assert "predictions" in bodies[1]
 
 
@@ -308,7 +322,8 @@ def test_a_handler_without_explain_answers_501(quadrant_handler) -> None:
     handler, context = quadrant_handler
     handler.explain = lambda *args: ImageClassifier.__mro__[1].explain(handler, *args)  # the base's
     [body] = ask(handler, context, [bright_everywhere()], [EXPLAIN])
-    assert body["code"] == 501 and "offers no explanations" in body["error"]
+    assert body["code"] == 501
+    assert "offers no explanations" in body["error"]
 
 
 def test_an_int8_version_is_explained_on_its_recorded_fp32_reference(tmp_path: Path) -> None:
@@ -328,7 +343,8 @@ def test_an_int8_version_is_explained_on_its_recorded_fp32_reference(tmp_path: P
     handler._reference = None
     reference.write_bytes(reference.read_bytes() + b"\0")
     [body] = ask(handler, context, [bright_everywhere()], [EXPLAIN])
-    assert body["code"] == 500 and "sha256" in body["error"]
+    assert body["code"] == 500
+    assert "sha256" in body["error"]
 
 
 def test_explain_config_refuses_bad_limits_naming_the_key() -> None:
