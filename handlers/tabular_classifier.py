@@ -105,8 +105,8 @@ class TabularClassifier(BatchHandler):
             )
             values = attribution.attributions[i].tolist()
             answer["features"] = [
-                {"name": feature.name, "unit": feature.unit, "value": float(row[j]),
-                 "baseline": float(self._typical[j]), "attribution": float(f"{values[j]:.6g}")}
+                {"name": feature.name, "unit": feature.unit, "value": float(f"{row[j]:.7g}"),
+                 "baseline": float(f"{self._typical[j]:.7g}"), "attribution": float(f"{values[j]:.6g}")}
                 for j, feature in enumerate(self.schema.features)
             ]  # fmt: skip
             answer["ranking"] = [self.schema.features[j].name for j in np.argsort(-np.abs(values), kind="stable")]

@@ -1,7 +1,7 @@
 """Explanations through a real TorchServe (handlers.explain): the shipped digits and breast_cancer examples,
 FP32 and INT8, answer ``POST /explanations/NAME/VERSION`` and KServe v1 ``:explain`` (on TorchServe and on
 the OIP address), with completeness checked in every answer; a bad explanation request gets a 4xx JSON
-error while predictions sent with it keep being answered."""
+error while predictions sent with it keep being answered. The commands of docs/explanations.md are these requests."""
 
 from __future__ import annotations
 
