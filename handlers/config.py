@@ -117,7 +117,9 @@ class ExplainConfig:
     explanation request may carry (beyond: 413); ``timeout_s``: an explanation running longer is stopped
     (503); ``max_share`` (0..1]: explanations of a model may keep its workers busy for at most this share of
     the wall time, machine-wide, one at a time (beyond: 429 with the seconds to wait); ``grid``: an image's
-    attributions are sum-pooled to at most ``grid`` x ``grid`` cells in the answer (sums are kept).
+    attributions are sum-pooled to at most ``grid`` x ``grid`` cells in the answer (sums are kept);
+    ``reference``: an INT8 or BF16 archive carries its FP32 reference for explanations (false: it does not,
+    the archive stays small and its explanations answer 501).
     """
 
     steps: int = 32
@@ -126,6 +128,7 @@ class ExplainConfig:
     timeout_s: float = 10.0
     max_share: float = 0.25
     grid: int = 32
+    reference: bool = True  # INT8/BF16 versions: pack the FP32 reference (false: a smaller archive, and 501)
 
     def __post_init__(self) -> None:
         for name in ("steps", "max_steps", "max_inputs", "grid"):
@@ -137,6 +140,8 @@ class ExplainConfig:
         timeout = self.timeout_s
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
             raise ValueError(f"explain.timeout_s: must be a number of seconds in (0, 600], got {timeout!r}")
+        if not isinstance(self.reference, bool):
+            raise ValueError(f"explain.reference: must be true or false, got {self.reference!r}")
         share = self.max_share
         if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
             raise ValueError(f"explain.max_share: must be a number in (0, 1], got {share!r}")

@@ -113,7 +113,7 @@ def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: 
             "spec_hash": spec.spec_hash(),
             "tuned": _tuned_sections(spec, tuned),
         }
-        if spec.precision != "fp32":
+        if spec.precision != "fp32" and (spec.explain is None or spec.explain.reference):
             metadata["explain_reference"] = _explain_reference(tuned, model, stage, log)
         log("packaging with torch-model-archiver")
         built = _package(tuned, stage, metadata)
