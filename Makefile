@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUNTIME := $(VENV)/.runtime
 
 .PHONY: help venv java nginx tools archive serve stop test test-unit test-integration docs-check bench soak lint format \
-	check clean monitor-demo \
+	check clean monitor-demo explain-demo \
 	status register promote rollback canary shadow proxy bundle monitor
 
 help:
@@ -100,6 +100,11 @@ docs-check: archive tools
 
 bench: venv tools
 	$(PY) -m servekit.perf.bench
+
+# Real explanations for README.md's figure and results/explain/ (docs/explanations.md); LOAD=1 adds the
+# prediction p99 at c=16 beside one explanation client (also in make bench).
+explain-demo: archive tools
+	$(PY) -m servekit.perf.explain_demo $(if $(filter 1 yes true,$(LOAD)),--load)
 
 # A real run for the figure in docs/monitoring.md ("In practice"): two versions, then drift, watched by Prometheus (~4 min).
 monitor-demo: archive tools

@@ -33,13 +33,22 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from handlers import explain
 from handlers.config import RuntimeConfig
 from handlers.cpu_budget import CpuBudget
-from handlers.errors import HandlerError, InferenceError, InjectedFault, ResponseTooLarge, error_payload
+from handlers.errors import (
+    HandlerError,
+    InferenceError,
+    InjectedFault,
+    NotExplainable,
+    ResponseTooLarge,
+    error_payload,
+)
 from handlers.json_body import DECODE_ENV, as_torchserve_decodes
 from handlers.metrics import NullMetrics, PredictionLog, handler_metrics
 
@@ -127,6 +136,8 @@ class BatchHandler:
         self._nested: dict[str, float] = {}
         self._answers: dict[int, list[Any]] = {}
         self.max_response = response_limit()
+        self._reference: tuple[Any, str] | None = None  # explanations' FP32 program, loaded at the first one
+        self._explain_budget: explain.ShareBudget | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
@@ -230,7 +241,10 @@ class BatchHandler:
         responses: list[Any] = [None] * len(data)
         outcomes: list[tuple[int, str | None, float]] = [(200, None, 0.0)] * len(data)
         calls: list[tuple[int, Any, list[Any]]] = []
+        explanations = [i for i in range(len(data)) if explain.explanation_requested(context, i)]
         for idx, request in enumerate(data):
+            if idx in explanations:
+                continue  # answered after the batch's predictions (_explain_request)
             self._nested: dict[str, float] = {}
             started = time.perf_counter()
             decoded = prepared = None
@@ -253,6 +267,8 @@ class BatchHandler:
                 metrics.stage("preprocess", max(0.0, prepared - decoded - nested))
         if calls:
             self._answer(calls, context, responses, outcomes)
+        for idx in explanations:
+            self._explain_request(idx, data[idx], context, responses, outcomes)
         self._account(data, context, responses, outcomes, began)
         return responses
 
@@ -313,6 +329,56 @@ class BatchHandler:
                 if summary is not None:
                     metrics.prediction(*summary)
             self._answers[idx] = mine
+
+    # ----------------------------------------------------------------- explanations (handlers.explain)
+    def _explain_request(self, idx: int, request: dict, context: Any, responses: list, outcomes: list) -> None:
+        """One explanation request: decoded like a prediction, answered by the served program, explained by
+        ``explain`` on the FP32 reference within the ``explain:`` limits; any failure is this request's alone."""
+        try:
+            limits = self.settings.explain_limits
+            headers = request_headers(context, idx)
+            options = explain.read_options(headers, limits)
+            call = self.decode(as_torchserve_decodes(request, headers), headers)
+            explain.check_inputs(call.size, limits)
+            if getattr(call, "request_id", "") is None:
+                call.request_id = request_id(context, idx)
+            items = self.prepare(call)
+            results = self.run(items)  # the answer being explained: the served program's
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                raise failure
+            if self._explain_budget is None:
+                self._explain_budget = explain.ShareBudget(self.model_name, limits.max_share)
+            with self._explain_budget.claim(limits.timeout_s):
+                deadline = time.monotonic() + limits.timeout_s
+                answers = self.explain(call, items, results, options, deadline)
+            protocol = getattr(call, "protocol", "native")
+            reply = explain.encode(protocol, answers, self.model_name, self.model_version, call.request_id)
+            size = reply_size(reply.body)
+            if size > self.max_response:
+                raise ResponseTooLarge(
+                    f"the explanation would be {size} bytes; this server sends at most {self.max_response} "
+                    "(send fewer inputs, or leave out X-Explain-Heatmap)"
+                )
+        except Exception as exc:  # noqa: BLE001 - every error becomes this request's status
+            if not isinstance(exc, HandlerError):
+                logger.exception("explanation failed")
+            responses[idx] = payload = self._fail(context, idx, exc)
+            outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())
+            return
+        context.set_response_content_type(idx, reply.content_type)
+        responses[idx] = reply.body
+        outcomes[idx] = (200, None, time.perf_counter())
+        self._answers[idx] = []  # the prediction log keeps no copy of an explanation
+
+    def reference_program(self) -> tuple[Any, str]:
+        """The FP32 program explanations run on, and what it is (``handlers.explain.load_reference``); loaded
+        once, at the first explanation, so a worker that never explains holds no second copy."""
+        if self._reference is None:
+            model_dir = Path(self.context.system_properties["model_dir"])
+            serialized = (self.context.manifest or {}).get("model", {}).get("serializedFile", "model.pt")
+            self._reference = explain.load_reference(model_dir, self.settings.precision, serialized)
+        return self._reference
 
     def _account(self, data: list[dict], context: Any, responses: list, outcomes: list, began: float) -> None:
         """Per request: the counters, the log line with its ID, and the sampled prediction log."""
@@ -417,6 +483,16 @@ class BatchHandler:
     def warmup_requests(self) -> list[dict]:
         """Request dicts like TorchServe's, run through ``handle`` at warm-up (none by default)."""
         return []
+
+    def explain(self, call: Any, items: list[Any], results: list[Any], options: Any, deadline: float) -> list[dict]:
+        """Optional: one JSON explanation per prepared input of an explanation request (``handlers.explain``).
+
+        ``results`` are the served program's answers to ``items``; ``options`` the request's
+        ``handlers.explain.ExplainOptions``; ``deadline`` a ``time.monotonic()`` to stop by. Compute on
+        ``self.reference_program()`` with ``handlers.explain.integrated_gradients`` and start each answer
+        with ``handlers.explain.describe``. Not implemented: the request gets 501.
+        """
+        raise NotExplainable(f"{type(self).__name__} offers no explanations (it does not implement explain)")
 
     # ----------------------------------------------------------------- what the metrics see (optional)
     def summarize(self, result: Any) -> tuple[str, float] | None:

@@ -18,6 +18,7 @@ The shared fields (``RuntimeConfig``)::
       optimize: true             # FP32: oneDNN-prepacked convolutions at load
       faults: {error_rate: 0.3, delay_ms: 0, start_after: 20}   # drills and tests only (Faults); absent = none
       prediction_log: {sample_rate: 0.01, include_input: false}  # handlers.metrics.PredictionLogConfig; absent = off
+      explain: {max_steps: 128, max_inputs: 4, timeout_s: 10, max_share: 0.25}   # ExplainConfig; absent = defaults
 
 The image classifier's own (``ImageClassifierConfig``, also known as ``HandlerConfig``)::
 
@@ -107,6 +108,58 @@ class Faults:
         return n >= 0 and int((n + 1) * self.error_rate) > int(n * self.error_rate)
 
 
+@dataclass(frozen=True)
+class ExplainConfig:
+    """The limits of explanations (``POST /explanations/NAME``, KServe v1 ``:explain``; handlers.explain).
+
+    ``steps``: Integrated Gradients steps when the request names none; ``max_steps``: the most a request
+    (``X-Explain-Steps``) may ask for (beyond: 413); ``max_inputs``: inputs (images, records) one
+    explanation request may carry (beyond: 413); ``timeout_s``: an explanation running longer is stopped
+    (503); ``max_share`` (0..1]: explanations of a model may keep its workers busy for at most this share of
+    the wall time, machine-wide, one at a time (beyond: 429 with the seconds to wait); ``grid``: an image's
+    attributions are sum-pooled to at most ``grid`` x ``grid`` cells in the answer (sums are kept);
+    ``reference``: an INT8 or BF16 archive carries its FP32 reference for explanations (false: it does not,
+    the archive stays small and its explanations answer 501).
+    """
+
+    steps: int = 32
+    max_steps: int = 128
+    max_inputs: int = 4
+    timeout_s: float = 10.0
+    max_share: float = 0.25
+    grid: int = 32
+    reference: bool = True  # INT8/BF16 versions: pack the FP32 reference (false: a smaller archive, and 501)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "max_steps", "max_inputs", "grid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+                raise ValueError(f"explain.{name}: must be an integer from 1 to 4096, got {value!r}")
+        if self.steps > self.max_steps:
+            raise ValueError(f"explain.steps ({self.steps}) must not exceed explain.max_steps ({self.max_steps})")
+        timeout = self.timeout_s
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
+            raise ValueError(f"explain.timeout_s: must be a number of seconds in (0, 600], got {timeout!r}")
+        if not isinstance(self.reference, bool):
+            raise ValueError(f"explain.reference: must be true or false, got {self.reference!r}")
+        share = self.max_share
+        if not isinstance(share, int | float) or isinstance(share, bool) or not 0 < share <= 1:
+            raise ValueError(f"explain.max_share: must be a number in (0, 1], got {share!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ExplainConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"explain: must be a mapping ({', '.join(f.name for f in fields(cls))}), got {data!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"explain.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -122,6 +175,8 @@ def check_runtime_fields(config: Any) -> None:
         raise ValueError("faults must be a Faults object or None")
     if config.prediction_log is not None and not isinstance(config.prediction_log, PredictionLogConfig):
         raise ValueError("prediction_log must be a PredictionLogConfig object or None")
+    if getattr(config, "explain", None) is not None and not isinstance(config.explain, ExplainConfig):
+        raise ValueError("explain must be an ExplainConfig object or None")
 
 
 def handler_section(cls: type, data: dict | None) -> dict:
@@ -135,6 +190,8 @@ def handler_section(cls: type, data: dict | None) -> dict:
         data["faults"] = Faults.from_dict(data["faults"])
     if data.get("prediction_log") is not None:
         data["prediction_log"] = PredictionLogConfig.from_dict(data["prediction_log"])
+    if data.get("explain") is not None:
+        data["explain"] = ExplainConfig.from_dict(data["explain"])
     return data
 
 
@@ -168,6 +225,7 @@ class RuntimeConfig:
     optimize: bool = True
     faults: Faults | None = None
     prediction_log: PredictionLogConfig | None = None
+    explain: ExplainConfig | None = None  # None: ExplainConfig's defaults (``explain_limits``)
 
     # The most torch threads ``threads`` may pin; None: any positive number (a task may bound it).
     max_threads: ClassVar[int | None] = None
@@ -202,7 +260,14 @@ class RuntimeConfig:
             data.pop("faults")  # absent, not null: the model-config.yaml of a normal version stays as it was
         if self.prediction_log is None:
             data.pop("prediction_log")
+        if self.explain is None:
+            data.pop("explain")  # the defaults: model-config.yaml stays as it was
         return data
+
+    @property
+    def explain_limits(self) -> ExplainConfig:
+        """The explanation limits in force: the section's, or the defaults."""
+        return self.explain if self.explain is not None else ExplainConfig()
 
 
 # ------------------------------------------------------------------------------------------ the image classifier
@@ -242,6 +307,7 @@ HandlerConfig = ImageClassifierConfig
 
 __all__ = [
     "MAX_FAULT_DELAY_MS",
+    "ExplainConfig",
     "PRECISIONS",
     "QUANTIZED_ENGINES",
     "Faults",

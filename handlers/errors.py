@@ -78,6 +78,25 @@ class InferenceError(HandlerError):
     status = 500
 
 
+class NotExplainable(HandlerError):
+    """An explanation was asked of a handler that offers none (its task does not implement ``explain``)."""
+
+    status = 501
+
+
+class TooManyRequests(HandlerError):
+    """Over a share of work that refills with time (explanations: ``explain.max_share``): retry later."""
+
+    status = 429
+
+
+class DeadlineExceeded(HandlerError):
+    """The work ran past its own time limit (explanations: ``explain.timeout_s``) and was stopped; the
+    worker and the other requests of its batch are unharmed."""
+
+    status = 503
+
+
 class InjectedFault(HandlerError):
     """A failure injected on purpose (``faults`` in the handler config): rollout drills and tests only.
 

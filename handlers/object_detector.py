@@ -37,7 +37,7 @@ import torch
 from handlers import detection, protocols
 from handlers.base import BatchHandler
 from handlers.detection import DetectionCall, Detections, DetectorConfig, Letterbox, PreparedPage
-from handlers.errors import InvalidInput, PayloadTooLarge
+from handlers.errors import InvalidInput, NotExplainable, PayloadTooLarge
 from handlers.image_io import decode_image
 from handlers.model_loading import load_model, verify_program
 from handlers.protocols import Reply
@@ -141,6 +141,15 @@ class ObjectDetector(BatchHandler):
             self.detection.nms_iou,
             self.detection.input_size,
             self.detection.class_agnostic_nms,
+        )
+
+    # ------------------------------------------------------------------ explanations
+    def explain(self, call: DetectionCall, items: list, results: list, options: Any, deadline: float) -> list[dict]:
+        """Not offered for detection (docs/explanations.md): 501 with the reason."""
+        raise NotExplainable(
+            "explanations are offered for classifiers (images and records); a detector's boxes come from heatmap "
+            "peaks, thresholds and NMS, so a per-box attribution is not offered yet: the answer you got from "
+            "/predictions carries each box's score"
         )
 
     # ------------------------------------------------------------------ what the metrics see

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from handlers import tabular
+from handlers import explain, tabular
 from handlers.base import BatchHandler
 from handlers.model_loading import load_model, verify_program
 from handlers.protocols import Classification, Reply
@@ -83,6 +83,35 @@ class TabularClassifier(BatchHandler):
         return [
             Classification([labels[i]], [i], [p]) for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True)
         ]
+
+    # ------------------------------------------------------------------ explanations
+    BASELINE = "the feature schema's typical record: every feature at the middle of its training range"
+
+    def explain(
+        self, call: TabularCall, items: list[np.ndarray], results: list[Classification],
+        options: explain.ExplainOptions, deadline: float,
+    ) -> list[dict]:  # fmt: skip
+        """Integrated Gradients per feature, signed, in the schema's order and units, for the answered (or
+        requested) class, against the typical record (handlers.explain)."""
+        program, what = self.reference_program()
+        inputs = torch.from_numpy(np.stack(items)).float()
+        baseline = torch.from_numpy(self._typical[None]).float()
+        targets = [explain.target_index(options.target, self.labels, r.indices[0]) for r in results]
+        attribution = explain.integrated_gradients(program, inputs, baseline, targets, options.steps, deadline)
+        answers = []
+        for i, (row, result, target) in enumerate(zip(items, results, targets, strict=True)):
+            answer = explain.describe(
+                attribution, i, what, self.BASELINE, result.as_predictions()[0], target, self.labels
+            )
+            values = attribution.attributions[i].tolist()
+            answer["features"] = [
+                {"name": feature.name, "unit": feature.unit, "value": float(f"{row[j]:.7g}"),
+                 "baseline": float(f"{self._typical[j]:.7g}"), "attribution": float(f"{values[j]:.6g}")}
+                for j, feature in enumerate(self.schema.features)
+            ]  # fmt: skip
+            answer["ranking"] = [self.schema.features[j].name for j in np.argsort(-np.abs(values), kind="stable")]
+            answers.append(answer)
+        return answers
 
     # ------------------------------------------------------------------ what the metrics see
     def summarize(self, result: Classification) -> tuple[str, float] | None:

@@ -113,6 +113,8 @@ def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: 
             "spec_hash": spec.spec_hash(),
             "tuned": _tuned_sections(spec, tuned),
         }
+        if spec.precision != "fp32" and (spec.explain is None or spec.explain.reference):
+            metadata["explain_reference"] = _explain_reference(tuned, model, stage, log)
         log("packaging with torch-model-archiver")
         built = _package(tuned, stage, metadata)
         tmp_target = store / f".{spec.archive_name}.{os.getpid()}.tmp"
@@ -265,6 +267,12 @@ def _record_in_manifest(spec: ModelVersionSpec, store: Path, metadata: dict) -> 
         "accuracy": metadata["accuracy"],
         "ungated": metadata["ungated"],
         "sha256": file_sha256(archive_path),
+        # explanations' FP32 program inside a reduced-precision archive (handlers.explain); absent for FP32
+        **(
+            {"explain_reference_sha256": metadata["explain_reference"]["sha256"]}
+            if metadata.get("explain_reference")
+            else {}
+        ),
         "size_bytes": archive_path.stat().st_size,
         "built_at": metadata["built_at"],
     }
@@ -272,6 +280,17 @@ def _record_in_manifest(spec: ModelVersionSpec, store: Path, metadata: dict) -> 
     manifest["archives"][spec.archive_name] = record
     write_manifest(store, manifest)
     return record
+
+
+def _explain_reference(spec: ModelVersionSpec, model: torch.nn.Module, stage: Path, log) -> dict:
+    """The FP32 program explanations of a reduced-precision version run on (INT8 programs have no gradients):
+    the same weights before conversion, packed beside the served program and recorded with its sha256 in
+    metadata.json, which the archive's own sha256 in the manifest covers (handlers.explain.load_reference)."""
+    reference = stage / "fp32_reference.pt"
+    if not reference.is_file():  # the accuracy gate exported it already when there was evaluation data
+        export_torchscript(model, spec.task.example_input(spec), reference)
+    log(f"FP32 reference for explanations: {reference.stat().st_size / 1e6:.2f} MB")
+    return {"file": reference.name, "sha256": file_sha256(reference), "precision": "fp32"}
 
 
 def _tuned_sections(spec: ModelVersionSpec, tuned: ModelVersionSpec) -> dict:
@@ -316,6 +335,8 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
                 shutil.copyfile(item.path, golden / item.name)
         entries = [{"file": item.name, "label": item.label} for item in spec.golden_set]
         (golden / "golden.json").write_text(json.dumps(entries, indent=1))
+    if metadata.get("explain_reference"):
+        shutil.copyfile(stage / metadata["explain_reference"]["file"], extra / metadata["explain_reference"]["file"])
     (extra / "metadata.json").write_text(json.dumps(metadata, indent=2))
     config = {**spec.serving.model_config(), "handler": spec.handler_config().to_dict()}
     if spec.handler_options:

@@ -821,6 +821,7 @@ class DetectorTask(Task):
             protocol=spec.protocol,
             faults=spec.faults,
             prediction_log=spec.monitoring.prediction_log,
+            explain=spec.explain,
         )
 
     def oip_metadata(self, spec: Any) -> dict:

@@ -59,6 +59,7 @@ class ImageClassifierTask(Task):
             protocol=spec.protocol,
             faults=spec.faults,
             prediction_log=spec.monitoring.prediction_log,
+            explain=spec.explain,
         )
 
     def oip_metadata(self, spec: Any) -> dict:

@@ -14,6 +14,7 @@ Layout::
         limits: {...}              # handlers.image_io.DecodeLimits
         protocol: {...}            # handlers.protocols.ProtocolConfig: OIP/KServe tensor names
         faults: {error_rate: 0.3}  # handlers.config.Faults: injected errors/delay, drills and tests only
+        explain: {max_steps: 64}   # handlers.config.ExplainConfig: the explanations' limits (docs/explanations.md)
         monitoring: {...}          # Monitoring below: SLO, drift thresholds, sampled prediction log
         serving: {...}             # Serving below: TorchServe's batch and worker settings
         rollout: {...}             # servekit rollout's steps and thresholds (model level only, read at
@@ -43,7 +44,7 @@ from typing import Any, Literal
 
 import yaml
 
-from handlers.config import Faults
+from handlers.config import ExplainConfig, Faults
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
 from handlers.preprocessing import Preprocessing
@@ -83,6 +84,7 @@ COMMON_KEYS = {
     "description",
     "golden_set",
     "faults",
+    "explain",
     "monitoring",
     "data",
     "program",
@@ -372,6 +374,7 @@ class ModelVersionSpec:
     golden_set: tuple[GoldenItem, ...] = ()
     protocol: Any = field(default_factory=ProtocolConfig)  # the task's protocol config (``Task.parse_protocol``)
     faults: Faults | None = None
+    explain: ExplainConfig | None = None  # the explanations' limits (handlers.config.ExplainConfig); None: defaults
     monitoring: Monitoring = field(default_factory=Monitoring)
     options: Any = None  # the task's own section (``Task.options_key``), parsed; None for tasks without one
     allow_ungated: bool = False  # a reduced-precision version built with no evaluation data, on purpose
@@ -443,6 +446,8 @@ class ModelVersionSpec:
             data.pop("bf16")  # absent, not null: fingerprints of fp32/int8 versions stay as they were
         if self.faults is None:
             data.pop("faults")  # likewise for every version without injected faults
+        if self.explain is None:
+            data.pop("explain")  # likewise for every version with the default explanation limits
         for gate in ("quantization", "bf16"):
             if data.get(gate) is not None and data[gate]["max_drop"] is None:
                 data[gate].pop("max_drop")  # likewise for every gate given by its older name
@@ -794,6 +799,9 @@ class _VersionResolver:
             golden_set=_golden_set(merged.get("golden_set"), self.base_dir, labels, self.fail, task, data),
             protocol=self.nested("protocol", lambda: task.parse_protocol(merged.get("protocol"))),
             faults=self.nested("faults", lambda: Faults.from_dict(merged["faults"])) if "faults" in merged else None,
+            explain=self.nested("explain", lambda: ExplainConfig.from_dict(merged["explain"]))
+            if "explain" in merged
+            else None,
             monitoring=self.nested("monitoring", lambda: Monitoring.from_dict(merged.get("monitoring"))),
             options=options,
             data=data,

@@ -373,6 +373,7 @@ class TabularClassifierTask(Task):
             protocol=spec.protocol,
             faults=spec.faults,
             prediction_log=spec.monitoring.prediction_log,
+            explain=spec.explain,
         )
 
     def oip_metadata(self, spec: Any) -> dict:

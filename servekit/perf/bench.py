@@ -51,6 +51,7 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
+from servekit.perf import explain_load  # issue 27: predictions beside explanations
 from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
 from servekit.perf.photos import camera_jpeg, decode_ceiling
 from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WEIGHTS_NOTE, WORKDIR, make_weights
@@ -935,6 +936,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 "For this model the served on/off runs vary more than the cost itself on a 2-core machine (five runs "
                 "of the same code: 0.89 to 1.07, docs/performance.md): its bar is on the counting's measured cost.",
             ]
+    lines += explain_load.markdown(result.get("explain_load"))
     lines += ["", "## Ratios and bars", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["bars"].items()]
@@ -1057,6 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
 
+    small = (SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION), SMALL_BODY)
+    explained = explain_load.measure(WORKDIR, store, *small, args.seconds, args.quick, run_hey, log)
+
     log("step 4/4: report")
     counter_us = counter_cost_us(2000 if args.quick else 20000)
     log(f"handler metrics: {counter_us} µs per request in-process")
@@ -1078,6 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics_overhead_small": overheads[1] if len(overheads) > 1 else None,
         "tabular": tabular_result,
         "detector": detector_result,
+        "explain_load": explained,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,
@@ -1085,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     compute_ratios_and_bars(result, max(concurrencies))
+    result["bars"].update(explained["bar"])
     stem = "quick" if args.quick else "latest"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / f"{stem}.md")

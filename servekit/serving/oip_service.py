@@ -3,7 +3,8 @@
 ``render_front_config`` is a pure function: on ``listen`` (8000 by default),
 
 * ``POST /v2/models/NAME/infer`` and ``POST /v1/models/NAME:predict`` pass straight to TorchServe
-  (nginx in C, so the protocol costs no Python hop on the data path);
+  (nginx in C, so the protocol costs no Python hop on the data path), and so do their explanation
+  forms ``POST /v2/models/NAME/explain`` and ``POST /v1/models/NAME:explain`` (``handlers.explain``);
 * ``POST /v2/models/NAME/versions/V/infer`` goes to ``/predictions/NAME/V`` (TorchServe answers
   501 on its own versioned route; the handler reads the OIP body on any route);
 * TorchServe's own 404 and 503 answers (no such model, queue full), which are not OIP-shaped, are
@@ -217,13 +218,13 @@ def render_front_config(
         # too large, %00 in the path, TRACE, an unknown Transfer-Encoding): {{"error": ...}} JSON.
 {_error_pages("        ")}        error_page 418 = @torchserve;  # from the inference locations: checked, now proxy
         error_page 419 = @torchserve_chunked;
-        location ~ "^/v2/models/(?<model>{name})/infer$" {{
+        location ~ "^/v2/models/(?<model>{name})/(?:infer|explain)$" {{
             set $servekit_uri $request_uri;
 {checks}        }}
         location ~ "^/v2/models/(?<model>{name})/versions/(?<version>{version})/infer$" {{
             set $servekit_uri /predictions/$model/$version;
 {checks}        }}
-        location ~ "^/v1/models/(?<model>{name}):predict$" {{
+        location ~ "^/v1/models/(?<model>{name}):(?:predict|explain)$" {{
             set $servekit_uri $request_uri;
 {checks}        }}
         location @torchserve {{

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -101,11 +102,20 @@ def test_archive_carries_program_handler_config_labels_and_metadata(built, weigh
     assert read_manifest(store)["archives"]["resnet_v1.1.mar"]["ungated"] is True
 
 
-def test_int8_archive_is_much_smaller_than_fp32(built) -> None:
+def test_int8_program_is_much_smaller_than_fp32_and_its_archive_carries_the_fp32_reference(built) -> None:
+    """The INT8 program is the small one; its archive also carries the FP32 reference explanations run on
+    (handlers.explain), recorded by sha256 (``explain: {reference: false}`` leaves it out)."""
+    import zipfile
+
     _, _, store, _ = built
-    fp32 = (store / "resnet_v1.0.mar").stat().st_size
-    int8 = (store / "resnet_v1.1.mar").stat().st_size
-    assert int8 < 0.35 * fp32
+    with zipfile.ZipFile(store / "resnet_v1.0.mar") as fp32, zipfile.ZipFile(store / "resnet_v1.1.mar") as int8:
+        assert int8.getinfo("model.pt").file_size < 0.35 * fp32.getinfo("model.pt").file_size
+        assert "fp32_reference.pt" not in fp32.namelist()
+        metadata = json.loads(int8.read("metadata.json"))
+        reference = int8.read(metadata["explain_reference"]["file"])
+    assert hashlib.sha256(reference).hexdigest() == metadata["explain_reference"]["sha256"]
+    record = read_manifest(store)["archives"]["resnet_v1.1.mar"]
+    assert record["explain_reference_sha256"] == metadata["explain_reference"]["sha256"]
 
 
 def test_rebuild_with_same_inputs_is_skipped(built) -> None:

@@ -270,7 +270,7 @@ def test_detection_settings_name_the_bad_key(section: dict, message: str) -> Non
     ("section", "message"),
     [
         ({"precision": "fp16"}, "precision: must be one of ['fp32', 'int8', 'bf16'], got 'fp16'"),
-        ({"topk": 5}, "topk: unknown key in the handler section (valid keys: detection, faults, labels_file"),
+        ({"topk": 5}, "topk: unknown key in the handler section (valid keys: detection, explain, faults, labels_file"),
         ({"limits": {"max_pixels": 0}}, "max_pixels: must be a positive integer, got 0"),
         ({"faults": {"error_rate": 2}}, "faults.error_rate: must be a number from 0.0 to 1.0, got 2"),
         ({"detection": [1]}, "detection: must be a mapping, got [1]"),

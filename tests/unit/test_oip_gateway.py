@@ -844,6 +844,8 @@ def test_the_front_routes(front_text: str) -> None:
     for name in ("digits", "d", "resnet-18", "Model_2", "a" * 64):
         assert infer.search(f"/v2/models/{name}/infer")["model"] == name
         assert predict.search(f"/v1/models/{name}:predict")["model"] == name
+        assert infer.search(f"/v2/models/{name}/explain")["model"] == name  # explanations (handlers.explain)
+        assert predict.search(f"/v1/models/{name}:explain")["model"] == name
         for version in ("2", "2.0", "10.0.1"):
             match = versioned.search(f"/v2/models/{name}/versions/{version}/infer")
             assert (match["model"], match["version"]) == (name, version)
@@ -857,6 +859,8 @@ def test_the_front_routes(front_text: str) -> None:
                  "/v2/models/digits/versions/v2/infer", "/v2/models/digits/versions//infer"):  # fmt: skip
         assert not versioned.search(path), path
     assert not predict.search("/v1/models/../x:predict")
+    assert not predict.search("/v1/models/digits:explainx")
+    assert not infer.search("/v2/models/digits/explained")
 
 
 def test_inference_locations_answer_a_missing_token_with_401_json(front_text: str) -> None:
