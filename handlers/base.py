@@ -208,15 +208,15 @@ class BatchHandler:
         finally:
             torch.set_num_threads(cpu.threads)
 
-    def resize_threads(self, force: bool = False, requests: int | None = None) -> int:
-        """Follow this worker's share of the CPU budget (``requests``: claim it for a batch of that many);
-        logs every change with its reason."""
+    def resize_threads(self, force: bool = False, requests: int | None = None, borrow: bool = True) -> int:
+        """Follow this worker's share of the CPU budget (``requests``: claim it for a batch of that many;
+        ``borrow=False``: its own CPUs only); logs every change with its reason."""
         if self.cpu is None:
             return torch.get_num_threads()
         if requests is None:
             threads, reason = self.cpu.refresh(force=force)
         else:
-            threads, reason = self.cpu.claim(requests, force=force)
+            threads, reason = self.cpu.claim(requests, force=force, borrow=borrow)
         if reason is not None:
             torch.set_num_threads(threads)
             logger.info("cpu budget: %s", reason)
@@ -343,15 +343,21 @@ class BatchHandler:
             if getattr(call, "request_id", "") is None:
                 call.request_id = request_id(context, idx)
             items = self.prepare(call)
-            results = self.run(items)  # the answer being explained: the served program's
-            failure = next((r for r in results if isinstance(r, BaseException)), None)
-            if failure is not None:
-                raise failure
             if self._explain_budget is None:
                 self._explain_budget = explain.ShareBudget(self.model_name, limits.max_share)
-            with self._explain_budget.claim(limits.timeout_s):
-                deadline = time.monotonic() + limits.timeout_s
-                answers = self.explain(call, items, results, options, deadline)
+            # Tens of inferences: on this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
+            self.resize_threads(requests=len(items), borrow=False)
+            try:
+                results = self.run(items)  # the answer being explained: the served program's
+                failure = next((r for r in results if isinstance(r, BaseException)), None)
+                if failure is not None:
+                    raise failure
+                with self._explain_budget.claim(limits.timeout_s):
+                    deadline = time.monotonic() + limits.timeout_s
+                    answers = self.explain(call, items, results, options, deadline)
+            finally:
+                if self.cpu is not None:
+                    self.cpu.release()
             protocol = getattr(call, "protocol", "native")
             reply = explain.encode(protocol, answers, self.model_name, self.model_version, call.request_id)
             size = reply_size(reply.body)

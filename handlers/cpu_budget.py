@@ -299,9 +299,10 @@ class CpuBudget:
         members = self._members_now(force)
         return self._use(share(self.budget.cpus, members, self.pid), members, lent=0)
 
-    def claim(self, requests: int = 1, force: bool = False) -> tuple[int, str | None]:
+    def claim(self, requests: int = 1, force: bool = False, borrow: bool = True) -> tuple[int, str | None]:
         """Take this batch's CPUs: ``(threads, reason)``, ``reason`` set only when the count changed.
 
+        ``borrow=False``: only this worker's own CPUs, whatever the batch (long work: explanations).
         Without lending, or for a pinned worker, this is ``refresh``: nothing is taken.
         """
         if not self.lend or self.pinned:
@@ -315,7 +316,7 @@ class CpuBudget:
         self.waited_s = time.perf_counter() - began
         lent = 0
         cpus = flexible_cpus(self.budget.cpus, members)
-        if requests <= self.lend_max_requests:
+        if borrow and requests <= self.lend_max_requests:
             for index in range(cpus):
                 if len(self.held) >= cpus:
                     break

@@ -160,4 +160,4 @@ def test_a_lone_request_gets_the_whole_budget_while_the_other_worker_idles(
         assert len(counts) == 2
         assert budget in counts.values(), counts  # the worker that answered held the whole budget
         log = (process.workdir / "logs" / "model_log.log").read_text(errors="replace")
-        assert "idle lend theirs" in log
+        assert "a lone request borrows" in log
