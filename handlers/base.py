@@ -55,6 +55,8 @@ from handlers.metrics import NullMetrics, PredictionLog, handler_metrics
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
+# Every answer says which version served it (a canary's share is visible on any route and protocol).
+VERSION_HEADER = "X-Model-Version"
 # TorchServe's max_response_size, as ``servekit.serving.server`` passes it to the workers; its default otherwise.
 MAX_RESPONSE_ENV = "SERVEKIT_MAX_RESPONSE_SIZE"
 TORCHSERVE_MAX_RESPONSE_SIZE = 6_553_500
@@ -231,7 +233,11 @@ class BatchHandler:
         """
         began = time.perf_counter()
         try:
-            return self._handle(data, context, began)
+            responses = self._handle(data, context, began)
+            if self.model_version:  # which version answered: the routing plane's canary is visible to clients
+                for idx in range(len(data)):
+                    context.set_response_header(idx, VERSION_HEADER, self.model_version)
+            return responses
         finally:
             if self.cpu is not None:
                 self.cpu.release()

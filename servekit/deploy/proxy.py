@@ -44,11 +44,14 @@ from servekit.serving.nginx import NginxError, NginxInstance, config_head
 __all__ = ["REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
 
 REQUEST_LOG = "requests.jsonl"
-# One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default).
+# The header every answer of a servekit handler carries: the version that answered (``handlers.base``).
+VERSION_HEADER = "X-Model-Version"
+# One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default),
+# ``served`` the version that answered (the handler's X-Model-Version; "" when no handler answered).
 LOG_FORMAT = (
     "    log_format servekit_json escape=json\n"
     '        \'{"msec":$msec,"uri":"$uri","status":$status,"request_time":$request_time,'
-    '"target":"$servekit_target"}\';\n'
+    '"target":"$servekit_target","served":"$upstream_http_x_model_version"}\';\n'
 )
 
 
@@ -58,6 +61,39 @@ class ProxyError(NginxError):
 
 def _variable(model: str) -> str:
     return "servekit_" + re.sub(r"[^A-Za-z0-9_]", "_", model)
+
+
+def _route_variable(model: str) -> str:
+    """The canary route's variable; never another model's split variable (those all start ``servekit_``)."""
+    return "servekitroute_" + re.sub(r"[^A-Za-z0-9_]", "_", model)
+
+
+# The inference routes of every protocol the proxy routes: (name in the log, the path for model NAME).
+# A canary's share of each goes to ``/predictions/NAME/VERSION``, where the same handler answers every
+# protocol (it tells them apart by the body: ``handlers.protocols.read_envelope``); the rest keeps its path.
+ROUTED_PATHS = (
+    ("native", "/predictions/{name}"),
+    ("oip_v2", "/v2/models/{name}/infer"),
+    ("kserve_v1", "/v1/models/{name}:predict"),
+)
+
+
+def _routed_locations(name: str, split: str | None, shadow: bool) -> str:
+    """The exact locations of ``name``'s inference paths: the canary split (``split``: its variable), the mirror."""
+    blocks = []
+    for _protocol, form in ROUTED_PATHS:
+        path = form.format(name=name)
+        lines, target = "", path
+        if split is not None:
+            # The split's choice, for the request log ("" means TorchServe's default), and its route.
+            lines += f"            set $servekit_target {split};\n"
+            target = f"${_route_variable(name)}"
+        if shadow:
+            lines += f"            mirror /_shadow/{name};\n            mirror_request_body on;\n"
+        blocks.append(
+            f"        location = {path} {{\n{lines}            proxy_pass http://torchserve{target};\n        }}\n"
+        )
+    return "".join(blocks)
 
 
 def render_config(state: DeploymentState | dict, prefix: Path) -> str:
@@ -70,17 +106,20 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
         raise ProxyError("cannot render the proxy configuration: the state has no listen or upstream address")
     splits, locations = [], []
     for name, model in sorted(state.models.items()):
-        target, directives = "", ""
+        split = None
         if model.canary is not None:
             var, percent, version = _variable(name), model.canary.percent, model.canary.version
             cases = f'        {percent}% "/{version}";\n' if percent < 100 else ""
             fallback = f'"/{version}"' if percent >= 100 else '""'
             splits.append(f'    split_clients "${{request_id}}" ${var} {{\n{cases}        * {fallback};\n    }}\n')
-            target = f"${var}"
-            # The split's choice, for the request log (the server-wide "" means TorchServe's default).
-            directives = f"            set $servekit_target {target};\n"
+            # The route of a split request: its own path (an exact location: $uri is that path) for the
+            # default's share, the versioned route for the canary's.
+            route = _route_variable(name)
+            splits.append(
+                f'    map ${var} ${route} {{\n        "" $uri;\n        default /predictions/{name}${var};\n    }}\n'
+            )
+            split = f"${var}"
         if model.shadow is not None:
-            directives += f"            mirror /_shadow/{name};\n            mirror_request_body on;\n"
             locations.append(
                 f"        location = /_shadow/{name} {{\n"
                 "            internal;\n"
@@ -88,12 +127,8 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
                 "            proxy_set_header Content-Type $http_content_type;\n"
                 "        }\n"
             )
-        if directives:
-            locations.append(
-                f"        location = /predictions/{name} {{\n{directives}"
-                f"            proxy_pass http://torchserve/predictions/{name}{target};\n"
-                "        }\n"
-            )
+        if split is not None or model.shadow is not None:
+            locations.append(_routed_locations(name, split, model.shadow is not None))
     state_file = prefix / "state.json"
     written = f"# Written by servekit.deploy.proxy from {state_file}: do not edit, run `servekit canary/shadow`."
     return f"""{written}

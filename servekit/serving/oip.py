@@ -136,6 +136,8 @@ class Gateway:
     tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
     metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.serving.exporter)
     view_ttl: float = 1.0  # seconds a reading of TorchServe's view serves readiness and /metrics (0: every call)
+    router_url: str | None = None  # where inference goes (the OIP front: the routing plane's canary and shadow
+    # apply); None: TorchServe's inference address itself
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _view: ServingView | None = field(default=None, repr=False)
@@ -269,14 +271,20 @@ class Gateway:
 
     # -------------------------------------------------------------- inference
     def infer(self, name: str, version: str | None, body: bytes, headers: dict[str, str]) -> requests.Response:
-        """POST one OIP request to TorchServe (the versioned route goes to /predictions/NAME/V)."""
+        """POST one OIP request through the router (the OIP front), else to TorchServe (the versioned route
+        goes to /predictions/NAME/V); without a version the deployment state's canary and shadow apply."""
         check_model(name, version)
-        path = f"/v2/models/{name}/infer" if version is None else f"/predictions/{name}/{version}"
+        if self.router_url is not None:
+            path = f"/v2/models/{name}/infer" if version is None else f"/v2/models/{name}/versions/{version}/infer"
+            url = self.router_url.rstrip("/") + path
+        else:
+            path = f"/v2/models/{name}/infer" if version is None else f"/predictions/{name}/{version}"
+            url = self.client.url("inference", path)
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         try:
-            return session.post(self.client.url("inference", path), data=body, headers=headers, timeout=120)
+            return session.post(url, data=body, headers=headers, timeout=120)
         except requests.RequestException as exc:
             raise OipError(HTTPStatus.SERVICE_UNAVAILABLE, f"TorchServe did not answer: {exc}") from None
 
@@ -454,8 +462,8 @@ def http_server(gateway: Gateway, listen: str, metrics_only: bool = False) -> Ga
 
 # ------------------------------------------------------------------------------------------ gRPC
 _GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-               413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
-               507: "RESOURCE_EXHAUSTED"}  # fmt: skip
+               413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 501: "UNIMPLEMENTED",
+               502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 507: "RESOURCE_EXHAUSTED"}  # fmt: skip
 
 
 def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
@@ -640,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--management", required=True)
     parser.add_argument("--key-file", help="TorchServe's key_file.json; omit when token authorization is off")
     parser.add_argument("--model-store", required=True)
+    parser.add_argument("--router", help="URL gRPC inference is sent to (the OIP front); default: --inference")
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
     parser.add_argument("--metrics-listen", help="host:port serving GET /metrics only (a pod's scrape port)")
@@ -654,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     client = TorchServeClient(args.management, args.inference, key_file, timeout=10)
     draining = Path(args.prefix).parent / "draining" if args.prefix else None
     gateway = Gateway(client, Path(args.model_store), draining_file=draining, tokens=key_file is not None,
-                      metrics_dir=Path(args.metrics_dir) if args.metrics_dir else None)  # fmt: skip
+                      metrics_dir=Path(args.metrics_dir) if args.metrics_dir else None,
+                      router_url=args.router)  # fmt: skip
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()

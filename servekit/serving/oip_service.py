@@ -46,6 +46,7 @@ from servekit.serving.store import NAME_PATTERN, VERSION_PATTERN
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
+DEFAULT_ROUTER = "127.0.0.1:8090"  # where `servekit proxy start` listens by default (servekit.cli): make serve's router
 # The front's limits. The benchmarks drive up to ~64 concurrent connections from one address (127.0.0.1)
 # with `hey`; every number below leaves them at least 2x headroom, and none applies to a request that flows.
 DEFAULT_MAX_BODY = 6_553_600  # TorchServe's max_request_size (config.properties): over it TorchServe answers an
@@ -61,6 +62,7 @@ CLIENT_LIMIT = 128  # inference requests in progress per client address: 2x the 
 HEALTH_CLIENT_LIMIT = 16  # probes in progress per address on the health port (a kubelet sends one at a time)
 HEALTH_MAX_BODY = 1024  # bytes: a probe sends no body
 HEALTH_TIMEOUT = "5s"  # header, body, send and keep-alive timeouts of the health port (a probe sends at once)
+ROUTER_RETRY = "5s"  # after a refused connection to the routing plane, TorchServe directly for this long
 HEADER_BUFFERS = "4 8k"  # one header line (or the request line) over 8 KB: 431 (414); the whole header <= ~32 KB
 
 # What the front itself answers for each status it can produce (every answer is {"error": ...} JSON).
@@ -137,9 +139,11 @@ def render_front_config(
     health: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     client_limit: int = CLIENT_LIMIT,
+    router: str | None = None,
 ) -> str:
     """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens;
-    ``health``: host:port of the health-only listener; ``max_body``: TorchServe's ``max_request_size``."""
+    ``health``: host:port of the health-only listener; ``max_body``: TorchServe's ``max_request_size``;
+    ``router``: host:port of the routing plane (the canary/shadow proxy), TorchServe itself while it is down."""
     name, version = NAME_PATTERN, VERSION_PATTERN
     missing_token = (
         '            if ($http_authorization = "") {\n'
@@ -198,8 +202,7 @@ def render_front_config(
     # through error_page again.
     recursive_error_pages on;
     upstream torchserve {{
-        server {torchserve};
-        keepalive 32;
+{_upstream_servers(torchserve, router)}        keepalive 32;
     }}
     upstream gateway {{
         server {gateway};
@@ -278,6 +281,19 @@ def render_front_config(
 """
 
 
+def _upstream_servers(torchserve: str, router: str | None) -> str:
+    """Where inference goes: the routing plane when there is one (TorchServe is then its backup), else TorchServe.
+
+    The routing plane (``servekit proxy start``, ``servekit.deploy.proxy``) applies the deployment state's
+    canary and shadow to the OIP paths as to ``/predictions``. While it is stopped its port refuses
+    connections and nginx passes the request to TorchServe (a refused connection sends nothing, so a POST
+    is passed on); the router is tried again after ``ROUTER_RETRY``.
+    """
+    if router is None:
+        return f"        server {torchserve};\n"
+    return f"        server {router} max_fails=1 fail_timeout={ROUTER_RETRY};\n        server {torchserve} backup;\n"
+
+
 def _health_server(listen: str, client_limit: int) -> str:
     """The health-only listener: GET /v2/health/live and /ready, proxied to the gateway; 404 JSON for the rest."""
     health = (
@@ -325,6 +341,7 @@ class OipFront(NginxInstance):
     tokens: bool = True  # False: TorchServe runs without token authorization (a bundle's pod)
     health_listen: str | None = None  # host:port of the health-only listener (a pod's probes), or none
     max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size
+    router: str | None = None  # host:port of the routing plane (the proxy); None: straight to TorchServe
     label = "the OIP front"
     error = OipServiceError
 
@@ -339,6 +356,7 @@ class OipFront(NginxInstance):
                 self.tokens,
                 health=self.health_listen,
                 max_body=self.max_body,
+                router=self.router,
             )
         )
         self.launch(self.listen, timeout)  # nginx binds every listener or none: the health one is up too
@@ -365,6 +383,8 @@ class OipService:
     metrics_port: int | None = None  # also a listener on host:port with GET /metrics only (a pod's scrape port)
     health_port: int | None = None  # also a front listener on host:port with GET /v2/health/live|ready only (probes)
     max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size: the front refuses larger bodies itself
+    router: str | None = None  # host:port of the routing plane (servekit proxy): OIP HTTP and gRPC inference go
+    # through it when it runs, so its canary and shadow apply to them (None: straight to TorchServe)
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix).resolve()
@@ -383,7 +403,14 @@ class OipService:
             tokens=self.key_file is not None,
             health_listen=None if self.health_port is None else f"{self.host}:{self.health_port}",
             max_body=self.max_body,
+            router=self.router,
         )
+
+    @property
+    def front_url(self) -> str:
+        """Where the gateway sends gRPC inference: the front, so it takes the same route as OIP HTTP."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.http_port}"
 
     def _gateway_address(self) -> str:
         path = self.prefix / "gateway.address"
@@ -410,7 +437,7 @@ class OipService:
         command = [
             sys.executable, "-m", "servekit.serving.oip", "--http", internal, "--grpc", f"{self.host}:{self.grpc_port}",
             "--inference", self.inference_url, "--management", self.management_url,
-            "--model-store", str(self.model_store), "--prefix", str(self.prefix),
+            "--model-store", str(self.model_store), "--prefix", str(self.prefix), "--router", self.front_url,
         ]  # fmt: skip
         if self.key_file is not None:
             command += ["--key-file", str(self.key_file)]

@@ -42,7 +42,13 @@ from servekit.errors import ServekitError
 from servekit.serving.client import TorchServeClient, TorchServeError, read_keys
 from servekit.serving.exporter import clear as clear_metrics
 from servekit.serving.guard import ManagementGuard
-from servekit.serving.oip_service import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, OipService
+from servekit.serving.oip_service import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MAX_BODY,
+    DEFAULT_ROUTER,
+    OipService,
+)
 from servekit.serving.processes import free_port, group_alive, owned_pid, read_pid
 from servekit.serving.store import verify_store
 from servekit.serving.worker_guard import ENV_ROOT, ensure_installed
@@ -145,6 +151,7 @@ class TorchServeProcess:
     config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
     env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
+    router: str | None = None  # host:port of the routing plane (servekit proxy) OIP inference goes through
     process: subprocess.Popen | None = None
     snapshot_differences: list[str] = field(default_factory=list)
 
@@ -182,7 +189,7 @@ class TorchServeProcess:
             http_port=self.oip_ports["oip_http"], grpc_port=self.oip_ports["oip_grpc"], host=self.bind,
             metrics_dir=self.metrics_dir, metrics_port=self.oip_ports.get("servekit_metrics"),
             health_port=self.oip_ports.get("oip_health"),
-            max_body=int(self.props.get("max_request_size") or DEFAULT_MAX_BODY),
+            max_body=int(self.props.get("max_request_size") or DEFAULT_MAX_BODY), router=self.router,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -487,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         # Versions registered at runtime, their workers and the default come back after make stop / make serve.
-        server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh)
+        server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh,
+                                   router=DEFAULT_ROUTER)  # fmt: skip
     actions = {"key": _print_key, "stop": _stop, "start": _start, "run": _run}
     try:
         return actions[args.action](server, args)

@@ -211,11 +211,46 @@ def test_render_config_is_a_pure_function_of_the_state(tmp_path: Path) -> None:
     assert "listen 127.0.0.1:8090;" in text
     assert "server 127.0.0.1:8080;" in text
     assert 'split_clients "${request_id}" $servekit_digits {\n        20% "/2.0";\n        * "";\n    }' in text
-    assert "proxy_pass http://torchserve/predictions/digits$servekit_digits;" in text
+    route = '"" $uri;\n        default /predictions/digits$servekit_digits;'
+    assert f"map $servekit_digits $servekitroute_digits {{\n        {route}" in text
+    assert "location = /predictions/digits {\n            set $servekit_target $servekit_digits;" in text
+    assert text.count("proxy_pass http://torchserve$servekitroute_digits;") == 3  # native, OIP v2, KServe v1
     assert "mirror /_shadow/digits;" in text
     assert "proxy_pass http://torchserve/predictions/digits/3.0;" in text
     assert "letters" not in text  # a model with no routes goes straight through "location /"
     assert f"pid {tmp_path / 'nginx.pid'};" in text
+
+
+def test_every_protocols_inference_path_obeys_the_canary_and_the_shadow(tmp_path: Path) -> None:
+    text = render_config(routed_state(), tmp_path)
+    for path in ("/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"):
+        block = text.split(f"location = {path} {{\n", 1)[1].split("}", 1)[0]
+        assert block == (
+            "            set $servekit_target $servekit_digits;\n"
+            "            mirror /_shadow/digits;\n"
+            "            mirror_request_body on;\n"
+            "            proxy_pass http://torchserve$servekitroute_digits;\n        "
+        ), path
+    assert "location = /v2/models/digits/explain" not in text  # explanations stay with the default
+
+
+def test_a_shadow_alone_mirrors_every_protocol_and_keeps_each_path(tmp_path: Path) -> None:
+    state = DeploymentState("127.0.0.1:1", "127.0.0.1:2")
+    state.model("digits").set_shadow("2.0")
+    text = render_config(state, tmp_path)
+    assert "split_clients" not in text
+    for path in ("/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"):
+        assert f"location = {path} {{\n            mirror /_shadow/digits;" in text
+        assert f"proxy_pass http://torchserve{path};" in text
+
+
+def test_split_and_route_variables_of_two_models_never_collide(tmp_path: Path) -> None:
+    state = DeploymentState("127.0.0.1:1", "127.0.0.1:2")
+    state.model("x").set_canary("2.0", 10)
+    state.model("route_x").set_canary("3.0", 10)
+    text = render_config(state, tmp_path)
+    for variable in ("$servekit_x {", "$servekit_route_x {", "$servekitroute_x {", "$servekitroute_route_x {"):
+        assert variable in text
 
 
 def test_a_hundred_percent_canary_sends_everything_to_the_canary(tmp_path: Path) -> None:

@@ -1204,3 +1204,37 @@ def test_free_ports_are_never_handed_out_twice() -> None:
     """A server's listeners (TorchServe's, the front's, the gateway's) are chosen one by one and bound later."""
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+# ------------------------------------------------------------------------------------------ the routing plane
+def test_with_a_router_the_front_sends_inference_to_it_and_to_torchserve_while_it_is_down(tmp_path: Path) -> None:
+    text = render_front_config(tmp_path / "front", "127.0.0.1:18000", "127.0.0.1:8080", "127.0.0.1:18002",
+                               router="127.0.0.1:18090")  # fmt: skip
+    upstream = text.split("upstream torchserve {\n", 1)[1].split("}", 1)[0]
+    assert upstream == (
+        "        server 127.0.0.1:18090 max_fails=1 fail_timeout=5s;\n"
+        "        server 127.0.0.1:8080 backup;\n"
+        "        keepalive 32;\n    "
+    )
+    prefix = tmp_path / "front"
+    for sub in TEMP_DIRS:
+        (prefix / "tmp" / sub).mkdir(parents=True)
+    (prefix / "nginx.conf").write_text(text)
+    check = subprocess.run([nginx_binary(), "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                           capture_output=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_grpc_inference_goes_through_the_router_on_the_oip_paths(fake: FakeTorchServe, upstream) -> None:
+    gateway = Gateway(fake, Path("unused"), tokens=False, router_url=upstream.url)
+    body, headers = json.dumps({"inputs": []}).encode(), {"Content-Type": "application/json"}
+    gateway.infer("digits", None, body, headers)
+    gateway.infer("digits", "1.0", body, headers)
+    assert [s["path"] for s in upstream.seen] == ["/v2/models/digits/infer", "/v2/models/digits/versions/1.0/infer"]
+
+
+def test_the_service_points_the_gateway_at_its_own_front(tmp_path: Path) -> None:
+    service = OipService(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", None, tmp_path, http_port=18000,
+                         host="0.0.0.0", router="127.0.0.1:18090")  # fmt: skip
+    assert service.front_url == "http://127.0.0.1:18000"
+    assert service.front.router == "127.0.0.1:18090"

@@ -194,6 +194,26 @@ def test_only_the_models_split_route_counts() -> None:
     assert (result.canary.requests, result.default.requests, result.passed) == (5, 0, True)
 
 
+def test_oip_and_kserve_requests_through_the_proxy_are_judged_with_the_native_ones() -> None:
+    uris = (URI, "/v2/models/digits/infer", "/v1/models/digits:predict")
+    split = [LogRecord(1.0, uri, 200, 0.01, target) for uri in uris for target in ("", "/2.0")]
+    failed = [LogRecord(1.0, "/v2/models/digits/infer", 500, 0.01, "/2.0")]
+    window = log_window(split + failed, "digits", "2.0")
+    assert (window.canary.requests, window.canary.errors, window.default.requests) == (4, 1, 3)
+    other = [
+        LogRecord(1.0, "/v2/models/letters/infer", 500, 1.0, "/2.0"),
+        LogRecord(1.0, "/v2/models/digits", 500, 1, ""),
+    ]
+    assert log_window(other, "digits", "2.0").canary.requests == 0
+
+
+def test_a_log_line_names_the_version_that_answered() -> None:
+    line = b'{"msec":1.5,"uri":"/v2/models/digits/infer","status":200,"request_time":0.01,"target":"","served":"1.0"}'
+    assert LogRecord.parse(line) == LogRecord(1.5, "/v2/models/digits/infer", 200, 0.01, "", "1.0")
+    older = b'{"msec":1.5,"uri":"/predictions/digits","status":200,"request_time":0.01,"target":"/2.0"}'
+    assert LogRecord.parse(older).served == ""  # written before the field existed: still read
+
+
 @pytest.mark.parametrize("text", ["", "10,x", "0,50", "50,25", "10,10", "101"])
 def test_bad_steps_are_refused(text: str) -> None:
     with pytest.raises(DeployError, match="--steps must be"):

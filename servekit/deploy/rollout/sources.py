@@ -15,15 +15,19 @@ for the canary and for the default, and the canary's top-1 classes), and the sam
   up; Prometheus scrapes every few seconds, so its window lags by up to a scrape interval and
   ``increase`` extrapolates (figures need not be whole numbers: they are rounded).
 * ``proxy-log``: the proxy's request log (``servekit.deploy.proxy``: one JSON line per request with
-  ``msec``, ``uri``, ``status``, ``request_time`` and ``target``, the version the split chose, empty
-  for the default); p99 by nearest rank of ``request_time``. No classes: no drift gate.
+  ``msec``, ``uri``, ``status``, ``request_time``, ``target``, the version the split chose, empty
+  for the default, and ``served``, the version that answered); every inference path the proxy routes
+  counts: ``/predictions/NAME``, OIP ``/v2/models/NAME/infer`` and KServe ``/v1/models/NAME:predict``,
+  which is where the OIP front and the gRPC gateway send their inference when the proxy runs. p99 by
+  nearest rank of ``request_time``. No classes: no drift gate.
 * ``auto`` (the default): Prometheus when it answers and holds servekit's series, else the metrics
   page when it has servekit's series, else the proxy log (the reason is printed and recorded).
 
 What they count differs. The handler metrics count every request a version answers: golden set
 checks, direct ``/predictions/NAME/VERSION`` calls and clients that bypass the proxy too, and their
 latency is the handler's (decode to encoded answer, not TorchServe's queue). The proxy log counts
-only requests to ``/predictions/NAME`` through the proxy, timed by nginx end to end.
+only requests through the proxy (every protocol: HTTP clients of ``/predictions``, and OIP HTTP, KServe
+v1 and gRPC clients through the OIP front), timed by nginx end to end.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from servekit.deploy.proxy import ROUTED_PATHS
 from servekit.deploy.rollout.judging import Figures, Window, p99
 from servekit.deploy.workflows import DeployError
 from servekit.observe.drift import PREDICTIONS, require_servekit
@@ -62,6 +67,7 @@ class LogRecord:
     status: int
     seconds: float  # request_time
     target: str  # "/VERSION" the split chose; "" = TorchServe's default
+    served: str = ""  # the version that answered (its X-Model-Version); "" when unknown (older log lines)
 
     @classmethod
     def parse(cls, line: bytes) -> LogRecord | None:
@@ -69,8 +75,8 @@ class LogRecord:
         try:
             data = json.loads(line)
             return cls(float(data["msec"]), str(data["uri"]), int(data["status"]),
-                       float(data["request_time"]), str(data["target"]))  # fmt: skip
-        except (ValueError, KeyError, TypeError):
+                       float(data["request_time"]), str(data["target"]), str(data.get("served", "")))  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
@@ -164,12 +170,19 @@ def log_figures(records: list[LogRecord]) -> Figures:
     )
 
 
+def routed_uris(model: str) -> dict[str, str]:
+    """``model``'s inference paths the proxy splits, each with its protocol (``servekit.deploy.proxy.ROUTED_PATHS``)."""
+    return {form.format(name=model): protocol for protocol, form in ROUTED_PATHS}
+
+
 def log_window(records: list[LogRecord], model: str, version: str) -> Window:
-    """The canary's (split target ``/version``) and the default's share of ``/predictions/model`` in the log."""
-    uri = f"/predictions/{model}"
+    """The canary's (split target ``/version``) and the default's share of ``model``'s traffic in the log, every
+    protocol together (``/predictions/model``, ``/v2/models/model/infer``, ``/v1/models/model:predict``)."""
+    uris = routed_uris(model)
+    mine = [r for r in records if r.uri in uris]
     return Window(
-        log_figures([r for r in records if r.uri == uri and r.target == f"/{version}"]),
-        log_figures([r for r in records if r.uri == uri and r.target == ""]),
+        log_figures([r for r in mine if r.target == f"/{version}"]),
+        log_figures([r for r in mine if r.target == ""]),
     )
 
 
