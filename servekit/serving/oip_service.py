@@ -62,7 +62,8 @@ CLIENT_LIMIT = 128  # inference requests in progress per client address: 2x the 
 HEALTH_CLIENT_LIMIT = 16  # probes in progress per address on the health port (a kubelet sends one at a time)
 HEALTH_MAX_BODY = 1024  # bytes: a probe sends no body
 HEALTH_TIMEOUT = "5s"  # header, body, send and keep-alive timeouts of the health port (a probe sends at once)
-ROUTER_RETRY = "5s"  # after a refused connection to the routing plane, TorchServe directly for this long
+ROUTER_FAILS = 3  # failed connections to the routing plane (stopped) before the front bypasses it ...
+ROUTER_RETRY = "5s"  # ... for this long (TorchServe directly), then tries it again
 HEADER_BUFFERS = "4 8k"  # one header line (or the request line) over 8 KB: 431 (414); the whole header <= ~32 KB
 
 # What the front itself answers for each status it can produce (every answer is {"error": ...} JSON).
@@ -167,8 +168,9 @@ def render_front_config(
         + "            }\n"
         + "            return 418;\n"
     )
+    retry = "            proxy_next_upstream error non_idempotent;\n" if router is not None else ""
     proxied = (
-        f"            limit_conn servekit_clients {client_limit};\n"
+        f"{retry}            limit_conn servekit_clients {client_limit};\n"
         "            proxy_intercept_errors on;\n"
         "            error_page 404 = @not_found;\n"
         "            error_page 503 = @unavailable;\n"
@@ -286,12 +288,17 @@ def _upstream_servers(torchserve: str, router: str | None) -> str:
 
     The routing plane (``servekit proxy start``, ``servekit.deploy.proxy``) applies the deployment state's
     canary and shadow to the OIP paths as to ``/predictions``. While it is stopped its port refuses
-    connections and nginx passes the request to TorchServe (a refused connection sends nothing, so a POST
-    is passed on); the router is tried again after ``ROUTER_RETRY``.
+    connections and nginx passes the request to TorchServe; after ``ROUTER_FAILS`` such failures within
+    ``ROUTER_RETRY`` it goes straight to TorchServe for that long, then tries the router again. A request
+    whose connection to the router fails (a keep-alive connection closed by a reload) is passed to
+    TorchServe too (``non_idempotent``: inference has no side effect), so no client sees the failure.
     """
     if router is None:
         return f"        server {torchserve};\n"
-    return f"        server {router} max_fails=1 fail_timeout={ROUTER_RETRY};\n        server {torchserve} backup;\n"
+    return (
+        f"        server {router} max_fails={ROUTER_FAILS} fail_timeout={ROUTER_RETRY};\n"
+        f"        server {torchserve} backup;\n"
+    )
 
 
 def _health_server(listen: str, client_limit: int) -> str:

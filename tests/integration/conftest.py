@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from servekit.deploy.proxy import NginxProxy
 from servekit.serving.client import TorchServeClient
@@ -194,6 +196,30 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("servekit: error: ")
     return lines[0]
+
+
+def drill_store(store: Path, model_store: Path, repo_root: Path, drills: dict[str, dict], spec_name: str) -> Path:
+    """``store`` with digits 1.0 and 2.0 as built, plus drill versions of 1.0 whose ``faults:`` differ.
+
+    ``drills``: version -> its ``faults`` section (``{"delay_ms": 200}``); built with 1.0's cached weights
+    from a spec variant ``build/{spec_name}_models.yaml`` (one name per test module: modules run in parallel).
+    """
+    from servekit.build.archive import build_all  # torch: only the modules that build import it
+    from servekit.build.spec import load_spec
+
+    for name in ("digits_v1.0.mar", "digits_v2.0.mar", "manifest.json"):
+        shutil.copyfile(model_store / name, store / name)
+    spec = yaml.safe_load((repo_root / "models.yaml").read_text())
+    spec["models"] = {"digits": spec["models"]["digits"]}  # the other models' relative paths stay out of it
+    versions = spec["models"]["digits"]["versions"]
+    for version, faults in drills.items():  # 1.0's weights (cached by the build): only the faults differ
+        versions[version] = {**versions["1.0"], "faults": faults}
+    spec_path = repo_root / "build" / f"{spec_name}_models.yaml"  # beside models.yaml's relative paths' root
+    spec_path.parent.mkdir(exist_ok=True)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False).replace("samples/golden.json", "../samples/golden.json"))
+    built = [s for s in load_spec(spec_path) if s.version in drills]
+    build_all(built, store, repo_root / "build" / "cache")
+    return store
 
 
 def b64(path: Path) -> str:

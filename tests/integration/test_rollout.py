@@ -14,7 +14,6 @@ and both are watched with ``rollout --status`` from this process while they run.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,12 +23,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from servekit.build.archive import build_all
-from servekit.build.spec import load_spec
 from servekit.serving.server import TorchServeProcess, free_port
-from tests.integration.conftest import one_error_line, operator_cli, running_torchserve
+from tests.integration.conftest import drill_store, one_error_line, operator_cli, running_torchserve
 
 STEPS = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10")
 FAST = (*STEPS, "--source", "proxy-log")
@@ -38,20 +34,7 @@ DRILLS = {"3.0": {"error_rate": 0.3, "start_after": 10}, "4.0": {"delay_ms": 200
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root: Path) -> Path:
-    store = tmp_path_factory.mktemp("store")
-    for name in ("digits_v1.0.mar", "digits_v2.0.mar", "manifest.json"):
-        shutil.copyfile(model_store / name, store / name)
-    spec = yaml.safe_load((repo_root / "models.yaml").read_text())
-    spec["models"] = {"digits": spec["models"]["digits"]}  # the other models' relative paths stay out of it
-    versions = spec["models"]["digits"]["versions"]
-    for version, faults in DRILLS.items():  # 1.0's weights (cached by the build): only the faults differ
-        versions[version] = {**versions["1.0"], "faults": faults}
-    spec_path = repo_root / "build" / "test_rollout_models.yaml"  # beside models.yaml's relative paths' root
-    spec_path.parent.mkdir(exist_ok=True)
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False).replace("samples/golden.json", "../samples/golden.json"))
-    drills = [s for s in load_spec(spec_path) if s.version in DRILLS]
-    build_all(drills, store, repo_root / "build" / "cache")
-    return store
+    return drill_store(tmp_path_factory.mktemp("store"), model_store, repo_root, DRILLS, "test_rollout")
 
 
 @pytest.fixture(scope="module")

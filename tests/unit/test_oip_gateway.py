@@ -1212,10 +1212,12 @@ def test_with_a_router_the_front_sends_inference_to_it_and_to_torchserve_while_i
                                router="127.0.0.1:18090")  # fmt: skip
     upstream = text.split("upstream torchserve {\n", 1)[1].split("}", 1)[0]
     assert upstream == (
-        "        server 127.0.0.1:18090 max_fails=1 fail_timeout=5s;\n"
+        "        server 127.0.0.1:18090 max_fails=3 fail_timeout=5s;\n"
         "        server 127.0.0.1:8080 backup;\n"
         "        keepalive 32;\n    "
     )
+    assert text.count("proxy_next_upstream error non_idempotent;") == 2  # @torchserve and @torchserve_chunked
+    assert "proxy_next_upstream" not in render_front_config(tmp_path, "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
     prefix = tmp_path / "front"
     for sub in TEMP_DIRS:
         (prefix / "tmp" / sub).mkdir(parents=True)

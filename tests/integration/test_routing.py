@@ -1,0 +1,273 @@
+"""One routing plane for every protocol: canary, shadow and rollout for OIP HTTP, KServe v1 and gRPC clients.
+
+A real TorchServe whose OIP address (nginx front + gRPC gateway) sends inference through the real proxy
+(``router``: the proxy's address, as ``make serve`` does with ``servekit proxy``'s default port), and the
+``servekit`` command line changing the one deployment state. Clients are real ``tritonclient`` HTTP and
+gRPC clients and KServe v1 JSON; every answer says which version served it (``model_version``, and
+``X-Model-Version`` on ``/predictions``). The store also holds 4.0, a drill version of 1.0 that sleeps
+200 ms per batch (``faults.delay_ms``): the bad version a rollout must roll back.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from servekit.deploy.rollout import RequestLog
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import drill_store, ok, operator_cli, running_torchserve
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 300
+CANARY_PERCENT = 30
+DRILLS = {"4.0": {"delay_ms": 200}}
+ROLLOUT = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10", "--source", "proxy-log")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, model_store: Path, repo_root: Path) -> Path:
+    return drill_store(tmp_path_factory.mktemp("store"), model_store, repo_root, DRILLS, "test_routing")
+
+
+@pytest.fixture(scope="module")
+def proxy_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, store: Path, proxy_port: int) -> Iterator[TorchServeProcess]:
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), store, router=f"127.0.0.1:{proxy_port}") as ts:
+        yield ts
+
+
+@pytest.fixture(scope="module")
+def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factory, proxy_port: int):
+    run = operator_cli(server, store, repo_root, tmp_path_factory.mktemp("deploy"), proxy_port=proxy_port)
+    ok(run("register", "digits", "2.0"))
+    ok(run("register", "digits", "4.0"))
+    ok(run("proxy", "start"))
+    try:
+        yield run
+    finally:
+        run.proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def digit(samples_dir: Path) -> bytes:
+    return (samples_dir / "digit_3.png").read_bytes()
+
+
+def token(server: TorchServeProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.keys()['inference']}"}
+
+
+def grpc_token(server: TorchServeProcess) -> dict[str, str]:
+    return {"authorization": f"Bearer {server.keys()['inference']}"}
+
+
+def image_input(module, image: bytes):
+    tensor = module.InferInput("image", [1], "BYTES")
+    if module is triton_http:
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
+    else:
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+    return tensor
+
+
+def oip_http_sender(server: TorchServeProcess, image: bytes, version: str = "") -> Callable[[], str]:
+    """One tritonclient.http inference (its own client: one per thread); the version that answered."""
+    local = threading.local()
+
+    def send() -> str:
+        if not hasattr(local, "client"):
+            local.client = triton_http.InferenceServerClient(server.url("oip_http").split("://", 1)[1])
+        result = local.client.infer("digits", [image_input(triton_http, image)], model_version=version,
+                                    headers=token(server))  # fmt: skip
+        assert result.as_numpy("labels")[0][0] in (b"3", "3")
+        return result.get_response()["model_version"]
+
+    return send
+
+
+def oip_grpc_sender(server: TorchServeProcess, image: bytes, version: str = "") -> Callable[[], str]:
+    client = triton_grpc.InferenceServerClient(server.grpc_address)
+
+    def send() -> str:
+        result = client.infer("digits", [image_input(triton_grpc, image)], model_version=version,
+                              headers=grpc_token(server))  # fmt: skip
+        assert result.as_numpy("labels")[0][0] in (b"3", "3")
+        return result.get_response().model_version
+
+    return send
+
+
+def kserve_v1_sender(server: TorchServeProcess, image: bytes) -> Callable[[], str]:
+    url = server.url("oip_http", "/v1/models/digits:predict")
+    body = {"instances": [{"data": base64.b64encode(image).decode()}]}
+
+    def send() -> str:
+        response = requests.post(url, json=body, headers=token(server), timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0][0]["label"] == "3"
+        return response.json()["model_version"]
+
+    return send
+
+
+SENDERS = {
+    "oip-http": lambda server, image: oip_http_sender(server, image),
+    "oip-grpc": lambda server, image: oip_grpc_sender(server, image),
+    "kserve-v1": kserve_v1_sender,
+}
+
+
+def send_many(send: Callable[[], str], count: int, workers: int = 8) -> Counter:
+    with ThreadPoolExecutor(workers) as pool:
+        return Counter(pool.map(lambda _: send(), range(count)))
+
+
+def inference_count(server: TorchServeProcess, version: str) -> float:
+    metrics = requests.get(server.url("metrics", "/metrics"), timeout=10).text
+    pattern = rf'^ts_inference_requests_total\{{model_name="digits",model_version="{version}",[^}}]*\}} (\S+)$'
+    match = re.search(pattern, metrics, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+# ------------------------------------------------------------------------------------------ canary
+@pytest.mark.parametrize("protocol", list(SENDERS))
+def test_a_thirty_percent_canary_answers_a_share_of_every_protocol(cli, server, digit: bytes, protocol: str) -> None:
+    log = RequestLog(cli.proxy.request_log)
+    log.start()
+    ok(cli("canary", "digits", "2.0", "--percent", str(CANARY_PERCENT)))
+    try:
+        started = time.time()
+        counts = send_many(SENDERS[protocol](server, digit), REQUESTS)
+    finally:
+        ok(cli("canary", "digits", "2.0", "--percent", "0"))
+    print(f"{protocol}: {dict(counts)} of {REQUESTS} at a {CANARY_PERCENT} % canary")  # the report's figures
+    assert sum(counts.values()) == REQUESTS
+    assert set(counts) == {"1.0", "2.0"}, counts
+    assert 0.2 * REQUESTS <= counts["2.0"] <= 0.4 * REQUESTS, counts
+    # The proxy logged every one of them, split as the clients saw it (X-Model-Version: the version that answered).
+    path = "/v1/models/digits:predict" if protocol == "kserve-v1" else "/v2/models/digits/infer"
+    records = [r for r in log.records(started - 1, time.time() + 60) if r.uri == path]
+    assert len(records) == REQUESTS
+    assert Counter(r.served for r in records) == counts
+    assert all(r.served == (r.target[1:] or "1.0") for r in records)
+
+
+def test_explicit_versions_still_pin_and_predictions_name_the_version_in_a_header(cli, server, digit) -> None:
+    ok(cli("canary", "digits", "2.0", "--percent", "50"))
+    try:
+        assert send_many(oip_http_sender(server, digit, "1.0"), 20) == Counter({"1.0": 20})
+        assert send_many(oip_grpc_sender(server, digit, "1.0"), 20) == Counter({"1.0": 20})
+        assert send_many(oip_grpc_sender(server, digit, "4.0"), 4) == Counter({"4.0": 4})
+        headers = {**token(server), "Content-Type": "application/octet-stream"}
+        for path, pinned in (("/predictions/digits/1.0", True), ("/predictions/digits", False)):
+            seen = set()
+            for _ in range(20):
+                response = requests.post(cli.proxy.url(path), data=digit, headers=headers, timeout=60)
+                assert response.status_code == 200, response.text
+                assert response.headers["X-Model-Version"] == response.json()["version"]
+                seen.add(response.headers["X-Model-Version"])
+            assert seen == ({"1.0"} if pinned else {"1.0", "2.0"}), (path, seen)
+    finally:
+        ok(cli("canary", "digits", "2.0", "--percent", "0"))
+
+
+# ------------------------------------------------------------------------------------------ shadow
+def test_a_shadow_gets_a_copy_of_oip_traffic_and_clients_see_only_the_default(cli, server, digit: bytes) -> None:
+    before = inference_count(server, "2.0")
+    ok(cli("shadow", "digits", "2.0"))
+    try:
+        counts = Counter()
+        for send in SENDERS.values():
+            counts += send_many(send(server, digit), 30)
+        deadline = time.monotonic() + 20
+        while inference_count(server, "2.0") - before < 90 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        ok(cli("shadow", "digits", "2.0", "--off"))
+    assert counts == Counter({"1.0": 90})
+    assert inference_count(server, "2.0") - before == 90
+
+
+# ------------------------------------------------------------------------------------------ rollout
+class GrpcTraffic:
+    """About 20 tritonclient gRPC inferences a second from one thread, every answer kept; stops on leaving."""
+
+    def __init__(self, server: TorchServeProcess, image: bytes) -> None:
+        self.client = triton_grpc.InferenceServerClient(server.grpc_address)
+        self.inputs, self.headers = [image_input(triton_grpc, image)], grpc_token(server)
+        self.versions: Counter = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, daemon=True)
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.versions[
+                    self.client.infer("digits", self.inputs, headers=self.headers).get_response().model_version
+                ] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure a client would see is counted
+                self.failures.append(repr(exc))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> GrpcTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def step_events(result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines() if '"rollout-step"' in line]
+
+
+def test_rollout_judges_grpc_traffic_rolls_back_a_slow_version_and_promotes_a_good_one(cli, server, digit) -> None:
+    log = RequestLog(cli.proxy.request_log)
+    log.start()
+    started = time.time()
+    with GrpcTraffic(server, digit) as traffic:
+        bad = cli("rollout", "digits", "4.0", *ROLLOUT, "--json")
+        print(bad.stdout + bad.stderr)
+        assert bad.returncode == 1, bad.stdout
+        assert "rollout of digits 4.0 aborted at 25%: step 1 (25%): p99 ratio" in bad.stderr, bad.stderr
+        assert cli.proxy.state()["routes"] == {}
+        good = cli("rollout", "digits", "2.0", *ROLLOUT, "--json")
+        print(good.stdout + good.stderr)
+        assert good.returncode == 0, good.stderr
+    print(f"gRPC clients: {dict(traffic.versions)}, {len(traffic.failures)} failed")  # the report's figures
+    assert traffic.failures == []
+    states = json.loads(ok(cli("status", "--json")))
+    assert next(s["version"] for s in states if s["model"] == "digits" and s["default"]) == "2.0"
+    assert cli.proxy.state()["routes"] == {}
+    aborted = step_events(bad)
+    assert [e["verdict"] for e in aborted] == ["abort"]
+    assert aborted[0]["canary"]["requests"] >= 10
+    assert aborted[0]["canary"]["p99_ms"] >= 200
+    promoted = step_events(good)
+    assert [(e["percent"], e["verdict"]) for e in promoted] == [(25, "advance"), (100, "promote")]
+    assert all(e["canary"]["requests"] >= 10 and e["canary"]["errors"] == 0 for e in promoted)
+    # What was judged is gRPC traffic: every request of the model the proxy logged came through the gateway.
+    records = log.records(started - 1, time.time() + 60)
+    routed = {"/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"}
+    assert {r.uri for r in records if r.uri in routed} == {"/v2/models/digits/infer"}
+    assert {"1.0", "2.0", "4.0"} <= set(traffic.versions)  # the slow canary, then the good one, then promoted
