@@ -1,18 +1,27 @@
 """A real nginx in front of TorchServe for canary and shadow traffic, configured from the deployment state.
 
-``render_config`` is a pure function of the deployment state (``servekit.deploy.state``): where the
-proxy listens, what it forwards to, and each model's canary and shadow:
+The proxy is the one routing plane of every protocol. ``render_config`` is a pure function of the
+deployment state (``servekit.deploy.state``): where the proxy listens, what it forwards to, and each
+model's canary and shadow, applied alike to each inference path of the model (``ROUTED_PATHS``):
+``/predictions/NAME``, OIP ``/v2/models/NAME/infer`` and KServe v1 ``/v1/models/NAME:predict``. The
+OIP front sends its inference through the proxy, and the gRPC gateway through the front
+(``servekit.serving.oip_service``, ``router``), so OIP HTTP, KServe v1 and gRPC clients obey it too:
 
-* canary: ``split_clients`` on ``$request_id`` sends P % of ``/predictions/NAME`` to
-  ``/predictions/NAME/CANARY`` and the rest to ``/predictions/NAME`` (TorchServe's default
-  version, so a later ``set-default`` needs no proxy change);
+* canary: ``split_clients`` on ``$request_id`` sends P % of each path to ``/predictions/NAME/CANARY``
+  (the handler tells the protocols apart by the body, on any route) and the rest keeps its path
+  (TorchServe's default version, so a later ``set-default`` needs no proxy change);
 * shadow: ``mirror`` sends a copy of every request to ``/predictions/NAME/SHADOW``; its answers are
-  discarded, clients only ever see the served version's.
+  discarded, clients only ever see the served version's;
+* explicit versions (``/predictions/NAME/V``, ``/v2/models/NAME/versions/V/infer``) pass untouched.
+
+Every answer of a servekit handler names the version that served it (``X-Model-Version``, and
+``model_version`` / ``version`` in the body).
 
 Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` under the prefix
 (``log_format ... escape=json``): ``msec`` (epoch seconds), ``uri``, ``status``,
-``request_time`` (seconds) and ``target``, the version the split sent it to (``"/2.0"``; empty: the
-default). ``servekit.deploy.rollout`` reads it to compare a canary with the default.
+``request_time`` (seconds), ``target``, the version the split sent it to (``"/2.0"``; empty: the
+default) and ``served``, the version that answered (its ``X-Model-Version``). ``servekit.deploy.rollout``
+reads it to compare a canary with the default, every protocol together.
 
 ``NginxProxy.apply`` installs the rendering of a changed state (checked with ``nginx -t`` first: a
 configuration that fails the check is never installed), then the state, then reloads nginx; both

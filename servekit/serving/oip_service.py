@@ -5,6 +5,9 @@
 * ``POST /v2/models/NAME/infer`` and ``POST /v1/models/NAME:predict`` pass straight to TorchServe
   (nginx in C, so the protocol costs no Python hop on the data path), and so do their explanation
   forms ``POST /v2/models/NAME/explain`` and ``POST /v1/models/NAME:explain`` (``handlers.explain``);
+  with a ``router`` (the canary/shadow proxy's address, ``servekit.deploy.proxy``) they go through it,
+  so the deployment state's canary and shadow apply, and to TorchServe directly while it is stopped;
+  the gateway sends gRPC inference to this front, so gRPC takes the same route;
 * ``POST /v2/models/NAME/versions/V/infer`` goes to ``/predictions/NAME/V`` (TorchServe answers
   501 on its own versioned route; the handler reads the OIP body on any route);
 * TorchServe's own 404 and 503 answers (no such model, queue full), which are not OIP-shaped, are
