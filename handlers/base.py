@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from handlers import explain
+from handlers import explain, tracing
 from handlers.config import RuntimeConfig
 from handlers.cpu_budget import CpuBudget
 from handlers.errors import (
@@ -140,6 +140,8 @@ class BatchHandler:
         self.max_response = response_limit()
         self._reference: tuple[Any, str] | None = None  # explanations' FP32 program, loaded at the first one
         self._explain_budget: explain.ShareBudget | None = None
+        self.tracer: tracing.Tracer | None = None  # SERVEKIT_OTLP_ENDPOINT set: spans per request (handlers.tracing)
+        self._batch_clock: tuple[float, float, float] | None = None  # the last model call: start, inferred, done
 
     # ----------------------------------------------------------------- lifecycle
     def initialize(self, context: Any) -> None:
@@ -163,6 +165,7 @@ class BatchHandler:
         loaded = time.perf_counter()
         self.warm_up()
         self.metrics = handler_metrics(self.model_name, self.model_version)
+        self.tracer = tracing.tracer_from_env(self.model_name, self.model_version)
         log_config = getattr(self.settings, "prediction_log", None)
         if log_config is not None and log_config.sample_rate > 0:
             self.prediction_log = PredictionLog(log_config, self.model_name, self.model_version)
@@ -248,14 +251,20 @@ class BatchHandler:
         outcomes: list[tuple[int, str | None, float]] = [(200, None, 0.0)] * len(data)
         calls: list[tuple[int, Any, list[Any]]] = []
         explanations = [i for i in range(len(data)) if explain.explanation_requested(context, i)]
+        offset = tracing.clock_offset()
+        clocks: dict[int, tuple[dict[str, str], float | None, float, float | None, float | None]] = {}
+        self._batch_clock = None
         for idx, request in enumerate(data):
             if idx in explanations:
                 continue  # answered after the batch's predictions (_explain_request)
             self._nested: dict[str, float] = {}
             started = time.perf_counter()
             decoded = prepared = None
+            headers = request_headers(context, idx)
+            waited = tracing.queue_seconds(headers, began + offset)
+            if waited is not None and self.initialized:
+                metrics.queue(waited)
             try:
-                headers = request_headers(context, idx)
                 call = self.decode(as_torchserve_decodes(request, headers), headers)
                 decoded = time.perf_counter()
                 if getattr(call, "request_id", "") is None:  # the protocol has an id and the client sent none
@@ -271,12 +280,39 @@ class BatchHandler:
             metrics.stage("decode", (decoded or time.perf_counter()) - started + nested)
             if prepared is not None:
                 metrics.stage("preprocess", max(0.0, prepared - decoded - nested))
+            if self.tracer is not None:
+                clocks[idx] = (headers, waited, started, decoded, prepared)
         if calls:
             self._answer(calls, context, responses, outcomes)
         for idx in explanations:
             self._explain_request(idx, data[idx], context, responses, outcomes)
         self._account(data, context, responses, outcomes, began)
+        if self.tracer is not None and self.initialized:
+            self._trace(clocks, outcomes, began, offset)
         return responses
+
+    def _trace(self, clocks: dict, outcomes: list, began: float, offset: float) -> None:
+        """Each request's spans (``handlers.tracing``), from the timestamps taken above; never fails a request."""
+
+        def ns(perf: float) -> int:
+            return tracing.epoch_ns(perf, offset)
+
+        try:
+            for idx, (headers, waited, started, decoded, prepared) in clocks.items():
+                code, _, finished = outcomes[idx]
+                stages = []
+                if waited is not None:
+                    stages.append(("queue", ns(began - waited), ns(began)))
+                stages.append(("decode", ns(started), ns(decoded if decoded is not None else finished)))
+                if prepared is not None:
+                    stages.append(("preprocess", ns(decoded), ns(prepared)))
+                    if self._batch_clock is not None:
+                        run_start, inferred, done = self._batch_clock
+                        stages += [("inference", ns(run_start), ns(inferred)), ("postprocess", ns(inferred), ns(done))]
+                self.tracer.request(tracing.traceparent(headers), ns(began - (waited or 0.0)), ns(finished), stages,
+                                    **{"http.status_code": code})  # fmt: skip
+        except Exception:  # noqa: BLE001 - tracing is an observer: a failure here costs a log line, not an answer
+            logger.warning("tracing failed", exc_info=True)
 
     def _answer(self, calls: list, context: Any, responses: list, outcomes: list) -> None:
         """Run the surviving requests' inputs as one batch and encode each request's reply."""
@@ -442,8 +478,11 @@ class BatchHandler:
             outputs = self.inference(chunk)
             inferred = time.perf_counter()
             results.extend(self.postprocess(outputs, chunk))
+            done = time.perf_counter()
             metrics.stage("inference", inferred - started)
-            metrics.stage("postprocess", time.perf_counter() - inferred)
+            metrics.stage("postprocess", done - inferred)
+            first = self._batch_clock[0] if self._batch_clock is not None else started
+            self._batch_clock = (first, inferred, done)  # several chunks: from the first call to the last
         if faults is not None and faults.error_rate:
             for i in range(len(results)):
                 if faults.fails(self.inputs_seen):

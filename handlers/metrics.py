@@ -84,6 +84,9 @@ class _Families:
         self.stage_seconds = Histogram("servekit_stage_seconds", "Time per stage (decode and preprocess per "
                                        "request; inference and postprocess per model call)",
                                        (*common, "stage"), buckets=SECONDS_BUCKETS)  # fmt: skip
+        self.queue_seconds = Histogram("servekit_queue_seconds", "Time from the nearest nginx to the batch's start "
+                                       "in the worker (frontend, queue, batch delay)", common,
+                                       buckets=SECONDS_BUCKETS)  # fmt: skip
         self.batch_inputs = Histogram("servekit_batch_inputs", "Model inputs in one server-side batch",
                                       common, buckets=BATCH_BUCKETS)  # fmt: skip
         self.predictions = Counter("servekit_predictions", "Top-1 class of every answered input",
@@ -114,6 +117,7 @@ class HandlerMetrics:
         self._request_seconds = families.request_seconds.labels(*labels)
         self._stages = {stage: families.stage_seconds.labels(*labels, stage) for stage in STAGES}
         self._batch = families.batch_inputs.labels(*labels)
+        self._queue = families.queue_seconds.labels(*labels)
         self._confidence = families.confidence.labels(*labels)
         self._brightness = families.brightness.labels(*labels)
         self._megapixels = families.megapixels.labels(*labels)
@@ -142,6 +146,9 @@ class HandlerMetrics:
     def batch(self, inputs: int) -> None:
         self._batch.observe(inputs)
 
+    def queue(self, seconds: float) -> None:
+        self._queue.observe(seconds)
+
     def prediction(self, label: str, confidence: float) -> None:
         child = self._classes.get(label)
         if child is None:
@@ -166,6 +173,9 @@ class NullMetrics:
         pass
 
     def batch(self, inputs: int) -> None:
+        pass
+
+    def queue(self, seconds: float) -> None:
         pass
 
     def prediction(self, label: str, confidence: float) -> None:

@@ -134,6 +134,7 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
                 "            internal;\n"
                 f"            proxy_pass http://torchserve/predictions/{name}/{model.shadow};\n"
                 "            proxy_set_header Content-Type $http_content_type;\n"
+                '            proxy_set_header X-Request-Start "t=${msec}";\n'
                 "        }\n"
             )
         if split is not None or model.shadow is not None:
@@ -150,6 +151,7 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
 {LOG_FORMAT}{"".join(splits)}    server {{
         listen {state.listen};
         set $servekit_target "";
+        proxy_set_header X-Request-Start "t=${{msec}}";  # when the request left here: the worker's queue wait
         access_log {prefix / REQUEST_LOG} servekit_json;
         proxy_http_version 1.1;
         proxy_set_header Connection "";

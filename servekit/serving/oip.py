@@ -48,6 +48,7 @@ What a caller cannot do through it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import logging
@@ -73,6 +74,7 @@ from servekit.errors import ServekitError, one_line
 from servekit.serving import exporter
 from servekit.serving.client import TorchServeClient, TorchServeError
 from servekit.serving.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name, version_key
+from servekit.serving.tracing import TRACEPARENT, GatewayTracer, gateway_tracer, valid_traceparent
 
 logger = logging.getLogger(__name__)
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -136,6 +138,7 @@ class Gateway:
     tokens: bool = True  # False: TorchServe runs without token authorization, so neither does the gateway
     metrics_dir: Path | None = None  # the workers' PROMETHEUS_MULTIPROC_DIR (servekit.serving.exporter)
     view_ttl: float = 1.0  # seconds a reading of TorchServe's view serves readiness and /metrics (0: every call)
+    tracer: GatewayTracer | None = None  # --otlp-endpoint: a span per gRPC inference (servekit.serving.tracing)
     router_url: str | None = None  # where inference goes (the OIP front: the routing plane's canary and shadow
     # apply); None: TorchServe's inference address itself
     _metadata: dict[tuple[str, float], dict] = field(default_factory=dict, repr=False)
@@ -533,7 +536,16 @@ def grpc_server(gateway: Gateway, listen: str, workers: int = 8):
             metadata = dict(context.invocation_metadata())
             if given := metadata.get("authorization", "").strip():
                 headers["Authorization"] = given if given.lower().startswith("bearer ") else f"Bearer {given}"
-            response = gateway.infer(request.model_name, request.model_version or None, body, headers)
+            parent = valid_traceparent(metadata.get(TRACEPARENT))
+            traced = (
+                gateway.tracer.span("gateway ModelInfer", parent, **{"servekit.model": request.model_name})
+                if gateway.tracer is not None
+                else contextlib.nullcontext(parent)
+            )
+            with traced as sent:  # the trace context goes on to the front, the proxy, TorchServe and the worker
+                if sent is not None:
+                    headers["traceparent"] = sent
+                response = gateway.infer(request.model_name, request.model_version or None, body, headers)
             if response.status_code != 200:
                 raise OipError(response.status_code, error_text(response))
             return http_response_to_grpc(response, service_pb2)
@@ -648,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--management", required=True)
     parser.add_argument("--key-file", help="TorchServe's key_file.json; omit when token authorization is off")
     parser.add_argument("--model-store", required=True)
+    parser.add_argument("--otlp-endpoint", help="OTLP/HTTP traces URL for the gateway's spans (default: no tracing)")
     parser.add_argument("--router", help="URL gRPC inference is sent to (the OIP front); default: --inference")
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
@@ -664,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     draining = Path(args.prefix).parent / "draining" if args.prefix else None
     gateway = Gateway(client, Path(args.model_store), draining_file=draining, tokens=key_file is not None,
                       metrics_dir=Path(args.metrics_dir) if args.metrics_dir else None,
-                      router_url=args.router)  # fmt: skip
+                      router_url=args.router, tracer=gateway_tracer(args.otlp_endpoint))  # fmt: skip
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()

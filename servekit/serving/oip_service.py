@@ -46,6 +46,7 @@ from pathlib import Path
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 from servekit.serving.processes import free_port, owned_pid, signal_if_matches
 from servekit.serving.store import NAME_PATTERN, VERSION_PATTERN
+from servekit.serving.tracing import TRACE_CONTEXT_MAPS, TRACE_HEADERS
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
@@ -206,7 +207,7 @@ def render_front_config(
     # An inference location hands over to @torchserve through error_page; TorchServe's 404/503 there go
     # through error_page again.
     recursive_error_pages on;
-    upstream torchserve {{
+{TRACE_CONTEXT_MAPS}    upstream torchserve {{
 {_upstream_servers(torchserve, router)}        keepalive 32;
     }}
     upstream gateway {{
@@ -218,7 +219,7 @@ def render_front_config(
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_read_timeout 120s;
-        default_type application/json;
+{TRACE_HEADERS}        default_type application/json;
         if ($servekit_http09) {{
             return 444;  # an HTTP/0.9 answer has no status line and no headers: close without one
         }}
@@ -393,6 +394,7 @@ class OipService:
     metrics_port: int | None = None  # also a listener on host:port with GET /metrics only (a pod's scrape port)
     health_port: int | None = None  # also a front listener on host:port with GET /v2/health/live|ready only (probes)
     max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size: the front refuses larger bodies itself
+    otlp_endpoint: str | None = None  # the gateway's spans go there (OTLP/HTTP); None: tracing off
     router: str | None = None  # host:port of the routing plane (servekit proxy): OIP HTTP and gRPC inference go
     # through it when it runs, so its canary and shadow apply to them (None: straight to TorchServe)
 
@@ -453,6 +455,8 @@ class OipService:
             command += ["--key-file", str(self.key_file)]
         if self.metrics_dir is not None:
             command += ["--metrics-dir", str(self.metrics_dir)]
+        if self.otlp_endpoint:
+            command += ["--otlp-endpoint", self.otlp_endpoint]
         if self.metrics_port is not None:
             command += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
         # The gateway writes its own log, rotated by size (gateway.log); its standard output and error go to

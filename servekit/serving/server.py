@@ -51,6 +51,8 @@ from servekit.serving.oip_service import (
 )
 from servekit.serving.processes import free_port, group_alive, owned_pid, read_pid
 from servekit.serving.store import verify_store
+from servekit.serving.tracing import CONFIG_KEY as OTLP_CONFIG_KEY
+from servekit.serving.tracing import WORKER_ENV as OTLP_WORKER_ENV
 from servekit.serving.worker_guard import ENV_ROOT, ensure_installed
 
 __all__ = ["ServerError", "TorchServeProcess", "free_port", "read_properties"]
@@ -152,6 +154,7 @@ class TorchServeProcess:
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
     env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
     router: str | None = None  # host:port of the routing plane (servekit proxy) OIP inference goes through
+    otlp_endpoint: str | None = None  # traces (OTLP/HTTP URL); default: config.properties' servekit_otlp_endpoint
     process: subprocess.Popen | None = None
     snapshot_differences: list[str] = field(default_factory=list)
 
@@ -180,6 +183,9 @@ class TorchServeProcess:
             else:
                 self.props.pop("load_models", None)
         self.props.update(self.overrides)
+        # Ours, not TorchServe's: the collector for the gateway's and the workers' spans (off when absent).
+        configured = self.props.pop(OTLP_CONFIG_KEY, "").strip()
+        self.otlp_endpoint = self.otlp_endpoint or configured or None
         self.guard = ManagementGuard(
             self.workdir / "guard", f"127.0.0.1:{self.ports['management']}", self.management_socket
         )
@@ -190,6 +196,7 @@ class TorchServeProcess:
             metrics_dir=self.metrics_dir, metrics_port=self.oip_ports.get("servekit_metrics"),
             health_port=self.oip_ports.get("oip_health"),
             max_body=int(self.props.get("max_request_size") or DEFAULT_MAX_BODY), router=self.router,
+            otlp_endpoint=self.otlp_endpoint,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ addresses and keys
@@ -316,6 +323,8 @@ class TorchServeProcess:
             "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
             # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
             "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
+            # The workers' spans (handlers.tracing); empty: tracing off.
+            OTLP_WORKER_ENV: self.otlp_endpoint or "",
             **self.env,
         }
         clear_metrics(self.metrics_dir)

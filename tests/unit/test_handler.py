@@ -196,6 +196,8 @@ def test_a_batch_with_bad_requests_fails_only_those(handler: ImageClassifier, co
         assert "\n" not in phrase
         assert phrase == " ".join(responses[idx]["error"].split())[:200]
     assert context.content_types == dict.fromkeys(range(5), "application/json")
+    # Every answer, failed or not, names the version that served it (the routing plane's canary is visible).
+    assert context.response_headers == {i: {"X-Model-Version": handler.model_version} for i in range(5)}
 
 
 def test_model_failure_gives_every_request_of_the_batch_a_500(
