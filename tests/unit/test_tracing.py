@@ -1,0 +1,87 @@
+"""Traces and the queue wait: header parsing, spans sent with OTLP to a real (test) receiver, and tracing off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from handlers import tracing
+from servekit.serving.tracing import TRACE_CONTEXT_MAPS, GatewayTracer, gateway_tracer, valid_traceparent
+from tests.otlp_receiver import otlp_receiver
+
+pytestmark = pytest.mark.unit
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_the_queue_wait_is_from_the_nearest_nginx_to_the_batch() -> None:
+    assert tracing.queue_seconds({"x-request-start": "t=1700000000.250"}, 1700000000.300) == pytest.approx(0.05)
+    assert tracing.queue_seconds({"x-request-start": "t=1700000001.000"}, 1700000000.0) == 0.0  # clocks: never < 0
+    for bad in ("", "1700000000.25", "t=abc", "t=1700000000.25; x", "t=17"):
+        assert tracing.queue_seconds({"x-request-start": bad}, 1700000000.3) is None, bad
+    assert tracing.queue_seconds({}, 1700000000.3) is None
+    assert tracing.queue_seconds({"x-request-start": "t=1600000000"}, 1700000000.0) is None  # older than an hour
+
+
+def test_only_a_well_formed_traceparent_is_taken() -> None:
+    assert tracing.traceparent({"traceparent": PARENT}) == PARENT
+    assert tracing.traceparent({"traceparent": PARENT.upper()}) == PARENT
+    for bad in ("", "01-" + PARENT[3:], PARENT[:-1], "00-" + "0" * 32 + PARENT[35:], PARENT + "-x"):
+        assert tracing.traceparent({"traceparent": bad}) is None, bad
+    assert valid_traceparent(PARENT) == PARENT
+    assert valid_traceparent("nonsense") is None
+
+
+def test_tracing_off_imports_nothing_of_opentelemetry() -> None:
+    code = (
+        "import sys; from handlers import tracing; import handlers.base; import servekit.serving.oip\n"
+        "assert tracing.tracer_from_env('m', '1.0', {}) is None\n"
+        "from servekit.serving.tracing import gateway_tracer; assert gateway_tracer(None) is None\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_worker_spans_are_children_of_the_callers_span_and_reach_the_collector() -> None:
+    with otlp_receiver() as receiver:
+        tracer = tracing.tracer_from_env("digits", "2.0", {tracing.ENDPOINT_ENV: receiver.url})
+        base = 1_700_000_000 * 10**9
+        stages = [("queue", base, base + 10), ("decode", base + 10, base + 20), ("inference", base + 20, base + 40)]
+        trace_id = tracer.request(PARENT, base, base + 50, stages, **{"http.status_code": 200})
+        tracer.shutdown()  # flushes
+        spans = receiver.wait_for(lambda spans: len(spans) == 4)
+    assert trace_id == PARENT[3:35]
+    worker = next(s for s in spans if s.name == "worker")
+    assert (worker.trace_id, worker.parent_id, worker.service) == (trace_id, PARENT[36:52], "servekit-worker")
+    assert worker.attributes["servekit.version"] == "2.0"
+    children = {s.name: s for s in spans if s.name != "worker"}
+    assert set(children) == {"queue", "decode", "inference"}
+    assert all(s.trace_id == trace_id and s.parent_id == worker.span_id for s in children.values())
+    assert (children["queue"].start_ns, children["inference"].end_ns) == (base, base + 40)
+
+
+def test_the_gateway_span_continues_the_callers_trace_and_sends_its_own_context_on() -> None:
+    with otlp_receiver() as receiver:
+        tracer = gateway_tracer(receiver.url)
+        assert isinstance(tracer, GatewayTracer)
+        with tracer.span("gateway ModelInfer", PARENT, **{"servekit.model": "digits"}) as sent:
+            pass
+        fresh = tracer.span("gateway ModelInfer", None)
+        with fresh as started:
+            pass
+        tracer.shutdown()
+        spans = receiver.wait_for(lambda spans: len(spans) == 2)
+    mine = next(s for s in spans if s.trace_id == PARENT[3:35])
+    assert mine.parent_id == PARENT[36:52]
+    assert sent == f"00-{PARENT[3:35]}-{mine.span_id}-01"  # the next hop's parent is the gateway's span
+    assert valid_traceparent(started) is not None
+    assert started[3:35] != PARENT[3:35]  # no traceparent: a new trace
+
+
+def test_nginx_starts_a_trace_for_a_request_without_one_from_its_request_id() -> None:
+    assert '"" "00-${request_id}-${servekit_span_id}-01";' in TRACE_CONTEXT_MAPS
+    assert "default $http_traceparent;" in TRACE_CONTEXT_MAPS
