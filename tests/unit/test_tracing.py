@@ -85,3 +85,14 @@ def test_the_gateway_span_continues_the_callers_trace_and_sends_its_own_context_
 def test_nginx_starts_a_trace_for_a_request_without_one_from_its_request_id() -> None:
     assert '"" "00-${request_id}-${servekit_span_id}-01";' in TRACE_CONTEXT_MAPS
     assert "default $http_traceparent;" in TRACE_CONTEXT_MAPS
+
+
+def test_the_collector_address_comes_from_the_configuration_and_is_off_by_default(tmp_path) -> None:
+    from servekit.serving.server import TorchServeProcess
+
+    off = TorchServeProcess(tmp_path / "a", tmp_path)
+    assert (off.otlp_endpoint, off.oip_service.otlp_endpoint) == (None, None)
+    url = "http://127.0.0.1:4318/v1/traces"
+    on = TorchServeProcess(tmp_path / "b", tmp_path, overrides={"servekit_otlp_endpoint": url})
+    assert (on.otlp_endpoint, on.oip_service.otlp_endpoint) == (url, url)
+    assert "servekit_otlp_endpoint" not in on.props  # ours, not written into TorchServe's configuration
