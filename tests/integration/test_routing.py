@@ -271,3 +271,26 @@ def test_rollout_judges_grpc_traffic_rolls_back_a_slow_version_and_promotes_a_go
     routed = {"/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"}
     assert {r.uri for r in records if r.uri in routed} == {"/v2/models/digits/infer"}
     assert {"1.0", "2.0", "4.0"} <= set(traffic.versions)  # the slow canary, then the good one, then promoted
+
+
+def test_with_the_proxy_stopped_oip_and_grpc_go_straight_to_the_default(cli, server, digit: bytes) -> None:
+    default = next(
+        s["version"] for s in json.loads(ok(cli("status", "--json"))) if s["model"] == "digits" and s["default"]
+    )
+    ok(cli("canary", "digits", "4.0", "--percent", "100"))  # would send everything to 4.0 through the proxy
+    cli.proxy.stop()
+    try:
+        for protocol, send in SENDERS.items():
+            assert send_many(send(server, digit), 20, workers=4) == Counter({default: 20}), protocol
+    finally:
+        ok(cli("proxy", "start"))
+        ok(cli("canary", "digits", "4.0", "--percent", "0"))
+    # Back in the path as soon as it listens again (the front retries it after at most ROUTER_RETRY, 5 s).
+    ok(cli("canary", "digits", "4.0", "--percent", "100"))
+    try:
+        deadline = time.monotonic() + 15
+        while send_many(oip_grpc_sender(server, digit), 1) != Counter({"4.0": 1}):
+            assert time.monotonic() < deadline, "the front did not go back to the proxy"
+            time.sleep(0.5)
+    finally:
+        ok(cli("canary", "digits", "4.0", "--percent", "0"))
