@@ -231,6 +231,8 @@ class BatchHandler:
         """
         began = time.perf_counter()
         try:
+            if self.cpu is not None:
+                self.cpu.hold_own()  # this worker's own CPUs, from decoding to the end of the inference
             return self._handle(data, context, began)
         finally:
             if self.cpu is not None:
@@ -282,8 +284,8 @@ class BatchHandler:
             if stats:
                 metrics.input(**stats)
         try:
-            # This batch's CPUs (handlers.cpu_budget), claimed after decoding so that a worker waiting
-            # for a CPU it lent has decoded its own batch meanwhile, and given back right after.
+            # This batch's CPUs (handlers.cpu_budget): its own (held since the batch began) and, for a
+            # lone request, every idle one; all given back as soon as the inference ends.
             self.resize_threads(requests=len(calls))
             try:
                 results = self.run(items)

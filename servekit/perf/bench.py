@@ -611,6 +611,7 @@ def serve_all(
     detector: tuple[list, Path, str, int] | None = None,
     camera: Path | None = None,
     small: Target | None = None,
+    overheads: bool = True,
 ) -> tuple[dict, dict | None, list[dict], list[dict], dict | None, dict | None]:
     """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
     then the handler metrics on and off (``servekit.perf.overhead``) for the INT8 ResNet-18 and, with
@@ -646,6 +647,8 @@ def serve_all(
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
     finally:
         server.stop()
+    if not overheads:
+        return served, oip, layouts, [], tabular_result, detector_result
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
     overheads = [metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)]
     if small is not None:
@@ -1017,6 +1020,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
     parser.add_argument("--spec", default=str(SPEC_TEMPLATE), help="bench spec (ResNet-18 fp32 1.0 and int8 2.0)")
+    parser.add_argument(
+        "--only-served",
+        action="store_true",
+        help="only the ResNet-18 rows (in-process, served, lone request, OIP, worker sweep): no photos, tabular, "
+        "detector, metrics overhead or explanations; written as served.{json,md,png}",
+    )
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
@@ -1079,17 +1088,22 @@ def main(argv: list[str] | None = None) -> int:
     tabular = (tabular_specs, WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json",
                concurrencies if args.quick else list(TABULAR_CONCURRENCY))  # fmt: skip
     detector = (detector_specs, WORKDIR / "detector_page.png", page_digits, DETECTOR_CONCURRENCY)
+    small_target = Target(SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION))
+    if args.only_served:
+        tabular = detector = camera = small_target = None
     try:
         served, oip, layouts, overheads, tabular_result, detector_result = serve_all(
-            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector, camera,
-            Target(SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION)),
+            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector, camera, small_target,
+            overheads=not args.only_served,
         )  # fmt: skip
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
 
     small = (SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION), SMALL_BODY)
-    explained = explain_load.measure(WORKDIR, store, *small, args.seconds, args.quick, run_hey, log)
+    explained = None if args.only_served else explain_load.measure(
+        WORKDIR, store, *small, args.seconds, args.quick, run_hey, log
+    )  # fmt: skip
 
     log("step 4/4: report")
     counter_us = counter_cost_us(2000 if args.quick else 20000)
@@ -1108,7 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
         "served": served,
         "oip": oip,
         "sweep": layouts,
-        "metrics_overhead": overheads[0],
+        "metrics_overhead": overheads[0] if overheads else None,
         "metrics_overhead_small": overheads[1] if len(overheads) > 1 else None,
         "tabular": tabular_result,
         "detector": detector_result,
@@ -1120,8 +1134,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     compute_ratios_and_bars(result, max(concurrencies))
-    result["bars"].update(explained["bar"])
-    stem = "quick" if args.quick else "latest"
+    if explained is not None:
+        result["bars"].update(explained["bar"])
+    stem = "quick" if args.quick else "served" if args.only_served else "latest"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / f"{stem}.md")
     write_plot(result, out / f"{stem}_latency_vs_throughput.png")
