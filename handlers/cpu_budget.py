@@ -16,23 +16,23 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
   lowest pids, at least one thread each;
 * a worker is alive while ``/proc/<pid>`` exists with the start time it registered with: a worker
   killed with SIGKILL never unregisters, and its file is ignored (and removed) by the others;
-* the budget is work-conserving, and its CPUs are tokens that two workers cannot both hold: the
-  flexible CPUs are numbered, one lock file each (``cpu-<i>.lock`` beside the entries), and each
-  flexible worker owns a fair range of them (its share, in pid order). When a batch begins the
-  worker takes its own tokens (``flock``; it waits only while another worker still runs a lone
-  request on one it lent) and, when the batch is a lone request (``LEND_MAX_REQUESTS``), also every
-  token no one holds, without waiting; it runs with as many torch threads as it holds tokens and
-  gives them all back when the batch ends. An idle worker holds nothing, so a lone request computes
-  on every core of the budget, and two busy workers can never both take the same CPU: under load
-  (batches of several requests) nobody borrows and the split is the fair one. A worker killed in a
-  batch holds nothing either (the kernel drops a dead process's locks). Workers beyond the number of
-  CPUs (more workers than cores) own no token and run one thread, as without lending.
-  ``SERVEKIT_CPU_LEND=0`` turns lending off (each worker keeps its fair share; no tokens are taken).
+* the budget is work-conserving, through tokens that two workers cannot both hold: one lock file
+  per flexible CPU (``cpu-<i>.lock`` beside the entries; at least one per unpinned worker when
+  workers outnumber CPUs), each flexible worker owning a fair range of them (its share, in pid
+  order). A worker takes its own tokens (``flock``) when its batch begins and holds them until its
+  inference ends; it waits only while a lone request elsewhere still runs on them. Right before the
+  inference of a lone request (``LEND_MAX_REQUESTS``), it also tries every other token without
+  waiting, all or none: only when every other worker is idle does it borrow, and then it runs with
+  the whole flexible budget's threads. Under load some other worker is always in a batch, so nobody
+  borrows and the split is the fair one; two workers never hold one CPU, and a worker killed
+  mid-batch holds nothing (the kernel drops a dead process's locks). ``SERVEKIT_CPU_LEND=0`` turns
+  lending off (each worker keeps its fair share; no tokens are taken).
 
     budget = CpuBudget(label="digits pid 123", pinned=None)
     budget.register(); threads, why = budget.refresh(force=True)   # in initialize: the fair share
-    threads, why = budget.claim(requests=len(batch))                 # when a batch begins
-    budget.release()                                                 # when it ends
+    budget.hold_own()                                                # when a batch begins
+    threads, why = budget.claim(requests=len(batch))                 # before its inference
+    budget.release()                                                 # when the inference ends
 """
 
 from __future__ import annotations

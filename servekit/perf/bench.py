@@ -810,10 +810,15 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
     result["ratios"], result["bars"] = ratios, bars
 
 
+def run_kind(result: dict) -> str:
+    kind = "quick" if result["quick"] else "full"
+    return f"{kind}, served rows only (--only-served)" if result.get("only_served") else kind
+
+
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
     lines = [
-        f"# Benchmark: ResNet-18, 640x480 JPEG ({'quick' if result['quick'] else 'full'} run, {result['date']})",
+        f"# Benchmark: ResNet-18, 640x480 JPEG ({run_kind(result)} run, {result['date']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; Python {m['python']}, "
         f"torch {m['torch']}, TorchServe {m['torchserve']}. {WEIGHTS_NOTE}.",
@@ -1112,6 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": args.quick,
+        "only_served": args.only_served,
         "machine": machine(),
         "weights": WEIGHTS_NOTE,
         "input": "scikit-learn's china.jpg resized to 640x480, JPEG quality 90",
