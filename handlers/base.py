@@ -347,19 +347,20 @@ class BatchHandler:
             items = self.prepare(call)
             if self._explain_budget is None:
                 self._explain_budget = explain.ShareBudget(self.model_name, limits.max_share)
-            # Tens of inferences: on this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
-            self.resize_threads(requests=len(items), borrow=False)
-            try:
-                results = self.run(items)  # the answer being explained: the served program's
-                failure = next((r for r in results if isinstance(r, BaseException)), None)
-                if failure is not None:
-                    raise failure
-                with self._explain_budget.claim(limits.timeout_s):
-                    deadline = time.monotonic() + limits.timeout_s
+            # The share first: a refused explanation (429) costs no inference. Then tens of inferences, on
+            # this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
+            with self._explain_budget.claim(limits.timeout_s):
+                deadline = time.monotonic() + limits.timeout_s
+                self.resize_threads(requests=len(items), borrow=False)
+                try:
+                    results = self.run(items)  # the answer being explained: the served program's
+                    failure = next((r for r in results if isinstance(r, BaseException)), None)
+                    if failure is not None:
+                        raise failure
                     answers = self.explain(call, items, results, options, deadline)
-            finally:
-                if self.cpu is not None:
-                    self.cpu.release()
+                finally:
+                    if self.cpu is not None:
+                        self.cpu.release()
             protocol = getattr(call, "protocol", "native")
             reply = explain.encode(protocol, answers, self.model_name, self.model_version, call.request_id)
             size = reply_size(reply.body)
