@@ -339,15 +339,16 @@ class CpuBudget:
         """Take this worker's own CPUs for the batch that begins (once per batch; ``release`` ends it).
 
         Held from the batch's start, so no lone request elsewhere borrows them while this worker decodes;
-        waits only while one it lent them to is still running. Returns the tokens it owns.
+        waits only while one it lent them to is still running, and only while it holds no token (a worker
+        that waits holds nothing, so no two wait on each other). Returns the tokens it owns.
         """
         if not self.lend or self.pinned:
             return range(0)
         members = self._members_now(False) if members is None else members
         own = own_tokens(self.budget.cpus, members, self.pid)
-        if not any(index in own for index in self.held):
+        if not self.held:  # never wait while holding a token: membership may have changed since the batch began
             began = time.perf_counter()
-            for index in own:  # ascending, waiting: no two workers wait on each other in a cycle
+            for index in own:  # ascending: a worker waiting for its second token holds only its first, lower one
                 self._take(index, wait=True)
             self.waited_s = time.perf_counter() - began
         return own
