@@ -99,7 +99,7 @@ docs-check: archive tools
 	$(PY) -m pytest tests/integration/test_docs_commands.py $(DOCS_TESTS)
 
 bench: venv tools
-	$(PY) -m servekit.perf.bench
+	$(PY) -m servekit.perf.bench $(BENCH_ARGS)
 
 # Real explanations for README.md's figure and results/explain/ (docs/explanations.md); LOAD=1 adds the
 # prediction p99 at c=16 beside one explanation client (also in make bench).

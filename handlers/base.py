@@ -236,6 +236,8 @@ class BatchHandler:
         """
         began = time.perf_counter()
         try:
+            if self.cpu is not None:
+                self.cpu.hold_own()  # this worker's own CPUs, from decoding to the end of the inference
             responses = self._handle(data, context, began)
             if self.model_version:  # which version answered: the routing plane's canary is visible to clients
                 for idx in range(len(data)):
@@ -324,8 +326,8 @@ class BatchHandler:
             if stats:
                 metrics.input(**stats)
         try:
-            # This batch's CPUs (handlers.cpu_budget), claimed after decoding so that a worker waiting
-            # for a CPU it lent has decoded its own batch meanwhile, and given back right after.
+            # This batch's CPUs (handlers.cpu_budget): its own (held since the batch began) and, for a
+            # lone request, every idle one; all given back as soon as the inference ends.
             self.resize_threads(requests=len(calls))
             try:
                 results = self.run(items)
@@ -387,19 +389,20 @@ class BatchHandler:
             items = self.prepare(call)
             if self._explain_budget is None:
                 self._explain_budget = explain.ShareBudget(self.model_name, limits.max_share)
-            # Tens of inferences: on this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
-            self.resize_threads(requests=len(items), borrow=False)
-            try:
-                results = self.run(items)  # the answer being explained: the served program's
-                failure = next((r for r in results if isinstance(r, BaseException)), None)
-                if failure is not None:
-                    raise failure
-                with self._explain_budget.claim(limits.timeout_s):
-                    deadline = time.monotonic() + limits.timeout_s
+            # The share first: a refused explanation (429) costs no inference. Then tens of inferences, on
+            # this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
+            with self._explain_budget.claim(limits.timeout_s):
+                deadline = time.monotonic() + limits.timeout_s
+                self.resize_threads(requests=len(items), borrow=False)
+                try:
+                    results = self.run(items)  # the answer being explained: the served program's
+                    failure = next((r for r in results if isinstance(r, BaseException)), None)
+                    if failure is not None:
+                        raise failure
                     answers = self.explain(call, items, results, options, deadline)
-            finally:
-                if self.cpu is not None:
-                    self.cpu.release()
+                finally:
+                    if self.cpu is not None:
+                        self.cpu.release()
             protocol = getattr(call, "protocol", "native")
             reply = explain.encode(protocol, answers, self.model_name, self.model_version, call.request_id)
             size = reply_size(reply.body)

@@ -16,23 +16,23 @@ and resizes ``torch.set_num_threads`` to its share of the budget:
   lowest pids, at least one thread each;
 * a worker is alive while ``/proc/<pid>`` exists with the start time it registered with: a worker
   killed with SIGKILL never unregisters, and its file is ignored (and removed) by the others;
-* the budget is work-conserving, and its CPUs are tokens that two workers cannot both hold: the
-  flexible CPUs are numbered, one lock file each (``cpu-<i>.lock`` beside the entries), and each
-  flexible worker owns a fair range of them (its share, in pid order). When a batch begins the
-  worker takes its own tokens (``flock``; it waits only while another worker still runs a lone
-  request on one it lent) and, when the batch is a lone request (``LEND_MAX_REQUESTS``), also every
-  token no one holds, without waiting; it runs with as many torch threads as it holds tokens and
-  gives them all back when the batch ends. An idle worker holds nothing, so a lone request computes
-  on every core of the budget, and two busy workers can never both take the same CPU: under load
-  (batches of several requests) nobody borrows and the split is the fair one. A worker killed in a
-  batch holds nothing either (the kernel drops a dead process's locks). Workers beyond the number of
-  CPUs (more workers than cores) own no token and run one thread, as without lending.
-  ``SERVEKIT_CPU_LEND=0`` turns lending off (each worker keeps its fair share; no tokens are taken).
+* the budget is work-conserving, through tokens that two workers cannot both hold: one lock file
+  per flexible CPU (``cpu-<i>.lock`` beside the entries; at least one per unpinned worker when
+  workers outnumber CPUs), each flexible worker owning a fair range of them (its share, in pid
+  order). A worker takes its own tokens (``flock``) when its batch begins and holds them until its
+  inference ends; it waits only while a lone request elsewhere still runs on them. Right before the
+  inference of a lone request (``LEND_MAX_REQUESTS``), it also tries every other token without
+  waiting, all or none: only when every other worker is idle does it borrow, and then it runs with
+  the whole flexible budget's threads. Under load some other worker is always in a batch, so nobody
+  borrows and the split is the fair one; two workers never hold one CPU, and a worker killed
+  mid-batch holds nothing (the kernel drops a dead process's locks). ``SERVEKIT_CPU_LEND=0`` turns
+  lending off (each worker keeps its fair share; no tokens are taken).
 
     budget = CpuBudget(label="digits pid 123", pinned=None)
     budget.register(); threads, why = budget.refresh(force=True)   # in initialize: the fair share
-    threads, why = budget.claim(requests=len(batch))                 # when a batch begins
-    budget.release()                                                 # when it ends
+    budget.hold_own()                                                # when a batch begins
+    threads, why = budget.claim(requests=len(batch))                 # before its inference
+    budget.release()                                                 # when the inference ends
 """
 
 from __future__ import annotations
@@ -202,17 +202,23 @@ def share(budget: int, members: list[Member], pid: int) -> int:
 
 
 def flexible_cpus(budget: int, members: list[Member]) -> int:
-    """The CPUs left to the unpinned workers: the number of tokens."""
+    """The CPUs left to the unpinned workers: the most threads a lone request gets."""
     return max(0, budget - sum(m.pinned for m in members if m.pinned))
 
 
+def token_count(budget: int, members: list[Member]) -> int:
+    """One token per flexible CPU, and at least one per unpinned worker (more workers than CPUs: each holds
+    one while in a batch, so a lone request can see that it is not alone)."""
+    return max(flexible_cpus(budget, members), sum(1 for m in members if not m.pinned))
+
+
 def own_tokens(budget: int, members: list[Member], pid: int) -> range:
-    """The tokens ``pid`` owns: its fair share, numbered in pid order and cut at the number of CPUs."""
-    cpus, start = flexible_cpus(budget, members), 0
+    """The tokens ``pid`` owns: its fair share, numbered in pid order (at least one each)."""
+    start = 0
     for member in (m for m in members if not m.pinned):
         count = share(budget, members, member.pid)
         if member.pid == pid:
-            return range(min(start, cpus), min(start + count, cpus))
+            return range(start, start + count)
         start += count
     return range(0)
 
@@ -303,26 +309,49 @@ class CpuBudget:
         """Take this batch's CPUs: ``(threads, reason)``, ``reason`` set only when the count changed.
 
         ``borrow=False``: only this worker's own CPUs, whatever the batch (long work: explanations).
-        Without lending, or for a pinned worker, this is ``refresh``: nothing is taken.
+        Its own CPUs are taken first if ``hold_own`` has not taken them for this batch yet. Without
+        lending, or for a pinned worker, this is ``refresh``: nothing is taken.
         """
         if not self.lend or self.pinned:
             return self.refresh(force)
-        self.release()  # a claim is never nested; a batch that raised before its release gave nothing back
         members = self._members_now(force)
-        own = own_tokens(self.budget.cpus, members, self.pid)
-        began = time.perf_counter()
-        for index in own:  # ascending, waiting: no two workers wait on each other in a cycle
-            self._take(index, wait=True)
-        self.waited_s = time.perf_counter() - began
-        lent = 0
-        cpus = flexible_cpus(self.budget.cpus, members)
+        own = self.hold_own(members)
+        lent, cpus = 0, flexible_cpus(self.budget.cpus, members)
         if borrow and requests <= self.lend_max_requests:
-            for index in range(cpus):
-                if len(self.held) >= cpus:
-                    break
-                if index not in own and self._take(index, wait=False):
-                    lent += 1
-        return self._use(max(1, len(self.held)), members, lent)
+            lent = self._borrow_idle(own, token_count(self.budget.cpus, members))
+        return self._use(max(1, min(len(self.held), cpus)), members, lent)
+
+    def _borrow_idle(self, own: range, tokens: int) -> int:
+        """Take every other worker's CPUs if, and only if, all of them are free: a lone request borrows only
+        on an otherwise idle budget (all or none; under load some worker is always in a batch)."""
+        taken: list[int] = []
+        for index in (i for i in range(tokens) if i not in own and i not in self.held):
+            if not self._take(index, wait=False):
+                for back in taken:  # someone is busy: give back what was taken
+                    self.held.remove(back)
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(self._files[back], fcntl.LOCK_UN)
+                return 0
+            taken.append(index)
+        return len(taken)
+
+    def hold_own(self, members: list[Member] | None = None) -> range:
+        """Take this worker's own CPUs for the batch that begins (once per batch; ``release`` ends it).
+
+        Held from the batch's start, so no lone request elsewhere borrows them while this worker decodes;
+        waits only while one it lent them to is still running, and only while it holds no token (a worker
+        that waits holds nothing, so no two wait on each other). Returns the tokens it owns.
+        """
+        if not self.lend or self.pinned:
+            return range(0)
+        members = self._members_now(False) if members is None else members
+        own = own_tokens(self.budget.cpus, members, self.pid)
+        if not self.held:  # never wait while holding a token: membership may have changed since the batch began
+            began = time.perf_counter()
+            for index in own:  # ascending: a worker waiting for its second token holds only its first, lower one
+                self._take(index, wait=True)
+            self.waited_s = time.perf_counter() - began
+        return own
 
     def lendable(self) -> int:
         """The most threads a lone request can get: every flexible CPU."""

@@ -368,10 +368,13 @@ def serve_variant(
     url, token = client.url("inference", predictions), client.token("inference")
     for concurrency in concurrencies:
         bound = 4 * concurrency if quick else None
+        before = frontend_totals(client, variant.model, variant.version)
         run = run_hey(url, token, jpeg_path, concurrency, seconds, bound)
+        run["queue_wait_ms"] = mean_queue_wait_ms(before, frontend_totals(client, variant.model, variant.version))
         log(
             f"{variant.key}: c={concurrency}: {run['rps']} req/s, p50 {run['p50_ms']} ms, "
-            f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}"
+            f"p99 {run['p99_ms']} ms, {run['errors']} errors of {run['requests']}, "
+            f"frontend queue wait {run['queue_wait_ms']} ms per request"
         )
         result["runs"].append(run)
         if oip is not None:  # back to back with the /predictions run just made
@@ -405,6 +408,26 @@ def serve_variant(
     result["cold_start"]["first_over_steady_p50"] = round(result["cold_start"]["first_answer_ms"] / steady_p50, 2)
     client.manage("DELETE", path)
     return result, oip
+
+
+def frontend_totals(client: TorchServeClient, model: str, version: str) -> tuple[float, float] | None:
+    """TorchServe's counters for one version: microseconds its requests spent queued in the frontend (which
+    includes the ``max_batch_delay`` a request waits for company) and the requests; None if absent."""
+    labels = f'model_name="{model}",model_version="{version}"'
+    totals = {}
+    for line in client.metrics().splitlines():
+        for name in ("ts_queue_latency_microseconds", "ts_inference_requests_total"):
+            if line.startswith(name + "{") and labels in line:
+                totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    if len(totals) < 2:
+        return None
+    return totals["ts_queue_latency_microseconds"], totals["ts_inference_requests_total"]
+
+
+def mean_queue_wait_ms(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]) / 1000.0, 2)
 
 
 def _prepare_oip(client: TorchServeClient, variant: Variant, jpeg_path: Path) -> tuple[dict, Path]:
@@ -588,6 +611,7 @@ def serve_all(
     detector: tuple[list, Path, str, int] | None = None,
     camera: Path | None = None,
     small: Target | None = None,
+    overheads: bool = True,
 ) -> tuple[dict, dict | None, list[dict], list[dict], dict | None, dict | None]:
     """One TorchServe on free loopback ports serving ``store``: every variant in turn, then the worker sweep;
     then the handler metrics on and off (``servekit.perf.overhead``) for the INT8 ResNet-18 and, with
@@ -623,6 +647,8 @@ def serve_all(
         layouts = worker_sweep(client, run_hey, photo, main, other, max(concurrencies), seconds, quick, log)
     finally:
         server.stop()
+    if not overheads:
+        return served, oip, layouts, [], tabular_result, detector_result
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
     overheads = [metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)]
     if small is not None:
@@ -680,7 +706,7 @@ def lone_request(result: dict) -> dict[str, dict]:
     if not any(r["concurrency"] == 1 for r in served.get("stock", {}).get("runs", [])):
         return {}
     stock = run_at(result, "stock", 1)["p50_ms"]
-    rows = {"stock": {"p50_ms": stock}}
+    rows = {"stock": {"p50_ms": stock, "queue_wait_ms": run_at(result, "stock", 1).get("queue_wait_ms")}}
     for key in ("fp32", "int8", "bf16"):
         if key not in served:
             continue
@@ -689,6 +715,7 @@ def lone_request(result: dict) -> dict[str, dict]:
         single_ms = round(1000.0 / single, 1) if single else None
         rows[key] = {
             "p50_ms": p50,
+            "queue_wait_ms": run_at(result, key, 1).get("queue_wait_ms"),
             "in_process_single_ms": single_ms,
             "over_stock": round(p50 / stock, 2) if stock else None,
             "over_in_process": round(p50 / single_ms, 2) if single_ms else None,
@@ -783,10 +810,15 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
     result["ratios"], result["bars"] = ratios, bars
 
 
+def run_kind(result: dict) -> str:
+    kind = "quick" if result["quick"] else "full"
+    return f"{kind}, served rows only (--only-served)" if result.get("only_served") else kind
+
+
 def write_markdown(result: dict, path: Path) -> None:
     m = result["machine"]
     lines = [
-        f"# Benchmark: ResNet-18, 640x480 JPEG ({'quick' if result['quick'] else 'full'} run, {result['date']})",
+        f"# Benchmark: ResNet-18, 640x480 JPEG ({run_kind(result)} run, {result['date']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, no GPU; Python {m['python']}, "
         f"torch {m['torch']}, TorchServe {m['torchserve']}. {WEIGHTS_NOTE}.",
@@ -816,10 +848,15 @@ def write_markdown(result: dict, path: Path) -> None:
     lone = result.get("lone_request") or {}
     if lone:
         lines += ["", "## A lone request (c=1)", "",
-                  "| variant | p50 ms | in-process single image ms (batch 1, all cores) | over stock | over in-proc |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "The frontend's queue wait is TorchServe's own count (ts_queue_latency_microseconds over the "
+                  "run's requests): at c=1 it is the max_batch_delay a lone request waits for company.", "",
+                  "| variant | p50 ms | frontend queue wait ms | in-process single image ms (batch 1, all cores) "
+                  "| over stock | over in-proc |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for key, row in lone.items():
-            lines.append(f"| {key} | {row['p50_ms']} | {row.get('in_process_single_ms', '')} "
+            wait = row.get("queue_wait_ms")
+            lines.append(f"| {key} | {row['p50_ms']} | {'' if wait is None else wait} "
+                         f"| {row.get('in_process_single_ms', '')} "
                          f"| {row.get('over_stock', '')} | {row.get('over_in_process', '')} |")  # fmt: skip
     cameras = {key: v["camera_photo"] for key, v in result["served"].items() if v.get("camera_photo")}
     if cameras:
@@ -988,6 +1025,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench"))
     parser.add_argument("--spec", default=str(SPEC_TEMPLATE), help="bench spec (ResNet-18 fp32 1.0 and int8 2.0)")
+    parser.add_argument(
+        "--only-served",
+        action="store_true",
+        help="only the ResNet-18 rows (in-process, served, lone request, OIP, worker sweep): no photos, tabular, "
+        "detector, metrics overhead or explanations; written as served.{json,md,png}",
+    )
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
@@ -1050,17 +1093,22 @@ def main(argv: list[str] | None = None) -> int:
     tabular = (tabular_specs, WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json",
                concurrencies if args.quick else list(TABULAR_CONCURRENCY))  # fmt: skip
     detector = (detector_specs, WORKDIR / "detector_page.png", page_digits, DETECTOR_CONCURRENCY)
+    small_target = Target(SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION))
+    if args.only_served:
+        tabular = detector = camera = small_target = None
     try:
         served, oip, layouts, overheads, tabular_result, detector_result = serve_all(
-            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector, camera,
-            Target(SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION)),
+            store, variants, concurrencies, args.seconds, args.quick, sweep, tabular, detector, camera, small_target,
+            overheads=not args.only_served,
         )  # fmt: skip
     except ServekitError as exc:
         print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
 
     small = (SMALL_MODEL, SMALL_VERSION, archive_name(SMALL_MODEL, SMALL_VERSION), SMALL_BODY)
-    explained = explain_load.measure(WORKDIR, store, *small, args.seconds, args.quick, run_hey, log)
+    explained = None if args.only_served else explain_load.measure(
+        WORKDIR, store, *small, args.seconds, args.quick, run_hey, log
+    )  # fmt: skip
 
     log("step 4/4: report")
     counter_us = counter_cost_us(2000 if args.quick else 20000)
@@ -1069,6 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": args.quick,
+        "only_served": args.only_served,
         "machine": machine(),
         "weights": WEIGHTS_NOTE,
         "input": "scikit-learn's china.jpg resized to 640x480, JPEG quality 90",
@@ -1079,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
         "served": served,
         "oip": oip,
         "sweep": layouts,
-        "metrics_overhead": overheads[0],
+        "metrics_overhead": overheads[0] if overheads else None,
         "metrics_overhead_small": overheads[1] if len(overheads) > 1 else None,
         "tabular": tabular_result,
         "detector": detector_result,
@@ -1091,8 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     compute_ratios_and_bars(result, max(concurrencies))
-    result["bars"].update(explained["bar"])
-    stem = "quick" if args.quick else "latest"
+    if explained is not None:
+        result["bars"].update(explained["bar"])
+    stem = "quick" if args.quick else "served" if args.only_served else "latest"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / f"{stem}.md")
     write_plot(result, out / f"{stem}_latency_vs_throughput.png")

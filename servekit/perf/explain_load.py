@@ -85,7 +85,7 @@ def measure(
     log: Callable[[str], None],
     content_type: str = "image/png",
     concurrency: int = CONCURRENCY,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> dict:
     """``rounds`` x (predictions alone, predictions with one explanation client) on one TorchServe.
 
@@ -112,6 +112,7 @@ def measure(
         if first.status_code != 200:
             raise RuntimeError(f"explain_load: the first explanation was answered {first.status_code}: {first.text}")
         bound = 4 * concurrency if quick else None
+        run_hey(predict, token, body, concurrency, seconds / 2, bound, content_type=content_type)  # warm, not counted
         for n in range(1, rounds + 1):
             alone = run_hey(predict, token, body, concurrency, seconds, bound, content_type=content_type)
             with ExplanationClient(explain_url, token, payload, content_type) as explainer:

@@ -195,8 +195,8 @@ def test_own_tokens_are_the_fair_shares_numbered_in_pid_order() -> None:
     assert [own_tokens(3, two, pid) for pid in (10, 11)] == [range(0, 2), range(2, 3)]  # remainder to the lowest pid
     pinned = members((10, None), (11, None), (12, 1))
     assert [own_tokens(4, pinned, pid) for pid in (10, 11, 12)] == [range(0, 2), range(2, 3), range(0)]
-    crowd = members(*((pid, None) for pid in range(10, 16)))  # 6 workers on 2 CPUs: 4 own no CPU
-    assert [len(own_tokens(2, crowd, pid)) for pid in range(10, 16)] == [1, 1, 0, 0, 0, 0]
+    crowd = members(*((pid, None) for pid in range(10, 16)))  # 6 workers on 2 CPUs: a token each
+    assert [own_tokens(2, crowd, pid) for pid in range(10, 16)] == [range(i, i + 1) for i in range(6)]
     assert own_tokens(2, two, 99) == range(0)  # not registered yet: owns nothing
 
 
@@ -223,6 +223,33 @@ def test_a_lone_request_takes_the_idle_workers_cpu_and_falls_back_when_the_other
     other.release()
     assert me.claim(requests=1)[0] == 2  # the other is idle again: ours takes the whole budget back
     me.release()
+
+
+def test_a_lone_request_borrows_only_when_every_other_worker_is_idle(tmp_path: Path) -> None:
+    """Three workers on two CPUs (a token each): the lone request takes the budget only when both others
+    are idle; one of them in a batch is enough for it to keep its one thread, so nothing is oversubscribed."""
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+    try:
+        for process in sleepers:
+            while process_start_time(process.pid) is None:
+                time.sleep(0.01)
+        budget = cpu_budget.Budget(2, "b")
+        me = CpuBudget("me", registry=tmp_path, budget=budget, lend=True, lend_max_requests=1)
+        others = [CpuBudget(f"w{p.pid}", registry=tmp_path, budget=budget, pid=p.pid, lend=True) for p in sleepers]
+        for worker in (me, *others):
+            worker.register()
+        assert me.claim(requests=1, force=True)[0] == 2  # both others idle: the whole budget (two threads)
+        assert len(me.held) == 3  # ...holding every token, so neither can start a batch beside it unseen
+        me.release()
+        others[1].claim(requests=3, force=True)  # one other worker begins a batch
+        assert me.claim(requests=1, force=True)[0] == 1
+        assert len(me.held) == 1  # all or none: it gave back what it had taken
+        me.release()
+        others[1].release()
+    finally:
+        for process in sleepers:
+            process.kill()
+            process.wait()
 
 
 def test_a_batch_of_several_requests_keeps_to_its_fair_share(tmp_path: Path, sleeper: subprocess.Popen) -> None:

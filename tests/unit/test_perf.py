@@ -647,7 +647,8 @@ def test_a_lone_request_is_judged_against_the_stock_handler_and_the_in_process_s
     result = _fabricated_result(190.0)  # every c=1 p50 is 10 ms; in-process batch 1: 100 img/s = 10 ms
     compute_ratios_and_bars(result, 16)
     assert result["lone_request"]["fp32"] == {
-        "p50_ms": 10.0, "in_process_single_ms": 10.0, "over_stock": 1.0, "over_in_process": 1.0,
+        "p50_ms": 10.0, "queue_wait_ms": None, "in_process_single_ms": 10.0, "over_stock": 1.0,
+        "over_in_process": 1.0,
     }  # fmt: skip
     assert result["bars"]["fp32 c=1 p50 <= 1x stock's"] is True
     assert result["bars"]["fp32 c=1 p50 <= 1.3x in-process single image"] is True
@@ -667,8 +668,32 @@ def test_the_lone_request_table_is_in_the_report(tmp_path) -> None:
     from servekit.perf.bench import compute_ratios_and_bars, write_markdown
 
     result = _fabricated_result(190.0)
+    result["served"]["fp32"]["runs"][0]["queue_wait_ms"] = 2.1
     compute_ratios_and_bars(result, 16)
     write_markdown(result, tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
     assert "## A lone request (c=1)" in text
-    assert "| fp32 | 10.0 | 10.0 | 1.0 | 1.0 |" in text
+    assert "| fp32 | 10.0 | 2.1 | 10.0 | 1.0 | 1.0 |" in text
+
+
+def test_the_frontend_queue_wait_is_torchserves_count_over_the_runs_requests() -> None:
+    from servekit.perf.bench import frontend_totals, mean_queue_wait_ms
+
+    class FakeClient:
+        def __init__(self, queued_us: float, requests: float) -> None:
+            self.page = (
+                "# TYPE ts_queue_latency_microseconds counter\n"
+                f'ts_queue_latency_microseconds{{model_name="m",model_version="2.0",uuid="a"}} {queued_us}\n'
+                'ts_queue_latency_microseconds{model_name="other",model_version="2.0",uuid="a"} 99999.0\n'
+                f'ts_inference_requests_total{{model_name="m",model_version="2.0",uuid="a"}} {requests}\n'
+            )
+
+        def metrics(self) -> str:
+            return self.page
+
+    before = frontend_totals(FakeClient(1000.0, 10), "m", "2.0")
+    after = frontend_totals(FakeClient(1000.0 + 210 * 2100.0, 220), "m", "2.0")
+    assert before == (1000.0, 10.0)
+    assert mean_queue_wait_ms(before, after) == 2.1
+    assert frontend_totals(FakeClient(1.0, 1), "absent", "1.0") is None
+    assert mean_queue_wait_ms(before, before) is None
