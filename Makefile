@@ -145,12 +145,13 @@ shadow: venv
 #   make bundle [MODELS=digits:1.0,2.0] [DEFAULT=digits:2.0] [IMAGE=registry.example.com/servekit:0.1.0]
 #               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
 #               [PUBLIC=1]   (the KServe InferenceService through the ingress gateway; default: cluster-local)
+#               [OTLP=http://COLLECTOR:4318/v1/traces]   (the pods export traces there; default: off)
 bundle: archive
 	$(SERVEKIT) bundle $(if $(MODELS),--models $(MODELS)) $(if $(DEFAULT),--default $(DEFAULT)) \
 		$(if $(IMAGE),--image $(IMAGE)) $(if $(REPLICAS),--replicas $(REPLICAS)) \
 		$(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(CPU),--cpu $(CPU)) \
 		$(if $(MEMORY),--memory $(MEMORY)) $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(OUT),--out $(OUT)) \
-		$(if $(filter 1 yes true,$(PUBLIC)),--public)
+		$(if $(filter 1 yes true,$(PUBLIC)),--public) $(if $(OTLP),--otlp-endpoint $(OTLP))
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache

@@ -31,6 +31,7 @@
                                           # (inputs, outputs, datatypes, shapes), from the store
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
                     [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--public] [--out bundle]
+                    [--otlp-endpoint http://COLLECTOR:4318/v1/traces]
                                           # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
     servekit top [--once] [--json] [--interval 2] [--window 15m] [--source auto|prometheus|metrics]
                                           # req/s, p50, p99, 5xx/4xx %, queue, READY workers, default,
@@ -374,6 +375,7 @@ def cmd_bundle(ctx: Context) -> str:
     options = BundleOptions.from_cli(
         models=a.models, defaults=a.default, replicas=a.replicas, max_replicas=a.max_replicas, cpu=a.cpu,
         memory=a.memory, image=a.image, namespace=a.namespace, out=a.out, public=a.public,
+        otlp_endpoint=a.otlp_endpoint,
     )  # fmt: skip
     store = Path(a.bundle_store or a.store)
     return write_bundle(options, spec=a.spec, store=store, state_file=ctx.proxy.state_file).summary()
@@ -533,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--public", action="store_true",
         help="expose the KServe InferenceService through the ingress gateway (default: cluster-local)",
     )  # fmt: skip
+    bundle.add_argument("--otlp-endpoint", help="the pods export traces there (OTLP/HTTP URL; default: no tracing)")
     bundle.add_argument("--out", type=Path, default=REPO_ROOT / "bundle")
     bundle.add_argument("--spec", type=Path, default=REPO_ROOT / "models.yaml")
     bundle.add_argument("--store", dest="bundle_store", help="the model store (default: the global --store)")

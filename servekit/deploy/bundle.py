@@ -133,6 +133,10 @@ CPU_RE = re.compile(r"^(?:(?P<cores>\d+(?:\.\d{1,3})?)|(?P<milli>\d+)m)\Z")
 MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}  # fmt: skip
 MEMORY_RE = re.compile(r"^(?P<number>\d+(?:\.\d+)?)(?P<unit>Ki|Mi|Gi|Ti|k|M|G|T)?\Z")
+# The collector's OTLP/HTTP traces URL: one line of config.properties, so nothing but a plain URL.
+OTLP_RE = re.compile(
+    r"^https?://(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})(?:/[A-Za-z0-9._~/-]*)?\Z"
+)
 DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_RE = re.compile(
@@ -207,6 +211,7 @@ class BundleOptions:
     namespace: str = "servekit"
     out: Path = Path("bundle")
     public: bool = False  # the KServe form: reachable through the ingress gateway instead of cluster-local
+    otlp_endpoint: str | None = None  # the pods' trace export (servekit_otlp_endpoint); None: tracing off
 
     def __post_init__(self) -> None:
         if not isinstance(self.public, bool):
@@ -228,6 +233,15 @@ class BundleOptions:
             raise BundleError(
                 f"--image {self.image!r} needs an explicit tag or digest other than latest (REPO:TAG): "
                 "pods must not change under a floating tag"
+            )
+        if self.otlp_endpoint is not None and (
+            not isinstance(self.otlp_endpoint, str)
+            or (match := OTLP_RE.match(self.otlp_endpoint)) is None
+            or not 0 < int(match["port"]) < 65536
+        ):
+            raise BundleError(
+                f"--otlp-endpoint {self.otlp_endpoint!r} is not an OTLP/HTTP URL with a port, like "
+                "http://otel-collector.observability:4318/v1/traces"
             )
         if not DNS_LABEL_RE.match(self.namespace):
             raise BundleError(f"--namespace {self.namespace!r} is not a DNS label (lower-case letters, digits, '-')")
@@ -466,8 +480,9 @@ def who_may_call() -> list[str]:
     return ["# " + line for line in textwrap.wrap(text, width=110, break_on_hyphens=False, break_long_words=False)]
 
 
-def render_config(models: list[SelectedModel], base_config: Path) -> str:
-    """The pod's config.properties: every setting on one line (KServe's wrapper reads it line by line)."""
+def render_config(models: list[SelectedModel], base_config: Path, otlp_endpoint: str | None = None) -> str:
+    """The pod's config.properties: every setting on one line (KServe's wrapper reads it line by line);
+    ``otlp_endpoint``: where the pod's gateway and workers export their spans (none: tracing off)."""
     base = read_properties(base_config) if base_config.is_file() else {}
     copied = {key: base[key] for key in COPIED_SETTINGS if key in base}
     snapshot = json.dumps(model_snapshot(models), separators=(",", ":"))
@@ -491,6 +506,9 @@ def render_config(models: list[SelectedModel], base_config: Path) -> str:
         "# The bundled versions, their workers and batching (from each archive's model-config.yaml), the default.",
         f"model_snapshot={snapshot}",
     ]
+    if otlp_endpoint is not None:
+        lines += ["# Traces: the gateway's and the workers' spans, OTLP over HTTP (servekit.serving.tracing).",
+                  f"servekit_otlp_endpoint={otlp_endpoint}"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -739,10 +757,20 @@ def render_kubernetes(record: dict) -> list[dict]:
             ],
             # No rule names the health port: the kubelet's probes come from the node, which common CNIs
             # (Calico, Cilium) never hold to a NetworkPolicy, so no client needs to reach it.
-            "egress": [],  # the pod calls nothing: every hop (guard, OIP front, gateway) is on loopback
+            # The pod calls nothing (every hop, guard, OIP front, gateway, is on loopback) but the trace collector
+            # when one is configured: its port, and DNS to find it.
+            "egress": _trace_egress(record.get("otlp_endpoint")),
         },
     }
     return [deployment, service, hpa, pdb, network]
+
+
+def _trace_egress(endpoint: str | None) -> list[dict]:
+    if endpoint is None:
+        return []
+    port = int(OTLP_RE.match(endpoint)["port"])
+    dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    return [{"ports": [{"protocol": "TCP", "port": port}]}, {"ports": dns}]
 
 
 def kserve_scrape_ports() -> tuple[int, ...]:
@@ -944,6 +972,7 @@ def build_record(
             "metrics_namespace": MONITORING_NAMESPACE,
             "health_port": HEALTH_PORT,  # the probes' only: in no Service and no NetworkPolicy rule
         },
+        "otlp_endpoint": options.otlp_endpoint,
         "kserve": {
             "deploymentMode": KSERVE_DEPLOYMENT_MODE,
             "public": options.public,
@@ -997,7 +1026,7 @@ def write_bundle(
     manifest = read_manifest(store)
     models = resolve(options, Path(spec), store, manifest)
     canary = canary_percent(models, Path(state_file))
-    config_text = render_config(models, Path(base_config))
+    config_text = render_config(models, Path(base_config), options.otlp_endpoint)
     record = build_record(options, models, manifest, config_text, Path(repo_root), canary)
     out = options.out.resolve()
     record_for_files = {**record, "out_name": options.out.name}

@@ -332,6 +332,20 @@ def test_the_network_policy_admits_clients_and_monitoring_only(documents: dict[s
     assert spec["policyTypes"] == ["Ingress", "Egress"]
 
 
+def test_trace_export_per_deployment_sets_the_collector_and_opens_only_its_port(
+    repo_root: Path, model_store: Path, tmp_path: Path
+) -> None:
+    url = "http://otel-collector.observability:4318/v1/traces"
+    traced = make_bundle(repo_root, model_store, tmp_path / "bundle", models=(ModelSelection("digits", ("1.0",)),),
+                         otlp_endpoint=url)  # fmt: skip
+    assert ("servekit_otlp_endpoint", url) in properties(traced.path / "config" / "config.properties")
+    docs = {d["kind"]: d for d in yaml.safe_load_all((traced.path / "k8s" / "servekit.yaml").read_text())}
+    assert docs["NetworkPolicy"]["spec"]["egress"] == [
+        {"ports": [{"protocol": "TCP", "port": 4318}]},
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+    ]
+
+
 def test_the_probes_have_their_own_port_that_no_client_reaches(
     bundle: Bundle, documents: dict[str, dict], isvc: dict, predictor_policy: dict
 ) -> None:
@@ -585,6 +599,9 @@ def test_models_parse_as_names_and_versions() -> None:
         ({"image": "Servekit:1"}, "is not an image reference"),
         ({"namespace": "Serve_kit"}, "is not a DNS label"),
         ({"public": "yes"}, "--public is a switch"),
+        ({"otlp_endpoint": "http://collector/v1/traces"}, "is not an OTLP/HTTP URL with a port"),
+        ({"otlp_endpoint": "http://c:4318/v1/traces\nallowed_urls=.*"}, "is not an OTLP/HTTP URL with a port"),
+        ({"otlp_endpoint": "http://c:99999/v1/traces"}, "is not an OTLP/HTTP URL with a port"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:
