@@ -103,8 +103,20 @@ def oip_http_sender(server: TorchServeProcess, image: bytes, version: str = "") 
     return send
 
 
+_GRPC_CLIENTS: list[triton_grpc.InferenceServerClient] = []  # closed at the module's end (grpc_clients_closed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def grpc_clients_closed() -> Iterator[None]:
+    """Close every gRPC client explicitly: a channel closed from a finalizer, at a random later point, can hang."""
+    yield
+    while _GRPC_CLIENTS:
+        _GRPC_CLIENTS.pop().close()
+
+
 def oip_grpc_sender(server: TorchServeProcess, image: bytes, version: str = "") -> Callable[[], str]:
     client = triton_grpc.InferenceServerClient(server.grpc_address)
+    _GRPC_CLIENTS.append(client)
 
     def send() -> str:
         result = client.infer("digits", [image_input(triton_grpc, image)], model_version=version,
@@ -235,6 +247,7 @@ class GrpcTraffic:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
+        self.client.close()
 
 
 def step_events(result) -> list[dict]:

@@ -9,6 +9,7 @@ The nginx front carries the W3C trace context (and starts one for a request with
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,11 +58,12 @@ def of_trace(trace_id: str):
 def test_a_grpc_request_s_spans_share_one_trace_id_from_the_gateway_to_the_worker_stages(
     server: TorchServeProcess, receiver: Receiver, digit: bytes
 ) -> None:
-    client = triton_grpc.InferenceServerClient(server.grpc_address)
     tensor = triton_grpc.InferInput("image", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([digit], dtype=np.object_))
     headers = {"authorization": f"Bearer {server.keys()['inference']}", "traceparent": PARENT}
-    result = client.infer("digits", [tensor], headers=headers)
+    # Closed here, not by the garbage collector at some later point (a gRPC channel closed from a finalizer can hang).
+    with contextlib.closing(triton_grpc.InferenceServerClient(server.grpc_address)) as client:
+        result = client.infer("digits", [tensor], headers=headers)
     assert result.as_numpy("labels")[0][0] in (b"3", "3")
     spans = [s for s in receiver.wait_for(of_trace(TRACE_ID)) if s.trace_id == TRACE_ID]
     print(sorted((s.service, s.name) for s in spans))  # the report's figures
