@@ -51,7 +51,10 @@ from handlers.transforms import ImagePreprocessor
 from servekit.build.archive import REPO_ROOT, build_all
 from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
-from servekit.perf import explain_load  # issue 27: predictions beside explanations
+from servekit.perf import (
+    explain_load,  # issue 27: predictions beside explanations
+    trace_load,  # issue 24: span export on vs off
+)
 from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
 from servekit.perf.photos import camera_jpeg, decode_ceiling
 from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WEIGHTS_NOTE, WORKDIR, make_weights
@@ -649,8 +652,11 @@ def serve_all(
         server.stop()
     if not overheads:
         return served, oip, layouts, [], tabular_result, detector_result
+    log("tracing overhead: the INT8 archive on two servers, span export on and off")
+    tracing = trace_load.tracing_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)
     log("handler metrics overhead: the INT8 archive on two servers, metrics on and off")
     overheads = [metrics_overhead(WORKDIR, store, main, photo, max(concurrencies), seconds, quick, run_hey, log)]
+    overheads[0]["tracing"] = tracing
     if small is not None:
         log(f"handler metrics overhead: {small.model} {small.version} on two servers, metrics on and off")
         overheads.append(
@@ -791,6 +797,11 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
         for version, entry in result["detector"]["versions"].items():
             ratios[f"detector_{version}_pages_per_s"] = max(r["pages_per_s"] for r in entry["runs"])
         runs += [r for entry in result["detector"]["versions"].values() for r in entry["runs"]]
+    tracing = (result.get("metrics_overhead") or {}).get("tracing")
+    if tracing:
+        ratios["tracing_on_over_off"] = tracing["on_over_off"]
+        bars.update(trace_load.tracing_bar(tracing))
+        runs += [r for rs in tracing["runs"].values() for r in rs]
     if result.get("metrics_overhead"):
         ratios["metrics_on_over_off"] = result["metrics_overhead"]["on_over_off"]
         bars.update(overhead_bar(result["metrics_overhead"]))
@@ -974,6 +985,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 "of the same code: 0.89 to 1.07, docs/performance.md): its bar is on the counting's measured cost.",
             ]
     lines += explain_load.markdown(result.get("explain_load"))
+    lines += trace_load.markdown((result.get("metrics_overhead") or {}).get("tracing"))
     lines += ["", "## Ratios and bars", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in result["bars"].items()]

@@ -43,13 +43,41 @@ def metrics_overhead(
     log: Callable[[str], None],
     content_type: str = "image/jpeg",
 ) -> dict:
+    result = switch_overhead(
+        workdir, store, target, photo, concurrency, seconds, quick, run_hey, log,
+        name="metrics", envs={"on": {SWITCH: "on"}, "off": {SWITCH: "off"}}, content_type=content_type,
+    )  # fmt: skip
+    result["description"] = (
+        f"{target.archive}, /predictions at c={concurrency}, handler metrics on vs off ({SWITCH}=off), "
+        f"order {', '.join(ORDER)}"
+    )
+    return result
+
+
+def switch_overhead(
+    workdir: Path,
+    store: Path,
+    target: Target,
+    photo: Path,
+    concurrency: int,
+    seconds: float,
+    quick: bool,
+    run_hey: Callable[..., dict],
+    log: Callable[[str], None],
+    *,
+    name: str,
+    envs: dict[str, dict[str, str]],
+    content_type: str = "image/jpeg",
+) -> dict:
+    """Two TorchServes serving ``target``, one with ``envs["on"]`` and one with ``envs["off"]`` in their
+    environment, loaded in the order ``ORDER``; the mean req/s of each and on over off."""
     servers: dict[str, TorchServeProcess] = {}
     try:
         for mode in ("on", "off"):
-            folder = workdir / f"metrics_{mode}"
+            folder = workdir / f"{name}_{mode}"
             server = TorchServeProcess(
                 workdir=folder, model_store=store, ports={kind: free_port() for kind in ADDRESS_KEYS},
-                load_models="", env={SWITCH: mode, ENV_REGISTRY: str(folder / "cpu")},
+                load_models="", env={**envs[mode], ENV_REGISTRY: str(folder / "cpu")},
             )  # fmt: skip
             server.start()
             servers[mode] = server
@@ -68,7 +96,7 @@ def metrics_overhead(
         for mode in ORDER:
             run = load(mode, seconds, 4 * concurrency if quick else None)
             log(
-                f"{target.model} metrics {mode}: c={concurrency}: {run['rps']} req/s, p99 {run['p99_ms']} ms, "
+                f"{target.model} {name} {mode}: c={concurrency}: {run['rps']} req/s, p99 {run['p99_ms']} ms, "
                 f"{run['errors']} errors"
             )
             runs[mode].append(run)
@@ -78,8 +106,7 @@ def metrics_overhead(
     mean = {mode: sum(r["rps"] for r in rs) / len(rs) for mode, rs in runs.items()}
     ratio = round(mean["on"] / mean["off"], 3) if mean["off"] else None
     return {
-        "description": f"{target.archive}, /predictions at c={concurrency}, handler metrics on vs off "
-        f"({SWITCH}=off), order {', '.join(ORDER)}",
+        "description": f"{target.archive}, /predictions at c={concurrency}, {name} on vs off, order {', '.join(ORDER)}",
         "runs": runs,
         "rps_on": round(mean["on"], 1),
         "rps_off": round(mean["off"], 1),

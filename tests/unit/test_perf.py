@@ -697,3 +697,21 @@ def test_the_frontend_queue_wait_is_torchserves_count_over_the_runs_requests() -
     assert mean_queue_wait_ms(before, after) == 2.1
     assert frontend_totals(FakeClient(1.0, 1), "absent", "1.0") is None
     assert mean_queue_wait_ms(before, before) is None
+
+
+def test_the_tracing_sink_counts_exports_and_the_bar_needs_spans_and_a_small_cost() -> None:
+    import requests
+
+    from servekit.perf.trace_load import markdown, otlp_sink, tracing_bar
+
+    with otlp_sink() as (url, sink):
+        assert requests.post(url, data=b"\x0a\x00", timeout=5).status_code == 200
+        assert (sink.exports, sink.received) == (1, 2)
+    run = {"rps": 100.0}
+    result = {"description": "d", "runs": {"on": [run], "off": [run]}, "rps_on": 97.0, "rps_off": 100.0,
+              "on_over_off": 0.97, "otlp_exports": 12, "otlp_bytes": 3456}  # fmt: skip
+    assert tracing_bar(result) == {"tracing on costs <= 5% of req/s (spans exported)": True}
+    assert list(tracing_bar({**result, "on_over_off": 0.94}).values()) == [False]
+    assert list(tracing_bar({**result, "otlp_exports": 0}).values()) == [False]  # nothing exported: not measured
+    assert tracing_bar(None) == {}
+    assert "the sink received 12 exports (3456 bytes)" in "\n".join(markdown(result))
