@@ -385,6 +385,14 @@ def run_group(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -
         return output or "", None
 
 
+def _submodule(package: str, name: str) -> bool:
+    """Whether ``from package import name`` names a module of the package (``from handlers import explain``)."""
+    try:
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def python_problems(source: str) -> list[str]:
     """A python block checked without running: it compiles, and what it imports exists (read, not imported)."""
     try:
@@ -404,7 +412,8 @@ def python_problems(source: str) -> list[str]:
             defined = {n.name for n in module.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
             defined |= {t.id for n in module.body if isinstance(n, ast.Assign) for t in n.targets
                         if isinstance(t, ast.Name)}  # fmt: skip
-            problems += [f"{node.module} defines no {a.name}" for a in node.names if a.name not in defined]
+            problems += [f"{node.module} defines no {a.name}" for a in node.names
+                         if a.name not in defined and not _submodule(node.module, a.name)]  # fmt: skip
     return problems
 
 

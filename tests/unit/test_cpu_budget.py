@@ -255,7 +255,7 @@ def test_a_lone_request_borrows_only_when_every_other_worker_is_idle(tmp_path: P
 def test_a_batch_of_several_requests_keeps_to_its_fair_share(tmp_path: Path, sleeper: subprocess.Popen) -> None:
     me, _ = pair(tmp_path, sleeper)
     assert me.claim(requests=2, force=True)[0] == 1  # load: no borrowing, the split is the fair one
-    assert me.held == [0]
+    assert len(me.held) == 1  # its own CPU only (which one depends on the pids' order)
     me.release()
     assert me.held == []
 
