@@ -105,12 +105,14 @@ def test_the_metrics_view_scrapes_twice_first_then_once_per_frame(tmp_path: Path
     pages = [exposition(Traffic(codes={"200": n})) for n in (10, 30, 70)]
     slept: list[float] = []
     with serving(FakeMetricsServer(pages=pages)) as server:
-        view = MetricsView(MetricsPage(server.url + "/metrics"), ReferenceCache(tmp_path), 2.0, sleep=slept.append)
+        ticks = iter([100.0, 102.0, 104.0])  # the scrapes' times: 2 s apart, whatever the machine's load
+        page = MetricsPage(server.url + "/metrics", clock=lambda: next(ticks))
+        view = MetricsView(page, ReferenceCache(tmp_path), 2.0, sleep=slept.append)
         first = view.snapshot()
         assert (server.scrapes, slept) == (2, [2.0])
         second = view.snapshot()
         assert server.scrapes == 3
-    assert 0 < first.rows[0].rps < second.rows[0].rps  # 20 then 40 requests between scrapes
+    assert (first.rows[0].rps, second.rows[0].rps) == (10.0, 20.0)  # 20, then 40 requests in 2 s
 
 
 # ------------------------------------------------------------------------------------------ from Prometheus
