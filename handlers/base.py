@@ -428,7 +428,9 @@ class BatchHandler:
         if self._reference is None:
             model_dir = Path(self.context.system_properties["model_dir"])
             serialized = (self.context.manifest or {}).get("model", {}).get("serializedFile", "model.pt")
-            self._reference = explain.load_reference(model_dir, self.settings.precision, serialized)
+            self._reference = explain.load_reference(
+                model_dir, self.settings.precision, serialized, getattr(self.settings, "runtime", "torch")
+            )
         return self._reference
 
     def _account(self, data: list[dict], context: Any, responses: list, outcomes: list, began: float) -> None:

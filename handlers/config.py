@@ -165,6 +165,21 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
+# The engines a version's program may run in (handlers.runtimes), and the precisions each computes in.
+RUNTIMES = ("torch", "openvino", "onnxruntime")
+# What each runtime computes a precision in; a precision a runtime does not offer is refused at build.
+RUNTIME_PRECISIONS = {"torch": ("fp32", "int8", "bf16"), "openvino": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32",)}
+
+
+def check_runtime(runtime: str, precision: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if precision not in RUNTIME_PRECISIONS[runtime]:
+        raise ValueError(
+            f"runtime: {runtime} serves precision {', '.join(RUNTIME_PRECISIONS[runtime])}, not {precision}"
+        )
+
+
 def check_runtime_fields(config: Any) -> None:
     """The checks of INT8 kernels, FP32 optimisation, drills and prediction log (``RuntimeConfig`` runs them)."""
     if config.quantized_engine not in QUANTIZED_ENGINES:
@@ -226,6 +241,7 @@ class RuntimeConfig:
     faults: Faults | None = None
     prediction_log: PredictionLogConfig | None = None
     explain: ExplainConfig | None = None  # None: ExplainConfig's defaults (``explain_limits``)
+    runtime: str = "torch"  # or openvino / onnxruntime: the engine of the archive's program (handlers.runtimes)
 
     # The most torch threads ``threads`` may pin; None: any positive number (a task may bound it).
     max_threads: ClassVar[int | None] = None
@@ -242,6 +258,7 @@ class RuntimeConfig:
             elif not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limit:
                 raise ValueError(f"threads: must be an integer from 1 to {limit}, got {threads!r}")
         check_runtime_fields(self)
+        check_runtime(self.runtime, self.precision)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Self:
@@ -262,6 +279,8 @@ class RuntimeConfig:
             data.pop("prediction_log")
         if self.explain is None:
             data.pop("explain")  # the defaults: model-config.yaml stays as it was
+        if self.runtime == "torch":
+            data.pop("runtime")  # likewise
         return data
 
     @property

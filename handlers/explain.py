@@ -136,28 +136,32 @@ def target_index(target: str | None, labels: list[str], predicted: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ the reference
-def load_reference(model_dir: Path, precision: str, serialized: str) -> tuple[torch.jit.ScriptModule, str]:
+def load_reference(
+    model_dir: Path, precision: str, serialized: str, runtime: str = "torch"
+) -> tuple[torch.jit.ScriptModule, str]:
     """The FP32 program attributions are computed on, its sha256 checked, and what it is (for the answer).
 
     FP32 versions: the served program file itself, loaded again without inference-only optimisation
     (prepacked kernels have no gradients). INT8 / BF16 versions: ``fp32_reference.pt``, whose sha256
-    the build recorded in ``metadata.json`` (``explain_reference``).
+    the build recorded in ``metadata.json`` (``explain_reference``); so do versions served by another
+    runtime (``runtime``: OpenVINO and ONNX Runtime give no gradients).
     """
     metadata = json.loads((model_dir / "metadata.json").read_text())
-    if precision == "fp32":
+    served = precision.upper() if runtime == "torch" else f"{precision.upper()} on {runtime}"
+    if precision == "fp32" and runtime == "torch":
         path, expected = model_dir / serialized, metadata.get("program_sha256")
         what = "the served FP32 program (model.pt), without its inference-only optimisation"
     else:
         record = metadata.get("explain_reference") or {}
         if not record.get("file"):
             raise NotExplainable(
-                f"this {precision.upper()} archive carries no FP32 reference for explanations: rebuild it "
+                f"this {served} archive carries no FP32 reference for explanations: rebuild it "
                 "with this toolkit version"
             )
         path, expected = model_dir / record["file"], record.get("sha256")
         what = (
-            f"the FP32 reference ({record['file']}) of this {precision.upper()} version, built from the same "
-            f"weights: {precision.upper()} programs have no gradients, so attributions are computed in FP32"
+            f"the FP32 reference ({record['file']}) of this {served} version, built from the same "
+            f"weights: {served} programs have no gradients, so attributions are computed in FP32"
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != expected:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from handlers.config import RuntimeConfig
+from handlers.runtimes import RuntimeProgram
 
 
 class TamperedArchive(RuntimeError):
@@ -106,6 +107,8 @@ LOADERS: dict[str, Callable[[Path, RuntimeConfig], torch.jit.ScriptModule]] = {
 }
 
 
-def load_model(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule:
-    """The program at ``path``, loaded the way ``config.precision`` needs."""
+def load_model(path: Path, config: RuntimeConfig) -> torch.jit.ScriptModule | RuntimeProgram:
+    """The program at ``path``, loaded the way ``config.precision`` (and ``config.runtime``) needs."""
+    if config.runtime != "torch":
+        return RuntimeProgram(path, config.runtime, config.precision)
     return LOADERS[config.precision](path, config)

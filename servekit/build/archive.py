@@ -31,6 +31,7 @@ import yaml
 
 import servekit
 from handlers.model_loading import native_bf16
+from handlers.runtimes import runtime_version
 from servekit.build.convert import export_torchscript, load_program
 from servekit.build.spec import ModelVersionSpec
 from servekit.build.training import BuildError, fp32_weights, load_fp32_model, recipe_key
@@ -106,14 +107,14 @@ def _build_version(spec: ModelVersionSpec, store: Path, cache_dir: Path, force: 
     tuned = spec.task.tune(model, spec, log)
     with tempfile.TemporaryDirectory(prefix=f"build-{spec.name}-") as tmp:
         stage = Path(tmp)
-        program_path = stage / "model.pt"
+        program_path = stage / spec.program_file
         accuracy = _export_and_evaluate(tuned, model, program_path, stage, log)
         metadata = {
             **_metadata(tuned, fingerprint, weights_path, program_path, accuracy),
             "spec_hash": spec.spec_hash(),
             "tuned": _tuned_sections(spec, tuned),
         }
-        if spec.precision != "fp32" and (spec.explain is None or spec.explain.reference):
+        if spec.gated and (spec.explain is None or spec.explain.reference):
             metadata["explain_reference"] = _explain_reference(tuned, model, stage, log)
         log("packaging with torch-model-archiver")
         built = _package(tuned, stage, metadata)
@@ -188,8 +189,22 @@ def _export_program(spec: ModelVersionSpec, model: torch.nn.Module, example: tor
         log(f"freezing the user's program {Path(spec.program.file).name} as TorchScript")
         freeze_program(model, example, path)
         return
-    if spec.precision != "fp32":
-        model = spec.task.convert(model, spec, log)
+    if spec.runtime is not None:
+        from handlers.runtimes import export_onnx, quantize_qdq
+
+        log(f"exporting the FP32 module as ONNX for {spec.engine} (computes in {spec.precision.upper()})")
+        if spec.precision != "int8":
+            export_onnx(model, example, path)
+            return
+        fp32 = path.with_name("fp32_module.onnx")
+        export_onnx(model, example, fp32)
+        calibration = spec.task.calibration_inputs(spec)
+        log(f"static INT8 as a QDQ graph: calibrating on {len(calibration)} {spec.quantization.calibration} inputs")
+        quantize_qdq(fp32, calibration, path)
+        fp32.unlink()
+        return
+    reduced = spec.precision != "fp32"
+    model = spec.task.convert(model, spec, log) if reduced else spec.task.fp32_program(model, spec)
     log(f"exporting {spec.precision.upper()} TorchScript program")
     export_torchscript(model, example, path)
 
@@ -202,14 +217,14 @@ def _export_and_evaluate(
     example = task.example_input(spec)
     eval_data = task.evaluation_data(spec) if spec.evaluation is not None else None
     fp32_score = None
-    if spec.precision != "fp32" and eval_data is not None:
+    if spec.gated and eval_data is not None:
         reference = stage / "fp32_reference.pt"
         export_torchscript(model, example, reference)
         fp32_score = task.evaluate(load_program(reference, _as_fp32(spec)), eval_data, spec)
     _export_program(spec, model, example, program_path, log)
     if eval_data is None:
-        if spec.precision != "fp32":
-            log(f"WARNING: no evaluation set, so the {spec.precision.upper()} accuracy gate cannot run")
+        if spec.gated:
+            log(f"WARNING: no evaluation set, so the {spec.served_as} accuracy gate cannot run")
         return None
     count = len(eval_data)
     log(f"evaluating on {spec.data_source} held-out split ({count} {task.unit})")
@@ -224,10 +239,7 @@ def _export_and_evaluate(
     accuracy["drift_reference"] = task.drift_reference(program, eval_data, spec)
     if fp32_score is not None:
         accuracy.update(accuracy_gate(spec, fp32_score, score))
-        log(
-            f"accuracy gate passed: FP32 {fp32_score:.2f}% -> {spec.precision.upper()} {score:.2f}% "
-            f"(max drop {spec.max_drop})"
-        )
+        log(f"accuracy gate passed: FP32 {fp32_score:.2f}% -> {spec.served_as} {score:.2f}% (max drop {spec.max_drop})")
     return accuracy
 
 
@@ -246,6 +258,7 @@ def _metadata(
         "inputs_fingerprint": fingerprint,
         "weights_sha256": file_sha256(weights_path),
         "program_sha256": file_sha256(program_path),
+        **({"runtime": {"engine": spec.engine, "version": runtime_version(spec.engine)}} if spec.runtime else {}),
         "accuracy": accuracy,
         # True: a reduced-precision version built without evaluation data (allow_ungated), never compared
         # with FP32; servekit status shows it.
@@ -302,7 +315,7 @@ def _tuned_sections(spec: ModelVersionSpec, tuned: ModelVersionSpec) -> dict:
 def _as_fp32(spec: ModelVersionSpec) -> ModelVersionSpec:
     from dataclasses import replace
 
-    return replace(spec, precision="fp32", quantization=None, bf16=None)
+    return replace(spec, precision="fp32", quantization=None, bf16=None, runtime=None)
 
 
 def accuracy_gate(spec: ModelVersionSpec, fp32_score: float, score: float) -> dict:
@@ -311,7 +324,7 @@ def accuracy_gate(spec: ModelVersionSpec, fp32_score: float, score: float) -> di
     allowed, metric = spec.max_drop, spec.task.metric
     if score < fp32_score - allowed:
         raise BuildError(
-            f"{spec.name} {spec.version}: accuracy gate failed: {spec.precision.upper()} {spec.task.metric_label} "
+            f"{spec.name} {spec.version}: accuracy gate failed: {spec.served_as} {spec.task.metric_label} "
             f"{score:.2f}% is more than {allowed} points below FP32 {fp32_score:.2f}%"
         )
     return {f"fp32_{metric}": fp32_score, "gate": {f"max_{metric}_drop": allowed, "drop": round(fp32_score - score, 4)}}
@@ -353,7 +366,7 @@ def _package(spec: ModelVersionSpec, stage: Path, metadata: dict) -> Path:
         "--version",
         spec.version,
         "--serialized-file",
-        str(stage / "model.pt"),
+        str(stage / spec.program_file),
         "--handler",
         spec.handler_file,
         "--extra-files",

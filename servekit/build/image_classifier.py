@@ -38,6 +38,7 @@ class ImageClassifierTask(Task):
     data_kinds = ("folder",)
     user_models = frozenset({"file", "torchvision", "program"})
     classifier = True
+    runtimes = ("torch", "openvino", "onnxruntime")  # a tensor in, one tensor of scores out
 
     def architectures(self) -> Collection[str]:
         return ARCHITECTURES
@@ -51,6 +52,7 @@ class ImageClassifierTask(Task):
     def handler_config(self, spec: Any) -> Any:
         return HandlerConfig(
             precision=spec.precision,
+            runtime=spec.engine,
             topk=spec.topk,
             preprocessing=spec.preprocessing,
             limits=spec.limits,
@@ -97,6 +99,12 @@ class ImageClassifierTask(Task):
         if spec.precision == "bf16":
             return convert.to_bf16(model)
         raise ValueError(f"precision: {spec.precision!r} is not a reduced precision of {self.handler}")
+
+    def calibration_inputs(self, spec: Any) -> torch.Tensor:
+        return convert.calibration_inputs(spec)  # training images (never held-out ones), or synthetic
+
+    def fp32_program(self, model: nn.Module, spec: Any) -> nn.Module:
+        return convert.channels_last(model)  # oneDNN's fastest FP32 convolution layout on CPU
 
     def evaluation_data(self, spec: Any) -> Sized | None:
         data = convert.evaluation_set(spec)

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import yaml
 
-from handlers.config import ExplainConfig, Faults
+from handlers.config import RUNTIME_PRECISIONS, RUNTIMES, ExplainConfig, Faults
 from handlers.image_io import DecodeLimits
 from handlers.metrics import PredictionLogConfig
 from handlers.preprocessing import Preprocessing
@@ -89,6 +89,7 @@ COMMON_KEYS = {
     "data",
     "program",
     "options",
+    "runtime",
 }
 
 
@@ -298,6 +299,36 @@ class Bf16:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """``runtime:``: the engine the version's program runs in (handlers.runtimes), and its accuracy gate.
+
+    ``runtime: openvino`` or ``runtime: {engine: openvino, max_drop: 0.5}``. The archive carries the
+    FP32 module as ONNX; the build measures the runtime's answers on the held-out split against the
+    FP32 torch program: at most ``max_drop`` points below it (an FP32 version; a BF16 or INT8 one keeps
+    the ``bf16`` or ``quantization`` section's gate). OpenVINO computes FP32, BF16 (its inference hint)
+    and INT8 (a QDQ graph calibrated as ``quantization:`` says); ONNX Runtime computes FP32.
+    """
+
+    engine: str
+    max_drop: float = 0.5
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Runtime:
+        if isinstance(data, str):
+            data = {"engine": data}
+        if not isinstance(data, dict):
+            raise ValueError(f"must be an engine name ({', '.join(RUNTIMES)}) or a mapping with engine, got {data!r}")
+        check_keys(data, {f.name for f in fields(cls)}, "runtime")
+        if "engine" not in data:
+            raise ValueError(f"engine: is required (one of {', '.join(RUNTIMES)})")
+        runtime = cls(**data)
+        if runtime.engine not in RUNTIMES:
+            raise ValueError(f"engine: must be one of {list(RUNTIMES)}, got {runtime.engine!r}")
+        _check_drops("runtime", 0, runtime.max_drop)
+        return runtime
+
+
+@dataclass(frozen=True)
 class GoldenItem:
     """One golden-set input: a file and the label the model must give it before promotion."""
 
@@ -381,6 +412,7 @@ class ModelVersionSpec:
     data: Any = None  # the user's data (servekit.build.user_data: ImageFolder, CsvTable), named "data"
     program: Any = None  # the user's finished program (servekit.build.user_model.UserProgram)
     custom: Any = None  # the user's handler, and task (servekit.build.user_handler.UserHandler)
+    runtime: Runtime | None = None  # None: torch (TorchScript); else OpenVINO or ONNX Runtime (handlers.runtimes)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -397,7 +429,9 @@ class ModelVersionSpec:
         """The accuracy gate of a reduced-precision version against its FP32 sibling, in points of the
         task's metric (None for FP32)."""
         gate = self.quantization or self.bf16
-        return gate.allowed_drop if gate is not None else None
+        if gate is not None:
+            return gate.allowed_drop
+        return self.runtime.max_drop if self.runtime is not None else None
 
     @property
     def max_top1_drop(self) -> float | None:
@@ -405,9 +439,30 @@ class ModelVersionSpec:
         return self.max_drop
 
     @property
+    def engine(self) -> str:
+        """The runtime the program runs in: torch, openvino or onnxruntime."""
+        return self.runtime.engine if self.runtime is not None else "torch"
+
+    @property
+    def program_file(self) -> str:
+        """The archive's program: TorchScript ``model.pt``, or ``model.onnx`` for another runtime."""
+        return "model.pt" if self.runtime is None else "model.onnx"
+
+    @property
+    def gated(self) -> bool:
+        """Whether the build measures this version against its FP32 torch program: reduced precision or
+        another runtime (and, for the same reason, whether explanations need an FP32 reference)."""
+        return self.precision != "fp32" or self.runtime is not None
+
+    @property
+    def served_as(self) -> str:
+        """How logs and errors name what serves: ``INT8``, or ``FP32 on openvino``."""
+        return self.precision.upper() + (f" on {self.engine}" if self.runtime is not None else "")
+
+    @property
     def ungated(self) -> bool:
-        """A reduced-precision version whose accuracy against FP32 is never measured (``allow_ungated``)."""
-        return self.precision != "fp32" and self.evaluation is None
+        """A gated version (reduced precision or another runtime) built with no evaluation data (``allow_ungated``)."""
+        return self.gated and self.evaluation is None
 
     @property
     def architecture_key(self) -> str | dict:
@@ -451,6 +506,8 @@ class ModelVersionSpec:
         for gate in ("quantization", "bf16"):
             if data.get(gate) is not None and data[gate]["max_drop"] is None:
                 data[gate].pop("max_drop")  # likewise for every gate given by its older name
+        if self.runtime is None:
+            data.pop("runtime")  # absent, not null: fingerprints of torch versions stay as they were
         if not self.allow_ungated:
             data.pop("allow_ungated")  # absent unless given: fingerprints of gated versions stay as they were
         # The user's data, module and program by content (absent when not given: fingerprints stay as they were).
@@ -721,11 +778,13 @@ class _VersionResolver:
         if not isinstance(allow, bool):
             raise self.fail("allow_ungated", f"must be true or false, got {allow!r}")
         precision = self.merged["precision"]
-        if precision != "fp32" and evaluation is None and not allow:
+        engine = self.merged.get("runtime")
+        if (precision != "fp32" or engine is not None) and evaluation is None and not allow:
             known = _known(datasets)
+            what = f"precision {precision}" if precision != "fp32" else "runtime"
             raise self.fail(
                 "evaluation",
-                f"precision {precision} needs evaluation data: its accuracy gate against FP32 is measured on it "
+                f"{what} needs evaluation data: its accuracy gate against FP32 is measured on it "
                 f"(known data sets: {known}); or set allow_ungated: true to build it without any gate",
             )
         return allow
@@ -754,6 +813,27 @@ class _VersionResolver:
                 raise self.fail("bf16", "only applies to precision bf16")
             return None
         return self.nested("bf16", lambda: Bf16.from_dict(self.merged.get("bf16")))
+
+    def runtime(self, task: Any) -> Runtime | None:
+        """``runtime:``, checked against the task (a tensor-to-tensor program) and the precision."""
+        if "runtime" not in self.merged:
+            return None
+        runtime = self.nested("runtime", lambda: Runtime.from_dict(self.merged["runtime"]))
+        if runtime.engine == "torch":
+            return None  # the default, said out loud
+        if runtime.engine not in task.runtimes:
+            raise self.fail("runtime", f"handler {task.handler} serves its program in torch only")
+        if "program" in self.merged:
+            raise self.fail("runtime", "a program is served as given, in torch; give the nn.Module (architecture: "
+                            f"{{file, class}} with weights: {{file}}) to serve it in {runtime.engine}")  # fmt: skip
+        precision = self.merged["precision"]
+        if precision not in RUNTIME_PRECISIONS[runtime.engine]:
+            allowed = ", ".join(RUNTIME_PRECISIONS[runtime.engine])
+            raise self.fail("runtime", f"{runtime.engine} serves precision {allowed}, not {precision}")
+        if precision == "int8" and not task.calibrated:
+            raise self.fail("runtime", f"handler {task.handler} quantizes dynamically, in torch; static INT8 in "
+                            f"{runtime.engine} needs calibration inputs (an image classifier)")  # fmt: skip
+        return runtime
 
     def resolve(self) -> ModelVersionSpec:
         task = self.check_required()
@@ -792,6 +872,7 @@ class _VersionResolver:
             limits=self.nested("limits", lambda: DecodeLimits.from_dict(merged.get("limits"))),
             serving=self.nested("serving", lambda: Serving.from_dict(merged.get("serving"))),
             evaluation=evaluation,
+            runtime=self.runtime(task),
             allow_ungated=self.allow_ungated(evaluation, datasets),  # after the gates' own sections are checked
             quantization=quantization,
             bf16=bf16,

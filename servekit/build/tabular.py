@@ -320,6 +320,7 @@ class TabularClassifierTask(Task):
     data_kinds = ("csv",)
     user_models = frozenset({"file", "program"})
     classifier = True
+    runtimes = ("torch", "openvino", "onnxruntime")  # a tensor in, one tensor of scores out
 
     def architectures(self) -> Collection[str]:
         return (ARCHITECTURE,)
@@ -365,6 +366,7 @@ class TabularClassifierTask(Task):
     def handler_config(self, spec: Any) -> TabularConfig:
         return TabularConfig(
             precision=spec.precision,
+            runtime=spec.engine,
             features=self.schema(spec),
             range_tolerance=spec.options.range_tolerance,
             max_records=spec.options.max_records,

@@ -12,6 +12,7 @@ accuracy gate, packaging, manifest; ``servekit.build.spec``: validation). A task
 ``data_kinds``, ``user_models``   the user's ``data:`` it takes (``folder``, ``csv``) and its own models
                                   (``file``, ``torchvision``, ``program``: ``servekit.build.user_model``)
 ``classifier``                    a user's model must answer one score per label (checked at build)
+``runtimes``                      the engines ``runtime:`` may name (a tensor-in, tensor-out program only)
 ``architectures()``,              the names ``architecture:`` and ``evaluation`` / ``weights.train`` /
 ``datasets()``                    ``quantization.calibration`` may take
 ``parse_protocol(data)``          the ``protocol:`` section -> its typed config (``to_dict()``)
@@ -80,6 +81,7 @@ class Task:
     data_kinds: tuple[str, ...] = ()
     user_models: frozenset[str] = frozenset()
     classifier: bool = False  # a model of its own must answer [N, len(labels)]: one score per label
+    runtimes: tuple[str, ...] = ("torch",)  # the engines ``runtime:`` may name (handlers.runtimes)
 
     # ------------------------------------------------------------------ the spec
     def architectures(self) -> Collection[str]:
@@ -123,6 +125,14 @@ class Task:
 
     def convert(self, model: nn.Module, spec: Any, log: Log) -> nn.Module:
         raise NotImplementedError
+
+    def calibration_inputs(self, spec: Any) -> torch.Tensor:
+        """The inputs static INT8 in another runtime calibrates on (``runtime:`` with ``precision: int8``)."""
+        raise NotImplementedError
+
+    def fp32_program(self, model: nn.Module, spec: Any) -> nn.Module:
+        """The module the FP32 program is exported from: the trained one unless a layout serves it faster."""
+        return model
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_data(self, spec: Any) -> Sized | None:

@@ -53,6 +53,7 @@ from servekit.build.spec import load_spec, select
 from servekit.errors import ServekitError
 from servekit.perf import (
     explain_load,  # issue 27: predictions beside explanations
+    peers,  # issue 25: model only, beside ONNX Runtime and OpenVINO
     trace_load,  # issue 24: span export on vs off
 )
 from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
@@ -697,6 +698,11 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def variant_key(spec) -> str:
+    """A bench version's key: its precision (``fp32``, ``int8``, ``bf16``), with its runtime when not torch."""
+    return spec.precision if spec.runtime is None else f"{spec.precision}_{spec.engine}"
+
+
 def run_at(result: dict, key: str, concurrency: int) -> dict:
     return next(r for r in result["served"][key]["runs"] if r["concurrency"] == concurrency)
 
@@ -713,8 +719,8 @@ def lone_request(result: dict) -> dict[str, dict]:
         return {}
     stock = run_at(result, "stock", 1)["p50_ms"]
     rows = {"stock": {"p50_ms": stock, "queue_wait_ms": run_at(result, "stock", 1).get("queue_wait_ms")}}
-    for key in ("fp32", "int8", "bf16"):
-        if key not in served:
+    for key in served:
+        if key == "stock":
             continue
         p50 = run_at(result, key, 1)["p50_ms"]
         single = limit.get(key, {}).get("by_batch", {}).get(1) or limit.get(key, {}).get("by_batch", {}).get("1")
@@ -984,6 +990,8 @@ def write_markdown(result: dict, path: Path) -> None:
                 "For this model the served on/off runs vary more than the cost itself on a 2-core machine (five runs "
                 "of the same code: 0.89 to 1.07, docs/performance.md): its bar is on the counting's measured cost.",
             ]
+    if result.get("peers"):
+        lines += ["", *peers.markdown(result["peers"])]
     lines += explain_load.markdown(result.get("explain_load"))
     lines += trace_load.markdown((result.get("metrics_overhead") or {}).get("tracing"))
     lines += ["", "## Ratios and bars", ""]
@@ -1053,10 +1061,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step 1/4: archives ({WEIGHTS_NOTE})")
     make_weights(WORKDIR / WEIGHTS_FILE)
     jpeg = make_photo(WORKDIR / "photo_640x480.jpg")
-    specs = {s.precision: s for s in load_spec(args.spec)}
-    if "bf16" in specs and not native_bf16():
-        log("bf16: this CPU has no native BF16 (avx512_bf16 or amx_bf16): the BF16 version is left out")
-        specs.pop("bf16")
+    specs = {variant_key(s): s for s in load_spec(args.spec)}
+    for key in [k for k in specs if k.startswith("bf16")]:
+        if not native_bf16():
+            log(f"{key}: this CPU has no native BF16 (avx512_bf16 or amx_bf16): the BF16 version is left out")
+            specs.pop(key)
     store = WORKDIR / "store"
     build_all(list(specs.values()), store, WORKDIR / "cache", force=True)
     build_stock_archive(WORKDIR / WEIGHTS_FILE, store)
@@ -1079,14 +1088,18 @@ def main(argv: list[str] | None = None) -> int:
     programs = {}
     for key, spec in specs.items():
         with zipfile.ZipFile(store / spec.archive_name) as archive:
-            programs[key] = WORKDIR / f"{key}_model.pt"
-            programs[key].write_bytes(archive.read("model.pt"))
+            programs[key] = WORKDIR / f"{key}_{spec.program_file}"
+            programs[key].write_bytes(archive.read(spec.program_file))
     batch_sizes = [1, 8] if args.quick else [1, 4, 8, 16]
     seconds = 0.5 if args.quick else 4.0
     in_process = {key: in_process_limit(programs[key], specs[key], jpeg, batch_sizes, seconds) for key in specs}
     ceiling = decode_ceiling(camera.read_bytes(), os.cpu_count() or 1, seconds=0.5 if args.quick else 1.0,
                              rounds=2 if args.quick else 5)  # fmt: skip
     log(f"4000x3000 photo, bare libjpeg decode at 1/8 on {ceiling['threads']} threads: {ceiling['img_per_s']} photos/s")
+    log("model only, beside ONNX Runtime and OpenVINO (same model, batch and threads)")
+    module = peers.resnet18(WORKDIR / WEIGHTS_FILE)
+    beside = peers.measure(module, {key: (programs[key], specs[key]) for key in specs}, WORKDIR / "peers",
+                           seconds=0.3 if args.quick else 3.0, rounds=1 if args.quick else 3, log=log)  # fmt: skip
 
     log("step 3/4: served (one TorchServe on loopback)")
     cores = os.cpu_count() or 1
@@ -1100,6 +1113,10 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if bf16 is not None:
         variants.append(Variant("bf16", bf16.archive_name, bf16.name, bf16.version, {}, "servekit handler, BF16"))
+    for key, spec in specs.items():  # the versions served by another runtime (runtime: in the spec)
+        if spec.runtime is not None:
+            variants.append(Variant(key, spec.archive_name, spec.name, spec.version, {},
+                                    f"servekit handler, {spec.served_as}"))  # fmt: skip
     second = f"{int8.name}_second"  # the same INT8 archive registered again: a second version of equal cost
     sweep = (Target(int8.name, int8.version, int8.archive_name), Target(second, int8.version, int8.archive_name))
     tabular = (tabular_specs, WORKDIR / f"tabular_{TABULAR_RECORDS}_records.json",
@@ -1145,6 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
         "tabular": tabular_result,
         "detector": detector_result,
         "explain_load": explained,
+        "peers": beside,
         "archives": {
             "fp32_bytes": (store / fp32.archive_name).stat().st_size,
             "int8_bytes": (store / int8.archive_name).stat().st_size,
@@ -1154,6 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
     compute_ratios_and_bars(result, max(concurrencies))
     if explained is not None:
         result["bars"].update(explained["bar"])
+    result["bars"].update(beside["bar"])
     stem = "quick" if args.quick else "served" if args.only_served else "latest"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out / f"{stem}.md")
