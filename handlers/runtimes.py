@@ -86,6 +86,10 @@ class RuntimeProgram:
                     "INFERENCE_NUM_THREADS": threads,
                     "INFERENCE_PRECISION_HINT": OPENVINO_HINTS[self.precision],
                     "PERFORMANCE_HINT": "LATENCY",  # one stream: the worker's batch is the parallel work
+                    # OpenVINO pins its threads to cores by default, the same cores in every process: two
+                    # workers of one thread each then share one core (ResNet-18 FP32, 2 processes, Intel
+                    # Xeon: 20 img/s each pinned, 42.5 unpinned). The CPU budget shares the cores instead.
+                    "ENABLE_CPU_PINNING": False,
                 },
             )
         import onnxruntime

@@ -23,8 +23,20 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "quick.json").read_text())
-    expected = {"stock", "fp32", "int8"} | ({"bf16"} if native_bf16() else set())
+    # Every version of bench/models.yaml, the runtime ones (runtime: openvino) under precision_engine keys.
+    expected = {"stock", "fp32", "int8", "fp32_openvino", "int8_openvino"}
+    expected |= {"bf16", "bf16_openvino"} if native_bf16() else set()
     assert set(report["served"]) == expected
+    peers = report["peers"]  # model only, beside ONNX Runtime and OpenVINO (issue 25)
+    sides = {(row["precision"], row["side"]) for row in peers["rows"].values()}
+    assert {("fp32", "peer"), ("fp32", "servekit"), ("int8", "peer"), ("int8", "servekit")} <= sides
+    assert all(row["img_per_s"] > 0 for row in peers["rows"].values())
+    for precision in ("fp32", "int8"):
+        entry = peers["by_precision"][precision]
+        best = peers["rows"][entry["best_servekit"]]["img_per_s"] / peers["rows"][entry["best_peer"]]["img_per_s"]
+        assert entry["ratio"] == pytest.approx(best, abs=0.01)
+        assert f"model-only {precision}: servekit's best >= 1x the best peer" in report["bars"]
+    assert "| **servekit fp32 (openvino runtime)** | fp32 |" in (tmp_path / "quick.md").read_text()
     for key, served in report["served"].items():
         assert [r["concurrency"] for r in served["runs"]] == [1, 4], key
         for run in served["runs"]:

@@ -279,3 +279,12 @@ def test_a_missing_runtime_package_is_one_clear_line_at_load(built, tmp_path, mo
     with pytest.raises(RuntimeError, match=r"served by openvino .* pip install 'servekit\[runtimes\]'") as info:
         program_of(store, specs["3.0"], tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_openvino_never_pins_a_workers_threads_to_cores(built, tmp_path) -> None:
+    # Pinned (OpenVINO's default), every worker process would put its threads on the same first cores.
+    specs, store, _ = built
+    program = program_of(store, specs["3.0"], tmp_path)
+    program(torch.zeros(1, 3, 32, 32))
+    for threads in program.sessions:
+        assert program._session(threads).get_property("ENABLE_CPU_PINNING") is False
