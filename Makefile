@@ -51,7 +51,7 @@ tools: nginx
 $(RUNTIME): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[runtimes]'  # runtime: openvino | onnxruntime versions (docs/spec.md)
 	@touch $(RUNTIME)
 
 $(STAMP): $(RUNTIME)
