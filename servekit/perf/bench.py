@@ -698,11 +698,6 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def variant_key(spec) -> str:
-    """A bench version's key: its precision (``fp32``, ``int8``, ``bf16``), with its runtime when not torch."""
-    return spec.precision if spec.runtime is None else f"{spec.precision}_{spec.engine}"
-
-
 def run_at(result: dict, key: str, concurrency: int) -> dict:
     return next(r for r in result["served"][key]["runs"] if r["concurrency"] == concurrency)
 
@@ -1061,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step 1/4: archives ({WEIGHTS_NOTE})")
     make_weights(WORKDIR / WEIGHTS_FILE)
     jpeg = make_photo(WORKDIR / "photo_640x480.jpg")
-    specs = {variant_key(s): s for s in load_spec(args.spec)}
+    specs = {peers.variant_key(s): s for s in load_spec(args.spec)}
     for key in [k for k in specs if k.startswith("bf16")]:
         if not native_bf16():
             log(f"{key}: this CPU has no native BF16 (avx512_bf16 or amx_bf16): the BF16 version is left out")

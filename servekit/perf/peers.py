@@ -43,6 +43,11 @@ def _log(message: str) -> None:
     print(f"[peers] {message}", file=sys.stderr, flush=True)
 
 
+def variant_key(spec) -> str:
+    """A bench version's key: its precision (``fp32``, ``int8``, ``bf16``), with its runtime when not torch."""
+    return spec.precision if spec.runtime is None else f"{spec.precision}_{spec.engine}"
+
+
 def resnet18(weights: Path) -> torch.nn.Module:
     """The bench's FP32 ResNet-18 module (``bench/models.yaml``'s weights), the peers' source."""
     import torchvision
@@ -200,7 +205,6 @@ def markdown(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from servekit.build.spec import load_spec
-    from servekit.perf.bench import variant_key
     from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WORKDIR
 
     parser = argparse.ArgumentParser(description="Model-only rates beside ONNX Runtime and OpenVINO")
