@@ -1,0 +1,390 @@
+"""KServe as it is today: the InferenceService in Standard mode (raw Deployments), and canaries mapped onto it.
+
+KServe 0.20 (``pkg/constants/constants.go``) names its modes ``Standard`` (the default; 0.15-0.19 call
+it ``RawDeployment``, which 0.20 still reads as Standard) and ``Knative`` (formerly ``Serverless``).
+``servekit bundle`` writes Standard unless ``--kserve-mode knative``:
+
+* **Standard**: KServe creates a Deployment and a Service ``APP-predictor`` from the predictor. The
+  Service's first port is the first container port on :80 (here the OIP HTTP front, 8000), every
+  further container port at its own number, with ``appProtocol: kubernetes.io/h2c`` when its name holds
+  ``grpc`` or ``h2c`` (``reconcilers/service/service_reconciler.go``): so OIP gRPC (8001) is reachable
+  through the Service, and ``/predictions`` (8080). The pod is the Deployment form's (startup probe,
+  preStop, grace); no Knative, no queue-proxy. Scaling: KEDA on the queue with CPU beside it
+  (``serving.kserve.io/autoscalerClass: keda`` and ``autoScaling``; KServe writes the ScaledObject),
+  or KServe's CPU HPA with ``--autoscaler hpa``.
+* **Knative**: the revision-based form (``canaryTrafficPercent``), rendered by ``servekit.deploy.bundle``.
+
+Canaries (``servekit kserve canary|promote|abort``) take the applied InferenceService and write the
+next one and the JSON merge patch between them (``kubectl patch --type merge``):
+
+* Standard (KServe >= 0.20, ``spec.canary``): the candidate bundle's containers become a named canary
+  predictor with ``trafficPercent`` P (its own Deployment and Service ``APP-NAME-predictor``, replicas
+  ``ceil(stable x P / 100)``); promote retargets the stable predictor to it (``predictor.name`` = NAME,
+  no restart) and drops the canary entry, so KServe deletes the previous Deployment; abort drops the
+  entry; ``--percent 0`` keeps it deployed without traffic. KServe 0.20's webhook accepts a canary only
+  when the stable predictor has a storage URI (``STORAGE_URI`` on ``kserve-container``, models outside
+  the image): an image-baked predictor is refused here with that reason. KServe 0.20.0 creates and
+  scales the canary's Deployment; the weighted split of the route lands after 0.20.0 (kserve/kserve#5912,
+  Gateway API HTTPRoutes): until then the canary answers on its own Service only.
+* Knative: the candidate InferenceService with ``canaryTrafficPercent`` P; promote removes the field
+  (a full rollout), abort sets it to 0 (all traffic to the last rolled-out revision).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from servekit.deploy import autoscaling
+from servekit.deploy.bundle import (
+    APP,
+    CLIENT_LABEL,
+    HPA_CPU_UTILIZATION,
+    KNATIVE_INGRESS_NAMESPACE,
+    KSERVE_CLUSTER_LOCAL,
+    KSERVE_CONTAINER,
+    KSERVE_PREDICTOR_SELECTOR,
+    MONITORING_NAMESPACE,
+    PORTS,
+    SCRAPE_PORTS,
+    UID,
+    BundleError,
+    _namespace,
+    _trace_egress,
+    container_security,
+    labels,
+    resources,
+    volumes,
+)
+
+__all__ = [
+    "MODES",
+    "KServeError",
+    "abort",
+    "apply_merge_patch",
+    "canary",
+    "merge_patch",
+    "promote",
+    "read_inferenceservice",
+    "render_standard_inferenceservice",
+    "render_standard_network_policy",
+]
+
+MODES = {"standard": "Standard", "knative": "Knative"}  # --kserve-mode -> serving.kserve.io/deploymentMode
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"  # hpa (KServe's default), keda, external, none
+STORAGE_URI_ENV = "STORAGE_URI"  # a custom container's storage URI (CustomPredictor.GetStorageUri)
+# Standard mode: the first container port is the Service's :80; names holding "grpc" get appProtocol h2c.
+STANDARD_PORTS = ("oip-http", "oip-grpc", "http")
+CANARY_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?\Z")
+SERVER_FIELDS = ("resourceVersion", "uid", "generation", "creationTimestamp", "managedFields", "selfLink")
+
+
+class KServeError(BundleError):
+    """A canary step cannot be written as asked; one line saying why and what would do."""
+
+
+# ------------------------------------------------------------------------------------------ Standard mode
+def predictor_series(record: dict) -> dict[str, str]:
+    """The labels the predictor pods' series carry (servekit.deploy.operators' PodMonitor for KServe)."""
+    return {"namespace": record["namespace"], "job": autoscaling.SCRAPE_JOB, "container": KSERVE_CONTAINER,
+            "pod": f"~{APP}-predictor-[a-z0-9]+-[a-z0-9]+"}  # fmt: skip
+
+
+def render_standard_inferenceservice(record: dict) -> dict:
+    """The InferenceService in Standard mode: the Deployment form's pod as a custom predictor (OIP v2)."""
+    declared, mounts = volumes()
+    kserve, scaling = record["kserve"], record["autoscaling"]
+    container = {
+        "name": KSERVE_CONTAINER,
+        "image": record["image"],
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(record["entrypoint"]),
+        "env": [{"name": "PROTOCOL", "value": "v2"}]
+        + [{"name": key, "value": value} for key, value in record["env"].items()],
+        # KServe turns every container port into a Service port; the scrape ports are declared too, because a
+        # PodMonitor finds only declared ports (the NetworkPolicy admits only the monitoring namespace there).
+        "ports": [
+            {"name": name, "containerPort": PORTS[name], "protocol": "TCP"} for name in (*STANDARD_PORTS, *SCRAPE_PORTS)
+        ],  # fmt: skip
+        "resources": resources(record),
+        "startupProbe": record["probes"]["startup"],
+        "readinessProbe": record["probes"]["readiness"],
+        "livenessProbe": record["probes"]["liveness"],
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(record["preStopSeconds"])]}}},
+        "securityContext": container_security(),
+        "volumeMounts": mounts,
+    }
+    predictor: dict[str, Any] = {"minReplicas": record["replicas"], "maxReplicas": record["max_replicas"]}
+    if scaling["autoscaler"] == "keda":
+        predictor["autoScaling"] = {
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"backend": "prometheus", "serverAddress": scaling["prometheus_url"],
+                                   "query": scaling["kserve_query"]},  # fmt: skip
+                        # KServe's KEDA reconciler passes target.value as the trigger's threshold (per replica).
+                        "target": {"type": "Value", "value": str(scaling["queue_per_pod"])},
+                    },
+                },
+                {"type": "Resource", "resource": {"name": "cpu", "target": {
+                    "type": "Utilization", "averageUtilization": scaling["cpu_utilization"]}}},
+            ]
+        }  # fmt: skip
+    else:
+        predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
+    predictor |= {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": record["terminationGracePeriodSeconds"],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },  # fmt: skip
+        "containers": [container],
+        "volumes": declared,
+    }
+    annotations = {
+        DEPLOYMENT_MODE: MODES["standard"],
+        AUTOSCALER_CLASS: scaling["autoscaler"],
+        "serving.kserve.io/enable-prometheus-scraping": "true",
+        "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
+        "prometheus.kserve.io/path": "/metrics",
+        "servekit.io/bundle-sha256": record["bundle_sha256"],
+    }
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": APP,
+            "namespace": record["namespace"],
+            "labels": labels(record) | ({} if kserve["public"] else dict(KSERVE_CLUSTER_LOCAL)),
+            "annotations": annotations,
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def render_standard_network_policy(record: dict) -> dict:
+    """The predictor pods' NetworkPolicy in Standard mode: no activator or queue-proxy, the ports themselves.
+
+    Admitted: pods labelled like the Deployment form's clients on the Service's ports (OIP HTTP, gRPC,
+    /predictions), the ingress gateway's namespace on the same ports only when the InferenceService is
+    public (cluster-local creates no route), the monitoring namespace on the scrape ports. Canary pods
+    carry the same labels and are covered too. Ingress only: KServe's storage initializer (an
+    initContainer of the same pod, for a storage URI) downloads from wherever the URI points.
+    """
+    client_key, client_value = CLIENT_LABEL
+
+    def served() -> list[dict]:  # a fresh list each time: a shared one would be dumped as a YAML alias
+        return [{"protocol": "TCP", "port": PORTS[name]} for name in STANDARD_PORTS]
+
+    ingress = [{"from": [{"podSelector": {"matchLabels": {client_key: client_value}}}], "ports": served()}]
+    if record["kserve"]["public"]:
+        ingress.append({"from": [_namespace(KNATIVE_INGRESS_NAMESPACE)], "ports": served()})
+    ingress.append(
+        {
+            "from": [_namespace(MONITORING_NAMESPACE)],
+            "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
+        }
+    )
+    policy_types = ["Ingress"]
+    spec: dict[str, Any] = {"podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)}, "ingress": ingress}
+    if record.get("otlp_endpoint") is None:
+        spec["policyTypes"] = policy_types
+    else:  # the trace collector's port and DNS are opened as in the Deployment form; nothing else goes out
+        spec["policyTypes"] = [*policy_types, "Egress"]
+        spec["egress"] = _trace_egress(record["otlp_endpoint"])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{APP}-predictor", "namespace": record["namespace"], "labels": labels(record)},
+        "spec": spec,
+    }
+
+
+# ------------------------------------------------------------------------------------------ canaries
+def read_inferenceservice(path: Path) -> dict:
+    """The InferenceService in a YAML file (a bundle's kserve/inferenceservice.yaml or ``kubectl get -o yaml``).
+
+    What the API server adds (status, resourceVersion, uid, ...) is dropped: the result is what to apply.
+    """
+    try:
+        documents = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise KServeError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    found = [d for d in documents if isinstance(d, dict) and d.get("kind") == "InferenceService"]
+    if len(found) != 1:
+        raise KServeError(f"{path} must hold exactly one InferenceService, found {len(found)}")
+    isvc = copy.deepcopy(found[0])
+    isvc.pop("status", None)
+    metadata = isvc.setdefault("metadata", {})
+    for key in SERVER_FIELDS:
+        metadata.pop(key, None)
+    metadata.get("annotations", {}).pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    if not isinstance((isvc.get("spec") or {}).get("predictor"), dict):
+        raise KServeError(f"{path}: the InferenceService has no spec.predictor")
+    return isvc
+
+
+def mode_of(isvc: dict) -> str:
+    """'standard' or 'knative', as KServe 0.20 reads the annotation (legacy names included, unset = Standard)."""
+    value = (isvc.get("metadata", {}).get("annotations") or {}).get(DEPLOYMENT_MODE, "Standard")
+    modes = {"Standard": "standard", "RawDeployment": "standard", "Knative": "knative", "Serverless": "knative"}
+    if value not in modes:
+        raise KServeError(f"{DEPLOYMENT_MODE}: {value!r} is not a mode servekit maps canaries onto (Standard, Knative)")
+    return modes[value]
+
+
+def _container(isvc: dict) -> dict:
+    containers = isvc["spec"]["predictor"].get("containers") or []
+    for container in containers:
+        if container.get("name") == KSERVE_CONTAINER:
+            return container
+    raise KServeError(f"the InferenceService's predictor has no container named {KSERVE_CONTAINER}")
+
+
+def _storage_uri(isvc: dict) -> str | None:
+    for env in _container(isvc).get("env") or []:
+        if env.get("name") == STORAGE_URI_ENV:
+            return env.get("value")
+    return None
+
+
+def _percent(percent: Any) -> int:
+    if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 100:
+        raise KServeError(f"--percent must be a whole number from 0 to 100, got {percent!r}")
+    return percent
+
+
+def canary_name(models: dict[str, dict]) -> str:
+    """A predictor name from a bundle's models and defaults: digits 2.0 -> ``digits-2-0``."""
+    text = "-".join(f"{name}-{entry['default']}" for name, entry in sorted(models.items()))
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].rstrip("-")
+    return name or "canary"
+
+
+def canary(current: dict, candidate: dict, percent: int, name: str) -> dict:
+    """The InferenceService that sends ``percent`` % to ``candidate`` (the new bundle's InferenceService)."""
+    percent = _percent(percent)
+    mode = mode_of(current)
+    if mode_of(candidate) != mode:
+        raise KServeError(f"the candidate is bundled for {mode_of(candidate)} mode, the applied one runs {mode}")
+    if mode == "knative":
+        nxt = copy.deepcopy(candidate)
+        nxt["spec"]["predictor"]["canaryTrafficPercent"] = percent
+        return nxt
+    if not CANARY_NAME_RE.match(name):
+        raise KServeError(f"--name {name!r} is not a predictor name (lower-case letters, digits, '-', <= 40)")
+    if _storage_uri(current) is None:
+        raise KServeError(
+            "KServe 0.20 accepts spec.canary only when the stable predictor has a storage URI (STORAGE_URI on "
+            f"{KSERVE_CONTAINER}, models outside the image); this one bakes its models into the image: roll it "
+            "out whole (kubectl apply the new bundle) or bundle with --kserve-mode knative"
+        )
+    if name == (current["spec"]["predictor"].get("name") or ""):
+        raise KServeError(f"--name {name!r} is the stable predictor's name: the canary needs its own")
+    others = [c for c in current["spec"].get("canary") or [] if c["predictor"].get("name") != name]
+    if others:
+        listed = ", ".join(c["predictor"].get("name", "?") for c in others)
+        raise KServeError(f"another canary is running ({listed}): promote or abort it first")
+    nxt = copy.deepcopy(current)
+    # Only what differs: KServe merges the canary predictor onto the stable one (containers replace whole).
+    canary_predictor = {"name": name, "containers": copy.deepcopy(candidate["spec"]["predictor"]["containers"])}
+    nxt["spec"]["canary"] = [{"trafficPercent": percent, "predictor": canary_predictor}]
+    annotations = nxt["metadata"].setdefault("annotations", {})
+    annotations["servekit.io/canary-bundle-sha256"] = (candidate["metadata"].get("annotations") or {}).get(
+        "servekit.io/bundle-sha256", ""
+    )
+    return nxt
+
+
+def promote(current: dict) -> dict:
+    """The canary takes all traffic and the previous predictor goes (Standard) / a full rollout (Knative)."""
+    nxt = copy.deepcopy(current)
+    if mode_of(current) == "knative":
+        if "canaryTrafficPercent" not in nxt["spec"]["predictor"]:
+            raise KServeError("no canary to promote: the predictor has no canaryTrafficPercent")
+        del nxt["spec"]["predictor"]["canaryTrafficPercent"]
+        return nxt
+    canaries = nxt["spec"].pop("canary", None) or []
+    if len(canaries) != 1:
+        raise KServeError(f"promote needs exactly one canary in spec.canary, found {len(canaries)}")
+    (entry,) = canaries
+    # The stable predictor is retargeted to the canary's Deployment (its name) and pod template: no restart.
+    nxt["spec"]["predictor"]["name"] = entry["predictor"]["name"]
+    nxt["spec"]["predictor"]["containers"] = entry["predictor"]["containers"]
+    annotations = nxt["metadata"].setdefault("annotations", {})
+    sha = annotations.pop("servekit.io/canary-bundle-sha256", None)
+    if sha:
+        annotations["servekit.io/bundle-sha256"] = sha
+    return nxt
+
+
+def abort(current: dict) -> dict:
+    """All traffic back to the stable predictor: the canary entry goes (Standard) / 0 % (Knative)."""
+    nxt = copy.deepcopy(current)
+    if mode_of(current) == "knative":
+        if "canaryTrafficPercent" not in nxt["spec"]["predictor"]:
+            raise KServeError("no canary to abort: the predictor has no canaryTrafficPercent")
+        nxt["spec"]["predictor"]["canaryTrafficPercent"] = 0
+        return nxt
+    if not nxt["spec"].pop("canary", None):
+        raise KServeError("no canary to abort: spec.canary is empty")
+    nxt["metadata"].get("annotations", {}).pop("servekit.io/canary-bundle-sha256", None)
+    return nxt
+
+
+def rollout_plan(current: dict, candidate: dict, steps: list[int], name: str) -> list[tuple[str, dict]]:
+    """``servekit rollout``'s steps as InferenceServices: (label, document) per canary step, then the promotion.
+
+    The judging between steps (error rate, p99, drift) is ``servekit rollout``'s on one host; on a cluster
+    it needs the cluster's Prometheus, and these documents are applied step by step by whoever judges.
+    """
+    if not steps or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise KServeError(f"--steps {steps} must rise strictly, e.g. 10,25,50,100")
+    plan = [(f"canary-{p}", canary(current, candidate, p, name)) for p in steps]
+    plan.append(("promote", promote(plan[-1][1])))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ patches
+def merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 JSON merge patch that turns ``old`` into ``new`` (``kubectl patch --type merge``)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return copy.deepcopy(new)
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = copy.deepcopy(value)
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value) if isinstance(value, dict) else copy.deepcopy(value)
+    return patch
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 applied: what the API server makes of ``target`` with ``patch``."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_merge_patch(result.get(key), value)
+    return result
+
+
+def kubectl_patch_command(isvc: dict, patch: dict) -> list[str]:
+    meta = isvc["metadata"]
+    return ["kubectl", "-n", meta.get("namespace", "default"), "patch", "inferenceservice", meta["name"],
+            "--type", "merge", "-p", json.dumps(patch, separators=(",", ":"), sort_keys=True)]  # fmt: skip
