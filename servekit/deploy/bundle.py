@@ -920,17 +920,22 @@ def render_inferenceservice(record: dict) -> dict:
         ],
         "volumes": declared,
     }
+    annotations = {"serving.kserve.io/deploymentMode": "Knative", "serving.kserve.io/enable-metric-aggregation": "true"}
+    return inferenceservice(record, annotations, predictor)
+
+
+def inferenceservice(record: dict, annotations: dict[str, str], predictor: dict) -> dict:
+    """The InferenceService around a predictor: cluster-local unless public, scraped on servekit's page."""
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
             "name": APP,
             "namespace": record["namespace"],
-            "labels": labels(record) | ({} if kserve["public"] else dict(KSERVE_CLUSTER_LOCAL)),
-            "annotations": {
-                "serving.kserve.io/deploymentMode": "Knative",
+            "labels": labels(record) | ({} if record["kserve"]["public"] else dict(KSERVE_CLUSTER_LOCAL)),
+            "annotations": annotations
+            | {
                 "serving.kserve.io/enable-prometheus-scraping": "true",
-                "serving.kserve.io/enable-metric-aggregation": "true",
                 "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
                 "prometheus.kserve.io/path": "/metrics",
                 "servekit.io/bundle-sha256": record["bundle_sha256"],

@@ -46,20 +46,17 @@ from servekit.deploy.bundle import (
     CLIENT_LABEL,
     HPA_CPU_UTILIZATION,
     KNATIVE_INGRESS_NAMESPACE,
-    KSERVE_CLUSTER_LOCAL,
     KSERVE_CONTAINER,
     KSERVE_PREDICTOR_SELECTOR,
     MONITORING_NAMESPACE,
     PORTS,
     SCRAPE_PORTS,
-    UID,
     BundleError,
     _namespace,
     _trace_egress,
-    container_security,
+    inferenceservice,
     labels,
-    resources,
-    volumes,
+    render_kubernetes,
 )
 
 __all__ = [
@@ -82,6 +79,9 @@ STORAGE_URI_ENV = "STORAGE_URI"  # a custom container's storage URI (CustomPredi
 # Standard mode: the first container port is the Service's :80; names holding "grpc" get appProtocol h2c.
 STANDARD_PORTS = ("oip-http", "oip-grpc", "http")
 CANARY_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?\Z")
+# What the predictor takes from the Deployment's pod spec (PredictorSpec carries these PodSpec fields).
+POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "terminationGracePeriodSeconds", "securityContext",
+              "volumes")  # fmt: skip
 SERVER_FIELDS = ("resourceVersion", "uid", "generation", "creationTimestamp", "managedFields", "selfLink")
 
 
@@ -98,28 +98,20 @@ def predictor_series(record: dict) -> dict[str, str]:
 
 def render_standard_inferenceservice(record: dict) -> dict:
     """The InferenceService in Standard mode: the Deployment form's pod as a custom predictor (OIP v2)."""
-    declared, mounts = volumes()
-    kserve, scaling = record["kserve"], record["autoscaling"]
-    container = {
+    scaling = record["autoscaling"]
+    # The Deployment form's pod as it is (probes, preStop, grace, security, volumes): KServe makes a Deployment.
+    (deployment,) = [d for d in render_kubernetes(record) if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (base,) = pod["containers"]
+    container = copy.deepcopy(base) | {
         "name": KSERVE_CONTAINER,
-        "image": record["image"],
-        "imagePullPolicy": "IfNotPresent",
-        "command": list(record["entrypoint"]),
-        "env": [{"name": "PROTOCOL", "value": "v2"}]
-        + [{"name": key, "value": value} for key, value in record["env"].items()],
+        # PROTOCOL on the first container is how KServe reads a custom predictor's protocol version.
+        "env": [{"name": "PROTOCOL", "value": "v2"}, *copy.deepcopy(base["env"])],
         # KServe turns every container port into a Service port; the scrape ports are declared too, because a
         # PodMonitor finds only declared ports (the NetworkPolicy admits only the monitoring namespace there).
-        "ports": [
-            {"name": name, "containerPort": PORTS[name], "protocol": "TCP"} for name in (*STANDARD_PORTS, *SCRAPE_PORTS)
-        ],  # fmt: skip
-        "resources": resources(record),
-        "startupProbe": record["probes"]["startup"],
-        "readinessProbe": record["probes"]["readiness"],
-        "livenessProbe": record["probes"]["liveness"],
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(record["preStopSeconds"])]}}},
-        "securityContext": container_security(),
-        "volumeMounts": mounts,
-    }
+        "ports": [{"name": name, "containerPort": PORTS[name], "protocol": "TCP"}
+                  for name in (*STANDARD_PORTS, *SCRAPE_PORTS)],
+    }  # fmt: skip
     predictor: dict[str, Any] = {"minReplicas": record["replicas"], "maxReplicas": record["max_replicas"]}
     if scaling["autoscaler"] == "keda":
         predictor["autoScaling"] = {
@@ -139,39 +131,9 @@ def render_standard_inferenceservice(record: dict) -> dict:
         }  # fmt: skip
     else:
         predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
-    predictor |= {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": record["terminationGracePeriodSeconds"],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },  # fmt: skip
-        "containers": [container],
-        "volumes": declared,
-    }
-    annotations = {
-        DEPLOYMENT_MODE: MODES["standard"],
-        AUTOSCALER_CLASS: scaling["autoscaler"],
-        "serving.kserve.io/enable-prometheus-scraping": "true",
-        "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
-        "prometheus.kserve.io/path": "/metrics",
-        "servekit.io/bundle-sha256": record["bundle_sha256"],
-    }
-    return {
-        "apiVersion": "serving.kserve.io/v1beta1",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": APP,
-            "namespace": record["namespace"],
-            "labels": labels(record) | ({} if kserve["public"] else dict(KSERVE_CLUSTER_LOCAL)),
-            "annotations": annotations,
-        },
-        "spec": {"predictor": predictor},
-    }
+    predictor |= {key: copy.deepcopy(pod[key]) for key in POD_FIELDS if key in pod} | {"containers": [container]}
+    return inferenceservice(record, {DEPLOYMENT_MODE: MODES["standard"], AUTOSCALER_CLASS: scaling["autoscaler"]},
+                            predictor)  # fmt: skip
 
 
 def render_standard_network_policy(record: dict) -> dict:
@@ -308,13 +270,19 @@ def canary(current: dict, candidate: dict, percent: int, name: str) -> dict:
     return nxt
 
 
+def _knative_canary(isvc: dict, action: str) -> dict:
+    """The predictor of a Knative-mode InferenceService that has a canary; else a one-line refusal."""
+    predictor = isvc["spec"]["predictor"]
+    if "canaryTrafficPercent" not in predictor:
+        raise KServeError(f"no canary to {action}: the predictor has no canaryTrafficPercent")
+    return predictor
+
+
 def promote(current: dict) -> dict:
     """The canary takes all traffic and the previous predictor goes (Standard) / a full rollout (Knative)."""
     nxt = copy.deepcopy(current)
     if mode_of(current) == "knative":
-        if "canaryTrafficPercent" not in nxt["spec"]["predictor"]:
-            raise KServeError("no canary to promote: the predictor has no canaryTrafficPercent")
-        del nxt["spec"]["predictor"]["canaryTrafficPercent"]
+        _knative_canary(nxt, "promote").pop("canaryTrafficPercent")
         return nxt
     canaries = nxt["spec"].pop("canary", None) or []
     if len(canaries) != 1:
@@ -334,9 +302,7 @@ def abort(current: dict) -> dict:
     """All traffic back to the stable predictor: the canary entry goes (Standard) / 0 % (Knative)."""
     nxt = copy.deepcopy(current)
     if mode_of(current) == "knative":
-        if "canaryTrafficPercent" not in nxt["spec"]["predictor"]:
-            raise KServeError("no canary to abort: the predictor has no canaryTrafficPercent")
-        nxt["spec"]["predictor"]["canaryTrafficPercent"] = 0
+        _knative_canary(nxt, "abort")["canaryTrafficPercent"] = 0
         return nxt
     if not nxt["spec"].pop("canary", None):
         raise KServeError("no canary to abort: spec.canary is empty")

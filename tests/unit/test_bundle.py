@@ -486,7 +486,8 @@ def test_public_drops_only_the_cluster_local_labels(
     tmp_path: Path, model_store: Path, capsys: pytest.CaptureFixture, kserve_validator: jsonschema.Draft4Validator,
     bundle: Bundle,
 ) -> None:  # fmt: skip
-    code, out, err = run_cli(["--public", "--image", IMAGE], tmp_path, model_store, capsys)
+    knative = ["--kserve-mode", "knative", "--autoscaler", "hpa"]  # this module's forms (make_bundle)
+    code, out, err = run_cli(["--public", "--image", IMAGE, *knative], tmp_path, model_store, capsys)
     assert (code, err) == (0, "")
     public = Bundle(tmp_path / "out", json.loads((tmp_path / "out" / "bundle.json").read_text()))
     docs, closed = kserve_documents(public), kserve_documents(bundle)

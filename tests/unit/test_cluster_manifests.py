@@ -29,6 +29,7 @@ from servekit.deploy import autoscaling, kserve, operators
 from servekit.deploy.bundle import Bundle, BundleError, BundleOptions, write_bundle
 from servekit.deploy.kserve import KServeError
 from servekit.serving.exporter import StateCollector
+from tests.unit.test_bundle import strict_schema
 
 pytestmark = pytest.mark.unit
 
@@ -45,23 +46,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STORAGE_URI = "pvc://servekit-models/digits"
 
 
-def strict(node: object) -> object:
-    """Unknown fields rejected wherever a schema lists the known ones (the API server's strict validation)."""
-    if isinstance(node, dict):
-        listed = "properties" in node and "additionalProperties" not in node
-        if listed and not node.get("x-kubernetes-preserve-unknown-fields"):
-            node["additionalProperties"] = False
-        for value in node.values():
-            strict(value)
-    elif isinstance(node, list):
-        for value in node:
-            strict(value)
-    return node
-
-
 @pytest.fixture(scope="module")
 def validators() -> dict[str, jsonschema.Draft4Validator]:
-    return {kind: jsonschema.Draft4Validator(strict(json.loads(p.read_text()))) for kind, p in SCHEMAS.items()}
+    return {kind: jsonschema.Draft4Validator(strict_schema(json.loads(p.read_text()))) for kind, p in SCHEMAS.items()}
 
 
 def errors(validators: dict, document: dict) -> list[str]:
