@@ -8,8 +8,10 @@ pods, KEDA divides it by the replicas (``AverageValue``) and adds pods while eac
 the larger of the two proposals, so a pod saturated on CPU with an empty queue still scales, and when
 Prometheus cannot be read KEDA's ``fallback`` holds at least the configured replicas.
 
-    query = queue_query({"namespace": "servekit", "job": "servekit", "container": "servekit"})
-    scaled = render_scaled_object(record)     # keda.sh/v1alpha1 ScaledObject on deployment/servekit
+    query = queue_query(deployment_series("servekit", "servekit"))
+    scaled = render_scaled_object(record, "servekit", labels)   # keda.sh/v1alpha1 ScaledObject
+
+Pure functions of their arguments: ``servekit.deploy.bundle`` calls them with its record and names.
 
 Every metric name a query uses is one of ``QUEUE_METRIC``'s family, which the integration test
 ``tests/integration/test_monitoring.py`` reads back from a real server's scrape.
@@ -19,9 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from servekit.deploy.bundle import APP, labels
-
-__all__ = ["QUEUE_METRIC", "SCRAPE_JOB", "queue_query", "render_scaled_object", "scaled_object_name"]
+__all__ = ["QUEUE_METRIC", "SCRAPE_JOB", "deployment_series", "predictor_series", "queue_query", "render_scaled_object"]
 
 QUEUE_METRIC = "servekit_queue_pending"  # servekit.serving.exporter.StateCollector: model, version
 SCRAPE_JOB = "servekit"  # the PodMonitor names servekit's page so (as `make monitor` does; the rules' up{job=~})
@@ -44,29 +44,26 @@ def queue_query(labels: dict[str, str]) -> str:
     return f"sum(max by (pod, model, version) ({QUEUE_METRIC}{{{_matchers(labels)}}}))"
 
 
-def deployment_series(record: dict) -> dict[str, str]:
-    """The labels the PodMonitor gives the Deployment's pods' series (servekit.deploy.operators)."""
-    return {"namespace": record["namespace"], "job": SCRAPE_JOB, "container": APP,
-            "pod": f"~{APP}-[a-z0-9]+-[a-z0-9]+"}  # fmt: skip
+def deployment_series(namespace: str, app: str) -> dict[str, str]:
+    """The labels a PodMonitor gives the series of ``deployment/app``'s pods (NAME-HASH-SUFFIX, container app)."""
+    return {"namespace": namespace, "job": SCRAPE_JOB, "container": app, "pod": f"~{app}-[a-z0-9]+-[a-z0-9]+"}
 
 
-def scaled_object_name(record: dict) -> str:
-    return APP
+def predictor_series(namespace: str, isvc: str, container: str) -> dict[str, str]:
+    """The same for a KServe InferenceService's predictor pods in Standard mode (Deployment ISVC-predictor)."""
+    return {"namespace": namespace, "job": SCRAPE_JOB, "container": container,
+            "pod": f"~{isvc}-predictor-[a-z0-9]+-[a-z0-9]+"}  # fmt: skip
 
 
-def render_scaled_object(record: dict) -> dict[str, Any]:
-    """KEDA's ScaledObject for ``deployment/APP``: the queue through Prometheus, CPU beside it, a fallback."""
+def render_scaled_object(record: dict, app: str, labels: dict[str, str]) -> dict[str, Any]:
+    """KEDA's ScaledObject for ``deployment/app``: the queue through Prometheus, CPU beside it, a fallback."""
     scaling = record["autoscaling"]
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": {
-            "name": scaled_object_name(record),
-            "namespace": record["namespace"],
-            "labels": labels(record),
-        },  # fmt: skip
+        "metadata": {"name": app, "namespace": record["namespace"], "labels": dict(labels)},
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": app},
             "minReplicaCount": record["replicas"],
             "maxReplicaCount": record["max_replicas"],
             "pollingInterval": KEDA_POLLING_S,

@@ -33,6 +33,7 @@ it into the Dockerfile and the manifests, so that they cannot disagree.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from servekit.deploy import autoscaling, kustomize, operators
 from servekit.deploy.state import read_state
 from servekit.errors import ServekitError, one_line
 from servekit.serving.server import BASE_CONFIG, REPO_ROOT, read_properties
@@ -110,7 +112,12 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SOURCES = ("pyproject.toml", "README.md", "handlers", "servekit")  # what `pip install` needs in src/
 # Settings copied from the repository's config.properties (the same limits as on one host).
 COPIED_SETTINGS = ("job_queue_size", "max_request_size", "max_response_size")
-KSERVE_MODES = ("standard", "knative")  # --kserve-mode; servekit.deploy.kserve.MODES has KServe's names
+KSERVE_MODES = {"standard": "Standard", "knative": "Knative"}  # --kserve-mode -> serving.kserve.io/deploymentMode
+# Standard mode: the first container port is the Service's :80; names holding "grpc" get appProtocol h2c.
+KSERVE_STANDARD_PORTS = ("oip-http", "oip-grpc", "http")
+# What a Standard-mode predictor takes from the Deployment's pod spec (PredictorSpec carries these PodSpec fields).
+KSERVE_POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "terminationGracePeriodSeconds",
+                     "securityContext", "volumes")  # fmt: skip
 AUTOSCALERS = ("keda", "hpa")  # --autoscaler: KEDA on the queue with CPU beside it, or CPU alone
 # Prometheus Operator's governing Service of a Prometheus in the monitoring namespace: KEDA asks it.
 PROMETHEUS_URL = f"http://prometheus-operated.{MONITORING_NAMESPACE}.svc:9090"
@@ -793,9 +800,7 @@ def render_kubernetes(record: dict) -> list[dict]:
 
 def _scaler(record: dict) -> dict:
     """KEDA's ScaledObject on the queue, with CPU beside it (it owns the HPA it creates: none of ours then)."""
-    from servekit.deploy.autoscaling import render_scaled_object  # imports this module
-
-    return render_scaled_object(record)
+    return autoscaling.render_scaled_object(record, APP, labels(record))
 
 
 def _trace_egress(endpoint: str | None) -> list[dict]:
@@ -821,8 +826,6 @@ def _namespace(name: str, pods: dict[str, str] | None = None) -> dict:
 def render_kserve_network_policy(record: dict) -> dict:
     """The predictor pods' NetworkPolicy: Standard mode's (servekit.deploy.kserve) or Knative's below."""
     if record["kserve"]["deploymentMode"] == "Standard":
-        from servekit.deploy.kserve import render_standard_network_policy  # imports this module
-
         return render_standard_network_policy(record)
     return render_knative_network_policy(record)
 
@@ -879,8 +882,6 @@ def render_inferenceservice(record: dict) -> dict:
     Standard mode (KServe's default): servekit.deploy.kserve. Knative mode (--kserve-mode knative): below.
     """
     if record["kserve"]["deploymentMode"] == "Standard":
-        from servekit.deploy.kserve import render_standard_inferenceservice  # imports this module
-
         return render_standard_inferenceservice(record)
     declared, mounts = volumes()
     kserve = record["kserve"]
@@ -945,6 +946,85 @@ def inferenceservice(record: dict, annotations: dict[str, str], predictor: dict)
     }
 
 
+def render_standard_inferenceservice(record: dict) -> dict:
+    """The InferenceService in Standard mode: the Deployment form's pod as a custom predictor (OIP v2)."""
+    scaling = record["autoscaling"]
+    # The Deployment form's pod as it is (probes, preStop, grace, security, volumes): KServe makes a Deployment.
+    (deployment,) = [d for d in render_kubernetes(record) if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (base,) = pod["containers"]
+    container = copy.deepcopy(base) | {
+        "name": KSERVE_CONTAINER,
+        # PROTOCOL on the first container is how KServe reads a custom predictor's protocol version.
+        "env": [{"name": "PROTOCOL", "value": "v2"}, *copy.deepcopy(base["env"])],
+        # KServe turns every container port into a Service port; the scrape ports are declared too, because a
+        # PodMonitor finds only declared ports (the NetworkPolicy admits only the monitoring namespace there).
+        "ports": [{"name": name, "containerPort": PORTS[name], "protocol": "TCP"}
+                  for name in (*KSERVE_STANDARD_PORTS, *SCRAPE_PORTS)],
+    }  # fmt: skip
+    predictor: dict[str, Any] = {"minReplicas": record["replicas"], "maxReplicas": record["max_replicas"]}
+    if scaling["autoscaler"] == "keda":
+        predictor["autoScaling"] = {
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"backend": "prometheus", "serverAddress": scaling["prometheus_url"],
+                                   "query": scaling["kserve_query"]},  # fmt: skip
+                        # KServe's KEDA reconciler passes target.value as the trigger's threshold (per replica).
+                        "target": {"type": "Value", "value": str(scaling["queue_per_pod"])},
+                    },
+                },
+                {"type": "Resource", "resource": {"name": "cpu", "target": {
+                    "type": "Utilization", "averageUtilization": scaling["cpu_utilization"]}}},
+            ]
+        }  # fmt: skip
+    else:
+        predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
+    predictor |= {key: copy.deepcopy(pod[key]) for key in KSERVE_POD_FIELDS if key in pod} | {"containers": [container]}
+    return inferenceservice(record, {"serving.kserve.io/deploymentMode": "Standard",
+                             "serving.kserve.io/autoscalerClass": scaling["autoscaler"]},
+                            predictor)  # fmt: skip
+
+
+def render_standard_network_policy(record: dict) -> dict:
+    """The predictor pods' NetworkPolicy in Standard mode: no activator or queue-proxy, the ports themselves.
+
+    Admitted: pods labelled like the Deployment form's clients on the Service's ports (OIP HTTP, gRPC,
+    /predictions), the ingress gateway's namespace on the same ports only when the InferenceService is
+    public (cluster-local creates no route), the monitoring namespace on the scrape ports. Canary pods
+    carry the same labels and are covered too. Ingress only: KServe's storage initializer (an
+    initContainer of the same pod, for a storage URI) downloads from wherever the URI points.
+    """
+    client_key, client_value = CLIENT_LABEL
+
+    def served() -> list[dict]:  # a fresh list each time: a shared one would be dumped as a YAML alias
+        return [{"protocol": "TCP", "port": PORTS[name]} for name in KSERVE_STANDARD_PORTS]
+
+    ingress = [{"from": [{"podSelector": {"matchLabels": {client_key: client_value}}}], "ports": served()}]
+    if record["kserve"]["public"]:
+        ingress.append({"from": [_namespace(KNATIVE_INGRESS_NAMESPACE)], "ports": served()})
+    ingress.append(
+        {
+            "from": [_namespace(MONITORING_NAMESPACE)],
+            "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
+        }
+    )
+    policy_types = ["Ingress"]
+    spec: dict[str, Any] = {"podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)}, "ingress": ingress}
+    if record.get("otlp_endpoint") is None:
+        spec["policyTypes"] = policy_types
+    else:  # the trace collector's port and DNS are opened as in the Deployment form; nothing else goes out
+        spec["policyTypes"] = [*policy_types, "Egress"]
+        spec["egress"] = _trace_egress(record["otlp_endpoint"])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{APP}-predictor", "namespace": record["namespace"], "labels": labels(record)},
+        "spec": spec,
+    }
+
+
 def dump_documents(documents: list[dict], header: str) -> str:
     return header + yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, explicit_start=True)
 
@@ -970,6 +1050,7 @@ class Bundle:
             + "".join(f"\nnote: {note}" for note in r["kserve"]["notes"])
             + f"\nnext: docker build -t {r['image']} {self.path} && docker push {r['image']} && "
             f"kubectl apply -f {self.path / 'k8s' / 'servekit.yaml'}"
+            f" (or kubectl apply -k {self.path / 'kustomize' / 'overlays' / 'production'})"
         )
 
 
@@ -977,7 +1058,7 @@ def build_record(
     options: BundleOptions, models: list[SelectedModel], manifest: dict, config_text: str, repo_root: Path, canary
 ) -> dict:
     percent, canaries, notes = canary
-    mode = {"standard": "Standard", "knative": "Knative"}[options.kserve_mode]
+    mode = KSERVE_MODES[options.kserve_mode]
     if mode == "Standard" and canaries:
         listed = ", ".join(f"{n} {c['version']} ({c['percent']}%)" for n, c in sorted(canaries.items()))
         notes = [
@@ -1061,28 +1142,33 @@ def build_record(
 
 
 def _queue_query(namespace: str, form: str) -> str:
-    from servekit.deploy import autoscaling, kserve  # both import this module
-
-    series = {"deployment": autoscaling.deployment_series, "kserve": kserve.predictor_series}[form]
-    return autoscaling.queue_query(series({"namespace": namespace}))
+    if form == "deployment":
+        return autoscaling.queue_query(autoscaling.deployment_series(namespace, APP))
+    return autoscaling.queue_query(autoscaling.predictor_series(namespace, APP, KSERVE_CONTAINER))
 
 
 def _write_operator_files(record: dict, staging: Path) -> None:
     """monitoring/ (PodMonitors, PrometheusRule, Grafana dashboard) and kustomize/ (base and overlays)."""
-    from servekit.deploy import kustomize, operators  # both import this module
-
+    namespace, meta = record["namespace"], labels(record)
+    monitors = operators.render_pod_monitors(
+        namespace, meta, {APP: selector(), f"{APP}-predictor": dict(KSERVE_PREDICTOR_SELECTOR)}
+    )
+    rule = operators.render_prometheus_rule(APP, namespace, meta)
     (staging / "monitoring").mkdir()
     header = "# Generated by `servekit bundle` for the Prometheus Operator: kubectl apply -f this file.\n"
-    (staging / "monitoring" / "podmonitor.yaml").write_text(
-        dump_documents(operators.render_pod_monitors(record), header)
-    )
+    (staging / "monitoring" / "podmonitor.yaml").write_text(dump_documents(monitors, header))
     (staging / "monitoring" / "prometheusrule.yaml").write_text(
-        dump_documents([operators.render_prometheus_rule(record)], header.replace(":", " (monitoring/rules):", 1))
+        dump_documents([rule], header.replace(":", " (monitoring/rules):", 1))
     )
     (staging / "monitoring" / "grafana-dashboard.json").write_text(
         json.dumps(operators.render_dashboard(), indent=1, sort_keys=True) + "\n"
     )
-    kustomize.write_kustomize(record, staging / "kustomize")
+    extras = {
+        "podmonitor.yaml": monitors[0],  # the Deployment's pods
+        "prometheusrule.yaml": rule,
+        "grafana-dashboard.yaml": operators.render_dashboard_configmap(f"{APP}-dashboard", namespace, meta),
+    }
+    kustomize.write_kustomize(render_kubernetes(record), extras, namespace, staging / "kustomize")
 
 
 def _copy_sources(repo_root: Path, target: Path) -> None:

@@ -1,8 +1,8 @@
-"""KServe as it is today: the InferenceService in Standard mode (raw Deployments), and canaries mapped onto it.
+"""Canaries on KServe as it is today: ``servekit kserve canary|promote|abort|rollout``.
 
 KServe 0.20 (``pkg/constants/constants.go``) names its modes ``Standard`` (the default; 0.15-0.19 call
 it ``RawDeployment``, which 0.20 still reads as Standard) and ``Knative`` (formerly ``Serverless``).
-``servekit bundle`` writes Standard unless ``--kserve-mode knative``:
+``servekit bundle`` (``servekit.deploy.bundle``) writes Standard unless ``--kserve-mode knative``:
 
 * **Standard**: KServe creates a Deployment and a Service ``APP-predictor`` from the predictor. The
   Service's first port is the first container port on :80 (here the OIP HTTP front, 8000), every
@@ -12,7 +12,7 @@ it ``RawDeployment``, which 0.20 still reads as Standard) and ``Knative`` (forme
   preStop, grace); no Knative, no queue-proxy. Scaling: KEDA on the queue with CPU beside it
   (``serving.kserve.io/autoscalerClass: keda`` and ``autoScaling``; KServe writes the ScaledObject),
   or KServe's CPU HPA with ``--autoscaler hpa``.
-* **Knative**: the revision-based form (``canaryTrafficPercent``), rendered by ``servekit.deploy.bundle``.
+* **Knative**: the revision-based form (``canaryTrafficPercent``).
 
 Canaries (``servekit kserve canary|promote|abort``) take the applied InferenceService and write the
 next one and the JSON merge patch between them (``kubectl patch --type merge``):
@@ -40,138 +40,28 @@ from typing import Any
 
 import yaml
 
-from servekit.deploy import autoscaling
-from servekit.deploy.bundle import (
-    APP,
-    CLIENT_LABEL,
-    HPA_CPU_UTILIZATION,
-    KNATIVE_INGRESS_NAMESPACE,
-    KSERVE_CONTAINER,
-    KSERVE_PREDICTOR_SELECTOR,
-    MONITORING_NAMESPACE,
-    PORTS,
-    SCRAPE_PORTS,
-    BundleError,
-    _namespace,
-    _trace_egress,
-    inferenceservice,
-    labels,
-    render_kubernetes,
-)
+from servekit.deploy.bundle import KSERVE_CONTAINER, BundleError
 
 __all__ = [
-    "MODES",
     "KServeError",
     "abort",
     "apply_merge_patch",
     "canary",
+    "canary_name",
     "merge_patch",
     "promote",
     "read_inferenceservice",
-    "render_standard_inferenceservice",
-    "render_standard_network_policy",
+    "rollout_plan",
 ]
 
-MODES = {"standard": "Standard", "knative": "Knative"}  # --kserve-mode -> serving.kserve.io/deploymentMode
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
-AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"  # hpa (KServe's default), keda, external, none
 STORAGE_URI_ENV = "STORAGE_URI"  # a custom container's storage URI (CustomPredictor.GetStorageUri)
-# Standard mode: the first container port is the Service's :80; names holding "grpc" get appProtocol h2c.
-STANDARD_PORTS = ("oip-http", "oip-grpc", "http")
 CANARY_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?\Z")
-# What the predictor takes from the Deployment's pod spec (PredictorSpec carries these PodSpec fields).
-POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "terminationGracePeriodSeconds", "securityContext",
-              "volumes")  # fmt: skip
 SERVER_FIELDS = ("resourceVersion", "uid", "generation", "creationTimestamp", "managedFields", "selfLink")
 
 
 class KServeError(BundleError):
     """A canary step cannot be written as asked; one line saying why and what would do."""
-
-
-# ------------------------------------------------------------------------------------------ Standard mode
-def predictor_series(record: dict) -> dict[str, str]:
-    """The labels the predictor pods' series carry (servekit.deploy.operators' PodMonitor for KServe)."""
-    return {"namespace": record["namespace"], "job": autoscaling.SCRAPE_JOB, "container": KSERVE_CONTAINER,
-            "pod": f"~{APP}-predictor-[a-z0-9]+-[a-z0-9]+"}  # fmt: skip
-
-
-def render_standard_inferenceservice(record: dict) -> dict:
-    """The InferenceService in Standard mode: the Deployment form's pod as a custom predictor (OIP v2)."""
-    scaling = record["autoscaling"]
-    # The Deployment form's pod as it is (probes, preStop, grace, security, volumes): KServe makes a Deployment.
-    (deployment,) = [d for d in render_kubernetes(record) if d["kind"] == "Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
-    (base,) = pod["containers"]
-    container = copy.deepcopy(base) | {
-        "name": KSERVE_CONTAINER,
-        # PROTOCOL on the first container is how KServe reads a custom predictor's protocol version.
-        "env": [{"name": "PROTOCOL", "value": "v2"}, *copy.deepcopy(base["env"])],
-        # KServe turns every container port into a Service port; the scrape ports are declared too, because a
-        # PodMonitor finds only declared ports (the NetworkPolicy admits only the monitoring namespace there).
-        "ports": [{"name": name, "containerPort": PORTS[name], "protocol": "TCP"}
-                  for name in (*STANDARD_PORTS, *SCRAPE_PORTS)],
-    }  # fmt: skip
-    predictor: dict[str, Any] = {"minReplicas": record["replicas"], "maxReplicas": record["max_replicas"]}
-    if scaling["autoscaler"] == "keda":
-        predictor["autoScaling"] = {
-            "metrics": [
-                {
-                    "type": "External",
-                    "external": {
-                        "metric": {"backend": "prometheus", "serverAddress": scaling["prometheus_url"],
-                                   "query": scaling["kserve_query"]},  # fmt: skip
-                        # KServe's KEDA reconciler passes target.value as the trigger's threshold (per replica).
-                        "target": {"type": "Value", "value": str(scaling["queue_per_pod"])},
-                    },
-                },
-                {"type": "Resource", "resource": {"name": "cpu", "target": {
-                    "type": "Utilization", "averageUtilization": scaling["cpu_utilization"]}}},
-            ]
-        }  # fmt: skip
-    else:
-        predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
-    predictor |= {key: copy.deepcopy(pod[key]) for key in POD_FIELDS if key in pod} | {"containers": [container]}
-    return inferenceservice(record, {DEPLOYMENT_MODE: MODES["standard"], AUTOSCALER_CLASS: scaling["autoscaler"]},
-                            predictor)  # fmt: skip
-
-
-def render_standard_network_policy(record: dict) -> dict:
-    """The predictor pods' NetworkPolicy in Standard mode: no activator or queue-proxy, the ports themselves.
-
-    Admitted: pods labelled like the Deployment form's clients on the Service's ports (OIP HTTP, gRPC,
-    /predictions), the ingress gateway's namespace on the same ports only when the InferenceService is
-    public (cluster-local creates no route), the monitoring namespace on the scrape ports. Canary pods
-    carry the same labels and are covered too. Ingress only: KServe's storage initializer (an
-    initContainer of the same pod, for a storage URI) downloads from wherever the URI points.
-    """
-    client_key, client_value = CLIENT_LABEL
-
-    def served() -> list[dict]:  # a fresh list each time: a shared one would be dumped as a YAML alias
-        return [{"protocol": "TCP", "port": PORTS[name]} for name in STANDARD_PORTS]
-
-    ingress = [{"from": [{"podSelector": {"matchLabels": {client_key: client_value}}}], "ports": served()}]
-    if record["kserve"]["public"]:
-        ingress.append({"from": [_namespace(KNATIVE_INGRESS_NAMESPACE)], "ports": served()})
-    ingress.append(
-        {
-            "from": [_namespace(MONITORING_NAMESPACE)],
-            "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
-        }
-    )
-    policy_types = ["Ingress"]
-    spec: dict[str, Any] = {"podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)}, "ingress": ingress}
-    if record.get("otlp_endpoint") is None:
-        spec["policyTypes"] = policy_types
-    else:  # the trace collector's port and DNS are opened as in the Deployment form; nothing else goes out
-        spec["policyTypes"] = [*policy_types, "Egress"]
-        spec["egress"] = _trace_egress(record["otlp_endpoint"])
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": f"{APP}-predictor", "namespace": record["namespace"], "labels": labels(record)},
-        "spec": spec,
-    }
 
 
 # ------------------------------------------------------------------------------------------ canaries

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import yaml
 
-from servekit.deploy.bundle import APP, render_kubernetes, selector
-from servekit.deploy.operators import render_dashboard_configmap, render_pod_monitors, render_prometheus_rule
-
 __all__ = ["BASE_FILES", "write_kustomize"]
 
 BASE_FILES = {"Deployment": "deployment.yaml", "Service": "service.yaml",
@@ -37,33 +34,33 @@ def _kustomization(resources: list[str], **extra: object) -> dict:
             **extra}  # fmt: skip
 
 
-def write_kustomize(record: dict, out: Path) -> list[Path]:
-    """Write ``out/base`` and ``out/overlays/{dev,production}``; returns the overlay folders."""
-    documents = {doc["kind"]: doc for doc in render_kubernetes(record)}
+def write_kustomize(documents: list[dict], operators: dict[str, dict], namespace: str, out: Path) -> list[Path]:
+    """Write ``out/base`` and ``out/overlays/{dev,production}``; returns the overlay folders.
+
+    ``documents``: k8s/servekit.yaml's (one of each BASE_FILES kind and one autoscaler); ``operators``:
+    file name -> the document the production overlay adds (PodMonitor, PrometheusRule, dashboard).
+    """
+    by_kind = {doc["kind"]: doc for doc in documents}
     base, dev, production = out / "base", out / "overlays" / "dev", out / "overlays" / "production"
     for folder in (base, dev, production):
         folder.mkdir(parents=True)
     for kind, name in BASE_FILES.items():
-        _dump(base / name, documents[kind])
-    _dump(base / "kustomization.yaml", _kustomization(list(BASE_FILES.values()), namespace=record["namespace"]))
+        _dump(base / name, by_kind[kind])
+    _dump(base / "kustomization.yaml", _kustomization(list(BASE_FILES.values()), namespace=namespace))
 
     # dev: what `make serve` is on one host: one pod, no autoscaler; the PDB allows that pod down.
-    pdb_spec = {"maxUnavailable": 1, "selector": {"matchLabels": selector()}}
+    deployment, budget = by_kind["Deployment"], by_kind["PodDisruptionBudget"]
+    pdb_spec = {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}
     dev_patches = [
-        {"target": {"kind": "Deployment", "name": APP},
+        {"target": {"kind": "Deployment", "name": deployment["metadata"]["name"]},
          "patch": yaml.safe_dump([{"op": "replace", "path": "/spec/replicas", "value": 1}])},
-        {"target": {"kind": "PodDisruptionBudget", "name": APP},
+        {"target": {"kind": "PodDisruptionBudget", "name": budget["metadata"]["name"]},
          "patch": yaml.safe_dump([{"op": "replace", "path": "/spec", "value": pdb_spec}])},
     ]  # fmt: skip
     _dump(dev / "kustomization.yaml", _kustomization(["../../base"], patches=dev_patches))
 
-    (scaler,) = [documents[kind] for kind in SCALERS if kind in documents]
-    extra = {
-        "autoscaler.yaml": scaler,
-        "podmonitor.yaml": render_pod_monitors(record)[0],  # the Deployment's pods
-        "prometheusrule.yaml": render_prometheus_rule(record),
-        "grafana-dashboard.yaml": render_dashboard_configmap(record),
-    }
+    (scaler,) = [by_kind[kind] for kind in SCALERS if kind in by_kind]
+    extra = {"autoscaler.yaml": scaler, **operators}
     for name, document in extra.items():
         _dump(production / name, document)
     _dump(production / "kustomization.yaml", _kustomization(["../../base", *extra]))

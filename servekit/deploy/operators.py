@@ -21,16 +21,27 @@ from typing import Any
 import yaml
 
 from servekit.deploy.autoscaling import SCRAPE_JOB
-from servekit.deploy.bundle import APP, KSERVE_PREDICTOR_SELECTOR, BundleError, labels, selector
+from servekit.errors import ServekitError
 from servekit.serving.server import REPO_ROOT
 
-__all__ = ["dashboard_queries", "render_dashboard", "render_pod_monitors", "render_prometheus_rule", "rule_groups"]
+__all__ = [
+    "dashboard_queries",
+    "render_dashboard",
+    "render_dashboard_configmap",
+    "render_pod_monitors",
+    "render_prometheus_rule",
+    "rule_groups",
+]
 
 RULES_DIR = REPO_ROOT / "monitoring" / "rules"
 TORCHSERVE_JOB = "torchserve"
 SCRAPE_INTERVAL = "15s"  # the rules' 1-minute rates need at least 4 samples a minute
 DASHBOARD_UID = "servekit-versions"
 GRAFANA_DASHBOARD_LABEL = ("grafana_dashboard", "1")  # what Grafana's dashboard sidecar looks for (kube-prometheus)
+
+
+class RulesError(ServekitError, ValueError):
+    """monitoring/rules cannot be read into a PrometheusRule; the message names the file."""
 
 
 def _endpoints() -> list[dict]:
@@ -41,13 +52,13 @@ def _endpoints() -> list[dict]:
     ]  # fmt: skip
 
 
-def render_pod_monitors(record: dict) -> list[dict]:
-    """One PodMonitor for the Deployment's pods, one for the InferenceService's predictor pods."""
-    meta = {"namespace": record["namespace"], "labels": labels(record)}
+def render_pod_monitors(namespace: str, labels: dict[str, str], pods: dict[str, dict[str, str]]) -> list[dict]:
+    """One PodMonitor per entry of ``pods`` (its name: the pods' label selector), both pages of each pod."""
     return [
-        {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": {"name": name, **meta},
-         "spec": {"selector": {"matchLabels": pods}, "podMetricsEndpoints": _endpoints()}}
-        for name, pods in ((APP, selector()), (f"{APP}-predictor", dict(KSERVE_PREDICTOR_SELECTOR)))
+        {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+         "spec": {"selector": {"matchLabels": dict(selector)}, "podMetricsEndpoints": _endpoints()}}
+        for name, selector in pods.items()
     ]  # fmt: skip
 
 
@@ -56,23 +67,23 @@ def rule_groups(rules_dir: Path = RULES_DIR) -> list[dict]:
     groups: list[dict] = []
     files = sorted(Path(rules_dir).glob("*.yml"))
     if not files:
-        raise BundleError(f"no rule files in {rules_dir}")
+        raise RulesError(f"no rule files in {rules_dir}")
     for path in files:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
-            raise BundleError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+            raise RulesError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
-            raise BundleError(f"{path} has no 'groups:' list")
+            raise RulesError(f"{path} has no 'groups:' list")
         groups.extend(data["groups"])
     return groups
 
 
-def render_prometheus_rule(record: dict, rules_dir: Path = RULES_DIR) -> dict:
+def render_prometheus_rule(name: str, namespace: str, labels: dict[str, str], rules_dir: Path = RULES_DIR) -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {"name": APP, "namespace": record["namespace"], "labels": labels(record)},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
         "spec": {"groups": rule_groups(rules_dir)},
     }
 
@@ -165,16 +176,12 @@ def render_dashboard() -> dict[str, Any]:
     }
 
 
-def render_dashboard_configmap(record: dict) -> dict:
+def render_dashboard_configmap(name: str, namespace: str, labels: dict[str, str]) -> dict:
     """The dashboard as a ConfigMap that Grafana's sidecar picks up (label grafana_dashboard=1)."""
     key, value = GRAFANA_DASHBOARD_LABEL
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": f"{APP}-dashboard",
-            "namespace": record["namespace"],
-            "labels": labels(record) | {key: value},
-        },  # fmt: skip
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels) | {key: value}},
         "data": {"servekit-dashboard.json": json.dumps(render_dashboard(), indent=1, sort_keys=True)},
     }

@@ -290,7 +290,7 @@ def test_the_deployment_scales_on_the_queue_through_keda(k8s: dict, bundle: Bund
     assert spec["fallback"]["replicas"] == 2  # Prometheus unreadable: at least the floor
     # The query selects what the PodMonitor's series carry: the Deployment's pods, servekit's job, its container.
     query = queue["metadata"]["query"]
-    assert query == autoscaling.queue_query(autoscaling.deployment_series({"namespace": "servekit"}))
+    assert query == autoscaling.queue_query(autoscaling.deployment_series("servekit", "servekit"))
     container = k8s["Deployment"]["spec"]["template"]["spec"]["containers"][0]["name"]
     assert f'container="{container}"' in query
     assert 'job="servekit"' in query
