@@ -11,7 +11,7 @@
                                    default) or a CPU HorizontalPodAutoscaler (hpa), PodDisruptionBudget, NetworkPolicy
       kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService (a custom predictor from the same
                                    image, Standard mode unless --kserve-mode knative, cluster-local unless
-                                   --public) and a NetworkPolicy for its predictor pods (servekit.deploy.kserve)
+                                   --public) and a NetworkPolicy for its predictor pods
       monitoring/                  PodMonitor, PrometheusRule (monitoring/rules), Grafana dashboard
                                    (servekit.deploy.operators)
       kustomize/                   base/ and overlays/dev, overlays/production (servekit.deploy.kustomize)
@@ -1010,13 +1010,13 @@ def render_standard_network_policy(record: dict) -> dict:
             "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
         }
     )
-    policy_types = ["Ingress"]
-    spec: dict[str, Any] = {"podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)}, "ingress": ingress}
-    if record.get("otlp_endpoint") is None:
-        spec["policyTypes"] = policy_types
-    else:  # the trace collector's port and DNS are opened as in the Deployment form; nothing else goes out
-        spec["policyTypes"] = [*policy_types, "Egress"]
-        spec["egress"] = _trace_egress(record["otlp_endpoint"])
+    # Ingress only: KServe's storage initializer (an initContainer of the pod, for a storage URI) downloads from
+    # wherever the URI points, so egress is left to the cluster's own policies.
+    spec = {
+        "podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)},
+        "policyTypes": ["Ingress"],
+        "ingress": ingress,
+    }
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

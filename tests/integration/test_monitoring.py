@@ -197,7 +197,7 @@ def test_the_cluster_dashboard_and_queue_query_read_series_this_server_emits(sta
         names = set(re.findall(r"\bservekit[_:][a-z0-9_:]*", expr))
         assert names, expr
         assert names <= emitted | recorded, (expr, sorted(names - emitted - recorded))
-    deadline, empty = time.monotonic() + 60, queries
+    deadline, empty = time.monotonic() + DRIFT_ALERT_WAIT_S, queries  # recording rules: evaluated every second
     while empty := [expr for expr in empty if not query(stack, expr)]:
         assert time.monotonic() < deadline, f"no series for: {empty}"
         time.sleep(2)

@@ -149,6 +149,7 @@ def test_standard_mode_policy_has_no_knative_hops(bundle: Bundle, model_store: P
     spec = policy["spec"]
     assert spec["podSelector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "servekit",
                                                   "component": "predictor"}  # fmt: skip
+    assert spec["policyTypes"] == ["Ingress"]  # the storage initializer's downloads are not ours to limit
     clients, monitoring = spec["ingress"]
     assert clients["from"] == [{"podSelector": {"matchLabels": {"servekit.io/client": "true"}}}]
     assert [p["port"] for p in clients["ports"]] == [8000, 8001, 8080]
