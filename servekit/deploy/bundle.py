@@ -730,36 +730,34 @@ def render_kubernetes(record: dict) -> list[dict]:
             ],
         },
     }
-    hpa = (
-        _scaler(record)
-        if record["autoscaling"]["autoscaler"] == "keda"
-        else {
-            "apiVersion": "autoscaling/v2",
-            "kind": "HorizontalPodAutoscaler",
-            "metadata": meta,
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
-                "minReplicas": record["replicas"],
-                "maxReplicas": record["max_replicas"],
-                "metrics": [
-                    {
-                        "type": "Resource",
-                        "resource": {
-                            "name": "cpu",
-                            "target": {"type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION},
-                        },
-                    }
-                ],
-                # Down one pod a minute: each one drains (preStop + drain) before the next goes.
-                "behavior": {
-                    "scaleDown": {
-                        "stabilizationWindowSeconds": 300,
-                        "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
-                    }
-                },  # fmt: skip
-            },
-        }
-    )
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
+            "minReplicas": record["replicas"],
+            "maxReplicas": record["max_replicas"],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": HPA_CPU_UTILIZATION},
+                    },
+                }
+            ],
+            # Down one pod a minute: each one drains (preStop + drain) before the next goes.
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                }
+            },  # fmt: skip
+        },
+    }
+    if record["autoscaling"]["autoscaler"] == "keda":
+        hpa = _scaler(record)  # KEDA owns the HPA it creates: none of ours then
     # One replica: a minAvailable of 1 would block every node drain, so allow one pod down instead.
     budget = {"minAvailable": 1} if record["replicas"] > 1 else {"maxUnavailable": 1}
     pdb = {
