@@ -146,12 +146,15 @@ shadow: venv
 #               [REPLICAS=2] [MAX_REPLICAS=4] [CPU=2] [MEMORY=4Gi] [NAMESPACE=servekit] [OUT=bundle]
 #               [PUBLIC=1]   (the KServe InferenceService through the ingress gateway; default: cluster-local)
 #               [OTLP=http://COLLECTOR:4318/v1/traces]   (the pods export traces there; default: off)
+#               [KSERVE_MODE=standard|knative] [AUTOSCALER=keda|hpa] [PROMETHEUS_URL=http://HOST:9090]
 bundle: archive
 	$(SERVEKIT) bundle $(if $(MODELS),--models $(MODELS)) $(if $(DEFAULT),--default $(DEFAULT)) \
 		$(if $(IMAGE),--image $(IMAGE)) $(if $(REPLICAS),--replicas $(REPLICAS)) \
 		$(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(CPU),--cpu $(CPU)) \
 		$(if $(MEMORY),--memory $(MEMORY)) $(if $(NAMESPACE),--namespace $(NAMESPACE)) $(if $(OUT),--out $(OUT)) \
-		$(if $(filter 1 yes true,$(PUBLIC)),--public) $(if $(OTLP),--otlp-endpoint $(OTLP))
+		$(if $(filter 1 yes true,$(PUBLIC)),--public) $(if $(OTLP),--otlp-endpoint $(OTLP)) \
+		$(if $(KSERVE_MODE),--kserve-mode $(KSERVE_MODE)) $(if $(AUTOSCALER),--autoscaler $(AUTOSCALER)) \
+		$(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache

@@ -31,8 +31,13 @@
                                           # (inputs, outputs, datatypes, shapes), from the store
     servekit bundle [--models digits:1.0,2.0] [--default digits:2.0] [--image REPO:TAG] [--replicas N]
                     [--max-replicas M] [--cpu 2] [--memory 4Gi] [--namespace NS] [--public] [--out bundle]
-                    [--otlp-endpoint http://COLLECTOR:4318/v1/traces]
+                    [--otlp-endpoint http://COLLECTOR:4318/v1/traces] [--kserve-mode standard|knative]
+                    [--autoscaler keda|hpa] [--prometheus-url URL]
                                           # image, Kubernetes and KServe manifests (servekit.deploy.bundle)
+    servekit kserve canary|promote|abort|rollout --current APPLIED.yaml --out FILE [--bundle NEW] [--percent P]
+                    [--steps 10,25,50,100] [--name N]
+                                          # a KServe canary as the next InferenceService and its merge patch
+                                          # (servekit.deploy.kserve; nothing is applied)
     servekit top [--once] [--json] [--interval 2] [--window 15m] [--source auto|prometheus|metrics]
                                           # req/s, p50, p99, 5xx/4xx %, queue, READY workers, default,
                                           # drift verdict per version (servekit.observe.top)
@@ -375,10 +380,19 @@ def cmd_bundle(ctx: Context) -> str:
     options = BundleOptions.from_cli(
         models=a.models, defaults=a.default, replicas=a.replicas, max_replicas=a.max_replicas, cpu=a.cpu,
         memory=a.memory, image=a.image, namespace=a.namespace, out=a.out, public=a.public,
-        otlp_endpoint=a.otlp_endpoint,
+        otlp_endpoint=a.otlp_endpoint, kserve_mode=a.kserve_mode, autoscaler=a.autoscaler,
+        prometheus_url=a.prometheus_url,
     )  # fmt: skip
     store = Path(a.bundle_store or a.store)
     return write_bundle(options, spec=a.spec, store=store, state_file=ctx.proxy.state_file).summary()
+
+
+def cmd_kserve(ctx: Context) -> str:
+    from servekit.deploy.kserve_cli import run_kserve  # yaml and the generator only when asked
+
+    a = ctx.args
+    return run_kserve(a.action, a.current, a.out, candidate=a.candidate, percent=a.percent, name=a.name,
+                      steps=a.steps)  # fmt: skip
 
 
 def _metric_sources(ctx: Context):
@@ -536,6 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="expose the KServe InferenceService through the ingress gateway (default: cluster-local)",
     )  # fmt: skip
     bundle.add_argument("--otlp-endpoint", help="the pods export traces there (OTLP/HTTP URL; default: no tracing)")
+    bundle.add_argument("--kserve-mode", choices=("standard", "knative"), help="the InferenceService's mode "
+                        "(default standard: raw Deployments, KServe's default; knative: revisions)")  # fmt: skip
+    bundle.add_argument("--autoscaler", choices=("keda", "hpa"), help="keda (default): a ScaledObject on the "
+                        "queue and CPU; hpa: a CPU HorizontalPodAutoscaler, for clusters without KEDA")  # fmt: skip
+    bundle.add_argument("--prometheus-url", help="where KEDA reads the queue (default the monitoring "
+                        "namespace's prometheus-operated:9090)")  # fmt: skip
+    kserve = command("kserve", cmd_kserve, "write the next InferenceService of a KServe canary, and its patch",
+                     "action", changes=False)  # fmt: skip
+    kserve.add_argument("--current", type=Path, required=True,
+                        help="the applied InferenceService (its bundle's kserve/inferenceservice.yaml, or "
+                        "kubectl get -o yaml)")  # fmt: skip
+    kserve.add_argument("--bundle", dest="candidate", type=Path, help="canary, rollout: the new version's bundle")
+    kserve.add_argument("--percent", type=int, help="canary: the candidate's share (0: deployed, no traffic)")
+    kserve.add_argument("--steps", help="rollout: canary percentages (default 10,25,50,100)")
+    kserve.add_argument("--name", help="canary: the canary predictor's name (default from the bundle's defaults)")
+    kserve.add_argument("--out", type=Path, required=True, help="where to write (rollout: a folder)")
     bundle.add_argument("--out", type=Path, default=REPO_ROOT / "bundle")
     bundle.add_argument("--spec", type=Path, default=REPO_ROOT / "models.yaml")
     bundle.add_argument("--store", dest="bundle_store", help="the model store (default: the global --store)")

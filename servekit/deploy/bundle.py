@@ -7,9 +7,14 @@
       config/config.properties     the pod's TorchServe configuration (one setting per line)
       Dockerfile, .dockerignore    the image: pinned Python, JRE 17, nginx, the pyproject pins, non-root
       src/                         what the image installs: pyproject.toml, README.md, handlers/, servekit/
-      k8s/servekit.yaml            Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy
+      k8s/servekit.yaml            Deployment, Service, KEDA ScaledObject on the queue (--autoscaler keda, the
+                                   default) or a CPU HorizontalPodAutoscaler (hpa), PodDisruptionBudget, NetworkPolicy
       kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService (a custom predictor from the same
-                                   image, cluster-local unless --public) and a NetworkPolicy for its predictor pods
+                                   image, Standard mode unless --kserve-mode knative, cluster-local unless
+                                   --public) and a NetworkPolicy for its predictor pods
+      monitoring/                  PodMonitor, PrometheusRule (monitoring/rules), Grafana dashboard
+                                   (servekit.deploy.operators)
+      kustomize/                   base/ and overlays/dev, overlays/production (servekit.deploy.kustomize)
 
 Workflow::
 
@@ -28,6 +33,7 @@ it into the Dockerfile and the manifests, so that they cannot disagree.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -43,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from servekit.deploy import autoscaling, kustomize, operators
 from servekit.deploy.state import read_state
 from servekit.errors import ServekitError, one_line
 from servekit.serving.server import BASE_CONFIG, REPO_ROOT, read_properties
@@ -105,7 +112,15 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SOURCES = ("pyproject.toml", "README.md", "handlers", "servekit")  # what `pip install` needs in src/
 # Settings copied from the repository's config.properties (the same limits as on one host).
 COPIED_SETTINGS = ("job_queue_size", "max_request_size", "max_response_size")
-KSERVE_DEPLOYMENT_MODE = "Knative"  # canaryTrafficPercent needs Knative revisions (KServe >= 0.16 name)
+KSERVE_MODES = {"standard": "Standard", "knative": "Knative"}  # --kserve-mode -> serving.kserve.io/deploymentMode
+# Standard mode: the first container port is the Service's :80; names holding "grpc" get appProtocol h2c.
+KSERVE_STANDARD_PORTS = ("oip-http", "oip-grpc", "http")
+# What a Standard-mode predictor takes from the Deployment's pod spec (PredictorSpec carries these PodSpec fields).
+KSERVE_POD_FIELDS = ("automountServiceAccountToken", "enableServiceLinks", "terminationGracePeriodSeconds",
+                     "securityContext", "volumes")  # fmt: skip
+AUTOSCALERS = ("keda", "hpa")  # --autoscaler: KEDA on the queue with CPU beside it, or CPU alone
+# Prometheus Operator's governing Service of a Prometheus in the monitoring namespace: KEDA asks it.
+PROMETHEUS_URL = f"http://prometheus-operated.{MONITORING_NAMESPACE}.svc:9090"
 KSERVE_CONTAINER = "kserve-container"
 # Closed by default (KServe v0.20.0 pkg/constants/constants.go and reconcilers/ingress/*.go): in Knative mode the
 # ingress reconciler keeps an InferenceService off the external gateway when networking.knative.dev/visibility is
@@ -212,8 +227,19 @@ class BundleOptions:
     out: Path = Path("bundle")
     public: bool = False  # the KServe form: reachable through the ingress gateway instead of cluster-local
     otlp_endpoint: str | None = None  # the pods' trace export (servekit_otlp_endpoint); None: tracing off
+    kserve_mode: str = "standard"  # the InferenceService's deployment mode: standard (KServe's default) or knative
+    autoscaler: str = "keda"  # keda: the queue through Prometheus and CPU; hpa: CPU only (no KEDA needed)
+    prometheus_url: str = PROMETHEUS_URL  # where KEDA reads the queue
 
     def __post_init__(self) -> None:
+        if self.kserve_mode not in KSERVE_MODES:
+            raise BundleError(f"--kserve-mode {self.kserve_mode!r}: use one of {', '.join(KSERVE_MODES)}")
+        if self.autoscaler not in AUTOSCALERS:
+            raise BundleError(f"--autoscaler {self.autoscaler!r}: use one of {', '.join(AUTOSCALERS)}")
+        if not isinstance(self.prometheus_url, str) or OTLP_RE.match(self.prometheus_url) is None:
+            raise BundleError(
+                f"--prometheus-url {self.prometheus_url!r} is not an HTTP URL with a port, like {PROMETHEUS_URL}"
+            )
         if not isinstance(self.public, bool):
             raise BundleError(f"--public is a switch (true or false), got {self.public!r}")
         _positive_int("--replicas", self.replicas)
@@ -471,9 +497,12 @@ def who_may_call() -> list[str]:
         f"share one. k8s/servekit.yaml's NetworkPolicy admits only pods labelled {'='.join(CLIENT_LABEL)} "
         f"({_listed(PORTS[n] for n in SERVICE_PORTS)}) and the monitoring namespace "
         f"({_listed(PORTS[n] for n in SCRAPE_PORTS)}). kserve/inferenceservice.yaml is cluster-local unless bundled "
-        "with --public; its NetworkPolicy admits the labelled pods, Knative's activator and the gateways in "
-        f"{KNATIVE_INGRESS_NAMESPACE} on the queue-proxy's {KNATIVE_QUEUE_PORT}, the Knative autoscaler on "
-        f"{KNATIVE_AUTOSCALER_METRICS_PORT} and the monitoring namespace ({_listed(kserve_scrape_ports())}). "
+        "with --public; its NetworkPolicy admits, in Standard mode, the labelled pods (and with --public the "
+        f"gateways in {KNATIVE_INGRESS_NAMESPACE}) on {_listed(PORTS[n] for n in ('oip-http', 'oip-grpc', 'http'))} "
+        "and the monitoring namespace on the scrape ports; in Knative mode the labelled pods, Knative's activator "
+        f"and the gateways in {KNATIVE_INGRESS_NAMESPACE} on the queue-proxy's {KNATIVE_QUEUE_PORT}, the Knative "
+        f"autoscaler on {KNATIVE_AUTOSCALER_METRICS_PORT} and the monitoring namespace "
+        f"({_listed(kserve_scrape_ports())}). "
         f"The probes' port {HEALTH_PORT} is admitted to no one (the kubelet is not subject to NetworkPolicies). "
         "The management API stays inside the pod."
     )
@@ -727,6 +756,8 @@ def render_kubernetes(record: dict) -> list[dict]:
             },  # fmt: skip
         },
     }
+    if record["autoscaling"]["autoscaler"] == "keda":
+        hpa = _scaler(record)  # KEDA owns the HPA it creates: none of ours then
     # One replica: a minAvailable of 1 would block every node drain, so allow one pod down instead.
     budget = {"minAvailable": 1} if record["replicas"] > 1 else {"maxUnavailable": 1}
     pdb = {
@@ -765,6 +796,11 @@ def render_kubernetes(record: dict) -> list[dict]:
     return [deployment, service, hpa, pdb, network]
 
 
+def _scaler(record: dict) -> dict:
+    """KEDA's ScaledObject on the queue, with CPU beside it (it owns the HPA it creates: none of ours then)."""
+    return autoscaling.render_scaled_object(record, APP, labels(record))
+
+
 def _trace_egress(endpoint: str | None) -> list[dict]:
     if endpoint is None:
         return []
@@ -786,6 +822,13 @@ def _namespace(name: str, pods: dict[str, str] | None = None) -> dict:
 
 
 def render_kserve_network_policy(record: dict) -> dict:
+    """The predictor pods' NetworkPolicy: Standard mode's (servekit.deploy.kserve) or Knative's below."""
+    if record["kserve"]["deploymentMode"] == "Standard":
+        return render_standard_network_policy(record)
+    return render_knative_network_policy(record)
+
+
+def render_knative_network_policy(record: dict) -> dict:
     """The NetworkPolicy of the InferenceService's predictor pods (Knative mode): closed but to whom serving needs.
 
     Admitted, and nothing else: pods labelled like the Deployment form's clients, and Knative's activator
@@ -832,7 +875,12 @@ def render_kserve_network_policy(record: dict) -> dict:
 
 
 def render_inferenceservice(record: dict) -> dict:
-    """A KServe InferenceService whose predictor is the same image as a custom container (OIP v2)."""
+    """A KServe InferenceService whose predictor is the same image as a custom container (OIP v2).
+
+    Standard mode (KServe's default): servekit.deploy.kserve. Knative mode (--kserve-mode knative): below.
+    """
+    if record["kserve"]["deploymentMode"] == "Standard":
+        return render_standard_inferenceservice(record)
     declared, mounts = volumes()
     kserve = record["kserve"]
     predictor: dict[str, Any] = {
@@ -871,23 +919,107 @@ def render_inferenceservice(record: dict) -> dict:
         ],
         "volumes": declared,
     }
+    annotations = {"serving.kserve.io/deploymentMode": "Knative", "serving.kserve.io/enable-metric-aggregation": "true"}
+    return inferenceservice(record, annotations, predictor)
+
+
+def inferenceservice(record: dict, annotations: dict[str, str], predictor: dict) -> dict:
+    """The InferenceService around a predictor: cluster-local unless public, scraped on servekit's page."""
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
             "name": APP,
             "namespace": record["namespace"],
-            "labels": labels(record) | ({} if kserve["public"] else dict(KSERVE_CLUSTER_LOCAL)),
-            "annotations": {
-                "serving.kserve.io/deploymentMode": KSERVE_DEPLOYMENT_MODE,
+            "labels": labels(record) | ({} if record["kserve"]["public"] else dict(KSERVE_CLUSTER_LOCAL)),
+            "annotations": annotations
+            | {
                 "serving.kserve.io/enable-prometheus-scraping": "true",
-                "serving.kserve.io/enable-metric-aggregation": "true",
                 "prometheus.kserve.io/port": str(PORTS["sk-metrics"]),
                 "prometheus.kserve.io/path": "/metrics",
                 "servekit.io/bundle-sha256": record["bundle_sha256"],
             },
         },
         "spec": {"predictor": predictor},
+    }
+
+
+def render_standard_inferenceservice(record: dict) -> dict:
+    """The InferenceService in Standard mode: the Deployment form's pod as a custom predictor (OIP v2)."""
+    scaling = record["autoscaling"]
+    # The Deployment form's pod as it is (probes, preStop, grace, security, volumes): KServe makes a Deployment.
+    (deployment,) = [d for d in render_kubernetes(record) if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (base,) = pod["containers"]
+    container = copy.deepcopy(base) | {
+        "name": KSERVE_CONTAINER,
+        # PROTOCOL on the first container is how KServe reads a custom predictor's protocol version.
+        "env": [{"name": "PROTOCOL", "value": "v2"}, *copy.deepcopy(base["env"])],
+        # KServe turns every container port into a Service port; the scrape ports are declared too, because a
+        # PodMonitor finds only declared ports (the NetworkPolicy admits only the monitoring namespace there).
+        "ports": [{"name": name, "containerPort": PORTS[name], "protocol": "TCP"}
+                  for name in (*KSERVE_STANDARD_PORTS, *SCRAPE_PORTS)],
+    }  # fmt: skip
+    predictor: dict[str, Any] = {"minReplicas": record["replicas"], "maxReplicas": record["max_replicas"]}
+    if scaling["autoscaler"] == "keda":
+        predictor["autoScaling"] = {
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"backend": "prometheus", "serverAddress": scaling["prometheus_url"],
+                                   "query": scaling["kserve_query"]},  # fmt: skip
+                        # KServe's KEDA reconciler passes target.value as the trigger's threshold (per replica).
+                        "target": {"type": "Value", "value": str(scaling["queue_per_pod"])},
+                    },
+                },
+                {"type": "Resource", "resource": {"name": "cpu", "target": {
+                    "type": "Utilization", "averageUtilization": scaling["cpu_utilization"]}}},
+            ]
+        }  # fmt: skip
+    else:
+        predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
+    predictor |= {key: copy.deepcopy(pod[key]) for key in KSERVE_POD_FIELDS if key in pod} | {"containers": [container]}
+    return inferenceservice(record, {"serving.kserve.io/deploymentMode": "Standard",
+                             "serving.kserve.io/autoscalerClass": scaling["autoscaler"]},
+                            predictor)  # fmt: skip
+
+
+def render_standard_network_policy(record: dict) -> dict:
+    """The predictor pods' NetworkPolicy in Standard mode: no activator or queue-proxy, the ports themselves.
+
+    Admitted: pods labelled like the Deployment form's clients on the Service's ports (OIP HTTP, gRPC,
+    /predictions), the ingress gateway's namespace on the same ports only when the InferenceService is
+    public (cluster-local creates no route), the monitoring namespace on the scrape ports. Canary pods
+    carry the same labels and are covered too. Ingress only: KServe's storage initializer (an
+    initContainer of the same pod, for a storage URI) downloads from wherever the URI points.
+    """
+    client_key, client_value = CLIENT_LABEL
+
+    def served() -> list[dict]:  # a fresh list each time: a shared one would be dumped as a YAML alias
+        return [{"protocol": "TCP", "port": PORTS[name]} for name in KSERVE_STANDARD_PORTS]
+
+    ingress = [{"from": [{"podSelector": {"matchLabels": {client_key: client_value}}}], "ports": served()}]
+    if record["kserve"]["public"]:
+        ingress.append({"from": [_namespace(KNATIVE_INGRESS_NAMESPACE)], "ports": served()})
+    ingress.append(
+        {
+            "from": [_namespace(MONITORING_NAMESPACE)],
+            "ports": [{"protocol": "TCP", "port": PORTS[name]} for name in SCRAPE_PORTS],
+        }
+    )
+    # Ingress only: KServe's storage initializer (an initContainer of the pod, for a storage URI) downloads from
+    # wherever the URI points, so egress is left to the cluster's own policies.
+    spec = {
+        "podSelector": {"matchLabels": dict(KSERVE_PREDICTOR_SELECTOR)},
+        "policyTypes": ["Ingress"],
+        "ingress": ingress,
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{APP}-predictor", "namespace": record["namespace"], "labels": labels(record)},
+        "spec": spec,
     }
 
 
@@ -916,6 +1048,7 @@ class Bundle:
             + "".join(f"\nnote: {note}" for note in r["kserve"]["notes"])
             + f"\nnext: docker build -t {r['image']} {self.path} && docker push {r['image']} && "
             f"kubectl apply -f {self.path / 'k8s' / 'servekit.yaml'}"
+            f" (or kubectl apply -k {self.path / 'kustomize' / 'overlays' / 'production'})"
         )
 
 
@@ -923,6 +1056,16 @@ def build_record(
     options: BundleOptions, models: list[SelectedModel], manifest: dict, config_text: str, repo_root: Path, canary
 ) -> dict:
     percent, canaries, notes = canary
+    mode = KSERVE_MODES[options.kserve_mode]
+    if mode == "Standard" and canaries:
+        listed = ", ".join(f"{n} {c['version']} ({c['percent']}%)" for n, c in sorted(canaries.items()))
+        notes = [
+            *notes,
+            f"the canary of {listed} is not written into the Standard-mode InferenceService (KServe ignores "
+            "canaryTrafficPercent there): apply it with servekit kserve canary --current APPLIED --bundle THIS "
+            f"--percent {percent}",
+        ]
+        percent, canaries = None, {}
     if options.public:
         notes = [
             *notes,
@@ -973,8 +1116,17 @@ def build_record(
             "health_port": HEALTH_PORT,  # the probes' only: in no Service and no NetworkPolicy rule
         },
         "otlp_endpoint": options.otlp_endpoint,
+        "autoscaling": {
+            "autoscaler": options.autoscaler,
+            "prometheus_url": options.prometheus_url,
+            # Waiting requests per pod before another is added: what one pod works on at once.
+            "queue_per_pod": max(1, concurrency),
+            "cpu_utilization": HPA_CPU_UTILIZATION,
+            "deployment_query": _queue_query(options.namespace, "deployment"),
+            "kserve_query": _queue_query(options.namespace, "kserve"),
+        },
         "kserve": {
-            "deploymentMode": KSERVE_DEPLOYMENT_MODE,
+            "deploymentMode": mode,
             "public": options.public,
             "visibility": "public" if options.public else "cluster-local",
             "protocolVersion": "v2",
@@ -985,6 +1137,36 @@ def build_record(
             "liveness_delay": PROBES["startup"]["periodSeconds"] * PROBES["startup"]["failureThreshold"],
         },
     }
+
+
+def _queue_query(namespace: str, form: str) -> str:
+    if form == "deployment":
+        return autoscaling.queue_query(autoscaling.deployment_series(namespace, APP))
+    return autoscaling.queue_query(autoscaling.predictor_series(namespace, APP, KSERVE_CONTAINER))
+
+
+def _write_operator_files(record: dict, staging: Path) -> None:
+    """monitoring/ (PodMonitors, PrometheusRule, Grafana dashboard) and kustomize/ (base and overlays)."""
+    namespace, meta = record["namespace"], labels(record)
+    monitors = operators.render_pod_monitors(
+        namespace, meta, {APP: selector(), f"{APP}-predictor": dict(KSERVE_PREDICTOR_SELECTOR)}
+    )
+    rule = operators.render_prometheus_rule(APP, namespace, meta)
+    (staging / "monitoring").mkdir()
+    header = "# Generated by `servekit bundle` for the Prometheus Operator: kubectl apply -f this file.\n"
+    (staging / "monitoring" / "podmonitor.yaml").write_text(dump_documents(monitors, header))
+    (staging / "monitoring" / "prometheusrule.yaml").write_text(
+        dump_documents([rule], header.replace(":", " (monitoring/rules):", 1))
+    )
+    (staging / "monitoring" / "grafana-dashboard.json").write_text(
+        json.dumps(operators.render_dashboard(), indent=1, sort_keys=True) + "\n"
+    )
+    extras = {
+        "podmonitor.yaml": monitors[0],  # the Deployment's pods
+        "prometheusrule.yaml": rule,
+        "grafana-dashboard.yaml": operators.render_dashboard_configmap(f"{APP}-dashboard", namespace, meta),
+    }
+    kustomize.write_kustomize(render_kubernetes(record), extras, namespace, staging / "kustomize")
 
 
 def _copy_sources(repo_root: Path, target: Path) -> None:
@@ -1073,6 +1255,7 @@ def write_bundle(
         (staging / "kserve" / "inferenceservice.yaml").write_text(
             dump_documents([render_inferenceservice(record), render_kserve_network_policy(record)], header)
         )
+        _write_operator_files(record, staging)
         (staging / "bundle.json").write_text(json.dumps(record, indent=2) + "\n")
         _replace(staging, out)
     except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 import requests
 
 from servekit.build.datasets import digits
+from servekit.deploy import autoscaling, operators
 from servekit.serving.monitor import PrometheusServer, ScrapeTarget
 from servekit.serving.server import free_port
 from tests.integration.conftest import Client, operator_cli, running_torchserve
@@ -173,3 +175,29 @@ def test_drift_is_reported_and_alerted_for_skewed_traffic_only(
         assert time.monotonic() < deadline, f"ServekitDrift did not fire within {DRIFT_ALERT_WAIT_S} s: {alerts}"
         time.sleep(2)
     assert "1.0" not in drifting  # balanced held-out traffic: neither pending nor firing
+
+
+def test_the_cluster_dashboard_and_queue_query_read_series_this_server_emits(stack, samples_dir: Path) -> None:
+    """Every Grafana dashboard query and KEDA's queue query (servekit bundle) answers from a real scrape."""
+    digits_png = [(samples_dir / f"digit_{d}.png").read_bytes() for d in range(10)]
+    for path in ("digits", "digits/2.0"):  # traffic of its own, a bad input for the error panels
+        send(stack, path, [*digits_png, b"not an image at all"])
+    wait_for(stack, "sum(servekit_request_seconds_count)", sum(len(answers) for answers in stack.sent.values()))
+    page = requests.get(stack.server.url("oip_http", "/metrics"), timeout=10).text
+    emitted = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in page.splitlines() if line and line[0] != "#"}
+    recorded = {rule["record"] for group in operators.rule_groups() for rule in group["rules"] if "record" in rule}
+    variables = {"$__rate_interval": "1m", "$namespace": ".*", "$model": ".*"}  # Grafana's, as "All" expands them
+    queries = []
+    for expr in operators.dashboard_queries():
+        for variable, value in variables.items():
+            expr = expr.replace(variable, value)
+        queries.append(expr)
+    queries.append(autoscaling.queue_query({"job": autoscaling.SCRAPE_JOB}))
+    for expr in queries:
+        names = set(re.findall(r"\bservekit[_:][a-z0-9_:]*", expr))
+        assert names, expr
+        assert names <= emitted | recorded, (expr, sorted(names - emitted - recorded))
+    deadline, empty = time.monotonic() + DRIFT_ALERT_WAIT_S, queries  # recording rules: evaluated every second
+    while empty := [expr for expr in empty if not query(stack, expr)]:
+        assert time.monotonic() < deadline, f"no series for: {empty}"
+        time.sleep(2)

@@ -64,7 +64,9 @@ def spec_models() -> list[str]:
 
 
 def make_bundle(repo_root: Path, store: Path, out: Path, state_file: Path | None = None, **options) -> Bundle:
-    options = {"image": IMAGE, "out": out, **options}
+    # This module tests the Knative and CPU-HPA forms; the defaults (KServe Standard mode, KEDA on the queue)
+    # and what operators apply around them are tested in test_cluster_manifests.py.
+    options = {"image": IMAGE, "out": out, "kserve_mode": "knative", "autoscaler": "hpa", **options}
     return write_bundle(
         BundleOptions(**options),
         spec=repo_root / "models.yaml",
@@ -137,7 +139,8 @@ def test_the_bundle_has_the_contracts_layout(bundle: Bundle) -> None:
                 "model-store/digits_v2.0.mar", "src/pyproject.toml", "src/README.md"}  # fmt: skip
     assert expected <= names
     assert {n.split("/")[0] for n in names} == {
-        "bundle.json", "Dockerfile", ".dockerignore", "config", "k8s", "kserve", "model-store", "src",
+        "bundle.json", "Dockerfile", ".dockerignore", "config", "k8s", "kserve", "model-store", "src", "monitoring",
+        "kustomize",
     }  # fmt: skip
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert json.loads((bundle.path / "bundle.json").read_text()) == bundle.record
@@ -483,7 +486,8 @@ def test_public_drops_only_the_cluster_local_labels(
     tmp_path: Path, model_store: Path, capsys: pytest.CaptureFixture, kserve_validator: jsonschema.Draft4Validator,
     bundle: Bundle,
 ) -> None:  # fmt: skip
-    code, out, err = run_cli(["--public", "--image", IMAGE], tmp_path, model_store, capsys)
+    knative = ["--kserve-mode", "knative", "--autoscaler", "hpa"]  # this module's forms (make_bundle)
+    code, out, err = run_cli(["--public", "--image", IMAGE, *knative], tmp_path, model_store, capsys)
     assert (code, err) == (0, "")
     public = Bundle(tmp_path / "out", json.loads((tmp_path / "out" / "bundle.json").read_text()))
     docs, closed = kserve_documents(public), kserve_documents(bundle)
