@@ -171,15 +171,21 @@ def test_a_runtime_session_follows_the_cpu_budgets_thread_count(built, tmp_path)
         torch.set_num_threads(threads)
 
 
-def test_a_users_csv_model_serves_in_onnxruntime_as_in_torch(tmp_path: Path) -> None:
+def wine_model(tmp_path: Path, versions: dict, **fields) -> dict:
+    """A user's MLP on a wine CSV the test writes (``tmp_path/wine.csv``), with ``versions``."""
     wine_csv(tmp_path / "wine.csv")
-    model = {
+    return {
         "architecture": "mlp",
         "handler": "tabular_classifier",
         "data": {"csv": "wine.csv", "target": "cultivar"},
         "weights": {"train": "data"},
-        "versions": {"1.0": {"precision": "fp32"}, "2.0": {"precision": "fp32", "runtime": "onnxruntime"}},
+        **fields,
+        "versions": versions,
     }
+
+
+def test_a_users_csv_model_serves_in_onnxruntime_as_in_torch(tmp_path: Path) -> None:
+    model = wine_model(tmp_path, {"1.0": {"precision": "fp32"}, "2.0": {"precision": "fp32", "runtime": "onnxruntime"}})
     specs = load_spec(write_spec(tmp_path, {"wine": model}))
     for spec in specs:
         build_version(spec, tmp_path / "store", tmp_path / "cache", stream=io.StringIO())
@@ -210,15 +216,7 @@ def test_a_bad_runtime_is_one_line_naming_the_field(project, version, field, mes
 
 
 def test_a_runtime_needs_evaluation_data_or_allow_ungated(tmp_path: Path) -> None:
-    model = {
-        "architecture": "mlp",
-        "handler": "tabular_classifier",
-        "data": {"csv": "wine.csv", "target": "cultivar"},
-        "weights": {"train": "data"},
-        "evaluation": None,
-        "versions": {"2.0": {"precision": "fp32", "runtime": "openvino"}},
-    }
-    wine_csv(tmp_path / "wine.csv")
+    model = wine_model(tmp_path, {"2.0": {"precision": "fp32", "runtime": "openvino"}}, evaluation=None)
     with pytest.raises(SpecError, match="runtime needs evaluation data"):
         load_spec(write_spec(tmp_path, {"wine": model}))
 
@@ -258,14 +256,7 @@ def test_int8_on_openvino_is_a_qdq_graph_calibrated_on_the_users_images_and_gate
 
 
 def test_int8_in_a_runtime_is_refused_for_a_dynamically_quantized_task(tmp_path: Path) -> None:
-    wine_csv(tmp_path / "wine.csv")
-    model = {
-        "architecture": "mlp",
-        "handler": "tabular_classifier",
-        "data": {"csv": "wine.csv", "target": "cultivar"},
-        "weights": {"train": "data"},
-        "versions": {"2.0": {"precision": "int8", "runtime": "openvino"}},
-    }
+    model = wine_model(tmp_path, {"2.0": {"precision": "int8", "runtime": "openvino"}})
     with pytest.raises(SpecError, match="tabular_classifier quantizes dynamically, in torch"):
         load_spec(write_spec(tmp_path, {"wine": model}))
 
