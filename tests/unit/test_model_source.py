@@ -20,6 +20,7 @@ from servekit.deploy.model_source import (
     ModelSourceError,
     bundle_digest,
     check_models,
+    models_folder,
     mount_models_deployment,
     mount_models_inferenceservice,
     mounted_command,
@@ -147,3 +148,49 @@ def test_the_mounted_forms_change_only_the_command_and_the_models_volume() -> No
                              {"name": "STORAGE_URI", "value": "pvc://servekit-models/0.1.0-cdcdcdcdcdcd"}]  # fmt: skip
     assert kserve["command"] == mounted_command(ENTRYPOINT, record["bundle_sha256"])
     assert service["metadata"]["annotations"]["servekit.io/models"] == "servekit-models/0.1.0-cdcdcdcdcdcd"
+
+
+# ------------------------------------------------------------------------------------------ written by servekit bundle
+@pytest.fixture(scope="module")
+def written(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    from servekit.deploy.bundle import BundleOptions, write_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    options = BundleOptions.from_cli(models=["digits:1.0,2.0"], image="registry.example.com/servekit:0.1.0", out=out)
+    return write_bundle(options, store=model_store, state_file=out.parent / "no-state.json")
+
+
+def test_a_written_bundle_folder_is_what_its_record_pins(written) -> None:
+    """config/ and model-store/ as servekit bundle writes them pass the pod's check with bundle.json's digest."""
+    paths = check_models(written.path, written.record["bundle_sha256"])
+    assert sorted(p.name for p in paths) == sorted(written.record["archives"])
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.33.0"])
+def test_the_mounted_deployment_validates_strictly(written, version: str) -> None:
+    import kubernetes_validate
+    import yaml
+
+    documents = list(yaml.safe_load_all((written.path / "k8s" / "servekit-models-volume.yaml").read_text()))
+    baked = list(yaml.safe_load_all((written.path / "k8s" / "servekit.yaml").read_text()))
+    assert [d["kind"] for d in documents] == [d["kind"] for d in baked]
+    for document in documents:
+        assert kubernetes_validate.validate(document, version, strict=True) == version.rsplit(".", 1)[0]
+    (container,) = documents[0]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:4] == ["python", "-m", "servekit.deploy.model_source", "check-and-run"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_the_storage_uri_inferenceservice_validates_against_kserves_crd(written) -> None:
+    import jsonschema
+    import yaml
+
+    from tests.unit.test_bundle import KSERVE_SCHEMA, strict_schema
+
+    validator = jsonschema.Draft4Validator(strict_schema(json.loads(KSERVE_SCHEMA.read_text())))
+    (document,) = yaml.safe_load_all((written.path / "kserve" / "inferenceservice-models-volume.yaml").read_text())
+    assert [e.message for e in validator.iter_errors(document)] == []
+    (container,) = document["spec"]["predictor"]["containers"]
+    assert {"name": "STORAGE_URI", "value": f"pvc://servekit-models/{models_folder(written.record)}"} in container[
+        "env"
+    ]
