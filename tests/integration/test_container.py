@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -65,9 +64,11 @@ from tests.integration.test_rolling_update import (
     SETTLE_S,
     VersionSampler,
     answering_versions,
+    end_load,
     hey_report,
     post_digit,
     start_hey,
+    stop_load,
 )
 
 pytestmark = pytest.mark.integration
@@ -339,15 +340,11 @@ def test_rolling_update_of_two_containers_under_load_fails_no_request(
         budgets = {version: budget_lines(box) for version, (box, _) in boxes.items() if version == "2.0"}
         time.sleep(SETTLE_S)
         assert load.poll() is None, "the load ended before the update did"
-        load.send_signal(signal.SIGINT)
-        output, errors_text = load.communicate(timeout=90)
+        output, errors_text = stop_load(load)
         sampler.stop()
         after = answering_versions(endpoint, 4)
     finally:
-        sampler.stopping.set()
-        if load is not None and load.poll() is None:
-            load.kill()
-            load.wait(timeout=10)
+        end_load(load, sampler)
         for box, _ in boxes.values():
             with contextlib.suppress(Exception):
                 box.kill()
