@@ -94,3 +94,17 @@ def test_archive_layers_reads_each_layers_step_and_both_sizes(tmp_path: Path) ->
 def test_format_layers_shows_no_compressed_size_before_an_export() -> None:
     report = format_layers([Layer("/bin/sh -c true", 0, 2_000_000)])
     assert report.splitlines()[1].split()[:3] == ["2", "MB", "-"]
+
+
+def test_make_image_without_a_bundle_fails_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit.deploy.image", "--bundle", str(tmp_path / "none"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"image: error: {tmp_path / 'none'} is not a bundle (no bundle.json): make bundle writes one\n"
+    )
