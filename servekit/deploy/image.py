@@ -42,7 +42,7 @@ BASE_NAME = "localhost/servekit-base:bookworm"
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # a tarball carries no image config
 # The sandbox refuses raising RLIMIT_NPROC, so the build's limits are set explicitly (TORCHSERVE_NOTES.md).
 ULIMITS = ("nofile=20000:20000", "nproc=1000:1000")
-BUILD_TIMEOUT_S = 1800
+BUILD_TIMEOUT_S = 3600  # wall time: a paused or busy machine stretches every step
 PYPI = "https://pypi.org/simple"  # pip's default index
 STORAGE_ROOT = "/var/lib/containers/storage"  # buildah's as root, unless --root
 # The image built here (torch 2.14.1 from the wheel cache: a CUDA build, 4.3 GB of it nvidia and triton) must stay
@@ -110,9 +110,16 @@ def make_base_tarball(tarball: Path, log: Path | None = None) -> Path:
     """A Debian base from Debian's packages (``mmdebstrap --variant=minbase``) with python3 and its venv module."""
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(tarball.name + ".partial")
-    argv = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES), SUITE, str(partial)]
+    argv = [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--format=tar",
+        "--include=" + ",".join(BASE_PACKAGES),
+        SUITE,
+        str(partial),
+    ]
     try:
-        run_step(argv, timeout=600, log=log)
+        run_step(argv, timeout=BUILD_TIMEOUT_S, log=log)
     except FileNotFoundError:
         raise ImageError("mmdebstrap is not installed: make containers installs it") from None
     partial.rename(tarball)
@@ -123,9 +130,9 @@ def import_base(buildah: Buildah, tarball: Path, name: str = BASE_NAME) -> str:
     """``tarball`` as the local image ``name`` (what ``podman import`` does), with a PATH."""
     container = buildah.run("from", "scratch").strip()
     try:
-        buildah.run("add", container, str(tarball), "/", timeout=600)
+        buildah.run("add", container, str(tarball), "/", timeout=BUILD_TIMEOUT_S)
         buildah.run("config", "--env", f"PATH={BASE_PATH}", "--cmd", "/bin/bash", container)
-        buildah.run("commit", "--quiet", container, name, timeout=600)
+        buildah.run("commit", "--quiet", container, name, timeout=BUILD_TIMEOUT_S)
     finally:
         subprocess.run(buildah.argv("rm", container), capture_output=True, check=False)
     return name
