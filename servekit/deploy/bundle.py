@@ -10,6 +10,9 @@
       k8s/servekit.yaml            Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy
       kserve/inferenceservice.yaml serving.kserve.io/v1beta1 InferenceService (a custom predictor from the same
                                    image, cluster-local unless --public) and a NetworkPolicy for its predictor pods
+      k8s/servekit-models-volume.yaml, kserve/inferenceservice-models-volume.yaml
+                                   the same, serving config/ and model-store/ from a volume at /mnt/models, checked
+                                   before serving (servekit.deploy.model_source): a new version, the same image
 
 Workflow::
 
