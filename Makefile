@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNTIME := $(VENV)/.runtime
 
-.PHONY: help venv java nginx tools archive serve stop test test-unit test-integration docs-check bench soak lint format \
+.PHONY: help venv java nginx tools containers image archive serve stop test test-unit test-integration docs-check bench soak lint format \
 	check clean monitor-demo explain-demo \
 	status register promote rollback canary shadow proxy bundle monitor
 
@@ -20,6 +20,7 @@ help:
 	@echo "make soak     10-minute soak with scaling in the middle -> results/soak/"
 	@echo "make check    format check, lint and unit tests"
 	@echo "make bundle   image, Kubernetes and KServe manifests -> bundle/ (docs/kubernetes.md)"
+	@echo "make image    build bundle/'s Dockerfile with buildah -> build/image/*.oci.tar, sizes layer by layer"
 
 # TorchServe's frontend needs a Java 17+ runtime.
 java:
@@ -44,6 +45,13 @@ tools: nginx
 	fi
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+
+# buildah and mmdebstrap: make image builds the bundle's Dockerfile without a daemon, on a Debian base made from
+# Debian's packages (no registry serves base images here), and the container tests run its filesystem.
+containers:
+	@if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah mmdebstrap; \
 	fi
 
 # pip (not uv or poetry): torch and torchvision install from this machine's local wheel cache.
@@ -82,14 +90,14 @@ monitor: venv tools
 # tests/conftest.py): on 2 cores the integration tests spend much of their time waiting on servers.
 # A short temporary root: TorchServe's management socket path must stay under 100 bytes.
 PYTEST := $(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder
-test: archive tools
+test: archive tools containers
 	@tmp=$$(mktemp -d /tmp/sk.XXXXXX); $(PYTEST) --basetemp=$$tmp tests; rc=$$?; \
 		if test $$rc -eq 0; then rm -rf $$tmp; else echo "test files kept in $$tmp"; fi; exit $$rc
 
 test-unit: archive tools
 	$(PY) -m pytest tests/unit -m unit
 
-test-integration: archive tools
+test-integration: archive tools containers
 	$(PY) -m pytest tests/integration -m integration
 
 # Every command README.md and docs/*.md show (docs/tests.md, "The docs check"): the blocks the check runs or
@@ -155,6 +163,12 @@ bundle: archive
 		$(if $(filter 1 yes true,$(PUBLIC)),--public) $(if $(OTLP),--otlp-endpoint $(OTLP)) \
 		$(if $(KSERVE_MODE),--kserve-mode $(KSERVE_MODE)) $(if $(AUTOSCALER),--autoscaler $(AUTOSCALER)) \
 		$(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
+
+# The bundle's image, built here (docs/kubernetes.md, "The image"): buildah on a Debian base made by mmdebstrap,
+# torch from this machine's wheel cache; exported to build/image/*.oci.tar with its size layer by layer.
+#   make image [the bundle's variables: MODELS=..., IMAGE=..., OUT=...]
+image: bundle containers
+	$(PY) -m servekit.deploy.image --bundle $(or $(OUT),bundle)
 
 clean:
 	rm -rf build var model_store/*.mar model_store/manifest.json .pytest_cache

@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 # the suite in 3 processes, one module per process at a time (pytest-xdist --dist loadfile), so a
 # long module started last would leave the others idle while it finishes.
 LONGEST_FIRST = (
+    "integration/test_container.py",  # about 10 min on a busy machine: builds the image (~6 GB) once, then runs it
     "integration/test_bench_quick.py",  # about 2.5 min: every bench variant once
     "integration/test_byom.py",
     "integration/test_soak_short.py",

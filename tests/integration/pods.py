@@ -122,6 +122,38 @@ def live_processes() -> dict[int, tuple[int, str]]:
     return table
 
 
+def on_ports(config_text: str, ports: dict[str, int], home: Path | None = None) -> str:
+    """config.properties with its addresses and gRPC ports on ``ports`` (loopback), paths moved into ``home``."""
+    lines = []
+    for line in config_text.splitlines():
+        key, sep, value = line.partition("=")
+        name = key.strip()
+        if sep and not line.lstrip().startswith("#"):
+            if name in ADDRESS_KEYS.values():
+                kind = next(k for k, v in ADDRESS_KEYS.items() if v == name)
+                value = f"http://127.0.0.1:{ports[kind]}"
+            elif name in PORT_KEYS.values():
+                value = str(ports[next(k for k, v in PORT_KEYS.items() if v == name)])
+            elif home is not None:
+                value = in_home(value, home)
+            line = f"{key}={value}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def on_loopback(command: list[str], ports: dict[str, int], bind: str = "127.0.0.1") -> list[str]:
+    """The launcher's argv bound to ``bind`` instead of 0.0.0.0, its OIP, scrape and probe ports on ``ports``."""
+    command = list(command)
+    at = command.index("--bind") + 1
+    assert command[at] == "0.0.0.0", f"the pod's entrypoint binds {command[at]}"
+    command[at] = bind
+    assert "--oip-http-port" not in command, "the entrypoint sets OIP ports: adjust the substitution"
+    command += ["--oip-http-port", str(ports["oip_http"]), "--oip-grpc-port", str(ports["oip_grpc"])]
+    command[command.index("--metrics-port") + 1] = str(ports["servekit_metrics"])  # the scrape port, a free one
+    command[command.index("--health-port") + 1] = str(ports["oip_health"])  # the probes' port, a free one
+    return command
+
+
 @dataclass
 class Pod:
     """One replica: a bundle's entrypoint run in its own home (see the module docstring)."""
@@ -154,21 +186,7 @@ class Pod:
         shutil.copytree(self.bundle / "config", self.home / "config")
         shutil.copytree(self.bundle / "model-store", self.home / "model-store")
         self.workdir.mkdir()
-        lines = []
-        for line in self.config.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            name = key.strip()
-            if sep and not line.lstrip().startswith("#"):
-                if name in ADDRESS_KEYS.values():
-                    kind = next(k for k, v in ADDRESS_KEYS.items() if v == name)
-                    value = f"http://127.0.0.1:{self.ports[kind]}"
-                elif name in PORT_KEYS.values():
-                    value = str(self.ports[next(k for k, v in PORT_KEYS.items() if v == name)])
-                else:
-                    value = in_home(value, self.home)
-                line = f"{key}={value}"
-            lines.append(line)
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text(on_ports(self.config.read_text(), self.ports, self.home))
         self.image_snapshot = self.image_files()
 
     def image_files(self) -> dict[str, str]:
@@ -185,16 +203,7 @@ class Pod:
         assert isinstance(entrypoint, list), f"bundle.json entrypoint is not an argv: {entrypoint!r}"
         assert entrypoint[0] in ("python", "python3"), entrypoint
         command = [sys.executable, *(in_home(arg, self.home) for arg in entrypoint[1:])]
-        bind = command.index("--bind") + 1
-        assert command[bind] == "0.0.0.0", f"the pod's entrypoint binds {command[bind]}"
-        command[bind] = self.bind
-        assert "--oip-http-port" not in command, "the entrypoint sets OIP ports: adjust the substitution"
-        command += ["--oip-http-port", str(self.ports["oip_http"]), "--oip-grpc-port", str(self.ports["oip_grpc"])]
-        metrics = command.index("--metrics-port") + 1  # the pod's scrape port, on a free one here
-        command[metrics] = str(self.ports["servekit_metrics"])
-        health = command.index("--health-port") + 1  # the probes' port, on a free one here
-        command[health] = str(self.ports["oip_health"])
-        return command
+        return on_loopback(command, self.ports, self.bind)
 
     def env(self) -> dict[str, str]:
         env = {name: os.environ[name] for name in HOST_ENV if name in os.environ}

@@ -100,6 +100,20 @@ def start_hey(hey: str, url: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def stop_load(load: subprocess.Popen) -> tuple[str, str]:
+    """SIGINT to hey: it finishes the requests in flight and prints its summary; its (stdout, stderr)."""
+    load.send_signal(signal.SIGINT)
+    return load.communicate(timeout=90)
+
+
+def end_load(load: subprocess.Popen | None, sampler: VersionSampler) -> None:
+    """Whatever happened: no sampler requests and no hey left running."""
+    sampler.stopping.set()
+    if load is not None and load.poll() is None:
+        load.kill()
+        load.wait(timeout=10)
+
+
 def hey_report(output: str) -> tuple[Counter, Counter]:
     """hey's summary: the status code distribution and the error distribution (transport errors).
 
@@ -187,16 +201,12 @@ def test_rolling_update_under_load_fails_no_request_and_switches_version(tmp_pat
             assert load.poll() is None, "the load ended before the update did: raise LOAD_CAP_S"
         time.sleep(SETTLE_S)
         assert load.poll() is None, "the load ended before the update did: raise LOAD_CAP_S"
-        load.send_signal(signal.SIGINT)  # hey stops, finishes the requests in flight, prints its summary
-        output, errors_text = load.communicate(timeout=90)
+        output, errors_text = stop_load(load)
         note("load stopped")
         sampler.stop()
         after = answering_versions(endpoint, 6)
     finally:
-        sampler.stopping.set()
-        if load is not None and load.poll() is None:
-            load.kill()
-            load.wait(timeout=10)
+        end_load(load, sampler)
         for pod in pods:
             with contextlib.suppress(Exception):  # the next pod and the Service are stopped whatever happens
                 pod.kill()

@@ -535,7 +535,20 @@ def test_the_dockerfile_parses_and_follows_our_rules(bundle: Bundle, repo_root: 
     for command in commands:
         by.setdefault(command.cmd, []).append(command)
     (base,) = by["FROM"]
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base.value[0])  # an exact patch release
+    assert base.value[0] == "${BASE_IMAGE}"  # a build argument: make image builds on a Debian base made here
+    arguments = dict(c.value[0].partition("=")[::2] for c in by["ARG"])
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", arguments["BASE_IMAGE"])  # users: an exact patch release
+    assert arguments["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"  # users: no CUDA libraries
+    assert {name for name, value in arguments.items() if not value} == {
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_FIND_LINKS",
+        "PIP_CERT",
+    }
+    assert 'pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==' in " ".join(
+        c.value[0] for c in by["RUN"]
+    )
+    environment = dict(zip(by["ENV"][0].value[::2], by["ENV"][0].value[1::2], strict=True))
+    assert environment["PATH"].startswith("/opt/servekit/venv/bin:")  # "python" is the venv's, on either base
     assert not by.get("ADD")
     assert by["USER"][-1].value[0].split(":")[0] == "1000"  # model-server, never root
     assert "useradd --uid 1000" in " ".join(c.value[0] for c in by["RUN"])
