@@ -12,6 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.scheduling import pytest_xdist_make_scheduler  # noqa: E402, F401  (make test's scheduler: no hang after a crash)
 
 # The longest modules (make test's --durations, 2 cores), sent to the workers first: `make test` runs
 # the suite in 3 processes, one module per process at a time (pytest-xdist --dist loadfile), so a
