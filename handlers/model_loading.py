@@ -2,7 +2,9 @@
 
 Archives carry a frozen TorchScript program (``model.pt``): a format that needs no Python class
 definitions and runs no pickled Python code when loaded. FP32 and INT8 models differ only here:
-an INT8 program needs the quantized kernel engine it was converted for.
+an INT8 program needs the quantized kernel engine it was converted for. A version whose spec names a
+``runtime:`` (OpenVINO or ONNX Runtime) carries an ONNX program (``model.onnx``) instead, run by
+``handlers.runtimes.RuntimeProgram``; the sha256 record covers it the same way.
 """
 
 from __future__ import annotations

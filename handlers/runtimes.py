@@ -59,6 +59,7 @@ class RuntimeProgram:
         self.path, self.runtime, self.precision = Path(path), runtime, precision
         self._sessions: dict[int, object] = {}
         self._requests: dict[int, list] = {}  # OpenVINO: idle infer requests per thread count
+        self._input_name = ""  # ONNX Runtime: the program's one input, named at the first session
         self._lock = threading.Lock()
         _require(runtime)
         if runtime == "openvino":
@@ -98,7 +99,9 @@ class RuntimeProgram:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        return onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._input_name = session.get_inputs()[0].name
+        return session
 
     @property
     def sessions(self) -> list[int]:
@@ -110,7 +113,7 @@ class RuntimeProgram:
         session = self._session(threads)
         array = np.ascontiguousarray(batch.detach().to(torch.float32).numpy())
         if self.runtime == "onnxruntime":
-            output = session.run(None, {session.get_inputs()[0].name: array})[0]
+            output = session.run(None, {self._input_name: array})[0]
             return torch.from_numpy(np.asarray(output, dtype=np.float32))
         # OpenVINO: an infer request is reused (making one allocates its buffers), one per concurrent
         # caller; the batch is read in place (share_inputs) rather than copied into the request's tensor.

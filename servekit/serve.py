@@ -28,7 +28,7 @@ from pathlib import Path
 
 from servekit.deploy.workflows import serving_settings
 from servekit.errors import ServekitError
-from servekit.serving.oip_service import DEFAULT_ROUTER
+from servekit.serving.oip_service import default_router
 from servekit.serving.server import REPO_ROOT, ServerError, TorchServeProcess, announce, load_models_archives
 
 
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit's deprecation notices, once per export
     server = TorchServeProcess(
-        Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh, router=DEFAULT_ROUTER
+        Path(args.workdir),
+        Path(args.model_store),
+        snapshots=True,
+        restore=not args.fresh,
+        router=default_router(Path(args.workdir)),
     )  # OIP inference through `servekit proxy` when it runs
     try:
         if (pid := server.running_pid()) is not None:

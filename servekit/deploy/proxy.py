@@ -12,6 +12,11 @@ OIP front sends its inference through the proxy, and the gRPC gateway through th
   (TorchServe's default version, so a later ``set-default`` needs no proxy change);
 * shadow: ``mirror`` sends a copy of every request to ``/predictions/NAME/SHADOW``; its answers are
   discarded, clients only ever see the served version's;
+* explanations (``/explanations/NAME``, OIP ``/v2/models/NAME/explain``, KServe v1
+  ``/v1/models/NAME:explain``: ``EXPLAINED_PATHS``) follow the same split, the canary's share to
+  ``/explanations/NAME/CANARY``, so an explanation comes from the version a prediction would; a shadow
+  gets no copies of them (an explanation costs tens of inferences and a shadow compares predictions),
+  and the rollout does not count them (their latency is not a prediction's);
 * explicit versions (``/predictions/NAME/V``, ``/v2/models/NAME/versions/V/infer``) pass untouched.
 
 Every answer of a servekit handler names the version that served it (``X-Model-Version``, and
@@ -22,6 +27,11 @@ Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` 
 ``request_time`` (seconds), ``target``, the version the split sent it to (``"/2.0"``; empty: the
 default) and ``served``, the version that answered (its ``X-Model-Version``). ``servekit.deploy.rollout``
 reads it to compare a canary with the default, every protocol together.
+
+The OIP front reaches the proxy through a Unix socket (``router_socket``, in a ``/tmp`` folder only this
+user can write), never through its TCP port: another local program listening on a port the proxy left
+free would otherwise receive the front's requests, inference tokens included. A socket name in a folder
+only this user can write cannot be taken.
 
 ``NginxProxy.apply`` installs the rendering of a changed state (checked with ``nginx -t`` first: a
 configuration that fails the check is never installed), then the state, then reloads nginx; both
@@ -36,7 +46,10 @@ opens them anew (``SIGHUP`` to its checked master: a reload, see there why not `
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +63,10 @@ from servekit.serving.logkeeper import (
 )
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 
-__all__ = ["REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
+__all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "NginxProxy", "ProxyError", "render_config", "router_address"]
 
 REQUEST_LOG = "requests.jsonl"
+SOCKET_DIR_MODE = 0o711  # the router socket's folder: its user writes, others only pass through
 # The header every answer of a servekit handler carries: the version that answered (``handlers.base``).
 VERSION_HEADER = "X-Model-Version"
 # One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default),
@@ -66,6 +80,44 @@ LOG_FORMAT = (
 
 class ProxyError(NginxError):
     """The proxy could not be configured, checked, started or reloaded."""
+
+
+def router_socket(prefix: Path) -> Path:
+    """Where the proxy of ``prefix`` listens for the OIP front: ``/tmp/servekit-router-UID/HASH.sock``.
+
+    Not under the prefix: the front's nginx workers run as ``nobody`` when it is started as root, and must
+    reach the socket through every folder above it (nginx makes the socket itself 0666). The folder is
+    this user's, 0711 (``private_socket_dir``): others can pass through it but not create names in it."""
+    digest = hashlib.sha256(os.fsencode(Path(prefix).resolve())).hexdigest()[:16]
+    return Path("/tmp") / f"servekit-router-{os.getuid()}" / f"{digest}.sock"
+
+
+def router_address(prefix: Path) -> str:
+    """The front's upstream for the proxy of ``prefix`` (``servekit.serving.oip_service``, ``router``)."""
+    return f"unix:{router_socket(prefix)}"
+
+
+def private_socket_dir(socket: Path) -> None:
+    """Make the socket's folder (this user's, 0711: another user who could write into it could bind the
+    socket's name first) and refuse one that another user owns. nginx binds the socket even for ``nginx -t``,
+    so the folder must exist before any check of the configuration."""
+    folder = socket.parent
+    folder.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise ProxyError(f"refusing {folder} for the proxy's socket: it is not a folder of this user's")
+    if stat.S_IMODE(info.st_mode) != SOCKET_DIR_MODE:
+        os.chmod(folder, SOCKET_DIR_MODE)
+
+
+def remove_stale_socket(socket: Path) -> None:
+    """Remove the socket an nginx killed without its graceful stop left behind (a new one would not bind);
+    only while no proxy of this prefix runs."""
+    try:
+        if stat.S_ISSOCK(os.lstat(socket).st_mode):
+            socket.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _variable(model: str) -> str:
@@ -87,9 +139,34 @@ ROUTED_PATHS = (
 )
 
 
+# Explanation routes of every protocol: the canary's share goes to ``/explanations/NAME/VERSION`` (the handler
+# reads the protocol from the body there too); never mirrored, never in the rollout's figures.
+EXPLAINED_PATHS = (
+    ("native", "/explanations/{name}"),
+    ("oip_v2", "/v2/models/{name}/explain"),
+    ("kserve_v1", "/v1/models/{name}:explain"),
+)
+
+
+def _explain_variable(model: str) -> str:
+    """The canary's explanation route (its own prefix: never a split or prediction route variable)."""
+    return "servekitexplain_" + re.sub(r"[^A-Za-z0-9_]", "_", model)
+
+
+def _explained_locations(name: str, split: str) -> str:
+    """The exact locations of ``name``'s explanation paths, split like its predictions (``split``: the variable)."""
+    return "".join(
+        f"        location = {form.format(name=name)} {{\n"
+        f"            set $servekit_target {split};\n"
+        f"            proxy_pass http://torchserve${_explain_variable(name)};\n"
+        "        }\n"
+        for _protocol, form in EXPLAINED_PATHS
+    )
+
+
 def _routed_locations(name: str, split: str | None, shadow: bool) -> str:
     """The exact locations of ``name``'s inference paths: the canary split (``split``: its variable), the mirror."""
-    blocks = []
+    blocks = [] if split is None else [_explained_locations(name, split)]
     for _protocol, form in ROUTED_PATHS:
         path = form.format(name=name)
         lines, target = "", path
@@ -127,6 +204,10 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
             splits.append(
                 f'    map ${var} ${route} {{\n        "" $uri;\n        default /predictions/{name}${var};\n    }}\n'
             )
+            explain = _explain_variable(name)
+            splits.append(
+                f'    map ${var} ${explain} {{\n        "" $uri;\n        default /explanations/{name}${var};\n    }}\n'
+            )
             split = f"${var}"
         if model.shadow is not None:
             locations.append(
@@ -150,6 +231,7 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
     }}
 {LOG_FORMAT}{"".join(splits)}    server {{
         listen {state.listen};
+        listen unix:{router_socket(prefix)};  # the OIP front's way in (module docstring)
         set $servekit_target "";
         proxy_set_header X-Request-Start "t=${{msec}}";  # when the request left here: the worker's queue wait
         access_log {prefix / REQUEST_LOG} servekit_json;
@@ -198,6 +280,10 @@ class NginxProxy(NginxInstance):
         return LogKeeperProcess(self.prefix, logs, self.log_max_bytes, self.log_keep, self.log_interval,
                                 warn=self.warn)  # fmt: skip
 
+    def install(self, text: str) -> None:
+        private_socket_dir(router_socket(self.prefix))  # nginx -t binds the front's socket: its folder first
+        super().install(text)
+
     def current(self) -> DeploymentState:
         """The deployment state, with this proxy's address and upstream where it records none yet."""
         return self._addressed(read_state(self.state_file))
@@ -219,6 +305,7 @@ class NginxProxy(NginxInstance):
         self.refuse_if_running()
         keeper = self.log_keeper  # invalid log settings fail here, before anything starts
         state = self.current()
+        remove_stale_socket(router_socket(self.prefix))  # no proxy of ours runs (refuse_if_running)
         self.install(render_config(state, self.prefix))
         write_state(self.state_file, state)
         self.launch(state.listen, timeout)

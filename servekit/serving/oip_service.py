@@ -50,7 +50,6 @@ from servekit.serving.tracing import TRACE_CONTEXT_MAPS, TRACE_HEADERS
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
-DEFAULT_ROUTER = "127.0.0.1:8090"  # where `servekit proxy start` listens by default (servekit.cli): make serve's router
 # The front's limits. The benchmarks drive up to ~64 concurrent connections from one address (127.0.0.1)
 # with `hey`; every number below leaves them at least 2x headroom, and none applies to a request that flows.
 DEFAULT_MAX_BODY = 6_553_600  # TorchServe's max_request_size (config.properties): over it TorchServe answers an
@@ -148,7 +147,8 @@ def render_front_config(
 ) -> str:
     """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens;
     ``health``: host:port of the health-only listener; ``max_body``: TorchServe's ``max_request_size``;
-    ``router``: host:port of the routing plane (the canary/shadow proxy), TorchServe itself while it is down."""
+    ``router``: host:port or ``unix:PATH`` of the routing plane (the canary/shadow proxy), TorchServe itself while it
+    is down."""
     name, version = NAME_PATTERN, VERSION_PATTERN
     missing_token = (
         '            if ($http_authorization = "") {\n'
@@ -285,6 +285,14 @@ def render_front_config(
     }}
 {_health_server(health, HEALTH_CLIENT_LIMIT) if health is not None else ""}}}
 """
+
+
+def default_router(workdir: Path) -> str:
+    """make serve's router: the socket of ``servekit proxy``'s default folder (``WORKDIR/proxy``, servekit.cli),
+    never its TCP port, which another program could hold while the proxy is stopped (servekit.deploy.proxy)."""
+    from servekit.deploy.proxy import router_address  # the proxy's module imports this package's nginx helpers
+
+    return router_address(Path(workdir) / "proxy")
 
 
 def _upstream_servers(torchserve: str, router: str | None) -> str:

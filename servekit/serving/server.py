@@ -46,8 +46,8 @@ from servekit.serving.oip_service import (
     DEFAULT_GRPC_PORT,
     DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BODY,
-    DEFAULT_ROUTER,
     OipService,
+    default_router,
 )
 from servekit.serving.processes import free_port, group_alive, owned_pid, read_pid
 from servekit.serving.store import verify_store
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Versions registered at runtime, their workers and the default come back after make stop / make serve.
         server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh,
-                                   router=DEFAULT_ROUTER)  # fmt: skip
+                                   router=default_router(Path(args.workdir)))  # fmt: skip
     actions = {"key": _print_key, "stop": _stop, "start": _start, "run": _run}
     try:
         return actions[args.action](server, args)

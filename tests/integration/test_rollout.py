@@ -230,9 +230,11 @@ def test_a_good_version_judged_from_the_handler_metrics_is_promoted_and_status_s
 ) -> None:
     before = default_of(cli)
     version = "1.0" if before == "2.0" else "2.0"  # the other built version, whichever is the default now
-    # The source is under test here, not the latency gate: with 10 to 20 canary requests a step, the p99 of
-    # the handler's histogram is its slowest bucket's, and this machine is shared; 3 leaves room for that.
-    process = cli.start("rollout", "digits", version, *STEPS, "--source", "metrics", "--max-p99-ratio", "3")
+    # The source is under test here, not the latency gate (test_a_slow_version_fails_the_p99_ratio is): with 10
+    # to 20 canary requests a step, the p99 of the handler's histogram is its slowest bucket's, and on a shared
+    # machine one slow request puts a good version's p99 in a bucket 3x the default's (CI: 224.5 against
+    # 73.5 ms while the image was being built beside it); the error-rate gate applies as always.
+    process = cli.start("rollout", "digits", version, *STEPS, "--source", "metrics", "--max-p99-ratio", "20")
     try:
         running = status_while_running(cli, process, 25)
         during = cli("rollout", "--status", "digits").stdout  # human form; the step may have moved on meanwhile
@@ -244,7 +246,7 @@ def test_a_good_version_judged_from_the_handler_metrics_is_promoted_and_status_s
     assert process.returncode == 0, err
     assert during.startswith(f"rollout of digits {version}: "), during
     assert (running["version"], running["step"], running["alive"], running["source"]) == (version, 1, True, "metrics")
-    assert (running["settings"]["max_p99_ratio"], running["settings_from"]["max_p99_ratio"]) == (3, "flag")
+    assert (running["settings"]["max_p99_ratio"], running["settings_from"]["max_p99_ratio"]) == (20, "flag")
     assert {"seconds", "canary", "default", "error_limit", "p99_ratio"} <= set(running["window"])  # each poll's
     lines = out.strip().splitlines()
     assert lines[0] == f"rollout digits {version}: default {before}, steps 25,100%, figures from metrics"

@@ -1,7 +1,7 @@
 """One routing plane for every protocol: canary, shadow and rollout for OIP HTTP, KServe v1 and gRPC clients.
 
 A real TorchServe whose OIP address (nginx front + gRPC gateway) sends inference through the real proxy
-(``router``: the proxy's address, as ``make serve`` does with ``servekit proxy``'s default port), and the
+(``router``: the proxy's Unix socket, as ``make serve`` does with ``servekit proxy``'s default folder), and the
 ``servekit`` command line changing the one deployment state. Clients are real ``tritonclient`` HTTP and
 gRPC clients and KServe v1 JSON; every answer says which version served it (``model_version``, and
 ``X-Model-Version`` on ``/predictions``). The store also holds 4.0, a drill version of 1.0 that sleeps
@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
+from servekit.deploy.proxy import router_address
 from servekit.deploy.rollout import RequestLog
 from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import drill_store, ok, operator_cli, running_torchserve
@@ -49,14 +51,21 @@ def proxy_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, store: Path, proxy_port: int) -> Iterator[TorchServeProcess]:
-    with running_torchserve(tmp_path_factory.mktemp("torchserve"), store, router=f"127.0.0.1:{proxy_port}") as ts:
+def deploy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deploy")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, store: Path, deploy_dir: Path) -> Iterator[TorchServeProcess]:
+    # As make serve: the front reaches the proxy through its socket (servekit.deploy.proxy.router_address).
+    router = router_address(deploy_dir / "proxy")
+    with running_torchserve(tmp_path_factory.mktemp("torchserve"), store, router=router) as ts:
         yield ts
 
 
 @pytest.fixture(scope="module")
-def cli(server: TorchServeProcess, store: Path, repo_root: Path, tmp_path_factory, proxy_port: int):
-    run = operator_cli(server, store, repo_root, tmp_path_factory.mktemp("deploy"), proxy_port=proxy_port)
+def cli(server: TorchServeProcess, store: Path, repo_root: Path, deploy_dir: Path, proxy_port: int):
+    run = operator_cli(server, store, repo_root, deploy_dir, proxy_port=proxy_port)
     ok(run("register", "digits", "2.0"))
     ok(run("register", "digits", "4.0"))
     ok(run("proxy", "start"))
@@ -182,6 +191,52 @@ def test_a_thirty_percent_canary_answers_a_share_of_every_protocol(cli, server, 
     assert all(r.served == (r.target[1:] or "1.0") for r in records)
 
 
+def explanation_sender(server: TorchServeProcess, proxy_url: Callable[[str], str], image: bytes, protocol: str):
+    """One explanation of ``image`` through the routing plane in ``protocol``; the version that answered."""
+    headers = token(server)
+    if protocol == "native":
+        url = proxy_url("/explanations/digits")
+        options = {"data": image, "headers": {**headers, "Content-Type": "application/octet-stream"}}
+    elif protocol == "oip-v2":  # tritonclient's binary body, posted to the explain route tritonclient lacks
+        body, json_size = triton_http.InferenceServerClient.generate_request_body([image_input(triton_http, image)])
+        url = server.url("oip_http", "/v2/models/digits/explain")
+        options = {"data": body, "headers": {**headers, "Inference-Header-Content-Length": str(json_size)}}
+    else:
+        url = server.url("oip_http", "/v1/models/digits:explain")
+        options = {"json": {"instances": [{"b64": base64.b64encode(image).decode()}]}, "headers": headers}
+
+    def send() -> str:
+        for _ in range(40):  # the model's share of explanation time: a 429 says wait a moment
+            response = requests.post(url, timeout=60, **options)
+            if response.status_code != 429:
+                break
+            time.sleep(0.25)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["explanations"][0]["target"]["label"] == "3"
+        return answer["version"] if protocol == "native" else answer["model_version"]
+
+    return send
+
+
+@pytest.mark.parametrize("protocol", ["native", "oip-v2", "kserve-v1"])
+def test_explanations_of_every_protocol_come_from_the_version_the_canary_chose(cli, server, digit, protocol) -> None:
+    send = explanation_sender(server, cli.proxy.url, digit, protocol)
+    log = RequestLog(cli.proxy.request_log)
+    log.start()
+    started = time.time()
+    ok(cli("canary", "digits", "2.0", "--percent", "100"))
+    try:
+        assert [send() for _ in range(3)] == ["2.0"] * 3
+    finally:
+        ok(cli("canary", "digits", "2.0", "--percent", "0"))
+    assert [send() for _ in range(2)] == ["1.0"] * 2  # no canary: the default explains
+    paths = {"/explanations/digits", "/v2/models/digits/explain", "/v1/models/digits:explain"}
+    time.sleep(0.5)  # nginx logs a request once its answer is sent
+    explained = [r for r in log.records(started - 1, time.time() + 60) if r.uri in paths and r.status == 200]
+    assert [(r.target, r.served) for r in explained] == [("/2.0", "2.0")] * 3 + [("", "1.0")] * 2
+
+
 def test_explicit_versions_still_pin_and_predictions_name_the_version_in_a_header(cli, server, digit) -> None:
     ok(cli("canary", "digits", "2.0", "--percent", "50"))
     try:
@@ -292,10 +347,16 @@ def test_with_the_proxy_stopped_oip_and_grpc_go_straight_to_the_default(cli, ser
     )
     ok(cli("canary", "digits", "4.0", "--percent", "100"))  # would send everything to 4.0 through the proxy
     cli.proxy.stop()
+    # Another program takes the proxy's free TCP port: the front never talks to it (inference tokens included).
+    squatter = socket.create_server(("127.0.0.1", cli.proxy_port))
+    squatter.settimeout(0.5)
     try:
         for protocol, send in SENDERS.items():
             assert send_many(send(server, digit), 20, workers=4) == Counter({default: 20}), protocol
+        with pytest.raises(TimeoutError):
+            squatter.accept()
     finally:
+        squatter.close()
         ok(cli("proxy", "start"))
         ok(cli("canary", "digits", "4.0", "--percent", "0"))
     # Back in the path as soon as it listens again (the front retries it after at most ROUTER_RETRY, 5 s).

@@ -18,8 +18,8 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
-import dockerfile
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -529,8 +529,19 @@ def test_a_canary_maps_to_canary_traffic_percent(
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile
+def parse_dockerfile(path: Path) -> list[SimpleNamespace]:
+    """The ``dockerfile`` package's parse (Docker's Go parser), run in a process of its own: a Go runtime
+    loaded into a pytest worker that already runs other native thread pools is not something to share."""
+    script = (
+        "import dockerfile, json, sys\nprint(json.dumps([c._asdict() for c in dockerfile.parse_file(sys.argv[1])]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [SimpleNamespace(**command) for command in json.loads(done.stdout)]
+
+
 def test_the_dockerfile_parses_and_follows_our_rules(bundle: Bundle, repo_root: Path) -> None:
-    commands = dockerfile.parse_file(str(bundle.path / "Dockerfile"))
+    commands = parse_dockerfile(bundle.path / "Dockerfile")
     by = {}
     for command in commands:
         by.setdefault(command.cmd, []).append(command)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import socket as socket_module
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from servekit.deploy.history import History
-from servekit.deploy.proxy import NginxProxy, ProxyError, render_config
+from servekit.deploy.proxy import (
+    NginxProxy,
+    ProxyError,
+    private_socket_dir,
+    remove_stale_socket,
+    render_config,
+    router_address,
+    router_socket,
+)
+from servekit.deploy.rollout.sources import routed_uris
 from servekit.deploy.state import (
     Canary,
     DeploymentState,
@@ -21,6 +33,7 @@ from servekit.deploy.state import (
     write_state,
 )
 from servekit.serving.nginx import nginx_binary
+from servekit.serving.oip_service import default_router, render_front_config
 
 # What servekit wrote before there was one deployment state: the proxy's routes only.
 FORMAT_1 = {
@@ -231,7 +244,20 @@ def test_every_protocols_inference_path_obeys_the_canary_and_the_shadow(tmp_path
             "            mirror_request_body on;\n"
             "            proxy_pass http://torchserve$servekitroute_digits;\n        "
         ), path
-    assert "location = /v2/models/digits/explain" not in text  # explanations stay with the default
+
+
+def test_explanations_of_every_protocol_follow_the_canary_and_are_never_mirrored(tmp_path: Path) -> None:
+    text = render_config(routed_state(), tmp_path)
+    route = '"" $uri;\n        default /explanations/digits$servekit_digits;'
+    assert f"map $servekit_digits $servekitexplain_digits {{\n        {route}" in text
+    for path in ("/explanations/digits", "/v2/models/digits/explain", "/v1/models/digits:explain"):
+        block = text.split(f"location = {path} {{\n", 1)[1].split("}", 1)[0]
+        assert block == (
+            "            set $servekit_target $servekit_digits;\n"
+            "            proxy_pass http://torchserve$servekitexplain_digits;\n        "
+        ), path
+    # The rollout judges predictions only: an explanation's latency is tens of inferences.
+    assert set(routed_uris("digits")) == {"/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"}
 
 
 def test_a_shadow_alone_mirrors_every_protocol_and_keeps_each_path(tmp_path: Path) -> None:
@@ -242,6 +268,7 @@ def test_a_shadow_alone_mirrors_every_protocol_and_keeps_each_path(tmp_path: Pat
     for path in ("/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"):
         assert f"location = {path} {{\n            mirror /_shadow/digits;" in text
         assert f"proxy_pass http://torchserve{path};" in text
+    assert "explain" not in text  # no canary: explanations go straight through, as predictions do
 
 
 def test_split_and_route_variables_of_two_models_never_collide(tmp_path: Path) -> None:
@@ -292,3 +319,41 @@ def test_the_proxy_applies_its_address_only_where_the_state_has_none(tmp_path: P
     assert proxy.current().listen == "127.0.0.1:18090"
     write_state(proxy.state_file, DeploymentState(listen="127.0.0.1:9999", upstream="127.0.0.1:18080"))
     assert proxy.url("/x") == "http://127.0.0.1:9999/x"  # the first proxy write fixes the port, as before
+
+
+# ------------------------------------------------------------------------------------------ the front's way in
+def test_the_proxy_listens_for_the_front_on_a_socket_in_a_folder_of_its_users(tmp_path: Path) -> None:
+    socket = router_socket(tmp_path)
+    assert socket.parent == Path(f"/tmp/servekit-router-{os.getuid()}")
+    assert socket != router_socket(tmp_path / "other")  # one socket per proxy folder
+    assert len(os.fsencode(router_socket(tmp_path / ("x" * 200)))) < 100  # any prefix: a path a socket can have
+    text = render_config(routed_state(), tmp_path)
+    assert f"listen unix:{socket};" in text
+    assert router_address(tmp_path) == f"unix:{socket}"
+    assert default_router(tmp_path) == router_address(tmp_path / "proxy")  # make serve's front: servekit proxy's
+    front = render_front_config(tmp_path, "127.0.0.1:8000", "127.0.0.1:8080", "127.0.0.1:8002",
+                                router=default_router(tmp_path))  # fmt: skip
+    assert f"server {router_address(tmp_path / 'proxy')} max_fails=" in front
+
+
+def test_the_sockets_folder_is_made_private_and_a_stale_socket_is_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "sockets"
+    folder.mkdir()
+    folder.chmod(0o777)
+    stale = socket_module.socket(socket_module.AF_UNIX)
+    stale.bind(str(folder / "router.sock"))  # what a killed nginx leaves behind
+    stale.close()
+    private_socket_dir(folder / "router.sock")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o711  # others pass through; nobody else can bind its name
+    assert (folder / "router.sock").exists()  # a check of the configuration leaves a live proxy's socket alone
+    remove_stale_socket(folder / "router.sock")
+    assert not (folder / "router.sock").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_a_socket_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    os.chown(folder, 12345, 12345)
+    with pytest.raises(ProxyError, match="not a folder of this user's"):
+        private_socket_dir(folder / "router.sock")
