@@ -40,7 +40,7 @@ import torch
 
 from handlers import explain, tracing
 from handlers.config import RuntimeConfig
-from handlers.cpu_budget import CpuBudget
+from handlers.cpu_budget import CpuBudget, cpu_budget
 from handlers.errors import (
     HandlerError,
     InferenceError,
@@ -139,6 +139,7 @@ class BatchHandler:
         self._answers: dict[int, list[Any]] = {}
         self.max_response = response_limit()
         self._reference: tuple[Any, str] | None = None  # explanations' FP32 program, loaded at the first one
+        self.explainer = False  # registered as NAME-explainer: an explanation pool (handlers.explain)
         self._explain_budget: explain.ShareBudget | None = None
         self.tracer: tracing.Tracer | None = None  # SERVEKIT_OTLP_ENDPOINT set: spans per request (handlers.tracing)
         self._batch_clock: tuple[float, float, float] | None = None  # the last model call: start, inferred, done
@@ -157,9 +158,17 @@ class BatchHandler:
         self.model_name = model.get("modelName") or getattr(context, "model_name", "") or "?"
         self.model_version = str(model.get("modelVersion") or "")
         pinned = self.settings.threads
-        self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
-        self.cpu.register()
-        threads = self.resize_threads(force=True)
+        self.explainer = explain.is_explainer(getattr(context, "model_name", "") or "")
+        if self.explainer:  # an explanation pool: idle CPU time only, outside the prediction workers' budget
+            moved = explain.idle_priority()
+            torch.set_num_threads(pinned or cpu_budget().cpus)
+            threads = torch.get_num_threads()
+            logger.info("explanation pool of %s: %d threads on idle CPU time (SCHED_IDLE, %d threads moved), "
+                        "outside the CPU budget", self.model_name, threads, moved)  # fmt: skip
+        else:
+            self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
+            self.cpu.register()
+            threads = self.resize_threads(force=True)
         started = time.perf_counter()
         self.load(context, self.settings)
         loaded = time.perf_counter()
@@ -191,7 +200,7 @@ class BatchHandler:
             items = self.warmup_items(size)
             for _ in range(self.warmup_rounds):
                 self.postprocess(self.inference(items), items)
-        requests = self.warmup_requests()
+        requests = [] if self.explainer else self.warmup_requests()  # a pool answers no predictions
         for _ in range(self.warmup_rounds if requests else 0):
             for start in range(0, len(requests), self.batch_size):
                 self.handle(requests[start : start + self.batch_size], _WarmupContext())
@@ -259,6 +268,10 @@ class BatchHandler:
         for idx, request in enumerate(data):
             if idx in explanations:
                 continue  # answered after the batch's predictions (_explain_request)
+            if self.explainer:
+                responses[idx] = payload = self._fail(context, idx, explain.only_explanations(self.model_name))
+                outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())
+                continue
             self._nested: dict[str, float] = {}
             started = time.perf_counter()
             decoded = prepared = None
@@ -387,8 +400,10 @@ class BatchHandler:
             if getattr(call, "request_id", "") is None:
                 call.request_id = request_id(context, idx)
             items = self.prepare(call)
-            if self._explain_budget is None:
-                self._explain_budget = explain.ShareBudget(self.model_name, limits.max_share)
+            if self._explain_budget is None:  # a pool's share is all of its own (idle) time, one at a time
+                share = 1.0 if self.explainer else limits.max_share
+                owner = self.model_name + (explain.EXPLAINER_SUFFIX if self.explainer else "")
+                self._explain_budget = explain.ShareBudget(owner, share)
             # The share first: a refused explanation (429) costs no inference. Then tens of inferences, on
             # this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
             with self._explain_budget.claim(limits.timeout_s):

@@ -326,6 +326,37 @@ def image_fields(attributions: torch.Tensor, pixels: torch.Tensor, limits: Expla
 
 
 # ------------------------------------------------------------------------------------------ the share of work
+# ------------------------------------------------------------------------------------------ explainer pools
+# A registration named ``NAME-explainer`` (the same archive as NAME, registered under that name) is an
+# explanation pool of NAME: its workers answer explanations only, on idle CPU time (SCHED_IDLE), outside
+# the prediction workers' CPU budget, so predictions never wait behind an explanation. docs/explanations.md.
+EXPLAINER_SUFFIX = "-explainer"
+
+
+def is_explainer(registered_name: str) -> bool:
+    """True for a registration of the explanation pool of a model (``NAME-explainer``)."""
+    return len(registered_name) > len(EXPLAINER_SUFFIX) and registered_name.endswith(EXPLAINER_SUFFIX)
+
+
+def idle_priority() -> int:
+    """Put every thread of this process on Linux's SCHED_IDLE policy (threads started later inherit it): they
+    run only when no other thread wants the CPU. Returns how many threads were moved."""
+    moved = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+            moved += 1
+    return moved
+
+
+def only_explanations(model: str) -> InvalidInput:
+    """What a prediction sent to an explanation pool gets (400): where predictions go instead."""
+    return InvalidInput(
+        f"{model}{EXPLAINER_SUFFIX} answers explanations only (POST /explanations/{model}{EXPLAINER_SUFFIX}): "
+        f"send predictions to /predictions/{model}"
+    )
+
+
 def budget_dir() -> Path:
     if env := os.environ.get(ENV_BUDGET_DIR):
         return Path(env)
@@ -427,6 +458,7 @@ def _round(value: float) -> float:
 
 
 __all__ = [
+    "EXPLAINER_SUFFIX",
     "EXPLAIN_HEADER",
     "Attribution",
     "ExplainOptions",
@@ -436,8 +468,11 @@ __all__ = [
     "encode",
     "explanation_requested",
     "image_fields",
+    "idle_priority",
     "integrated_gradients",
+    "is_explainer",
     "load_reference",
+    "only_explanations",
     "read_options",
     "target_index",
 ]

@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                                       args.seconds, False, run_hey, log)  # fmt: skip
         (RESULTS / "load.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / "load.md").write_text("\n".join(explain_load.markdown(result)).lstrip() + "\n")
-        log(f"p99 ratio {result['p99_ratio']}: wrote {RESULTS.relative_to(REPO_ROOT)}/load.json, load.md")
+        log(
+            f"p99 ratio, explanations on the pool {result['pool_p99_ratio']}, on the prediction workers "
+            f"{result['p99_ratio']}: wrote {RESULTS.relative_to(REPO_ROOT)}/load.json, load.md"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,3 +156,31 @@ def test_a_bad_explanation_gets_a_4xx_json_error_and_predictions_keep_working(cl
     after = inference(client, "/predictions/breast_cancer/1.0", json=record("benign_0.json"))
     assert after.status_code == 200
     assert after.json()["predictions"][0]["label"] == "benign"
+
+
+def test_an_explanation_pool_answers_explanations_on_idle_cpu_and_refuses_predictions(client: Client) -> None:
+    # The same archive as digits 2.0, registered as the pool of digits (handlers.explain: NAME-explainer).
+    params = {"url": archive_name("digits", "2.0"), "model_name": "digits-explainer", "initial_workers": 1,
+              "synchronous": "true"}  # fmt: skip
+    response = client.manage("POST", "/models", params=params)
+    assert response.status_code == 200, response.text
+    try:
+        answer = explained(lambda: inference(client, "/explanations/digits-explainer/2.0", data=DIGIT_7, headers=PNG))
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert (body["model"], body["version"]) == ("digits", "2.0")
+        [explanation] = body["explanations"]
+        assert explanation["target"]["label"] == "7"
+        assert explanation["completeness"]["within_tolerance"] is True
+        predicted = inference(client, "/predictions/digits-explainer", data=DIGIT_7, headers=PNG)
+        assert predicted.status_code == 400
+        assert "answers explanations only" in predicted.json()["error"]
+        # Every thread of the pool's worker runs only on idle CPU time; the prediction workers' do not.
+        pools = client.manage("GET", "/models/digits-explainer").json()[0]["workers"]
+        served = client.manage("GET", "/models/digits/2.0").json()[0]["workers"]
+        for worker, policy in [(w, os.SCHED_IDLE) for w in pools] + [(w, os.SCHED_OTHER) for w in served]:
+            pid = int(worker["pid"])
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            assert {os.sched_getscheduler(t) for t in threads} == {policy}, (pid, policy)
+    finally:
+        client.manage("DELETE", "/models/digits-explainer/2.0")

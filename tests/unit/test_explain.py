@@ -9,6 +9,8 @@ import base64
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -362,3 +364,60 @@ def test_pooling_keeps_the_sum_of_attributions() -> None:
     cells = explain.pooled(values, 32)
     assert cells.shape == (32, 32)
     assert float(cells.sum()) == pytest.approx(float(values.sum()), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ explanation pools
+def test_a_registration_named_model_explainer_is_an_explanation_pool_outside_the_cpu_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "quadrant"
+    folder.mkdir()
+    program = frozen(QuadrantNet(), torch.zeros(1, 1, 16, 16), folder / "model.pt")
+    section = {**IMAGE_SECTION, "explain": {**IMAGE_SECTION["explain"], "max_share": 0.1}}
+    context = model_dir(tmp_path, "quadrant", program, section, ["no", "yes"])
+    context.model_name = "quadrant-explainer"  # the same archive, registered under the pool's name
+    moved = []
+    monkeypatch.setattr(explain, "idle_priority", lambda: moved.append(True) or 1)  # not this test process's threads
+    handler = ImageClassifier()
+    handler.initialize(context)
+    assert handler.explainer
+    assert moved == [True]
+    assert handler.cpu is None  # never a member of the prediction workers' budget
+    image = bright_everywhere()
+    bodies = ask(handler, context, [image, image], [EXPLAIN, PREDICT])
+    assert bodies[0]["explanations"][0]["target"] == {"label": "yes", "index": 1}
+    assert bodies[0]["model"] == "quadrant"  # answers name the model, as its prediction workers' do
+    assert set(context.statuses) == {1}
+    assert context.statuses[1][0] == 400
+    assert "answers explanations only" in bodies[1]["error"]
+    assert "/predictions/quadrant" in bodies[1]["error"]
+    # Its own idle time is all its share: a second explanation right away is answered, not refused (429).
+    assert "explanations" in ask(handler, context, [image], [EXPLAIN])[0]
+
+
+def test_a_model_name_that_only_ends_like_a_pool_is_not_one() -> None:
+    assert explain.is_explainer("digits-explainer")
+    assert not explain.is_explainer("-explainer")
+    assert not explain.is_explainer("digits")
+    assert not explain.is_explainer("digits-explainers")
+
+
+def test_idle_priority_moves_every_thread_and_the_threads_started_after_it() -> None:
+    script = """
+import os, threading
+from handlers.explain import idle_priority
+before = threading.Event(); done = threading.Event()
+threading.Thread(target=lambda: (before.set(), done.wait())).start(); before.wait()
+moved = idle_priority()
+after = threading.Thread(target=done.wait); after.start()
+policies = {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+done.set()
+print(moved, len(policies), sorted(set(policies.values())) == [os.SCHED_IDLE])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    moved, threads, all_idle = done.stdout.split()
+    assert int(moved) >= 2  # the main thread and the one started before
+    assert int(threads) >= 3  # and the one started after, which inherited the policy
+    assert all_idle == "True"
