@@ -74,7 +74,13 @@ from servekit.errors import ServekitError, one_line
 from servekit.serving import exporter
 from servekit.serving.client import TorchServeClient, TorchServeError
 from servekit.serving.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name, version_key
-from servekit.serving.tracing import TRACEPARENT, GatewayTracer, gateway_tracer, valid_traceparent
+from servekit.serving.tracing import (
+    TRACEPARENT,
+    FrontSpanShipper,
+    GatewayTracer,
+    gateway_tracer,
+    valid_traceparent,
+)
 
 logger = logging.getLogger(__name__)
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -661,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", help="TorchServe's key_file.json; omit when token authorization is off")
     parser.add_argument("--model-store", required=True)
     parser.add_argument("--otlp-endpoint", help="OTLP/HTTP traces URL for the gateway's spans (default: no tracing)")
+    parser.add_argument("--span-log", help="with --otlp-endpoint: the OIP front's span log, exported as its spans")
     parser.add_argument("--router", help="URL gRPC inference is sent to (the OIP front); default: --inference")
     parser.add_argument("--prefix", help="the service's directory (names this process for its pid file)")
     parser.add_argument("--metrics-dir", help="the workers' PROMETHEUS_MULTIPROC_DIR, served on GET /metrics")
@@ -681,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     http = http_server(gateway, args.http)
     grpc_srv = grpc_server(gateway, args.grpc)
     grpc_srv.start()
+    shipper = None
+    if gateway.tracer is not None and args.span_log:  # the front's own hop (servekit.serving.tracing)
+        shipper = FrontSpanShipper(Path(args.span_log), args.otlp_endpoint).start()
     scrape = http_server(gateway, args.metrics_listen, metrics_only=True) if args.metrics_listen else None
     if scrape is not None:
         threading.Thread(target=scrape.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
@@ -698,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("oip gateway: http %s, grpc %s", args.http, args.grpc)
     http.serve_forever(poll_interval=0.5)
     grpc_srv.stop(grace=2).wait(5)
+    if shipper is not None:
+        shipper.stop()
     return 0
 
 

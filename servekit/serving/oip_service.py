@@ -43,10 +43,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from servekit.serving.logkeeper import LogKeeperError, LogKeeperProcess
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 from servekit.serving.processes import free_port, owned_pid, signal_if_matches
 from servekit.serving.store import NAME_PATTERN, VERSION_PATTERN
-from servekit.serving.tracing import TRACE_CONTEXT_MAPS, TRACE_HEADERS
+from servekit.serving.tracing import (
+    SPAN_CONTEXT_MAPS,
+    SPAN_LOG,
+    SPAN_LOG_FORMAT,
+    TRACE_CONTEXT_MAPS,
+    TRACE_HEADERS,
+)
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
@@ -144,6 +151,7 @@ def render_front_config(
     max_body: int = DEFAULT_MAX_BODY,
     client_limit: int = CLIENT_LIMIT,
     router: str | None = None,
+    spans: bool = False,
 ) -> str:
     """The whole nginx.conf of the OIP front (see module docstring); ``tokens``: TorchServe checks tokens;
     ``health``: host:port of the health-only listener; ``max_body``: TorchServe's ``max_request_size``;
@@ -181,6 +189,10 @@ def render_front_config(
         f"{_error_pages('            ', (429, 502, 504))}"
     )
     health_zone = "    limit_conn_zone $binary_remote_addr zone=servekit_health:1m;\n" if health is not None else ""
+    # Span export on: the front is a hop of its own (servekit.serving.tracing), one span-log line per inference.
+    context_maps = SPAN_CONTEXT_MAPS + SPAN_LOG_FORMAT if spans else TRACE_CONTEXT_MAPS
+    if spans:
+        proxied += f"            access_log {Path(prefix).resolve() / SPAN_LOG} servekit_spans;\n"
     return f"""# Written by servekit.serving.oip_service: the Open Inference Protocol address (see that module).
 {config_head(prefix, WORKER_CONNECTIONS, rlimit_nofile=RLIMIT_NOFILE)}    client_max_body_size {max_body};
     client_body_buffer_size {max_body};  # a body stays in memory, never in a temporary file
@@ -207,7 +219,7 @@ def render_front_config(
     # An inference location hands over to @torchserve through error_page; TorchServe's 404/503 there go
     # through error_page again.
     recursive_error_pages on;
-{TRACE_CONTEXT_MAPS}    upstream torchserve {{
+{context_maps}    upstream torchserve {{
 {_upstream_servers(torchserve, router)}        keepalive 32;
     }}
     upstream gateway {{
@@ -361,6 +373,7 @@ class OipFront(NginxInstance):
     health_listen: str | None = None  # host:port of the health-only listener (a pod's probes), or none
     max_body: int = DEFAULT_MAX_BODY  # TorchServe's max_request_size
     router: str | None = None  # host:port of the routing plane (the proxy); None: straight to TorchServe
+    spans: bool = False  # span export on: a span log of the front's own hop (servekit.serving.tracing)
     label = "the OIP front"
     error = OipServiceError
 
@@ -376,6 +389,7 @@ class OipFront(NginxInstance):
                 health=self.health_listen,
                 max_body=self.max_body,
                 router=self.router,
+                spans=self.spans,
             )
         )
         self.launch(self.listen, timeout)  # nginx binds every listener or none: the health one is up too
@@ -424,6 +438,7 @@ class OipService:
             health_listen=None if self.health_port is None else f"{self.host}:{self.health_port}",
             max_body=self.max_body,
             router=self.router,
+            spans=bool(self.otlp_endpoint),
         )
 
     @property
@@ -464,7 +479,7 @@ class OipService:
         if self.metrics_dir is not None:
             command += ["--metrics-dir", str(self.metrics_dir)]
         if self.otlp_endpoint:
-            command += ["--otlp-endpoint", self.otlp_endpoint]
+            command += ["--otlp-endpoint", self.otlp_endpoint, "--span-log", str(self.prefix / "front" / SPAN_LOG)]
         if self.metrics_port is not None:
             command += ["--metrics-listen", f"{self.host}:{self.metrics_port}"]
         # The gateway writes its own log, rotated by size (gateway.log); its standard output and error go to
@@ -489,11 +504,19 @@ class OipService:
             time.sleep(0.1)
         try:
             self.front.start()
-        except NginxError:
+            if self.otlp_endpoint:
+                self.span_log_keeper.start()  # the span log, bounded like the proxy's logs
+        except (NginxError, LogKeeperError):
             self.stop()
             raise
 
+    @property
+    def span_log_keeper(self) -> LogKeeperProcess:
+        """Rotates the front's span log by size (``servekit.serving.logkeeper``; the gateway reads across it)."""
+        return LogKeeperProcess(self.prefix / "front", (self.prefix / "front" / SPAN_LOG,))
+
     def stop(self, timeout: float = 10.0) -> None:
+        self.span_log_keeper.stop()
         self.front.stop()
         pid = self.running_pid()
         if pid is not None:

@@ -1,8 +1,12 @@
 """Trace context and spans of the operator side's hops: the OIP gateway's gRPC calls (OpenTelemetry, OTLP).
 
 The nginx hops (OIP front, canary proxy) carry W3C ``traceparent`` through and start a trace for a
-request without one (``TRACE_CONTEXT_MAPS``: its trace ID is nginx's ``$request_id``); they export no
-span of their own (Debian's nginx has no OpenTelemetry module). The gateway reads ``traceparent`` from
+request without one (``TRACE_CONTEXT_MAPS``: its trace ID is nginx's ``$request_id``). Debian's nginx
+has no OpenTelemetry module, so with span export on the OIP front is a hop of its own another way
+(``SPAN_CONTEXT_MAPS``, ``SPAN_LOG_FORMAT``): it sends its own span ID on as the parent and writes one
+JSON line per inference request (trace, span and parent IDs, end time, duration, status) to a span log,
+which the gateway turns into ``front`` spans and exports (``FrontSpanShipper``). The canary proxy passes
+the context through without a span of its own. The gateway reads ``traceparent`` from
 the gRPC metadata and, with an OTLP endpoint configured (``servekit_otlp_endpoint`` in
 config.properties, ``--otlp-endpoint``), exports a ``gateway ModelInfer`` span and passes its own
 context on; without one it passes the caller's ``traceparent`` on unchanged and imports nothing of
@@ -12,9 +16,12 @@ OpenTelemetry. The workers' spans: ``handlers.tracing``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -40,6 +47,35 @@ TRACE_HEADERS = (
     "        proxy_set_header traceparent $servekit_traceparent;\n"
     '        proxy_set_header X-Request-Start "t=${msec}";\n'
 )
+
+
+# With span export on, instead of TRACE_CONTEXT_MAPS: the trace ID is the client's (or a new one from
+# $request_id), the parent the client's span (none: the front's span is the trace's root), the front's own span
+# ID the last 16 digits of $request_id, and what goes on is the front's span as the parent.
+SPAN_CONTEXT_MAPS = (
+    "    map $http_traceparent $servekit_trace_id {\n"
+    '        "~^00-(?<servekit_tid>[0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$" $servekit_tid;\n'
+    "        default $request_id;\n"
+    "    }\n"
+    "    map $http_traceparent $servekit_parent_id {\n"
+    '        "~^00-[0-9a-f]{32}-(?<servekit_pid>[0-9a-f]{16})-[0-9a-f]{2}$" $servekit_pid;\n'
+    '        default "";\n'
+    "    }\n"
+    "    map $request_id $servekit_own_span {\n"
+    '        "~(?<servekit_last>[0-9a-f]{16})$" $servekit_last;\n'
+    "    }\n"
+    "    map $request_id $servekit_traceparent {\n"
+    '        default "00-${servekit_trace_id}-${servekit_own_span}-01";\n'
+    "    }\n"
+)
+# One JSON line per request that passes the front (http level; its access_log is in the proxying locations).
+SPAN_LOG_FORMAT = (
+    "    log_format servekit_spans escape=json\n"
+    '        \'{"trace":"$servekit_trace_id","span":"$servekit_own_span","parent":"$servekit_parent_id",\'\n'
+    '        \'"end":$msec,"seconds":$request_time,"status":$status,"method":"$request_method","uri":"$uri",\'\n'
+    '        \'"upstream_seconds":"$upstream_response_time"}\';\n'
+)
+SPAN_LOG = "spans.jsonl"  # under the front's prefix
 
 
 def valid_traceparent(value: str | None) -> str | None:
@@ -75,6 +111,108 @@ class GatewayTracer:
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ the front's spans
+_HEX16, _HEX32 = re.compile(r"[0-9a-f]{16}\Z"), re.compile(r"[0-9a-f]{32}\Z")
+
+
+def front_span_record(line: bytes) -> dict | None:
+    """One line of the front's span log (``SPAN_LOG_FORMAT``), checked; None for a line that is not one."""
+    try:
+        record = json.loads(line)
+        ok = (_HEX32.match(record["trace"]) and _HEX16.match(record["span"])
+              and (record["parent"] == "" or _HEX16.match(record["parent"])))  # fmt: skip
+        float(record["end"]), float(record["seconds"]), int(record["status"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record if ok else None
+
+
+def front_span(record: dict, resource: Any) -> Any:
+    """The ``front`` span of one request (an OpenTelemetry ``ReadableSpan``) with the IDs nginx sent on."""
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    trace_id, sampled = int(record["trace"], 16), TraceFlags(TraceFlags.SAMPLED)
+    parent = None
+    if record["parent"]:
+        parent = SpanContext(trace_id, int(record["parent"], 16), is_remote=True, trace_flags=sampled)
+    end = round(float(record["end"]) * 1000) * 1_000_000  # nginx's clock: milliseconds (exact in integers)
+    status = int(record["status"])
+    upstream = str(record.get("upstream_seconds") or "")
+    return ReadableSpan(
+        name="front",
+        context=SpanContext(trace_id, int(record["span"], 16), is_remote=False, trace_flags=sampled),
+        parent=parent,
+        resource=resource,
+        attributes={
+            "http.request.method": str(record.get("method", "")),
+            "url.path": str(record.get("uri", "")),
+            "http.response.status_code": status,
+            **({"servekit.upstream_seconds": upstream} if upstream else {}),
+        },
+        kind=SpanKind.SERVER,
+        status=Status(StatusCode.ERROR) if status >= 500 else Status(StatusCode.UNSET),
+        start_time=end - round(float(record["seconds"]) * 1000) * 1_000_000,
+        end_time=end,
+        instrumentation_scope=InstrumentationScope("servekit.serving.front"),
+    )
+
+
+class FrontSpanShipper:
+    """A thread that turns the OIP front's span log into ``front`` spans and exports them every ``interval`` s.
+
+    The log is read from where it ends when the shipper starts, across the log keeper's rotations
+    (``servekit.deploy.rollout.RequestLog``); a failed export is logged and its spans dropped.
+    """
+
+    def __init__(self, path: Path, endpoint: str, interval: float = 1.0) -> None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+
+        from servekit.deploy.rollout.sources import RequestLog  # the deploy side's log reader, for this log too
+
+        self.log = RequestLog(Path(path), parse=front_span_record)
+        self.log.start()
+        self.exporter = OTLPSpanExporter(endpoint=endpoint)
+        self.resource = Resource.create({"service.name": "servekit-front"})
+        self.interval = interval
+        self.shipped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="front-spans", daemon=True)
+
+    def start(self) -> FrontSpanShipper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.ship()
+        self.ship()
+
+    def ship(self) -> int:
+        """Export what the front logged since the last call; the number of spans sent."""
+        spans = [front_span(record, self.resource) for record in self.log.new_records()]
+        if spans:
+            try:
+                result = self.exporter.export(spans)
+            except Exception as exc:  # noqa: BLE001 - tracing never takes the gateway down
+                result = exc
+            if getattr(result, "name", "") == "SUCCESS":
+                self.shipped += len(spans)
+            else:
+                logger.warning("front spans: export of %d spans failed (%s)", len(spans), result)
+        return len(spans)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.ident is not None:  # started: its last round ships what is left
+            self._thread.join(timeout=10)
+        else:
+            self.ship()
+        self.exporter.shutdown()
 
 
 def gateway_tracer(endpoint: str | None) -> GatewayTracer | None:

@@ -2,8 +2,9 @@
 
 A real TorchServe started with an OTLP endpoint (``otlp_endpoint``, what ``servekit_otlp_endpoint`` in
 config.properties sets): the gateway and the workers export their spans to ``tests/otlp_receiver.py``.
-The nginx front carries the W3C trace context (and starts one for a request without it) and stamps
-``X-Request-Start``, from which the worker measures each request's queue wait.
+The nginx front is a hop with a span of its own (its span log, exported by the gateway), carries the W3C
+trace context on (and starts one for a request without it) and stamps ``X-Request-Start``, from which the
+worker measures each request's queue wait.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def digit(samples_dir: Path) -> bytes:
 def of_trace(trace_id: str):
     def done(spans) -> bool:
         names = {s.name for s in spans if s.trace_id == trace_id}
-        return {"worker", *STAGES} <= names and (trace_id != TRACE_ID or "gateway ModelInfer" in names)
+        return {"front", "worker", *STAGES} <= names and (trace_id != TRACE_ID or "gateway ModelInfer" in names)
 
     return done
 
@@ -68,10 +69,19 @@ def test_a_grpc_request_s_spans_share_one_trace_id_from_the_gateway_to_the_worke
     spans = [s for s in receiver.wait_for(of_trace(TRACE_ID)) if s.trace_id == TRACE_ID]
     print(sorted((s.service, s.name) for s in spans))  # the report's figures
     gateway = next(s for s in spans if s.name == "gateway ModelInfer")
+    front = next(s for s in spans if s.name == "front")
     worker = next(s for s in spans if s.name == "worker")
     assert (gateway.service, gateway.parent_id) == ("servekit-gateway", PARENT[36:52])  # the client's span
-    # The front and TorchServe carry the gateway's context on: the worker's parent is the gateway's span.
-    assert (worker.service, worker.parent_id) == ("servekit-worker", gateway.span_id)
+    # The gateway sends gRPC inference through the OIP front (nginx), a hop with a span of its own, and
+    # TorchServe carries the front's context on to the worker.
+    assert (front.service, front.parent_id) == ("servekit-front", gateway.span_id)
+    assert front.attributes["url.path"] == "/v2/models/digits/infer"
+    assert front.attributes["http.response.status_code"] == 200
+    assert (worker.service, worker.parent_id) == ("servekit-worker", front.span_id)
+    ms = 2_000_000  # nginx's clock has millisecond resolution (and the worker's queue start comes from it)
+    assert gateway.start_ns <= front.start_ns + ms
+    assert front.start_ns <= worker.start_ns + ms
+    assert worker.end_ns <= front.end_ns + ms
     stages = {s.name: s for s in spans if s.parent_id == worker.span_id}
     assert set(stages) == STAGES
     assert gateway.start_ns <= stages["queue"].start_ns <= stages["decode"].start_ns <= stages["inference"].start_ns
@@ -86,10 +96,14 @@ def test_an_http_request_without_trace_context_gets_one_from_the_front(
                              json={"instances": [{"data": base64.b64encode(digit).decode()}]},
                              headers=server.headers("inference"), timeout=60)  # fmt: skip
     assert response.status_code == 200, response.text
-    spans = receiver.wait_for(lambda spans: any(s.name == "worker" and s.trace_id not in before for s in spans))
-    worker = next(s for s in spans if s.name == "worker" and s.trace_id not in before)
+    new = lambda spans: [s for s in spans if s.trace_id not in before]  # noqa: E731
+    spans = new(receiver.wait_for(lambda spans: {"front", "worker"} <= {s.name for s in new(spans)}))
+    front = next(s for s in spans if s.name == "front")
+    worker = next(s for s in spans if s.name == "worker")
     assert re.fullmatch(r"[0-9a-f]{32}", worker.trace_id)
-    assert worker.parent_id == worker.trace_id[:16]  # nginx started it: $request_id, its first 16 digits the parent
+    # nginx started the trace ($request_id) with its own span as the root, the worker's parent.
+    assert (front.trace_id, front.parent_id, front.span_id) == (worker.trace_id, "", worker.trace_id[16:])
+    assert worker.parent_id == front.span_id
     assert {s.name for s in spans if s.parent_id == worker.span_id} == STAGES
 
 

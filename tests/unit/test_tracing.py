@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from handlers import tracing
-from servekit.serving.tracing import TRACE_CONTEXT_MAPS, GatewayTracer, gateway_tracer, valid_traceparent
+from servekit.serving.nginx import TEMP_DIRS, nginx_binary
+from servekit.serving.oip_service import render_front_config
+from servekit.serving.tracing import (
+    SPAN_CONTEXT_MAPS,
+    SPAN_LOG,
+    TRACE_CONTEXT_MAPS,
+    FrontSpanShipper,
+    GatewayTracer,
+    front_span,
+    front_span_record,
+    gateway_tracer,
+    valid_traceparent,
+)
 from tests.otlp_receiver import otlp_receiver
 
 pytestmark = pytest.mark.unit
@@ -96,3 +110,70 @@ def test_the_collector_address_comes_from_the_configuration_and_is_off_by_defaul
     on = TorchServeProcess(tmp_path / "b", tmp_path, overrides={"servekit_otlp_endpoint": url})
     assert (on.otlp_endpoint, on.oip_service.otlp_endpoint) == (url, url)
     assert "servekit_otlp_endpoint" not in on.props  # ours, not written into TorchServe's configuration
+
+
+# ------------------------------------------------------------------------------------------ the front's own span
+def front_line(**fields) -> bytes:
+    record = {"trace": PARENT[3:35], "span": "1" * 16, "parent": PARENT[36:52], "end": 1_700_000_000.25,
+              "seconds": 0.05, "status": 200, "method": "POST", "uri": "/v2/models/digits/infer",
+              "upstream_seconds": "0.049", **fields}  # fmt: skip
+    return json.dumps(record).encode()
+
+
+def test_with_span_export_the_front_logs_its_own_span_and_sends_it_on_as_the_parent(tmp_path: Path) -> None:
+    text = render_front_config(tmp_path / "front", "127.0.0.1:18000", "127.0.0.1:8080", "127.0.0.1:18002",
+                               spans=True)  # fmt: skip
+    assert SPAN_CONTEXT_MAPS in text
+    assert TRACE_CONTEXT_MAPS not in text
+    assert '"00-${servekit_trace_id}-${servekit_own_span}-01"' in text  # what goes on: the front's span
+    assert text.count(f"access_log {(tmp_path / 'front').resolve() / SPAN_LOG} servekit_spans;") == 2  # both proxies
+    prefix = tmp_path / "front"
+    for sub in TEMP_DIRS:
+        (prefix / "tmp" / sub).mkdir(parents=True)
+    (prefix / "nginx.conf").write_text(text)
+    check = subprocess.run([nginx_binary(), "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    off = render_front_config(tmp_path / "off", "127.0.0.1:18000", "127.0.0.1:8080", "127.0.0.1:18002")
+    assert "servekit_spans" not in off  # tracing off: no span log at all
+
+
+def test_a_span_log_line_becomes_the_front_span_with_the_ids_nginx_sent_on() -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.trace import StatusCode
+
+    resource = Resource.create({"service.name": "servekit-front"})
+    span = front_span(front_span_record(front_line()), resource)
+    assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (PARENT[3:35], "1" * 16)
+    assert f"{span.parent.span_id:016x}" == PARENT[36:52]
+    assert (span.start_time, span.end_time) == (1_700_000_000_200_000_000, 1_700_000_000_250_000_000)
+    assert span.attributes["url.path"] == "/v2/models/digits/infer"
+    root = front_span(front_span_record(front_line(parent="", status=502)), resource)
+    assert root.parent is None  # nginx started the trace: the front's span is its root
+    assert root.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"not json", front_line(trace="xyz"), front_line(span="1" * 15), front_line(parent="g" * 16),
+     front_line(end="soon"), json.dumps({"trace": PARENT[3:35]}).encode()],
+)  # fmt: skip
+def test_a_span_log_line_that_is_not_one_is_skipped(line: bytes) -> None:
+    assert front_span_record(line) is None
+
+
+def test_the_shipper_exports_each_logged_request_once_across_a_rotation(tmp_path: Path) -> None:
+    log = tmp_path / SPAN_LOG
+    log.write_bytes(front_line(span="0" * 16) + b"\n")  # before the shipper started: not its to send
+    with otlp_receiver() as receiver:
+        shipper = FrontSpanShipper(log, receiver.url, interval=3600)
+        with log.open("ab") as out:
+            out.write(front_line(span="1" * 16) + b"\n")
+        log.rename(tmp_path / f"{SPAN_LOG}.1")  # the log keeper's rotation; nginx opens a new file
+        log.write_bytes(front_line(span="2" * 16) + b"\n" + front_line(span="3" * 16)[:20])  # the last: half written
+        assert shipper.ship() == 2
+        assert shipper.ship() == 0
+        shipper.stop()
+        spans = receiver.wait_for(lambda spans: len(spans) == 2)
+    assert sorted(s.span_id for s in spans) == ["1" * 16, "2" * 16]
+    assert {(s.service, s.name) for s in spans} == {("servekit-front", "front")}

@@ -36,9 +36,10 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from servekit.deploy.proxy import ROUTED_PATHS
 from servekit.deploy.rollout.judging import Figures, Window, p99
@@ -91,12 +92,13 @@ class RequestLog:
     reads; a file rotated twice in between (to ``.2``) is not looked for.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, parse: Callable[[bytes], Any] = LogRecord.parse) -> None:
         self.path = Path(path)
+        self.parse = parse  # one line to a record, None for a line to skip (another JSON-lines log: another parse)
         self._file: tuple[int, int] | None = None  # (device, inode) of the file being read
         self._offset = 0
         self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
-        self._records: list[LogRecord] = []
+        self._records: list[Any] = []  # LogRecord with the default parse
 
     def start(self) -> None:
         """Forget everything before now: only requests logged from here on are read."""
@@ -107,6 +109,12 @@ class RequestLog:
             self._file, self._offset = None, 0
         self._previous = None
         self._records = []
+
+    def new_records(self) -> list[Any]:
+        """Every record logged since the last call (or ``start``), once."""
+        self._read_new()
+        taken, self._records = self._records, []
+        return taken
 
     def records(self, since: float, until: float) -> list[LogRecord]:
         """The requests finished in ``[since, until]``; older ones are forgotten (windows only move forward)."""
@@ -154,7 +162,7 @@ class RequestLog:
         data = handle.read(size - offset)
         complete = data.rfind(b"\n") + 1
         for line in data[:complete].splitlines():
-            record = LogRecord.parse(line)
+            record = self.parse(line)
             if record is not None:
                 self._records.append(record)
         return offset + complete
