@@ -28,10 +28,9 @@ Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` 
 default) and ``served``, the version that answered (its ``X-Model-Version``). ``servekit.deploy.rollout``
 reads it to compare a canary with the default, every protocol together.
 
-The OIP front reaches the proxy through a Unix socket (``router_socket``, in a ``/tmp`` folder only this
-user can write), never through its TCP port: another local program listening on a port the proxy left
-free would otherwise receive the front's requests, inference tokens included. A socket name in a folder
-only this user can write cannot be taken.
+The OIP front reaches the proxy through a Unix socket in a folder only this user can write
+(``servekit.serving.router``), never through its TCP port, which another local program could hold
+while the proxy is stopped and so receive the front's requests, inference tokens included.
 
 ``NginxProxy.apply`` installs the rendering of a changed state (checked with ``nginx -t`` first: a
 configuration that fails the check is never installed), then the state, then reloads nginx; both
@@ -46,10 +45,7 @@ opens them anew (``SIGHUP`` to its checked master: a reload, see there why not `
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +58,11 @@ from servekit.serving.logkeeper import (
     LogKeeperProcess,
 )
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
+from servekit.serving.router import private_socket_dir, remove_stale_socket, router_address, router_socket
 
 __all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "NginxProxy", "ProxyError", "render_config", "router_address"]
 
 REQUEST_LOG = "requests.jsonl"
-SOCKET_DIR_MODE = 0o711  # the router socket's folder: its user writes, others only pass through
 # The header every answer of a servekit handler carries: the version that answered (``handlers.base``).
 VERSION_HEADER = "X-Model-Version"
 # One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default),
@@ -80,44 +76,6 @@ LOG_FORMAT = (
 
 class ProxyError(NginxError):
     """The proxy could not be configured, checked, started or reloaded."""
-
-
-def router_socket(prefix: Path) -> Path:
-    """Where the proxy of ``prefix`` listens for the OIP front: ``/tmp/servekit-router-UID/HASH.sock``.
-
-    Not under the prefix: the front's nginx workers run as ``nobody`` when it is started as root, and must
-    reach the socket through every folder above it (nginx makes the socket itself 0666). The folder is
-    this user's, 0711 (``private_socket_dir``): others can pass through it but not create names in it."""
-    digest = hashlib.sha256(os.fsencode(Path(prefix).resolve())).hexdigest()[:16]
-    return Path("/tmp") / f"servekit-router-{os.getuid()}" / f"{digest}.sock"
-
-
-def router_address(prefix: Path) -> str:
-    """The front's upstream for the proxy of ``prefix`` (``servekit.serving.oip_service``, ``router``)."""
-    return f"unix:{router_socket(prefix)}"
-
-
-def private_socket_dir(socket: Path) -> None:
-    """Make the socket's folder (this user's, 0711: another user who could write into it could bind the
-    socket's name first) and refuse one that another user owns. nginx binds the socket even for ``nginx -t``,
-    so the folder must exist before any check of the configuration."""
-    folder = socket.parent
-    folder.mkdir(mode=SOCKET_DIR_MODE, exist_ok=True)
-    info = os.lstat(folder)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise ProxyError(f"refusing {folder} for the proxy's socket: it is not a folder of this user's")
-    if stat.S_IMODE(info.st_mode) != SOCKET_DIR_MODE:
-        os.chmod(folder, SOCKET_DIR_MODE)
-
-
-def remove_stale_socket(socket: Path) -> None:
-    """Remove the socket an nginx killed without its graceful stop left behind (a new one would not bind);
-    only while no proxy of this prefix runs."""
-    try:
-        if stat.S_ISSOCK(os.lstat(socket).st_mode):
-            socket.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _variable(model: str) -> str:
@@ -281,7 +239,10 @@ class NginxProxy(NginxInstance):
                                 warn=self.warn)  # fmt: skip
 
     def install(self, text: str) -> None:
-        private_socket_dir(router_socket(self.prefix))  # nginx -t binds the front's socket: its folder first
+        try:  # nginx -t binds the front's socket: its folder first
+            private_socket_dir(router_socket(self.prefix))
+        except NginxError as exc:
+            raise ProxyError(str(exc)) from None
         super().install(text)
 
     def current(self) -> DeploymentState:

@@ -46,6 +46,7 @@ from pathlib import Path
 from servekit.serving.logkeeper import LogKeeperError, LogKeeperProcess
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 from servekit.serving.processes import free_port, owned_pid, signal_if_matches
+from servekit.serving.router import router_address
 from servekit.serving.store import NAME_PATTERN, VERSION_PATTERN
 from servekit.serving.tracing import (
     SPAN_CONTEXT_MAPS,
@@ -302,8 +303,6 @@ def render_front_config(
 def default_router(workdir: Path) -> str:
     """make serve's router: the socket of ``servekit proxy``'s default folder (``WORKDIR/proxy``, servekit.cli),
     never its TCP port, which another program could hold while the proxy is stopped (servekit.deploy.proxy)."""
-    from servekit.deploy.proxy import router_address  # the proxy's module imports this package's nginx helpers
-
     return router_address(Path(workdir) / "proxy")
 
 

@@ -165,16 +165,16 @@ class FrontSpanShipper:
     """A thread that turns the OIP front's span log into ``front`` spans and exports them every ``interval`` s.
 
     The log is read from where it ends when the shipper starts, across the log keeper's rotations
-    (``servekit.deploy.rollout.RequestLog``); a failed export is logged and its spans dropped.
+    (``servekit.serving.logkeeper.LogFollower``); a failed export is logged and its spans dropped.
     """
 
     def __init__(self, path: Path, endpoint: str, interval: float = 1.0) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
 
-        from servekit.deploy.rollout.sources import RequestLog  # the deploy side's log reader, for this log too
+        from servekit.serving.logkeeper import LogFollower
 
-        self.log = RequestLog(Path(path), parse=front_span_record)
+        self.log = LogFollower(Path(path), front_span_record)
         self.log.start()
         self.exporter = OTLPSpanExporter(endpoint=endpoint)
         self.resource = Resource.create({"service.name": "servekit-front"})

@@ -27,8 +27,8 @@ import requests
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from servekit.deploy.proxy import router_address
 from servekit.deploy.rollout import RequestLog
+from servekit.serving.router import router_address
 from servekit.serving.server import TorchServeProcess, free_port
 from tests.integration.conftest import drill_store, ok, operator_cli, running_torchserve
 

@@ -12,15 +12,7 @@ from pathlib import Path
 import pytest
 
 from servekit.deploy.history import History
-from servekit.deploy.proxy import (
-    NginxProxy,
-    ProxyError,
-    private_socket_dir,
-    remove_stale_socket,
-    render_config,
-    router_address,
-    router_socket,
-)
+from servekit.deploy.proxy import NginxProxy, ProxyError, render_config
 from servekit.deploy.rollout.sources import routed_uris
 from servekit.deploy.state import (
     Canary,
@@ -32,8 +24,9 @@ from servekit.deploy.state import (
     read_state,
     write_state,
 )
-from servekit.serving.nginx import nginx_binary
+from servekit.serving.nginx import NginxError, nginx_binary
 from servekit.serving.oip_service import default_router, render_front_config
+from servekit.serving.router import private_socket_dir, remove_stale_socket, router_address, router_socket
 
 # What servekit wrote before there was one deployment state: the proxy's routes only.
 FORMAT_1 = {
@@ -355,5 +348,5 @@ def test_a_socket_folder_of_another_user_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "theirs"
     folder.mkdir()
     os.chown(folder, 12345, 12345)
-    with pytest.raises(ProxyError, match="not a folder of this user's"):
+    with pytest.raises(NginxError, match="not a folder of this user's"):
         private_socket_dir(folder / "router.sock")

@@ -32,14 +32,11 @@ v1 and gRPC clients through the OIP front), timed by nginx end to end.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Protocol
 
 from servekit.deploy.proxy import ROUTED_PATHS
 from servekit.deploy.rollout.judging import Figures, Window, p99
@@ -54,7 +51,7 @@ from servekit.observe.metrics_source import (
     choose_source,
     label_selector,
 )
-from servekit.serving.logkeeper import backup_path
+from servekit.serving.logkeeper import LogFollower
 
 SOURCES = ("auto", "prometheus", "metrics", "proxy-log")
 REQUESTS = "servekit_requests_total"
@@ -81,91 +78,18 @@ class LogRecord:
             return None
 
 
-class RequestLog:
-    """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called.
+class RequestLog(LogFollower):
+    """Reads the proxy's JSON-lines request log incrementally, from where it was when ``start`` was called,
+    across the log keeper's rotations (``servekit.serving.logkeeper.LogFollower``), as ``LogRecord``s."""
 
-    The log keeper (``servekit.serving.logkeeper``) renames a full ``requests.jsonl`` to
-    ``requests.jsonl.1`` and nginx starts a new one. The reader follows the file it was reading by
-    its inode: when the path names another file, the rest of the old one is read from ``.1`` (now
-    and at every later read while ``.1`` is still that file, for the lines nginx wrote before it
-    reopened its log), then the new file from its start. Records survive one rotation between two
-    reads; a file rotated twice in between (to ``.2``) is not looked for.
-    """
-
-    def __init__(self, path: Path, parse: Callable[[bytes], Any] = LogRecord.parse) -> None:
-        self.path = Path(path)
-        self.parse = parse  # one line to a record, None for a line to skip (another JSON-lines log: another parse)
-        self._file: tuple[int, int] | None = None  # (device, inode) of the file being read
-        self._offset = 0
-        self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
-        self._records: list[Any] = []  # LogRecord with the default parse
-
-    def start(self) -> None:
-        """Forget everything before now: only requests logged from here on are read."""
-        try:
-            info = self.path.stat()
-            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size
-        except FileNotFoundError:
-            self._file, self._offset = None, 0
-        self._previous = None
-        self._records = []
-
-    def new_records(self) -> list[Any]:
-        """Every record logged since the last call (or ``start``), once."""
-        self._read_new()
-        taken, self._records = self._records, []
-        return taken
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, LogRecord.parse)
 
     def records(self, since: float, until: float) -> list[LogRecord]:
         """The requests finished in ``[since, until]``; older ones are forgotten (windows only move forward)."""
         self._read_new()
         self._records = [r for r in self._records if r.time >= since]
         return [r for r in self._records if r.time <= until]
-
-    def _read_new(self) -> None:
-        try:
-            handle = self.path.open("rb")
-        except FileNotFoundError:  # renamed, and nginx has not reopened its log yet
-            handle = None
-        with handle or contextlib.nullcontext():
-            identity = None
-            if handle is not None:
-                info = os.fstat(handle.fileno())
-                identity = (info.st_dev, info.st_ino)
-            if identity != self._file:
-                if self._file is not None:
-                    self._previous = (self._file, self._offset)
-                self._file, self._offset = identity, 0
-            if self._previous is not None:
-                self._read_previous()
-            if handle is not None:
-                self._offset = self._read_from(handle, self._offset)
-
-    def _read_previous(self) -> None:
-        identity, offset = self._previous
-        try:
-            with backup_path(self.path, 1).open("rb") as handle:
-                info = os.fstat(handle.fileno())
-                if (info.st_dev, info.st_ino) != identity:  # rotated again, or not rotated but removed
-                    self._previous = None
-                    return
-                self._previous = (identity, self._read_from(handle, offset))
-        except FileNotFoundError:
-            self._previous = None
-
-    def _read_from(self, handle: BinaryIO, offset: int) -> int:
-        """Parse the complete lines after ``offset``; the new offset (a line nginx is still writing waits)."""
-        size = handle.seek(0, 2)
-        if size < offset:  # truncated in place: read it again from its start
-            offset = 0
-        handle.seek(offset)
-        data = handle.read(size - offset)
-        complete = data.rfind(b"\n") + 1
-        for line in data[:complete].splitlines():
-            record = self.parse(line)
-            if record is not None:
-                self._records.append(record)
-        return offset + complete
 
 
 def log_figures(records: list[LogRecord]) -> Figures:
