@@ -159,12 +159,9 @@ class BatchHandler:
         self.model_version = str(model.get("modelVersion") or "")
         pinned = self.settings.threads
         self.explainer = explain.is_explainer(getattr(context, "model_name", "") or "")
-        if self.explainer:  # an explanation pool: idle CPU time only, outside the prediction workers' budget
-            moved = explain.idle_priority()
+        if self.explainer:  # an explanation pool: outside the prediction workers' budget (idle time: below)
             torch.set_num_threads(pinned or cpu_budget().cpus)
             threads = torch.get_num_threads()
-            logger.info("explanation pool of %s: %d threads on idle CPU time (SCHED_IDLE, %d threads moved), "
-                        "outside the CPU budget", self.model_name, threads, moved)  # fmt: skip
         else:
             self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
             self.cpu.register()
@@ -187,6 +184,10 @@ class BatchHandler:
             time.perf_counter() - loaded,
         )
         self.warm_up_lent()
+        if self.explainer:  # loaded and warm at the usual priority (a registration under load must not starve)
+            moved = explain.idle_priority()
+            logger.info("explanation pool of %s: %d threads on idle CPU time only (SCHED_IDLE, %d threads "
+                        "moved), outside the CPU budget", self.model_name, threads, moved)  # fmt: skip
         self.initialized = True
 
     def warm_up(self) -> None:
