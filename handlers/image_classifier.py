@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers import explain, protocols
+from handlers import explain, image_io, protocols
 from handlers.base import BatchHandler
 from handlers.config import ImageClassifierConfig
 from handlers.errors import InvalidInput, PayloadTooLarge
@@ -87,12 +86,12 @@ class ImageClassifier(BatchHandler):
         the response timeout, and TorchServe would kill the worker with its neighbours' requests).
         """
         topk = self.topk if call.topk is None else parse_topk(call.topk, len(self.labels))
-        deadline = time.monotonic() + self.limits.max_decode_seconds
+        deadline = image_io.decode_clock() + self.limits.max_decode_seconds  # CPU seconds (handlers.image_io)
         prepared = []
         for i, element in enumerate(call.images or call.tensors):
             try:
                 if call.images:
-                    remaining = deadline - time.monotonic()
+                    remaining = deadline - image_io.decode_clock()
                     if remaining <= 0:
                         raise PayloadTooLarge(
                             f"the request's images take more than {self.limits.max_decode_seconds:g} s to decode "

@@ -28,13 +28,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from handlers import detection, protocols
+from handlers import detection, image_io, protocols
 from handlers.base import BatchHandler
 from handlers.detection import DetectionCall, Detections, DetectorConfig, Letterbox, PreparedPage
 from handlers.errors import InvalidInput, NotExplainable, PayloadTooLarge
@@ -85,11 +84,11 @@ class ObjectDetector(BatchHandler):
 
     def prepare(self, call: DetectionCall) -> list[PreparedPage]:
         """Every image of the call as a model input; the images share ONE decode budget (as for classifiers)."""
-        deadline = time.monotonic() + self.limits.max_decode_seconds
+        deadline = image_io.decode_clock() + self.limits.max_decode_seconds  # CPU seconds (handlers.image_io)
         pages = []
         for i, payload in enumerate(call.images):
             try:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - image_io.decode_clock()
                 if remaining <= 0:
                     raise PayloadTooLarge(
                         f"the request's images take more than {self.limits.max_decode_seconds:g} s to decode "

@@ -193,7 +193,7 @@ def test_clock_holds_with_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
         now[0] += 0.1
         return now[0]
 
-    monkeypatch.setattr(image_io, "_monotonic", clock)
+    monkeypatch.setattr(image_io, "decode_clock", clock)
 
     with pytest.raises(PayloadTooLarge, match=r"^image takes too long to decode"):
         decode_image(payload, DecodeLimits(max_decode_seconds=0.25), min_side=64)

@@ -925,7 +925,7 @@ def many_chunk_png() -> bytes:
 
 
 def test_decode_that_outlives_the_clock_fails_with_413(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(image_io, "_monotonic", SteppingClock(step=0.1))
+    monkeypatch.setattr(image_io, "decode_clock", SteppingClock(step=0.1))
 
     with pytest.raises(PayloadTooLarge) as info:
         decode_image(many_chunk_png(), DecodeLimits(max_decode_seconds=1))
@@ -935,7 +935,7 @@ def test_decode_that_outlives_the_clock_fails_with_413(monkeypatch: pytest.Monke
 
 def test_decode_within_the_clock_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = SteppingClock(step=0.001)
-    monkeypatch.setattr(image_io, "_monotonic", clock)
+    monkeypatch.setattr(image_io, "decode_clock", clock)
 
     assert decode_image(many_chunk_png(), DecodeLimits(max_decode_seconds=1)).size == (64, 48)
     assert clock.now > 0.1  # the clock was read on every one of the reads
@@ -943,7 +943,7 @@ def test_decode_within_the_clock_is_untouched(monkeypatch: pytest.MonkeyPatch) -
 
 def test_a_decoder_that_swallows_the_clock_error_still_gets_413(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = SteppingClock(step=0.0)
-    monkeypatch.setattr(image_io, "_monotonic", clock)
+    monkeypatch.setattr(image_io, "decode_clock", clock)
 
     def swallowing_load(self: ImageFile.ImageFile) -> None:
         clock.now += 10  # the decode is slow ...
@@ -1077,7 +1077,7 @@ def test_the_images_of_one_request_share_one_decode_budget(png: bytes, monkeypat
     handler.limits = DecodeLimits(max_decode_seconds=0.3)
     budgets: list[float | None] = []
     clock = [100.0]  # a fake clock: each image "takes" 0.12 s, whatever the machine's load
-    monkeypatch.setattr(image_classifier.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(image_classifier.image_io, "decode_clock", lambda: clock[0])
 
     def slow(payload: bytes, seconds: float | None = None) -> tuple[str, float]:
         budgets.append(seconds)
