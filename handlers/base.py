@@ -139,7 +139,7 @@ class BatchHandler:
         self._answers: dict[int, list[Any]] = {}
         self.max_response = response_limit()
         self._reference: tuple[Any, str] | None = None  # explanations' FP32 program, loaded at the first one
-        self.explainer = False  # registered as NAME-explainer: an explanation pool (handlers.explain)
+        self.explainer = ""  # the registered name when it is an explanation pool, NAME-explainer (handlers.explain)
         self._explain_budget: explain.ShareBudget | None = None
         self.tracer: tracing.Tracer | None = None  # SERVEKIT_OTLP_ENDPOINT set: spans per request (handlers.tracing)
         self._batch_clock: tuple[float, float, float] | None = None  # the last model call: start, inferred, done
@@ -158,7 +158,8 @@ class BatchHandler:
         self.model_name = model.get("modelName") or getattr(context, "model_name", "") or "?"
         self.model_version = str(model.get("modelVersion") or "")
         pinned = self.settings.threads
-        self.explainer = explain.is_explainer(getattr(context, "model_name", "") or "")
+        registered = getattr(context, "model_name", "") or ""
+        self.explainer = registered if explain.is_explainer(registered) else ""
         if self.explainer:  # an explanation pool: outside the prediction workers' budget (idle time: below)
             torch.set_num_threads(pinned or cpu_budget().cpus)
             threads = torch.get_num_threads()
@@ -270,7 +271,8 @@ class BatchHandler:
             if idx in explanations:
                 continue  # answered after the batch's predictions (_explain_request)
             if self.explainer:
-                responses[idx] = payload = self._fail(context, idx, explain.only_explanations(self.model_name))
+                refused = explain.only_explanations(self.explainer, self.model_name)
+                responses[idx] = payload = self._fail(context, idx, refused)
                 outcomes[idx] = (payload["code"], payload["type"], time.perf_counter())
                 continue
             self._nested: dict[str, float] = {}
@@ -403,8 +405,7 @@ class BatchHandler:
             items = self.prepare(call)
             if self._explain_budget is None:  # a pool's share is all of its own (idle) time, one at a time
                 share = 1.0 if self.explainer else limits.max_share
-                owner = self.model_name + (explain.EXPLAINER_SUFFIX if self.explainer else "")
-                self._explain_budget = explain.ShareBudget(owner, share)
+                self._explain_budget = explain.ShareBudget(self.explainer or self.model_name, share)
             # The share first: a refused explanation (429) costs no inference. Then tens of inferences, on
             # this worker's own CPUs (handlers.cpu_budget), never borrowed ones.
             with self._explain_budget.claim(limits.timeout_s):

@@ -325,7 +325,6 @@ def image_fields(attributions: torch.Tensor, pixels: torch.Tensor, limits: Expla
     return fields
 
 
-# ------------------------------------------------------------------------------------------ the share of work
 # ------------------------------------------------------------------------------------------ explainer pools
 # A registration named ``NAME-explainer`` (the same archive as NAME, registered under that name) is an
 # explanation pool of NAME: its workers answer explanations only, on idle CPU time (SCHED_IDLE), outside
@@ -349,14 +348,14 @@ def idle_priority() -> int:
     return moved
 
 
-def only_explanations(model: str) -> InvalidInput:
-    """What a prediction sent to an explanation pool gets (400): where predictions go instead."""
+def only_explanations(pool: str, model: str) -> InvalidInput:
+    """What a prediction sent to the explanation pool ``pool`` of ``model`` gets (400): where predictions go."""
     return InvalidInput(
-        f"{model}{EXPLAINER_SUFFIX} answers explanations only (POST /explanations/{model}{EXPLAINER_SUFFIX}): "
-        f"send predictions to /predictions/{model}"
+        f"{pool} answers explanations only (POST /explanations/{pool}): send predictions to /predictions/{model}"
     )
 
 
+# ------------------------------------------------------------------------------------------ the share of work
 def budget_dir() -> Path:
     if env := os.environ.get(ENV_BUDGET_DIR):
         return Path(env)
