@@ -58,9 +58,9 @@ from servekit.serving.logkeeper import (
     LogKeeperProcess,
 )
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
-from servekit.serving.router import private_socket_dir, remove_stale_socket, router_address, router_socket
+from servekit.serving.router import private_socket_dir, remove_stale_socket, router_socket
 
-__all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "NginxProxy", "ProxyError", "render_config", "router_address"]
+__all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
 
 REQUEST_LOG = "requests.jsonl"
 # The header every answer of a servekit handler carries: the version that answered (``handlers.base``).

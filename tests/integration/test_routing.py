@@ -57,7 +57,7 @@ def deploy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, store: Path, deploy_dir: Path) -> Iterator[TorchServeProcess]:
-    # As make serve: the front reaches the proxy through its socket (servekit.deploy.proxy.router_address).
+    # As make serve: the front reaches the proxy through its socket (servekit.serving.router.router_address).
     router = router_address(deploy_dir / "proxy")
     with running_torchserve(tmp_path_factory.mktemp("torchserve"), store, router=router) as ts:
         yield ts
