@@ -85,15 +85,24 @@ SERVEKIT_METRICS_PORT = 8083  # GET /metrics only: scraped without opening the t
 # the OIP port cannot get pods marked unready and restarted. The kubelet probes from the node, which NetworkPolicies
 # do not restrict in common CNIs (Calico, Cilium: host-to-pod traffic is allowed), so no policy rule admits it.
 HEALTH_PORT = 8004
-ENTRYPOINT = [
-    "python", "-m", "servekit.serving.server", "run", "--config", CONFIG_FILE, "--model-store", MODEL_STORE,
-    "--workdir", WORKDIR, "--bind", "0.0.0.0", "--drain-timeout", str(DRAIN_TIMEOUT_S),
-    "--metrics-port", str(SERVEKIT_METRICS_PORT), "--health-port", str(HEALTH_PORT),
-]  # fmt: skip
 ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # logs at once; site-packages is read-only
 # management 8081: loopback only; sk-metrics: servekit's handler metrics and serving state alone (docs/monitoring.md)
 PORTS = {"http": 8080, "oip-http": 8000, "oip-grpc": 8001, "metrics": 8082, "sk-metrics": SERVEKIT_METRICS_PORT,
          "health": HEALTH_PORT}  # fmt: skip
+# TorchServe's own inference listener, on 127.0.0.1 only: the pod's routing proxy owns the http port in front of it
+# (servekit.deploy.pod), so that a canary or shadow applies to /predictions as to OIP.
+TORCHSERVE_INFERENCE_PORT = 8079
+# The routes of the pod's proxy: the routing.json key of this ConfigMap, mounted read-only (servekit.deploy.pod
+# reads it every second; an absent file, as in KServe's form, is no routes).
+ROUTING_CONFIGMAP, ROUTING_KEY = f"{APP}-routing", "routing.json"
+ROUTING_DIR = f"{HOME}/routing"
+ROUTING_FILE = f"{ROUTING_DIR}/{ROUTING_KEY}"
+ENTRYPOINT = [
+    "python", "-m", "servekit.deploy.pod", "--config", CONFIG_FILE, "--model-store", MODEL_STORE,
+    "--workdir", WORKDIR, "--bind", "0.0.0.0", "--drain-timeout", str(DRAIN_TIMEOUT_S),
+    "--metrics-port", str(SERVEKIT_METRICS_PORT), "--health-port", str(HEALTH_PORT),
+    "--http-port", str(PORTS["http"]), "--routing", ROUTING_FILE,
+]  # fmt: skip
 SCRAPE_PORTS = ("metrics", "sk-metrics")  # what the monitoring namespace may reach
 SERVICE_PORTS = ("http", "oip-http", "oip-grpc")  # never metrics' 8082, the health port nor the management API
 GRPC_PORTS = {"grpc_inference_port": 7070, "grpc_management_port": 7071}  # TorchServe's own; not in the Service
@@ -445,6 +454,78 @@ def canary_percent(models: list[SelectedModel], state_file: Path) -> tuple[int |
     return (percents.pop() if percents else None), canaries, notes
 
 
+def pod_routes(models: list[SelectedModel], state_file: Path) -> tuple[dict[str, dict], list[str]]:
+    """The pods' routes from the deployment state (the routing ConfigMap), and notes on those left out.
+
+    Each bundled model's canary and shadow go into the pods' proxies when their version is bundled
+    (a pod serves only its bundle's versions; ``servekit.deploy.pod`` refuses any other).
+    """
+    state = read_state(state_file)
+    routes, notes = {}, []
+    for model in models:
+        record = state.models.get(model.name)
+        if record is None:
+            continue
+        route = {}
+        for kind, version in (("canary", record.canary.version if record.canary else None), ("shadow", record.shadow)):
+            if version is None:
+                continue
+            if version not in model.versions:
+                notes.append(
+                    f"the {kind} of {model.name} {version} is not in the pods' routes: {version} is not bundled "
+                    f"(bundled: {', '.join(model.versions)})"
+                )
+            elif kind == "canary":
+                route["canary"] = {"version": version, "percent": record.canary.percent}
+            else:
+                route["shadow"] = version
+        if route:
+            routes[model.name] = route
+    return routes, notes
+
+
+def routing_configmap(record: dict) -> dict:
+    """The ConfigMap holding the pods' routes (``servekit.deploy.pod``; ``servekit bundle-route`` writes a new one)."""
+    routes = json.dumps({"routes": record["routing"]["routes"]}, indent=2, sort_keys=True) + "\n"
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": ROUTING_CONFIGMAP, "namespace": record["namespace"], "labels": labels(record)},
+        "data": {ROUTING_KEY: routes},
+    }
+
+
+def changed_routes(bundle: Path, canaries: list[str], shadows: list[str]) -> dict:
+    """The routing ConfigMap of the written ``bundle`` with new routes (``servekit pod-routes``).
+
+    ``canaries``: ``NAME:VERSION:PERCENT``; ``shadows``: ``NAME:VERSION``. Checked as its pods check
+    it (``servekit.deploy.pod.read_routes``, against the bundle's config), so that a ConfigMap a pod
+    would refuse is never written.
+    """
+    from servekit.deploy.pod import read_routes, served_versions  # the pod's own check
+
+    try:
+        record = json.loads((Path(bundle) / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"--bundle {bundle}: no readable bundle.json ({one_line(exc)})") from None
+    routes: dict[str, dict] = {}
+    for text in canaries:
+        name, _, rest = text.partition(":")
+        version, _, percent = rest.rpartition(":")
+        if not (name and version and percent.isdigit()):
+            raise BundleError(f"--canary {text!r}: use NAME:VERSION:PERCENT, e.g. digits:2.0:10")
+        if int(percent) > 0:
+            routes.setdefault(name, {})["canary"] = {"version": version, "percent": int(percent)}
+    for text in shadows:
+        name, _, version = text.partition(":")
+        if not (name and version):
+            raise BundleError(f"--shadow {text!r}: use NAME:VERSION, e.g. digits:2.0")
+        routes.setdefault(name, {})["shadow"] = version
+    config = Path(bundle) / "config" / "config.properties"
+    read_routes(json.dumps({"routes": routes}).encode(), served_versions(config), Path(bundle) / "bundle.json")
+    return routing_configmap({**record, "routing": {**record.get("routing", {}), "routes": routes}})
+
+
 def pyproject_pins(pyproject: Path) -> dict[str, str]:
     """The exact ``==`` pins of torch, torchvision, torchserve and torch-model-archiver in pyproject.toml."""
     try:
@@ -524,9 +605,10 @@ def render_config(models: list[SelectedModel], base_config: Path, otlp_endpoint:
     snapshot = json.dumps(model_snapshot(models), separators=(",", ":"))
     lines = [
         "# TorchServe configuration of a servekit pod, generated by `servekit bundle` (servekit/deploy/bundle.py).",
-        "# One setting per line. The launcher (python -m servekit.serving.server run) puts the management API on a",
-        "# unix socket behind its nginx guard on 127.0.0.1:8081, never exposed outside the pod.",
-        f"inference_address=http://0.0.0.0:{PORTS['http']}",
+        "# One setting per line. The launcher (python -m servekit.deploy.pod) puts the management API on a unix",
+        "# socket behind its nginx guard on 127.0.0.1:8081, never exposed outside the pod, and the inference API",
+        f"# behind the routing proxy, which owns the pod's port {PORTS['http']} (canary and shadow, every protocol).",
+        f"inference_address=http://127.0.0.1:{TORCHSERVE_INFERENCE_PORT}",
         "management_address=http://127.0.0.1:8081",
         f"metrics_address=http://0.0.0.0:{PORTS['metrics']}",
         *(f"{key}={port}" for key, port in GRPC_PORTS.items()),
@@ -674,6 +756,9 @@ def render_kubernetes(record: dict) -> list[dict]:
     """Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy."""
     meta = {"name": APP, "namespace": record["namespace"], "labels": labels(record)}
     declared, mounts = volumes()
+    # The routes, followed by the pod's proxy as the kubelet updates the mount (no restart, no new image).
+    declared = [*declared, {"name": "routing", "configMap": {"name": ROUTING_CONFIGMAP, "optional": True}}]
+    mounts = [*mounts, {"name": "routing", "mountPath": ROUTING_DIR, "readOnly": True}]
     container = {
         "name": APP,
         "image": record["image"],
@@ -811,7 +896,7 @@ def render_kubernetes(record: dict) -> list[dict]:
             "egress": _trace_egress(record.get("otlp_endpoint")),
         },
     }
-    return [deployment, service, hpa, pdb, network]
+    return [deployment, service, hpa, pdb, network, routing_configmap(record)]
 
 
 def _scaler(record: dict) -> dict:
@@ -998,6 +1083,9 @@ def render_standard_inferenceservice(record: dict) -> dict:
     else:
         predictor |= {"scaleMetric": "cpu", "scaleTarget": HPA_CPU_UTILIZATION}
     predictor |= {key: copy.deepcopy(pod[key]) for key in KSERVE_POD_FIELDS if key in pod} | {"containers": [container]}
+    # KServe splits traffic between revisions itself: no routing ConfigMap, so its pods' proxies route nothing.
+    predictor["volumes"] = [v for v in predictor.get("volumes", []) if v["name"] != "routing"]
+    container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m["name"] != "routing"]
     return inferenceservice(record, {"serving.kserve.io/deploymentMode": "Standard",
                              "serving.kserve.io/autoscalerClass": scaling["autoscaler"]},
                             predictor)  # fmt: skip
@@ -1041,6 +1129,16 @@ def render_standard_network_policy(record: dict) -> dict:
     }
 
 
+def _routes_line(routes: dict[str, dict]) -> str:
+    parts = []
+    for name, route in sorted(routes.items()):
+        if "canary" in route:
+            parts.append(f"{name} {route['canary']['version']} canary {route['canary']['percent']}%")
+        if "shadow" in route:
+            parts.append(f"{name} {route['shadow']} shadow")
+    return ", ".join(parts)
+
+
 def dump_documents(documents: list[dict], header: str) -> str:
     return header + yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, explicit_start=True)
 
@@ -1063,7 +1161,8 @@ class Bundle:
             f"bundle written to {self.path}: {models}; image {r['image']}, {r['replicas']}-{r['max_replicas']} "
             f"replicas, cpu {r['cpu']}, memory {r['memory']}"
             + (canary if r["kserve"]["canaryTrafficPercent"] is not None else "")
-            + "".join(f"\nnote: {note}" for note in r["kserve"]["notes"])
+            + (f"; pods route {_routes_line(r['routing']['routes'])}" if r["routing"]["routes"] else "")
+            + "".join(f"\nnote: {note}" for note in [*r["routing"]["notes"], *r["kserve"]["notes"]])
             + f"\nnext: docker build -t {r['image']} {self.path} && docker push {r['image']} && "
             f"kubectl apply -f {self.path / 'k8s' / 'servekit.yaml'}"
             f" (or kubectl apply -k {self.path / 'kustomize' / 'overlays' / 'production'})"
@@ -1071,7 +1170,13 @@ class Bundle:
 
 
 def build_record(
-    options: BundleOptions, models: list[SelectedModel], manifest: dict, config_text: str, repo_root: Path, canary
+    options: BundleOptions,
+    models: list[SelectedModel],
+    manifest: dict,
+    config_text: str,
+    repo_root: Path,
+    canary,
+    routing: tuple[dict[str, dict], list[str]] = ({}, []),
 ) -> dict:
     percent, canaries, notes = canary
     mode = KSERVE_MODES[options.kserve_mode]
@@ -1140,6 +1245,14 @@ def build_record(
             "health_port": HEALTH_PORT,  # the probes' only: in no Service and no NetworkPolicy rule
         },
         "otlp_endpoint": options.otlp_endpoint,
+        # The Deployment form's in-pod canary and shadow (servekit.deploy.pod); KServe's form splits by revision.
+        "routing": {
+            "configmap": ROUTING_CONFIGMAP,
+            "file": ROUTING_FILE,
+            "routes": routing[0],
+            "notes": routing[1],
+            "torchserve_inference": f"127.0.0.1:{TORCHSERVE_INFERENCE_PORT}",
+        },
         "autoscaling": {
             "autoscaler": options.autoscaler,
             "prometheus_url": options.prometheus_url,
@@ -1249,7 +1362,8 @@ def write_bundle(
     models = resolve(options, Path(spec), store, manifest)
     canary = canary_percent(models, Path(state_file))
     config_text = render_config(models, Path(base_config), options.otlp_endpoint)
-    record = build_record(options, models, manifest, config_text, Path(repo_root), canary)
+    routing = pod_routes(models, Path(state_file))
+    record = build_record(options, models, manifest, config_text, Path(repo_root), canary, routing)
     out = options.out.resolve()
     record_for_files = {**record, "out_name": options.out.name}
     out.parent.mkdir(parents=True, exist_ok=True)

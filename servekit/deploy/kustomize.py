@@ -1,8 +1,8 @@
 """Kustomize: the bundle's manifests as a base and two overlays, for ``kubectl apply -k``.
 
     kustomize/
-      base/                    Deployment, Service, PodDisruptionBudget, NetworkPolicy (k8s/servekit.yaml's
-                               documents, the autoscaler aside)
+      base/                    Deployment, Service, PodDisruptionBudget, NetworkPolicy, the routing ConfigMap
+                               (k8s/servekit.yaml's documents, the autoscaler aside)
       overlays/dev/            one host's shape: one replica, no autoscaler, a PDB that never blocks a drain
       overlays/production/     the bundle's replicas, the autoscaler (KEDA ScaledObject on the queue, or the
                                CPU HPA), the PodMonitors, the PrometheusRule and the Grafana dashboard
@@ -20,7 +20,8 @@ import yaml
 __all__ = ["BASE_FILES", "write_kustomize"]
 
 BASE_FILES = {"Deployment": "deployment.yaml", "Service": "service.yaml",
-              "PodDisruptionBudget": "pdb.yaml", "NetworkPolicy": "networkpolicy.yaml"}  # fmt: skip
+              "PodDisruptionBudget": "pdb.yaml", "NetworkPolicy": "networkpolicy.yaml",
+              "ConfigMap": "routing.yaml"}  # fmt: skip
 SCALERS = ("ScaledObject", "HorizontalPodAutoscaler")
 
 

@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +153,9 @@ class TorchServeProcess:
     oip_ports: dict[str, int] | None = None
     config: Path = BASE_CONFIG  # the TorchServe configuration to start from (a bundle's, in a pod)
     bind: str = "127.0.0.1"  # host of the inference, metrics and OIP listeners ("0.0.0.0" in a pod)
+    # Listeners on 127.0.0.1 whatever ``bind`` says: ("inference",) in a pod, whose routing proxy takes the
+    # inference port's traffic first (servekit.deploy.pod).
+    loopback: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # more environment for TorchServe and its workers
     router: str | None = None  # host:port of the routing plane (servekit proxy) OIP inference goes through
     otlp_endpoint: str | None = None  # traces (OTLP/HTTP URL); default: config.properties' servekit_otlp_endpoint
@@ -172,7 +176,8 @@ class TorchServeProcess:
             self.props.setdefault("grpc_inference_port", str(free_port()))
             self.props.setdefault("grpc_management_port", str(free_port()))
         for kind, key in ADDRESS_KEYS.items():
-            self.props[key] = f"http://{self.bind}:{self.ports[kind]}"
+            host = "127.0.0.1" if kind in self.loopback else self.bind
+            self.props[key] = f"http://{host}:{self.ports[kind]}"
         self.props["management_address"] = f"unix:{self.management_socket}"
         self.props["model_store"] = str(self.model_store)
         if self.restore and not self.snapshots:
@@ -473,15 +478,10 @@ class TorchServeProcess:
             os.killpg(pid, signal.SIGKILL)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start or stop the toolkit's TorchServe.")
-    parser.add_argument("action", choices=["start", "stop", "key", "run"])
-    parser.add_argument("kind", nargs="?", default="inference", help="for key: inference, management or api")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a container's foreground server (``run`` here, and ``servekit.deploy.pod``)."""
     parser.add_argument("--workdir", default=str(REPO_ROOT / "var"))
     parser.add_argument("--model-store", default=str(REPO_ROOT / "model_store"))
-    parser.add_argument(
-        "--fresh", action="store_true", help="start from config.properties, ignoring the saved snapshot of versions"
-    )
     parser.add_argument("--config", default=str(BASE_CONFIG), help="run: the TorchServe configuration")
     parser.add_argument("--bind", default="127.0.0.1", help="run: host of the inference, metrics and OIP listeners")
     parser.add_argument("--drain-timeout", type=float, default=25.0, help="run: seconds to wait for queued requests")
@@ -491,16 +491,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--health-port", type=int, help="run: a port of the OIP front serving only GET /v2/health/live and /ready"
     )
+
+
+def run_server(args: argparse.Namespace, **extra: object) -> TorchServeProcess:
+    """The foreground server that ``add_run_arguments``' ``args`` describe (``extra``: more fields)."""
+    oip_ports = {"oip_http": args.oip_http_port, "oip_grpc": args.oip_grpc_port}
+    if args.metrics_port is not None:
+        oip_ports["servekit_metrics"] = args.metrics_port
+    if args.health_port is not None:
+        oip_ports["oip_health"] = args.health_port
+    return TorchServeProcess(Path(args.workdir), Path(args.model_store), config=Path(args.config), bind=args.bind,
+                             oip_ports=oip_ports, **extra)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start or stop the toolkit's TorchServe.")
+    parser.add_argument("action", choices=["start", "stop", "key", "run"])
+    parser.add_argument("kind", nargs="?", default="inference", help="for key: inference, management or api")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start from config.properties, ignoring the saved snapshot of versions"
+    )
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.action == "run":
-        oip_ports = {"oip_http": args.oip_http_port, "oip_grpc": args.oip_grpc_port}
-        if args.metrics_port is not None:
-            oip_ports["servekit_metrics"] = args.metrics_port
-        if args.health_port is not None:
-            oip_ports["oip_health"] = args.health_port
-        server = TorchServeProcess(
-            Path(args.workdir), Path(args.model_store), config=Path(args.config), bind=args.bind, oip_ports=oip_ports
-        )
+        server = run_server(args)
     else:
         # Versions registered at runtime, their workers and the default come back after make stop / make serve.
         server = TorchServeProcess(Path(args.workdir), Path(args.model_store), snapshots=True, restore=not args.fresh,
@@ -534,7 +548,22 @@ def _stop(server: TorchServeProcess, args: argparse.Namespace) -> int:
 
 
 def _run(server: TorchServeProcess, args: argparse.Namespace) -> int:
-    """Foreground: start, serve until SIGTERM or SIGINT, drain, stop (see the module docstring)."""
+    return serve_in_foreground(server, args.drain_timeout)
+
+
+def serve_in_foreground(
+    server: TorchServeProcess,
+    drain_timeout: float,
+    started: Callable[[], None] | None = None,
+    tick: Callable[[], None] | None = None,
+    drained: Callable[[], None] | None = None,
+) -> int:
+    """Start, serve until SIGTERM or SIGINT, drain, stop (see the module docstring).
+
+    The hooks of a pod's launcher (``servekit.deploy.pod``): ``started`` once TorchServe answers,
+    ``tick`` about five times a second while serving (a ``ServekitError`` from it ends the run),
+    ``drained`` after the drain, before TorchServe stops (and also when the run fails).
+    """
     stopping: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -544,17 +573,25 @@ def _run(server: TorchServeProcess, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.draining_file.unlink(missing_ok=True)
     server.start()
-    print(f"serving: inference {server.url('inference')}, OIP {server.url('oip_http')}, gRPC {server.grpc_address}",
-          flush=True)  # fmt: skip
     try:
+        if started is not None:
+            started()
+        print(f"serving: inference {server.url('inference')}, OIP {server.url('oip_http')}, gRPC "
+              f"{server.grpc_address}", flush=True)  # fmt: skip
         while not stopping:
             if server.process is not None and server.process.poll() is not None:
                 raise ServerError(f"TorchServe exited with {server.process.returncode}; see {server.log_tail()}")
+            if tick is not None:
+                tick()
             time.sleep(0.2)
-        print(f"signal {stopping[0]}: draining (at most {args.drain_timeout:g} s)", flush=True)
-        server.drain(args.drain_timeout)
+        print(f"signal {stopping[0]}: draining (at most {drain_timeout:g} s)", flush=True)
+        server.drain(drain_timeout)
     finally:
-        server.stop()
+        try:
+            if drained is not None:
+                drained()
+        finally:
+            server.stop()
     print("stopped", flush=True)
     return 0
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import requests
+import yaml
 
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 from servekit.serving.processes import children, command_line, process_table
@@ -49,7 +50,9 @@ REPO = Path(__file__).resolve().parents[2]
 # The pod's listeners: config.properties' addresses and gRPC ports, and the launcher's OIP ports.
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
-PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc", "servekit_metrics", "oip_health")
+# "http": the pod's routing proxy (the launcher's --http-port, the Service's http port); "inference": TorchServe's
+# own inference listener behind it.
+PORT_NAMES = (*ADDRESS_KEYS, *PORT_KEYS, "oip_http", "oip_grpc", "servekit_metrics", "oip_health", "http")
 # What a container inherits from the image rather than from the Deployment (the image sets them too).
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "JAVA_HOME", "TZ")
 
@@ -151,6 +154,7 @@ def on_loopback(command: list[str], ports: dict[str, int], bind: str = "127.0.0.
     command += ["--oip-http-port", str(ports["oip_http"]), "--oip-grpc-port", str(ports["oip_grpc"])]
     command[command.index("--metrics-port") + 1] = str(ports["servekit_metrics"])  # the scrape port, a free one
     command[command.index("--health-port") + 1] = str(ports["oip_health"])  # the probes' port, a free one
+    command[command.index("--http-port") + 1] = str(ports["http"])  # the routing proxy's (the Service's) port
     return command
 
 
@@ -188,6 +192,10 @@ class Pod:
         self.workdir.mkdir()
         self.config.write_text(on_ports(self.config.read_text(), self.ports, self.home))
         self.image_snapshot = self.image_files()
+        # The routing ConfigMap that k8s/servekit.yaml mounts at the launcher's --routing file.
+        documents = yaml.safe_load_all((self.bundle / "k8s" / "servekit.yaml").read_text())
+        (configmap,) = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("routing")]
+        self.write_routes(next(iter(configmap["data"].values())))
 
     def image_files(self) -> dict[str, str]:
         """config/ and model-store/ (read-only in the pod: they are in the image): each file's sha256."""
@@ -228,8 +236,22 @@ class Pod:
 
     @property
     def backend(self) -> str:
-        """Where the Service sends traffic: the pod's inference port (the Service's ``http`` port)."""
-        return f"127.0.0.1:{self.ports['inference']}"
+        """Where the Service sends traffic: the pod's ``http`` port (its routing proxy, in front of TorchServe)."""
+        return f"127.0.0.1:{self.ports['http']}"
+
+    @property
+    def routing_file(self) -> Path:
+        """The launcher's ``--routing`` file in the home: where the Deployment mounts the routing ConfigMap."""
+        command = self.record["entrypoint"]
+        return Path(in_home(command[command.index("--routing") + 1], self.home))
+
+    def write_routes(self, routes: dict | str) -> None:
+        """Replace the routing file whole (``routes``: the JSON object, or raw text), as the kubelet swaps a mount."""
+        text = routes if isinstance(routes, str) else json.dumps({"routes": routes})
+        self.routing_file.parent.mkdir(parents=True, exist_ok=True)
+        staged = self.routing_file.with_name(f".{self.routing_file.name}.new")
+        staged.write_text(text)
+        staged.replace(self.routing_file)
 
     @property
     def readiness_path(self) -> str:

@@ -12,9 +12,12 @@ drains, exits 0 within the termination grace, and leaves no process of its own b
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +61,7 @@ def test_the_bundle_configures_a_pod(bundle: Path) -> None:
     """What the pod below changes is only what a shared machine forces: the bundle itself is a pod's,
     and bundle.json (which the pod is started from) says what the Deployment says."""
     props = read_properties(bundle / "config" / "config.properties")
-    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["inference_address"] == "http://127.0.0.1:8079"  # TorchServe behind the pod's routing proxy
     assert props["metrics_address"] == "http://0.0.0.0:8082"
     assert props["management_address"] == "http://127.0.0.1:8081"
     assert props["disable_token_authorization"] == "true"
@@ -87,7 +90,7 @@ def test_every_digit_through_predictions(pod: Pod) -> None:
         path = "/predictions/digits" + (f"/{asked}" if asked else "")
         for label, image in DIGITS:
             response = requests.post(
-                pod.url("inference", path), data=image, headers={"Content-Type": "image/png"}, timeout=60
+                pod.url("http", path), data=image, headers={"Content-Type": "image/png"}, timeout=60
             )
             assert response.status_code == 200, response.text
             assert response.json()["predictions"][0]["label"] == label, (path, response.json())
@@ -131,6 +134,112 @@ def test_the_scrape_port_serves_the_handler_metrics_and_nothing_else(pod: Pod) -
     assert f'servekit_workers_ready{{model="digits",version="{default}"}} 1.0' in page.text
     refused = requests.post(pod.url("servekit_metrics", "/predictions/digits"), data=b"x", timeout=30)
     assert refused.status_code == 404  # only GET /metrics: the tokenless inference API is not reachable here
+
+
+# ------------------------------------------------------------------------------------------ routing in the pod
+def wait_said(pod: Pod, line: str, timeout: float = 15.0) -> None:
+    """Wait until the pod's log has one more line starting with ``line`` than it had when called."""
+    log = pod.home / "pod.log"
+    before = log.read_text().count(line)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.read_text().count(line) > before:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the pod never said {line!r}:{pod.log_tail()}")
+
+
+def send(count: int, one: Callable[[], str], workers: int = 4) -> Counter:
+    with ThreadPoolExecutor(workers) as pool:
+        return Counter(pool.map(lambda _: one(), range(count)))
+
+
+def predictions(pod: Pod) -> Callable[[], str]:
+    label, image = DIGITS[3]
+
+    def one() -> str:
+        response = requests.post(pod.url("http", "/predictions/digits"), data=image, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] == label
+        assert response.headers["X-Model-Version"] == response.json()["version"]
+        return response.json()["version"]
+
+    return one
+
+
+def every_protocol(pod: Pod) -> dict[str, Callable[[], str]]:
+    """One request on each protocol a pod's clients use, each returning the version that answered."""
+    label, image = DIGITS[3]
+    http = triton_http.InferenceServerClient(f"127.0.0.1:{pod.ports['oip_http']}")
+    grpc = triton_grpc.InferenceServerClient(f"127.0.0.1:{pod.ports['oip_grpc']}")
+
+    def oip_http() -> str:
+        tensor = triton_http.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_), binary_data=True)
+        result = http.infer("digits", [tensor])
+        assert result.as_numpy("labels")[0][0].decode() == label
+        return result.get_response()["model_version"]
+
+    def oip_grpc() -> str:
+        tensor = triton_grpc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+        result = grpc.infer("digits", [tensor])
+        assert result.as_numpy("labels")[0][0].decode() == label
+        return result.get_response().model_version
+
+    def kserve_v1() -> str:
+        body = {"instances": [{"data": base64.b64encode(image).decode()}]}
+        response = requests.post(pod.url("oip_http", "/v1/models/digits:predict"), json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["model_version"]
+
+    return {"predictions": predictions(pod), "oip-http": oip_http, "oip-grpc": oip_grpc, "kserve-v1": kserve_v1}
+
+
+def handled(pod: Pod, version: str) -> float:
+    """The handler's count of answered digits requests of ``version`` (the pod's scrape port)."""
+    page = requests.get(pod.url("servekit_metrics", "/metrics"), timeout=30).text
+    prefix = f'servekit_requests_total{{code="200",model="digits",version="{version}"}} '
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix))
+
+
+def test_the_pods_proxy_follows_its_routing_file_on_every_protocol(pod: Pod) -> None:
+    """The routing ConfigMap's file, changed while the pod serves: a canary's share on /predictions, a full
+    canary on every protocol, a shadow that clients never see, a refused change that keeps the routes."""
+    default = pod.record["models"]["digits"]["default"]
+    (other,) = [v for v in pod.record["models"]["digits"]["versions"] if v != default]
+
+    pod.write_routes({"digits": {"canary": {"version": other, "percent": 30}}})
+    wait_said(pod, f"routing: now digits: canary {other} (30%)")
+    counts = send(300, predictions(pod))
+    print(f"\n30% canary of {other} in the pod: {dict(counts)}")
+    assert 0.20 <= counts[other] / 300 <= 0.40, counts
+
+    pod.write_routes({"digits": {"canary": {"version": other, "percent": 100}}})
+    wait_said(pod, f"routing: now digits: canary {other} (100%)")
+    for protocol, one in every_protocol(pod).items():  # one at a time: a tritonclient.http client is not shared
+        assert send(20, one, workers=1) == Counter({other: 20}), protocol
+
+    before = handled(pod, other)
+    pod.write_routes({"digits": {"shadow": other}})
+    wait_said(pod, f"routing: now digits: shadow {other}")
+    assert send(20, predictions(pod)) == Counter({default: 20})  # clients see only the default's answers
+    deadline = time.monotonic() + 15
+    while handled(pod, other) < before + 20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert handled(pod, other) >= before + 20  # the shadow answered a copy of each
+
+    pod.write_routes({"digits": {"canary": {"version": "9.9", "percent": 50}}})
+    wait_said(pod, "routing: change refused, the routes stay as they were")
+    served = ", ".join(sorted({default, other}))
+    refusal = f"routes digits to 9.9, which this pod does not serve (it serves digits {served})"
+    assert refusal in (pod.home / "pod.log").read_text()
+    assert send(20, predictions(pod)) == Counter({default: 20})
+    assert pod.readiness() == 200
+
+    pod.write_routes({})
+    wait_said(pod, "routing: now no routes")
+    assert send(20, predictions(pod)) == Counter({default: 20})
 
 
 def test_sigterm_turns_readiness_false_drains_and_leaves_nothing(pod: Pod) -> None:

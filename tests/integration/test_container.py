@@ -186,7 +186,7 @@ def running(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         started = time.monotonic()
         box.start()
         wait_ready(box, url(ports, "oip_health", "/v2/health/ready"), START_BUDGET_S)
-        response = post_digit(url(ports, "inference", "/predictions/digits"))
+        response = post_digit(url(ports, "http", "/predictions/digits"))
         assert response.status_code == 200, response.text
         print(f"\ncontainer answered its first request {time.monotonic() - started:.1f} s after start")
         yield box, ports
@@ -199,7 +199,7 @@ def test_every_digit_through_predictions_in_the_container(running: tuple[Contain
     for asked in (None, "1.0", "2.0"):
         path = "/predictions/digits" + (f"/{asked}" if asked else "")
         for label, image in DIGITS:
-            response = requests.post(url(ports, "inference", path), data=image,
+            response = requests.post(url(ports, "http", path), data=image,
                                      headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
             assert response.status_code == 200, response.text
             assert response.json()["predictions"][0]["label"] == label, (path, response.json())
@@ -323,15 +323,15 @@ def test_rolling_update_of_two_containers_under_load_fails_no_request(
 
     try:
         old, old_ports = start("1.0", 1.0)
-        service.start([f"127.0.0.1:{old_ports['inference']}"])
+        service.start([f"127.0.0.1:{old_ports['http']}"])
         assert answering_versions(endpoint, 4) == Counter({"1.0": 4})
         load = start_hey(hey, endpoint)
         sampler.start()
         time.sleep(SETTLE_S)
         new, new_ports = start("2.0", 2.0)  # readiness gating: not in the Service before it is ready
         first_new = time.monotonic()
-        service.route_to([f"127.0.0.1:{old_ports['inference']}", f"127.0.0.1:{new_ports['inference']}"])
-        service.route_to([f"127.0.0.1:{new_ports['inference']}"])  # returns once no old nginx worker is left
+        service.route_to([f"127.0.0.1:{old_ports['http']}", f"127.0.0.1:{new_ports['http']}"])
+        service.route_to([f"127.0.0.1:{new_ports['http']}"])  # returns once no old nginx worker is left
         only_new = time.monotonic()
         time.sleep(timing["prestop_s"])
         old.terminate()

@@ -175,7 +175,7 @@ def test_rolling_update_under_load_fails_no_request_and_switches_version(tmp_pat
             fresh.start()
             took = fresh.wait_ready(START_BUDGET_S)  # readiness gating: not in the Service before this
             note(f"replica new-{i} (2.0) ready after {took:.1f}s")
-            direct = post_digit(fresh.url("inference", "/predictions/digits"))
+            direct = post_digit(fresh.url("http", "/predictions/digits"))
             assert direct.status_code == 200, direct.text
             assert direct.json()["version"] == "2.0", direct.text
 

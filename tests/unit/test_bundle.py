@@ -46,7 +46,7 @@ pytestmark = pytest.mark.unit
 KUBERNETES_VERSIONS = ("1.30.0", "1.33.0")  # the oldest we support and the one we target; schemas in the wheel
 IMAGE = "registry.example.com/team/servekit:0.1.0"
 KSERVE_SCHEMA = Path(__file__).resolve().parents[1] / "data" / "kserve" / "inferenceservice-v1beta1.schema.json"
-KINDS = ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"]
+KINDS = ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"]
 KSERVE_KINDS = ["InferenceService", "NetworkPolicy"]
 HEALTH_PORT = 8004
 CLUSTER_LOCAL = {
@@ -157,9 +157,10 @@ def test_src_holds_every_package_that_pyproject_installs(bundle: Bundle) -> None
 def test_bundle_json_records_what_the_pod_runs(bundle: Bundle) -> None:
     r = bundle.record
     assert r["entrypoint"] == [
-        "python", "-m", "servekit.serving.server", "run", "--config", "/home/model-server/config/config.properties",
+        "python", "-m", "servekit.deploy.pod", "--config", "/home/model-server/config/config.properties",
         "--model-store", "/home/model-server/model-store", "--workdir", "/home/model-server/var",
         "--bind", "0.0.0.0", "--drain-timeout", "25", "--metrics-port", "8083", "--health-port", "8004",
+        "--http-port", "8080", "--routing", "/home/model-server/routing/routing.json",
     ]  # fmt: skip
     assert r["models"]["digits"] == {"versions": ["1.0", "2.0"], "default": "2.0"}
     assert list(r["models"]) == spec_models()  # every model of the spec by default, each at its newest
@@ -193,7 +194,7 @@ def test_config_properties_has_one_setting_per_line(bundle: Bundle) -> None:
     keys = [key for key, _ in pairs]
     assert len(keys) == len(set(keys)), "a key is set twice"
     props = dict(pairs)
-    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["inference_address"] == "http://127.0.0.1:8079"  # behind the pod's routing proxy on 8080
     assert props["metrics_address"] == "http://0.0.0.0:8082"
     assert props["management_address"] == "http://127.0.0.1:8081"
     assert props["model_store"] == "/home/model-server/model-store"
@@ -312,8 +313,10 @@ def test_the_pod_runs_locked_down(documents: dict[str, dict]) -> None:
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert mounts == {"/home/model-server/var": "work", "/tmp": "tmp"}
-    assert all("emptyDir" in v for v in pod["volumes"])
+    assert mounts == {"/home/model-server/var": "work", "/tmp": "tmp", "/home/model-server/routing": "routing"}
+    writable = [m["name"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert all("emptyDir" in v for v in pod["volumes"] if v["name"] in writable)
+    assert writable == ["work", "tmp"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["enableServiceLinks"] is False
     annotations = documents["Deployment"]["spec"]["template"]["metadata"]["annotations"]
@@ -526,6 +529,43 @@ def test_a_canary_maps_to_canary_traffic_percent(
     (note,) = other.record["kserve"]["notes"]
     assert note.startswith("the canary of digits 2.0 (20%) is not mapped: this bundle's default is 1.0")
     assert f"note: {note}" in other.summary()
+
+
+def test_the_pods_route_the_states_canary_and_shadow_of_bundled_versions(
+    repo_root: Path, model_store: Path, tmp_path: Path
+) -> None:
+    state = DeploymentState()
+    state.model("digits").set_canary("2.0", 30)
+    state.model("digits").set_shadow("1.0")
+    state.model("breast_cancer").set_canary("9.0", 10)  # not a bundled version: noted, never routed
+    write_state(tmp_path / "state.json", state)
+    routed = make_bundle(repo_root, model_store, tmp_path / "b", state_file=tmp_path / "state.json",
+                         defaults=(("digits", "1.0"),), kserve_mode="standard")  # fmt: skip
+    routes = {"digits": {"canary": {"version": "2.0", "percent": 30}, "shadow": "1.0"}}
+    assert routed.record["routing"]["routes"] == routes
+    (note,) = routed.record["routing"]["notes"]
+    assert note.startswith("the canary of breast_cancer 9.0 is not in the pods' routes: 9.0 is not bundled")
+    assert f"note: {note}" in routed.summary()
+    assert "pods route digits 2.0 canary 30%, digits 1.0 shadow" in (routed.summary())
+    docs = {d["kind"]: d for d in yaml.safe_load_all((routed.path / "k8s" / "servekit.yaml").read_text())}
+    configmap = docs["ConfigMap"]
+    assert configmap["metadata"]["name"] == routed.record["routing"]["configmap"] == "servekit-routing"
+    assert json.loads(configmap["data"]["routing.json"]) == {"routes": routes}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "routing"]
+    assert volume["configMap"] == {"name": "servekit-routing", "optional": True}
+    (c,) = pod["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "routing"]
+    assert (mount["mountPath"], mount["readOnly"]) == ("/home/model-server/routing", True)
+    assert c["command"][c["command"].index("--routing") + 1] == "/home/model-server/routing/routing.json"
+    # KServe splits between revisions itself: its predictor mounts no routes, so its pods' proxies route nothing.
+    isvc = yaml.safe_load_all((routed.path / "kserve" / "inferenceservice.yaml").read_text()).__next__()
+    predictor = isvc["spec"]["predictor"]
+    assert [v["name"] for v in predictor["volumes"]] == ["work", "tmp"]
+    assert [m["name"] for m in predictor["containers"][0]["volumeMounts"]] == ["work", "tmp"]
+    # The kustomize base carries the same ConfigMap.
+    base = yaml.safe_load((routed.path / "kustomize" / "base" / "routing.yaml").read_text())
+    assert base == configmap
 
 
 # ------------------------------------------------------------------------------------------ Dockerfile

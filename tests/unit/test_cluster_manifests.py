@@ -304,7 +304,8 @@ def test_the_deployment_scales_on_the_queue_through_keda(k8s: dict, bundle: Bund
 def test_hpa_is_the_cpu_only_choice(model_store: Path, tmp_path: Path) -> None:
     cpu = make_bundle(model_store, tmp_path / "b", autoscaler="hpa")
     kinds = [d["kind"] for d in load(cpu.path / "k8s" / "servekit.yaml")]
-    assert kinds == ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"]
+    assert kinds == ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+                     "ConfigMap"]  # fmt: skip
     doc = kserve.read_inferenceservice(cpu.path / "kserve" / "inferenceservice.yaml")
     assert doc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
     assert (doc["spec"]["predictor"]["scaleMetric"], doc["spec"]["predictor"]["scaleTarget"]) == ("cpu", 70)
@@ -399,13 +400,17 @@ def test_the_kustomize_overlays_render_and_validate_strictly(bundle: Bundle, val
             assert errors(validators, document) == [], document["kind"]
             assert document["metadata"]["namespace"] == "servekit"
     dev = {d["kind"]: d for d in rendered["dev"]}
-    assert sorted(dev) == ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+    assert sorted(dev) == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
     assert dev["Deployment"]["spec"]["replicas"] == 1  # one host's shape
     assert dev["PodDisruptionBudget"]["spec"] == {"maxUnavailable": 1,
                                                   "selector": dev["Deployment"]["spec"]["selector"]}  # fmt: skip
     production = {d["kind"]: d for d in rendered["production"]}
-    assert sorted(production) == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PodMonitor",
-                                  "PrometheusRule", "ScaledObject", "Service"]  # fmt: skip
+    # Two ConfigMaps: the pods' routes and the Grafana dashboard.
+    assert sorted(d["kind"] for d in rendered["production"]) == [
+        "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "PodMonitor", "PrometheusRule",
+        "ScaledObject", "Service"]  # fmt: skip
     k8s = {d["kind"]: d for d in load(bundle.path / "k8s" / "servekit.yaml")}
+    routing = [d for d in rendered["production"] if d["metadata"]["name"] == "servekit-routing"]
+    assert routing == [dev["ConfigMap"]] == [k8s["ConfigMap"]]  # the pods' routes, as k8s/servekit.yaml has them
     for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject"):
         assert production[kind] == k8s[kind], kind  # the overlay selects, it does not rewrite
