@@ -23,8 +23,9 @@ and the pod keeps the routes it has. At start a file that fails the checks stops
 line (exit 2), so a bad ConfigMap shows as a pod that does not start, never as traffic sent to a
 version the pod lacks.
 
-On SIGTERM the pod drains as ``servekit.serving.server run`` does; then the proxy stops gracefully
-(requests in flight finish), then TorchServe.
+The proxy starts before TorchServe, so it listens before the readiness probe can pass (until
+TorchServe answers, it answers 502). On SIGTERM the pod drains as ``servekit.serving.server run``
+does; then the proxy stops gracefully (requests in flight finish), then TorchServe.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         routing = PodRouting(proxy, f"{args.bind}:{args.http_port}", source, served_versions(Path(args.config)))
         routing.routes(routing.read())  # a bad routing file stops the pod before TorchServe starts
         server = run_server(args, loopback=("inference",), router=router_address(proxy.prefix))
-        return serve_in_foreground(server, args.drain_timeout, started=routing.start, tick=Ticker(routing),
+        return serve_in_foreground(server, args.drain_timeout, before_start=routing.start, tick=Ticker(routing),
                                    drained=proxy.stop)  # fmt: skip
     except ServekitError as exc:
         print(f"pod: error: {one_line(str(exc))}", file=sys.stderr, flush=True)

@@ -554,15 +554,16 @@ def _run(server: TorchServeProcess, args: argparse.Namespace) -> int:
 def serve_in_foreground(
     server: TorchServeProcess,
     drain_timeout: float,
-    started: Callable[[], None] | None = None,
+    before_start: Callable[[], None] | None = None,
     tick: Callable[[], None] | None = None,
     drained: Callable[[], None] | None = None,
 ) -> int:
     """Start, serve until SIGTERM or SIGINT, drain, stop (see the module docstring).
 
-    The hooks of a pod's launcher (``servekit.deploy.pod``): ``started`` once TorchServe answers,
-    ``tick`` about five times a second while serving (a ``ServekitError`` from it ends the run),
-    ``drained`` after the drain, before TorchServe stops (and also when the run fails).
+    The hooks of a pod's launcher (``servekit.deploy.pod``): ``before_start`` before TorchServe starts
+    (what must run before the readiness probe can pass), ``tick`` about five times a second while
+    serving (a ``ServekitError`` from it ends the run), ``drained`` after the drain, before TorchServe
+    stops (and also when the run fails).
     """
     stopping: list[int] = []
 
@@ -572,10 +573,12 @@ def serve_in_foreground(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.draining_file.unlink(missing_ok=True)
-    server.start()
+    if before_start is None:
+        server.start()
     try:
-        if started is not None:
-            started()
+        if before_start is not None:
+            before_start()
+            server.start()
         print(f"serving: inference {server.url('inference')}, OIP {server.url('oip_http')}, gRPC "
               f"{server.grpc_address}", flush=True)  # fmt: skip
         while not stopping:
