@@ -34,10 +34,8 @@ import contextlib
 import os
 import signal
 import stat
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,14 @@ from typing import Any, BinaryIO
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import owned_pid, pid_matches, read_pid, signal_if_matches, stop_verified, verified_pid
+from servekit.serving.processes import (
+    owned_pid,
+    read_pid,
+    signal_if_matches,
+    start_verified,
+    stop_verified,
+    verified_pid,
+)
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -213,26 +218,12 @@ class LogKeeperProcess:
         """Start the keeper (one left over from a crashed proxy is stopped first)."""
         self.stop()
         self.prefix.mkdir(parents=True, exist_ok=True)
-        output = open(self.output, "ab")  # noqa: SIM115 - handed to the child
         try:
-            process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)  # fmt: skip
+            start_verified(self.command(), self.fragments, self.pid_file, self.output, REPO_ROOT, timeout)
+        except ChildProcessError:
+            raise LogKeeperError(f"the log keeper did not start (see {self.output})") from None
         except OSError as exc:
             raise LogKeeperError(f"the log keeper did not start: {exc}") from None
-        finally:
-            output.close()
-        self.pid_file.write_text(str(process.pid))
-        # Popen can return while the child is still inside exec (its command line reads empty): wait
-        # until it is our keeper, so that nothing checks it too early and takes it for a stale pid.
-        deadline = time.monotonic() + timeout
-        while not pid_matches(process.pid, self.fragments):
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.pid_file.unlink(missing_ok=True)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
-                raise LogKeeperError(f"the log keeper did not start (see {self.output})")
-            time.sleep(0.01)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop our keeper (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
