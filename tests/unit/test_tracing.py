@@ -16,11 +16,11 @@ from servekit.serving.tracing import (
     SPAN_CONTEXT_MAPS,
     SPAN_LOG,
     TRACE_CONTEXT_MAPS,
-    FrontSpanShipper,
     GatewayTracer,
-    front_span,
-    front_span_record,
+    SpanLogShipper,
     gateway_tracer,
+    hop_span,
+    span_record,
     valid_traceparent,
 )
 from tests.otlp_receiver import otlp_receiver
@@ -143,12 +143,12 @@ def test_a_span_log_line_becomes_the_front_span_with_the_ids_nginx_sent_on() -> 
     from opentelemetry.trace import StatusCode
 
     resource = Resource.create({"service.name": "servekit-front"})
-    span = front_span(front_span_record(front_line()), resource)
+    span = hop_span(span_record(front_line()), resource)
     assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (PARENT[3:35], "1" * 16)
     assert f"{span.parent.span_id:016x}" == PARENT[36:52]
     assert (span.start_time, span.end_time) == (1_700_000_000_200_000_000, 1_700_000_000_250_000_000)
     assert span.attributes["url.path"] == "/v2/models/digits/infer"
-    root = front_span(front_span_record(front_line(parent="", status=502)), resource)
+    root = hop_span(span_record(front_line(parent="", status=502)), resource)
     assert root.parent is None  # nginx started the trace: the front's span is its root
     assert root.status.status_code is StatusCode.ERROR
 
@@ -159,14 +159,14 @@ def test_a_span_log_line_becomes_the_front_span_with_the_ids_nginx_sent_on() -> 
      front_line(end="soon"), json.dumps({"trace": PARENT[3:35]}).encode()],
 )  # fmt: skip
 def test_a_span_log_line_that_is_not_one_is_skipped(line: bytes) -> None:
-    assert front_span_record(line) is None
+    assert span_record(line) is None
 
 
 def test_the_shipper_exports_each_logged_request_once_across_a_rotation(tmp_path: Path) -> None:
     log = tmp_path / SPAN_LOG
     log.write_bytes(front_line(span="0" * 16) + b"\n")  # before the shipper started: not its to send
     with otlp_receiver() as receiver:
-        shipper = FrontSpanShipper(log, receiver.url, interval=3600)
+        shipper = SpanLogShipper(log, receiver.url, interval=3600)
         with log.open("ab") as out:
             out.write(front_line(span="1" * 16) + b"\n")
         log.rename(tmp_path / f"{SPAN_LOG}.1")  # the log keeper's rotation; nginx opens a new file
