@@ -255,11 +255,15 @@ class LogFollower:
         self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
         self._records: list[Any] = []
 
-    def start(self) -> None:
-        """Forget everything before now: only lines logged from here on are read."""
+    def start(self, offset: int | None = None) -> None:
+        """Forget everything before now: only lines logged from here on are read.
+
+        ``offset``: read the file now at the path from there instead of from its end (the size it had
+        before its writer started, taken by whoever started both: nothing it logged since is missed).
+        """
         try:
             info = self.path.stat()
-            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size
+            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size if offset is None else offset
         except FileNotFoundError:
             self._file, self._offset = None, 0
         self._previous = None

@@ -203,11 +203,12 @@ class SpanLogShipper:
 
     ``hop``: whose log it is (``FRONT_HOP``, shipped by the OIP gateway; ``PROXY_HOP``, by the canary proxy's
     ``python -m servekit.serving.span_shipper``). The log is read from where it ends when the shipper
-    starts, across the log keeper's rotations (``servekit.serving.logkeeper.LogFollower``); a failed export
-    is logged and its spans dropped.
+    starts (or from ``offset``: see ``LogFollower.start``), across the log keeper's rotations
+    (``servekit.serving.logkeeper.LogFollower``); a failed export is logged and its spans dropped.
     """
 
-    def __init__(self, path: Path, endpoint: str, interval: float = 1.0, hop: SpanHop = FRONT_HOP) -> None:
+    def __init__(self, path: Path, endpoint: str, interval: float = 1.0, hop: SpanHop = FRONT_HOP,
+                 offset: int | None = None) -> None:  # fmt: skip
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
 
@@ -215,7 +216,7 @@ class SpanLogShipper:
 
         self.hop = hop
         self.log = LogFollower(Path(path), span_record)
-        self.log.start()
+        self.log.start(offset)
         self.exporter = OTLPSpanExporter(endpoint=endpoint)
         self.resource = Resource.create({"service.name": hop.service})
         self.interval = interval
