@@ -185,9 +185,13 @@ def render_config(state: DeploymentState | dict, prefix: Path, spans: bool = Fal
             )
             split = f"${var}"
         if model.shadow is not None:
+            # A mirror shares its request's variables and passes the server's ``set`` again (its target ""):
+            # with a canary it sets the split's choice back, or the logs would name the default for every request.
+            target = f"            set $servekit_target {split};\n" if split is not None else ""
             locations.append(
                 f"        location = /_shadow/{name} {{\n"
                 "            internal;\n"
+                f"{target}"
                 f"            proxy_pass http://torchserve/predictions/{name}/{model.shadow};\n"
                 "            proxy_set_header Content-Type $http_content_type;\n"
                 '            proxy_set_header X-Request-Start "t=${msec}";\n'
