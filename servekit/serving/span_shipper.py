@@ -36,6 +36,7 @@ __all__ = ["PID_FILE", "SpanShipperError", "SpanShipperProcess"]
 PID_FILE = "span-shipper.pid"
 DEFAULT_INTERVAL = 1.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
+READY = "span shipper: exporting"  # its output, once it ships (and stops shipping what is left)
 EXPORTER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 
 
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"servekit: span export needs OpenTelemetry ({exc}): no {args.hop} spans", file=sys.stderr, flush=True)
         return 2
     shipper.start()
+    print(f"{READY} {args.log} to {args.endpoint} every {args.interval:g} s", flush=True)  # to its output file
     nginx = NginxInstance(args.prefix)
     run(args.interval, lambda: owned_pid(nginx.pid_file, nginx.master_fragments) is not None, stop)
     shipper.stop()  # its last round ships what is left
