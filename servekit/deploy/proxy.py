@@ -28,6 +28,18 @@ Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` 
 default) and ``served``, the version that answered (its ``X-Model-Version``). ``servekit.deploy.rollout``
 reads it to compare a canary with the default, every protocol together.
 
+With span export on (``NginxProxy.otlp_endpoint``; ``servekit proxy start`` takes config.properties'
+``servekit_otlp_endpoint`` or ``--otlp-endpoint``) the proxy is a hop with a span of its own, as the
+OIP front is (``servekit.serving.tracing``): the incoming ``traceparent``'s span is its parent, its own
+span ID (the last 16 digits of its ``$request_id``) goes on as the parent to TorchServe and to a
+shadow's mirrored copy, and every request it routes to TorchServe (prediction, explanation and
+explicit-version paths, ``location /``) is one JSON line in ``spans.jsonl`` under the prefix, with
+``target`` and ``served`` as in the request log. A span shipper (``servekit.serving.span_shipper``)
+started and stopped with nginx exports those lines as ``proxy`` spans (service ``servekit-proxy``). The
+proxy records the endpoint it was started with (``SPANS_FILE``), so ``apply`` (``servekit canary``,
+``shadow``) renders the same hop whoever calls it. Without span export the proxy passes the incoming
+``traceparent`` through untouched, writes no span log and imports nothing of OpenTelemetry.
+
 The OIP front reaches the proxy through a Unix socket in a folder only this user can write
 (``servekit.serving.router``), never through its TCP port, which another local program could hold
 while the proxy is stopped and so receive the front's requests, inference tokens included.
@@ -39,8 +51,9 @@ passes TorchServe's ``Authorization`` header through.
 
 nginx cannot rotate a log by size, so ``NginxProxy.start`` also starts a log keeper
 (``servekit.serving.logkeeper``) and ``stop`` stops it: ``requests.jsonl``, ``error.log`` and
-``access.log`` are each rotated past ``log_max_bytes`` (``FILE.1`` ... ``FILE.<log_keep>``) and nginx
-opens them anew (``SIGHUP`` to its checked master: a reload, see there why not ``SIGUSR1``).
+``access.log`` (and ``spans.jsonl`` with span export on) are each rotated past ``log_max_bytes``
+(``FILE.1`` ... ``FILE.<log_keep>``) and nginx opens them anew (``SIGHUP`` to its checked master: a
+reload, see there why not ``SIGUSR1``).
 """
 
 from __future__ import annotations

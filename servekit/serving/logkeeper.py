@@ -3,10 +3,11 @@
 nginx cannot rotate a log by size, and nothing of ours runs beside the proxy between two commands,
 so ``NginxProxy.start`` starts this keeper and ``NginxProxy.stop`` stops it. Every ``interval``
 seconds the keeper looks at each of its files (the proxy's ``requests.jsonl``, ``error.log`` and
-``access.log``); one over ``max_bytes`` is renamed to ``FILE.1`` (``FILE.1`` to ``FILE.2`` and so on,
-the oldest beyond ``keep`` dropped) and, once per check that rotated anything, nginx's master gets
-``SIGHUP``: it opens its logs anew (a new ``FILE``) and hands them to new workers, while the old
-workers finish the requests they hold (into ``FILE.1``) and exit. nginx's ``SIGUSR1`` (reopen) was
+``access.log``, and its ``spans.jsonl`` with span export on); one over ``max_bytes`` is renamed to
+``FILE.1`` (``FILE.1`` to ``FILE.2`` and so on, the oldest beyond ``keep`` dropped) and, once per
+check that rotated anything, nginx's master gets ``SIGHUP``: it opens its logs anew (a new
+``FILE``) and hands them to new workers, while the old workers finish the requests they hold (into
+``FILE.1``) and exit. nginx's ``SIGUSR1`` (reopen) was
 the other choice and fails here: it makes the *workers* reopen the files themselves, as nginx's
 worker user (``nobody`` under a root master), who cannot reach a prefix below a 0700 directory
 (``/root``, pytest's ``tmp_path``); nginx then keeps writing the renamed file, without bound, and

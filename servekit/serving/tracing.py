@@ -1,16 +1,21 @@
-"""Trace context and spans of the operator side's hops: the OIP gateway's gRPC calls (OpenTelemetry, OTLP).
+"""Trace context and spans of the operator side's hops: the OIP gateway's gRPC calls and the nginx hops (OTLP).
 
 The nginx hops (OIP front, canary proxy) carry W3C ``traceparent`` through and start a trace for a
 request without one (``TRACE_CONTEXT_MAPS``: its trace ID is nginx's ``$request_id``). Debian's nginx
-has no OpenTelemetry module, so with span export on the OIP front is a hop of its own another way
-(``SPAN_CONTEXT_MAPS``, ``SPAN_LOG_FORMAT``): it sends its own span ID on as the parent and writes one
-JSON line per inference request (trace, span and parent IDs, end time, duration, status) to a span log,
-which the gateway turns into ``front`` spans and exports (``FrontSpanShipper``). The canary proxy passes
-the context through without a span of its own. The gateway reads ``traceparent`` from
-the gRPC metadata and, with an OTLP endpoint configured (``servekit_otlp_endpoint`` in
-config.properties, ``--otlp-endpoint``), exports a ``gateway ModelInfer`` span and passes its own
-context on; without one it passes the caller's ``traceparent`` on unchanged and imports nothing of
-OpenTelemetry. The workers' spans: ``handlers.tracing``.
+has no OpenTelemetry module, so with span export on each nginx hop is a hop of its own another way
+(``span_context_maps``, ``span_log_format``): it sends its own span ID (the last 16 digits of its
+``$request_id``) on as the parent and writes one JSON line per request (trace, span and parent IDs,
+end time, duration, status, and the hop's own fields) to a span log, which ``SpanLogShipper`` turns
+into that hop's spans (``SpanHop``: name, service, scope, version attributes) and exports. The OIP
+front's ``front`` spans (``FRONT_HOP``, service ``servekit-front``) are shipped by the gateway; the
+canary proxy's ``proxy`` spans (``PROXY_HOP``, service ``servekit-proxy``, with the version its
+split chose and the version that answered) by a shipper process started with the proxy
+(``servekit.serving.span_shipper``). Without span export the front uses ``TRACE_CONTEXT_MAPS`` and
+the proxy passes the incoming context through untouched, and neither writes a span log. The gateway
+reads ``traceparent`` from the gRPC metadata and, with an OTLP endpoint configured
+(``servekit_otlp_endpoint`` in config.properties, ``--otlp-endpoint``), exports a ``gateway
+ModelInfer`` span and passes its own context on; without one it passes the caller's ``traceparent``
+on unchanged and imports nothing of OpenTelemetry. The workers' spans: ``handlers.tracing``.
 """
 
 from __future__ import annotations
