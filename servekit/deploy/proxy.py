@@ -198,7 +198,7 @@ def render_config(state: DeploymentState | dict, prefix: Path, spans: bool = Fal
             )
             split = f"${var}"
         if model.shadow is not None:
-            # A mirror shares its request's variables and passes the server's ``set`` again (its target ""):
+            # A mirror shares its request's variables and runs the server's ``set`` again (its target ""):
             # with a canary it sets the split's choice back, or the logs would name the default for every request.
             target = f"            set $servekit_target {split};\n" if split is not None else ""
             locations.append(
@@ -250,7 +250,8 @@ class NginxProxy(NginxInstance):
     ``listen_port`` and ``upstream`` apply until the state records its own (the first time the
     proxy writes it); callers that change the state must hold the ``servekit`` state lock.
     ``log_max_bytes``, ``log_keep`` and ``log_interval`` are the log keeper's cap, rotated files
-    kept per log, and seconds between its checks (``servekit.serving.logkeeper``).
+    kept per log, and seconds between its checks (``servekit.serving.logkeeper``). ``otlp_endpoint``:
+    span export from the next start, a span of the proxy's own per request (see the module docstring).
     """
 
     listen_port: int = 8090
