@@ -17,6 +17,8 @@
     servekit state [NAME]                 # the deployment state: default, versions, canary, shadow,
                                           # promotion stack, last event (JSON)
     servekit proxy start|stop|status      # nginx in front of TorchServe (--proxy-port, default 8090)
+    servekit proxy start [--otlp-endpoint URL]   # with spans of its own (default: config.properties'
+                                          # servekit_otlp_endpoint; "" turns them off)
     servekit canary NAME VERSION --percent P   # P % of /predictions/NAME through the proxy; 0 aborts
     servekit shadow NAME VERSION [--off]  # mirror every request to VERSION, answers discarded
     servekit rollout NAME VERSION [--steps 10,25,50,100] [--step-seconds 30] [--max-error-rate 0.01]
@@ -81,6 +83,7 @@ from servekit.serving.client import TorchServeClient
 from servekit.serving.oip import store_metadata
 from servekit.serving.server import BASE_CONFIG, REPO_ROOT, read_properties
 from servekit.serving.store import archive_name, read_manifest
+from servekit.serving.tracing import CONFIG_KEY as OTLP_CONFIG_KEY
 
 LOCK_NAME = "servekit.lock"
 
@@ -252,8 +255,10 @@ def cmd_state(ctx: Context) -> str:
 
 
 def cmd_proxy_start(ctx: Context) -> str:
+    ctx.proxy.otlp_endpoint = ctx.args.otlp_endpoint.strip() or None
     ctx.proxy.start()
-    return f"proxy listening on {ctx.proxy.url()} in front of {ctx.proxy.current().upstream}"
+    spans = f"; its spans go to {ctx.proxy.otlp_endpoint}" if ctx.proxy.otlp_endpoint else ""
+    return f"proxy listening on {ctx.proxy.url()} in front of {ctx.proxy.current().upstream}{spans}"
 
 
 def cmd_proxy_stop(ctx: Context) -> str:
@@ -530,7 +535,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("metadata", cmd_metadata, "OIP metadata of a built version (JSON)", "name", "version?", changes=False)
     proxy = commands.add_parser("proxy", help="start, stop or show the nginx proxy")
     actions = proxy.add_subparsers(dest="action", required=True)
-    command("start", cmd_proxy_start, "start nginx in front of TorchServe", into=actions)
+    start = command("start", cmd_proxy_start, "start nginx in front of TorchServe", into=actions)
+    configured = (read_properties(BASE_CONFIG) if BASE_CONFIG.is_file() else {}).get(OTLP_CONFIG_KEY, "").strip()
+    start.add_argument(
+        "--otlp-endpoint", default=configured,
+        help="export the proxy's own spans there (an OTLP/HTTP traces URL; default: config.properties' "
+             f"{OTLP_CONFIG_KEY}, {configured or 'unset there: no spans'}; \"\" turns them off)",
+    )  # fmt: skip
     command("stop", cmd_proxy_stop, "stop it (requests in flight finish)", into=actions)
     command("status", cmd_proxy_status, "whether it runs, and the deployment state", changes=False, into=actions)
     canary = command("canary", cmd_canary, "send a share of traffic to a version through the proxy", "name", "version")

@@ -28,6 +28,18 @@ Every request the proxy serves is logged as one JSON line in ``requests.jsonl`` 
 default) and ``served``, the version that answered (its ``X-Model-Version``). ``servekit.deploy.rollout``
 reads it to compare a canary with the default, every protocol together.
 
+With span export on (``NginxProxy.otlp_endpoint``; ``servekit proxy start`` takes config.properties'
+``servekit_otlp_endpoint`` or ``--otlp-endpoint``) the proxy is a hop with a span of its own, as the
+OIP front is (``servekit.serving.tracing``): the incoming ``traceparent``'s span is its parent, its own
+span ID (the last 16 digits of its ``$request_id``) goes on as the parent to TorchServe and to a
+shadow's mirrored copy, and every request it routes to TorchServe (prediction, explanation and
+explicit-version paths, ``location /``) is one JSON line in ``spans.jsonl`` under the prefix, with
+``target`` and ``served`` as in the request log. A span shipper (``servekit.serving.span_shipper``)
+started and stopped with nginx exports those lines as ``proxy`` spans (service ``servekit-proxy``). The
+proxy records the endpoint it was started with (``SPANS_FILE``), so ``apply`` (``servekit canary``,
+``shadow``) renders the same hop whoever calls it. Without span export the proxy passes the incoming
+``traceparent`` through untouched, writes no span log and imports nothing of OpenTelemetry.
+
 The OIP front reaches the proxy through a Unix socket in a folder only this user can write
 (``servekit.serving.router``), never through its TCP port, which another local program could hold
 while the proxy is stopped and so receive the front's requests, inference tokens included.
@@ -39,8 +51,9 @@ passes TorchServe's ``Authorization`` header through.
 
 nginx cannot rotate a log by size, so ``NginxProxy.start`` also starts a log keeper
 (``servekit.serving.logkeeper``) and ``stop`` stops it: ``requests.jsonl``, ``error.log`` and
-``access.log`` are each rotated past ``log_max_bytes`` (``FILE.1`` ... ``FILE.<log_keep>``) and nginx
-opens them anew (``SIGHUP`` to its checked master: a reload, see there why not ``SIGUSR1``).
+``access.log`` (and ``spans.jsonl`` with span export on) are each rotated past ``log_max_bytes``
+(``FILE.1`` ... ``FILE.<log_keep>``) and nginx opens them anew (``SIGHUP`` to its checked master: a
+reload, see there why not ``SIGUSR1``).
 """
 
 from __future__ import annotations
@@ -59,8 +72,10 @@ from servekit.serving.logkeeper import (
 )
 from servekit.serving.nginx import NginxError, NginxInstance, config_head
 from servekit.serving.router import private_socket_dir, remove_stale_socket, router_socket
+from servekit.serving.span_shipper import SpanShipperError, SpanShipperProcess
+from servekit.serving.tracing import PROXY_HOP, SPAN_LOG, span_context_maps, span_log_format
 
-__all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "NginxProxy", "ProxyError", "render_config"]
+__all__ = ["EXPLAINED_PATHS", "REQUEST_LOG", "SPAN_LOG", "NginxProxy", "ProxyError", "render_config"]
 
 REQUEST_LOG = "requests.jsonl"
 # The header every answer of a servekit handler carries: the version that answered (``handlers.base``).
@@ -72,6 +87,20 @@ LOG_FORMAT = (
     '        \'{"msec":$msec,"uri":"$uri","status":$status,"request_time":$request_time,'
     '"target":"$servekit_target","served":"$upstream_http_x_model_version"}\';\n'
 )
+
+
+# Span export on (servekit.serving.tracing): the proxy's own span. Its variables' prefix is no model's split,
+# route or explanation variable (``servekit_``, ``servekitroute_``, ``servekitexplain_`` + the model's name).
+SPAN_VAR = "servekitspan"
+SPAN_CONTEXT_MAPS = span_context_maps(SPAN_VAR)
+# One JSON line per request routed to TorchServe, with the versions of the request log: the fields the shipper turns
+# into PROXY_HOP's attributes (a field it names and nothing here logs fails at import).
+_VERSIONS = {"target": "$servekit_target", "served": "$upstream_http_x_model_version"}
+SPAN_LOG_FORMAT = span_log_format("servekit_spans", SPAN_VAR, {key: _VERSIONS[key] for key, _ in PROXY_HOP.versions})
+SPAN_HEADER = f"proxy_set_header traceparent ${SPAN_VAR}_traceparent;  # the proxy's span: the next hop's parent\n"
+# Where a running proxy records the collector it was started with: ``apply`` (``servekit canary``, ``shadow``)
+# renders the same hop as the proxy's start did, whoever calls it.
+SPANS_FILE = "otlp-endpoint"
 
 
 class ProxyError(NginxError):
@@ -140,8 +169,9 @@ def _routed_locations(name: str, split: str | None, shadow: bool) -> str:
     return "".join(blocks)
 
 
-def render_config(state: DeploymentState | dict, prefix: Path) -> str:
-    """The whole nginx.conf for ``state`` (a ``DeploymentState`` or its JSON form), every path under ``prefix``."""
+def render_config(state: DeploymentState | dict, prefix: Path, spans: bool = False) -> str:
+    """The whole nginx.conf for ``state`` (a ``DeploymentState`` or its JSON form), every path under ``prefix``;
+    ``spans``: span export on, the proxy is a hop with a span of its own (module docstring)."""
     try:  # through the JSON form: whatever reaches nginx has passed the state's validation
         state = DeploymentState.from_json(state if isinstance(state, dict) else state.to_json())
     except StateError as exc:
@@ -168,16 +198,25 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
             )
             split = f"${var}"
         if model.shadow is not None:
+            # A mirror shares its request's variables and runs the server's ``set`` again (its target ""):
+            # with a canary it sets the split's choice back, or the logs would name the default for every request.
+            target = f"            set $servekit_target {split};\n" if split is not None else ""
             locations.append(
                 f"        location = /_shadow/{name} {{\n"
                 "            internal;\n"
+                f"{target}"
                 f"            proxy_pass http://torchserve/predictions/{name}/{model.shadow};\n"
                 "            proxy_set_header Content-Type $http_content_type;\n"
                 '            proxy_set_header X-Request-Start "t=${msec}";\n'
-                "        }\n"
+                + (f"            {SPAN_HEADER}" if spans else "")  # its own headers: the server's are not inherited
+                + "        }\n"
             )
         if split is not None or model.shadow is not None:
             locations.append(_routed_locations(name, split, model.shadow is not None))
+    span_maps, span_lines = "", ""
+    if spans:
+        span_maps = SPAN_CONTEXT_MAPS + SPAN_LOG_FORMAT
+        span_lines = f"        {SPAN_HEADER}        access_log {prefix / SPAN_LOG} servekit_spans;\n"
     state_file = prefix / "state.json"
     written = f"# Written by servekit.deploy.proxy from {state_file}: do not edit, run `servekit canary/shadow`."
     return f"""{written}
@@ -187,13 +226,13 @@ def render_config(state: DeploymentState | dict, prefix: Path) -> str:
         server {state.upstream};
         keepalive 32;
     }}
-{LOG_FORMAT}{"".join(splits)}    server {{
+{LOG_FORMAT}{span_maps}{"".join(splits)}    server {{
         listen {state.listen};
         listen unix:{router_socket(prefix)};  # the OIP front's way in (module docstring)
         set $servekit_target "";
         proxy_set_header X-Request-Start "t=${{msec}}";  # when the request left here: the worker's queue wait
         access_log {prefix / REQUEST_LOG} servekit_json;
-        proxy_http_version 1.1;
+{span_lines}        proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_read_timeout 120s;
 {"".join(locations)}        location / {{
@@ -211,7 +250,8 @@ class NginxProxy(NginxInstance):
     ``listen_port`` and ``upstream`` apply until the state records its own (the first time the
     proxy writes it); callers that change the state must hold the ``servekit`` state lock.
     ``log_max_bytes``, ``log_keep`` and ``log_interval`` are the log keeper's cap, rotated files
-    kept per log, and seconds between its checks (``servekit.serving.logkeeper``).
+    kept per log, and seconds between its checks (``servekit.serving.logkeeper``). ``otlp_endpoint``:
+    span export from the next start, a span of the proxy's own per request (see the module docstring).
     """
 
     listen_port: int = 8090
@@ -219,6 +259,7 @@ class NginxProxy(NginxInstance):
     log_max_bytes: int = DEFAULT_MAX_BYTES
     log_keep: int = DEFAULT_KEEP
     log_interval: float = DEFAULT_INTERVAL
+    otlp_endpoint: str | None = None  # span export (OTLP/HTTP traces URL) from the next start; None: off
     label = "the proxy"
     error = ProxyError
 
@@ -232,11 +273,35 @@ class NginxProxy(NginxInstance):
         return self.prefix / REQUEST_LOG
 
     @property
+    def span_log(self) -> Path:
+        """With span export on, one JSON line per request routed to TorchServe: the proxy's spans."""
+        return self.prefix / SPAN_LOG
+
+    @property
+    def spans_file(self) -> Path:
+        return self.prefix / SPANS_FILE
+
+    def started_endpoint(self) -> str | None:
+        """The collector the proxy was last started with (``SPANS_FILE``); None: it was started with spans off."""
+        try:
+            return self.spans_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    @property
     def log_keeper(self) -> LogKeeperProcess:
         """The process that keeps this proxy's logs bounded (started and stopped with nginx)."""
         logs = (self.request_log, self.prefix / "error.log", self.prefix / "access.log")
+        if self.otlp_endpoint:
+            logs += (self.span_log,)
         return LogKeeperProcess(self.prefix, logs, self.log_max_bytes, self.log_keep, self.log_interval,
                                 warn=self.warn)  # fmt: skip
+
+    @property
+    def span_shipper(self) -> SpanShipperProcess:
+        """The process that exports the span log to ``otlp_endpoint`` (started and stopped with nginx when on)."""
+        return SpanShipperProcess(self.prefix, self.span_log, self.otlp_endpoint or None, PROXY_HOP.name,
+                                  warn=self.warn)  # fmt: skip
 
     def install(self, text: str) -> None:
         try:  # nginx -t binds the front's socket: its folder first
@@ -262,24 +327,39 @@ class NginxProxy(NginxInstance):
         return f"http://127.0.0.1:{self.current().listen.rsplit(':', 1)[1]}{path}"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start nginx and its log keeper; return once nginx answers on its address."""
+        """Start nginx and its log keeper (and, with ``otlp_endpoint``, its span shipper); return once nginx answers
+        on its address."""
         self.refuse_if_running()
         keeper = self.log_keeper  # invalid log settings fail here, before anything starts
+        try:
+            shipper = self.span_shipper if self.otlp_endpoint else None  # an invalid endpoint fails here too
+        except SpanShipperError as exc:
+            raise ProxyError(str(exc)) from None
         state = self.current()
         remove_stale_socket(router_socket(self.prefix))  # no proxy of ours runs (refuse_if_running)
-        self.install(render_config(state, self.prefix))
+        self.install(render_config(state, self.prefix, spans=shipper is not None))
         write_state(self.state_file, state)
+        if shipper is None:
+            self.spans_file.unlink(missing_ok=True)
+        else:
+            self.spans_file.write_text(self.otlp_endpoint + "\n")
+        # What nginx logs from its start on is the shipper's, however long the shipper takes to start.
+        offset = self.span_log.stat().st_size if self.span_log.is_file() else 0
         self.launch(state.listen, timeout)
         try:
             keeper.start()
-        except LogKeeperError as exc:
+            if shipper is not None:
+                shipper.start(offset)
+        except (LogKeeperError, SpanShipperError) as exc:
             self.stop()
             raise ProxyError(f"{exc}: the proxy was stopped again") from None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop nginx (requests in flight finish, then firmly after ``timeout`` s), then its log keeper."""
+        """Stop nginx (requests in flight finish, then firmly after ``timeout`` s), then its log keeper and span
+        shipper (which exports what is left)."""
         super().stop(timeout)
         self.log_keeper.stop()
+        SpanShipperProcess(self.prefix, self.span_log, None, warn=self.warn).stop()  # whatever this object's endpoint
 
     def apply(self, state: DeploymentState, drain_timeout: float = 10.0) -> None:
         """Check and install ``state``'s configuration, save ``state``, and reload nginx if it runs.
@@ -288,6 +368,7 @@ class NginxProxy(NginxInstance):
         finish the requests they hold (mirrors included), have exited; at most ``drain_timeout``
         seconds are spent waiting for them.
         """
-        self.install(render_config(self._addressed(state), self.prefix))
+        spans = self.started_endpoint() is not None  # the hop the running proxy's shipper exports
+        self.install(render_config(self._addressed(state), self.prefix, spans=spans))
         write_state(self.state_file, state)
         self.reload(drain_timeout)

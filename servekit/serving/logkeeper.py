@@ -3,10 +3,11 @@
 nginx cannot rotate a log by size, and nothing of ours runs beside the proxy between two commands,
 so ``NginxProxy.start`` starts this keeper and ``NginxProxy.stop`` stops it. Every ``interval``
 seconds the keeper looks at each of its files (the proxy's ``requests.jsonl``, ``error.log`` and
-``access.log``); one over ``max_bytes`` is renamed to ``FILE.1`` (``FILE.1`` to ``FILE.2`` and so on,
-the oldest beyond ``keep`` dropped) and, once per check that rotated anything, nginx's master gets
-``SIGHUP``: it opens its logs anew (a new ``FILE``) and hands them to new workers, while the old
-workers finish the requests they hold (into ``FILE.1``) and exit. nginx's ``SIGUSR1`` (reopen) was
+``access.log``, and its ``spans.jsonl`` with span export on); one over ``max_bytes`` is renamed to
+``FILE.1`` (``FILE.1`` to ``FILE.2`` and so on, the oldest beyond ``keep`` dropped) and, once per
+check that rotated anything, nginx's master gets ``SIGHUP``: it opens its logs anew (a new
+``FILE``) and hands them to new workers, while the old workers finish the requests they hold (into
+``FILE.1``) and exit. nginx's ``SIGUSR1`` (reopen) was
 the other choice and fails here: it makes the *workers* reopen the files themselves, as nginx's
 worker user (``nobody`` under a root master), who cannot reach a prefix below a 0700 directory
 (``/root``, pytest's ``tmp_path``); nginx then keeps writing the renamed file, without bound, and
@@ -34,10 +35,8 @@ import contextlib
 import os
 import signal
 import stat
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,14 @@ from typing import Any, BinaryIO
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import owned_pid, pid_matches, read_pid, signal_if_matches, stop_verified, verified_pid
+from servekit.serving.processes import (
+    owned_pid,
+    read_pid,
+    signal_if_matches,
+    start_verified,
+    stop_verified,
+    verified_pid,
+)
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -213,26 +219,12 @@ class LogKeeperProcess:
         """Start the keeper (one left over from a crashed proxy is stopped first)."""
         self.stop()
         self.prefix.mkdir(parents=True, exist_ok=True)
-        output = open(self.output, "ab")  # noqa: SIM115 - handed to the child
         try:
-            process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)  # fmt: skip
+            start_verified(self.command(), self.fragments, self.pid_file, self.output, REPO_ROOT, timeout)
+        except ChildProcessError:
+            raise LogKeeperError(f"the log keeper did not start (see {self.output})") from None
         except OSError as exc:
             raise LogKeeperError(f"the log keeper did not start: {exc}") from None
-        finally:
-            output.close()
-        self.pid_file.write_text(str(process.pid))
-        # Popen can return while the child is still inside exec (its command line reads empty): wait
-        # until it is our keeper, so that nothing checks it too early and takes it for a stale pid.
-        deadline = time.monotonic() + timeout
-        while not pid_matches(process.pid, self.fragments):
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.pid_file.unlink(missing_ok=True)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                process.wait()
-                raise LogKeeperError(f"the log keeper did not start (see {self.output})")
-            time.sleep(0.01)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop our keeper (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
@@ -264,11 +256,15 @@ class LogFollower:
         self._previous: tuple[tuple[int, int], int] | None = None  # the rotated file and where its reading stopped
         self._records: list[Any] = []
 
-    def start(self) -> None:
-        """Forget everything before now: only lines logged from here on are read."""
+    def start(self, offset: int | None = None) -> None:
+        """Forget everything before now: only lines logged from here on are read.
+
+        ``offset``: read the file now at the path from there instead of from its end (the size it had
+        before its writer started, taken by whoever started both: nothing it logged since is missed).
+        """
         try:
             info = self.path.stat()
-            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size
+            self._file, self._offset = (info.st_dev, info.st_ino), info.st_size if offset is None else offset
         except FileNotFoundError:
             self._file, self._offset = None, 0
         self._previous = None

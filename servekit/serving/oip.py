@@ -76,8 +76,8 @@ from servekit.serving.client import TorchServeClient, TorchServeError
 from servekit.serving.store import NAME_PATTERN, NAME_RE, VERSION_PATTERN, VERSION_RE, archive_name, version_key
 from servekit.serving.tracing import (
     TRACEPARENT,
-    FrontSpanShipper,
     GatewayTracer,
+    SpanLogShipper,
     gateway_tracer,
     valid_traceparent,
 )
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     grpc_srv.start()
     shipper = None
     if gateway.tracer is not None and args.span_log:  # the front's own hop (servekit.serving.tracing)
-        shipper = FrontSpanShipper(Path(args.span_log), args.otlp_endpoint).start()
+        shipper = SpanLogShipper(Path(args.span_log), args.otlp_endpoint).start()
     scrape = http_server(gateway, args.metrics_listen, metrics_only=True) if args.metrics_listen else None
     if scrape is not None:
         threading.Thread(target=scrape.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()

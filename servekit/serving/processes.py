@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -197,6 +198,32 @@ def stop_verified(pid: int, fragments: Sequence[str], timeout: float) -> None:
     if not wait_gone(pid, fragments, timeout):
         signal_if_matches(pid, fragments, signal.SIGKILL)
         wait_gone(pid, fragments, 5.0)
+
+
+def start_verified(command: Sequence[str], fragments: Sequence[str], pid_file: Path, output: Path, cwd: Path,
+                   timeout: float = 5.0) -> int:  # fmt: skip
+    """Start ``command`` in a session of its own (no stdin; stdout and stderr appended to ``output``), write its
+    pid to ``pid_file``, and return it once its command line holds ``fragments``.
+
+    Popen can return while the child is still inside exec (its command line reads empty): waiting until it
+    is ours means nothing checks it too early and takes it for a stale pid. ``ChildProcessError`` when it
+    exits first or does not match within ``timeout`` s (it is killed, its pid file removed), ``OSError``
+    when it cannot be started.
+    """
+    with open(output, "ab") as out:
+        process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=cwd)  # fmt: skip
+    Path(pid_file).write_text(str(process.pid))
+    deadline = time.monotonic() + timeout
+    while not pid_matches(process.pid, fragments):
+        if process.poll() is not None or time.monotonic() > deadline:
+            Path(pid_file).unlink(missing_ok=True)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+            raise ChildProcessError(f"it exited or did not come up within {timeout:g} s (see {output})")
+        time.sleep(0.01)
+    return process.pid
 
 
 def free_port() -> int:

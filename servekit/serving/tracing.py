@@ -1,16 +1,21 @@
-"""Trace context and spans of the operator side's hops: the OIP gateway's gRPC calls (OpenTelemetry, OTLP).
+"""Trace context and spans of the operator side's hops: the OIP gateway's gRPC calls and the nginx hops (OTLP).
 
 The nginx hops (OIP front, canary proxy) carry W3C ``traceparent`` through and start a trace for a
 request without one (``TRACE_CONTEXT_MAPS``: its trace ID is nginx's ``$request_id``). Debian's nginx
-has no OpenTelemetry module, so with span export on the OIP front is a hop of its own another way
-(``SPAN_CONTEXT_MAPS``, ``SPAN_LOG_FORMAT``): it sends its own span ID on as the parent and writes one
-JSON line per inference request (trace, span and parent IDs, end time, duration, status) to a span log,
-which the gateway turns into ``front`` spans and exports (``FrontSpanShipper``). The canary proxy passes
-the context through without a span of its own. The gateway reads ``traceparent`` from
-the gRPC metadata and, with an OTLP endpoint configured (``servekit_otlp_endpoint`` in
-config.properties, ``--otlp-endpoint``), exports a ``gateway ModelInfer`` span and passes its own
-context on; without one it passes the caller's ``traceparent`` on unchanged and imports nothing of
-OpenTelemetry. The workers' spans: ``handlers.tracing``.
+has no OpenTelemetry module, so with span export on each nginx hop is a hop of its own another way
+(``span_context_maps``, ``span_log_format``): it sends its own span ID (the last 16 digits of its
+``$request_id``) on as the parent and writes one JSON line per request (trace, span and parent IDs,
+end time, duration, status, and the hop's own fields) to a span log, which ``SpanLogShipper`` turns
+into that hop's spans (``SpanHop``: name, service, scope, version attributes) and exports. The OIP
+front's ``front`` spans (``FRONT_HOP``, service ``servekit-front``) are shipped by the gateway; the
+canary proxy's ``proxy`` spans (``PROXY_HOP``, service ``servekit-proxy``, with the version its
+split chose and the version that answered) by a shipper process started with the proxy
+(``servekit.serving.span_shipper``). Without span export the front uses ``TRACE_CONTEXT_MAPS`` and
+the proxy passes the incoming context through untouched, and neither writes a span log. The gateway
+reads ``traceparent`` from the gRPC metadata and, with an OTLP endpoint configured
+(``servekit_otlp_endpoint`` in config.properties, ``--otlp-endpoint``), exports a ``gateway
+ModelInfer`` span and passes its own context on; without one it passes the caller's ``traceparent``
+on unchanged and imports nothing of OpenTelemetry. The workers' spans: ``handlers.tracing``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +56,46 @@ TRACE_HEADERS = (
 
 
 # With span export on, instead of TRACE_CONTEXT_MAPS: the trace ID is the client's (or a new one from
-# $request_id), the parent the client's span (none: the front's span is the trace's root), the front's own span
-# ID the last 16 digits of $request_id, and what goes on is the front's span as the parent.
-SPAN_CONTEXT_MAPS = (
-    "    map $http_traceparent $servekit_trace_id {\n"
-    '        "~^00-(?<servekit_tid>[0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$" $servekit_tid;\n'
-    "        default $request_id;\n"
-    "    }\n"
-    "    map $http_traceparent $servekit_parent_id {\n"
-    '        "~^00-[0-9a-f]{32}-(?<servekit_pid>[0-9a-f]{16})-[0-9a-f]{2}$" $servekit_pid;\n'
-    '        default "";\n'
-    "    }\n"
-    "    map $request_id $servekit_own_span {\n"
-    '        "~(?<servekit_last>[0-9a-f]{16})$" $servekit_last;\n'
-    "    }\n"
-    "    map $request_id $servekit_traceparent {\n"
-    '        default "00-${servekit_trace_id}-${servekit_own_span}-01";\n'
-    "    }\n"
-)
+# $request_id), the parent the client's span (none: this hop's span is the trace's root), the hop's own span
+# ID the last 16 digits of $request_id, and what goes on is the hop's span as the parent. ``var`` prefixes every
+# variable it defines ($VAR_trace_id, $VAR_parent_id, $VAR_own_span, $VAR_traceparent, and the regex captures
+# $VAR_tid, $VAR_pid, $VAR_last): a hop picks one that none of its own variables can take.
+def span_context_maps(var: str = "servekit") -> str:
+    """The http-level maps of a hop with a span of its own (see above)."""
+    return (
+        f"    map $http_traceparent ${var}_trace_id {{\n"
+        f'        "~^00-(?<{var}_tid>[0-9a-f]{{32}})-[0-9a-f]{{16}}-[0-9a-f]{{2}}$" ${var}_tid;\n'
+        "        default $request_id;\n"
+        "    }\n"
+        f"    map $http_traceparent ${var}_parent_id {{\n"
+        f'        "~^00-[0-9a-f]{{32}}-(?<{var}_pid>[0-9a-f]{{16}})-[0-9a-f]{{2}}$" ${var}_pid;\n'
+        '        default "";\n'
+        "    }\n"
+        f"    map $request_id ${var}_own_span {{\n"
+        f'        "~(?<{var}_last>[0-9a-f]{{16}})$" ${var}_last;\n'
+        "    }\n"
+        f"    map $request_id ${var}_traceparent {{\n"
+        f'        default "00-${{{var}_trace_id}}-${{{var}_own_span}}-01";\n'
+        "    }\n"
+    )
+
+
+def span_log_format(name: str = "servekit_spans", var: str = "servekit", fields: dict[str, str] | None = None) -> str:
+    """The ``log_format`` ``name`` of a hop's span log: one JSON line per request (IDs from ``span_context_maps(var)``),
+    and ``fields`` (JSON name: nginx variable, logged as strings) after the common ones."""
+    extra = "".join(f',"{key}":"{value}"' for key, value in (fields or {}).items())
+    return (
+        f"    log_format {name} escape=json\n"
+        f'        \'{{"trace":"${var}_trace_id","span":"${var}_own_span","parent":"${var}_parent_id",\'\n'
+        '        \'"end":$msec,"seconds":$request_time,"status":$status,"method":"$request_method","uri":"$uri",\'\n'
+        f'        \'"upstream_seconds":"$upstream_response_time"{extra}}}\';\n'
+    )
+
+
+SPAN_CONTEXT_MAPS = span_context_maps()  # the OIP front's
 # One JSON line per request that passes the front (http level; its access_log is in the proxying locations).
-SPAN_LOG_FORMAT = (
-    "    log_format servekit_spans escape=json\n"
-    '        \'{"trace":"$servekit_trace_id","span":"$servekit_own_span","parent":"$servekit_parent_id",\'\n'
-    '        \'"end":$msec,"seconds":$request_time,"status":$status,"method":"$request_method","uri":"$uri",\'\n'
-    '        \'"upstream_seconds":"$upstream_response_time"}\';\n'
-)
-SPAN_LOG = "spans.jsonl"  # under the front's prefix
+SPAN_LOG_FORMAT = span_log_format()
+SPAN_LOG = "spans.jsonl"  # under the hop's nginx prefix (the front's, the proxy's)
 
 
 def valid_traceparent(value: str | None) -> str | None:
@@ -113,12 +133,32 @@ class GatewayTracer:
         self.provider.shutdown()
 
 
-# ------------------------------------------------------------------------------------------ the front's spans
+# ------------------------------------------------------------------------------------------ the nginx hops' spans
 _HEX16, _HEX32 = re.compile(r"[0-9a-f]{16}\Z"), re.compile(r"[0-9a-f]{32}\Z")
 
 
-def front_span_record(line: bytes) -> dict | None:
-    """One line of the front's span log (``SPAN_LOG_FORMAT``), checked; None for a line that is not one."""
+@dataclass(frozen=True)
+class SpanHop:
+    """An nginx hop whose span log becomes spans: the spans' name, their ``service.name`` and instrumentation
+    scope, and the log fields that name a model version, each with its span attribute (a leading ``/`` dropped:
+    the canary proxy logs its split's choice as ``/2.0``)."""
+
+    name: str
+    service: str
+    scope: str
+    versions: tuple[tuple[str, str], ...] = ()
+
+
+FRONT_HOP = SpanHop("front", "servekit-front", "servekit.serving.front")
+# The canary proxy (servekit.deploy.proxy): which version its split chose ("": TorchServe's default route, or no
+# split) and which version answered (the handler's X-Model-Version; "" when no handler answered).
+PROXY_HOP = SpanHop("proxy", "servekit-proxy", "servekit.deploy.proxy",
+                    (("target", "servekit.target_version"), ("served", "servekit.served_version")))  # fmt: skip
+HOPS = {hop.name: hop for hop in (FRONT_HOP, PROXY_HOP)}
+
+
+def span_record(line: bytes) -> dict | None:
+    """One line of a hop's span log (``span_log_format``), checked; None for a line that is not one."""
     try:
         record = json.loads(line)
         ok = (_HEX32.match(record["trace"]) and _HEX16.match(record["span"])
@@ -129,8 +169,8 @@ def front_span_record(line: bytes) -> dict | None:
     return record if ok else None
 
 
-def front_span(record: dict, resource: Any) -> Any:
-    """The ``front`` span of one request (an OpenTelemetry ``ReadableSpan``) with the IDs nginx sent on."""
+def hop_span(record: dict, resource: Any, hop: SpanHop = FRONT_HOP) -> Any:
+    """The ``hop.name`` span of one request (an OpenTelemetry ``ReadableSpan``) with the IDs nginx sent on."""
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
@@ -142,8 +182,9 @@ def front_span(record: dict, resource: Any) -> Any:
     end = round(float(record["end"]) * 1000) * 1_000_000  # nginx's clock: milliseconds (exact in integers)
     status = int(record["status"])
     upstream = str(record.get("upstream_seconds") or "")
+    versions = {attribute: str(record.get(key) or "").removeprefix("/") for key, attribute in hop.versions}
     return ReadableSpan(
-        name="front",
+        name=hop.name,
         context=SpanContext(trace_id, int(record["span"], 16), is_remote=False, trace_flags=sampled),
         parent=parent,
         resource=resource,
@@ -152,38 +193,43 @@ def front_span(record: dict, resource: Any) -> Any:
             "url.path": str(record.get("uri", "")),
             "http.response.status_code": status,
             **({"servekit.upstream_seconds": upstream} if upstream else {}),
+            **versions,
         },
         kind=SpanKind.SERVER,
         status=Status(StatusCode.ERROR) if status >= 500 else Status(StatusCode.UNSET),
         start_time=end - round(float(record["seconds"]) * 1000) * 1_000_000,
         end_time=end,
-        instrumentation_scope=InstrumentationScope("servekit.serving.front"),
+        instrumentation_scope=InstrumentationScope(hop.scope),
     )
 
 
-class FrontSpanShipper:
-    """A thread that turns the OIP front's span log into ``front`` spans and exports them every ``interval`` s.
+class SpanLogShipper:
+    """A thread that turns an nginx hop's span log into its spans and exports them every ``interval`` s.
 
-    The log is read from where it ends when the shipper starts, across the log keeper's rotations
+    ``hop``: whose log it is (``FRONT_HOP``, shipped by the OIP gateway; ``PROXY_HOP``, by the canary proxy's
+    ``python -m servekit.serving.span_shipper``). The log is read from where it ends when the shipper
+    starts (or from ``offset``: see ``LogFollower.start``), across the log keeper's rotations
     (``servekit.serving.logkeeper.LogFollower``); a failed export is logged and its spans dropped.
     """
 
-    def __init__(self, path: Path, endpoint: str, interval: float = 1.0) -> None:
+    def __init__(self, path: Path, endpoint: str, interval: float = 1.0, hop: SpanHop = FRONT_HOP,
+                 offset: int | None = None) -> None:  # fmt: skip
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
 
         from servekit.serving.logkeeper import LogFollower
 
-        self.log = LogFollower(Path(path), front_span_record)
-        self.log.start()
+        self.hop = hop
+        self.log = LogFollower(Path(path), span_record)
+        self.log.start(offset)
         self.exporter = OTLPSpanExporter(endpoint=endpoint)
-        self.resource = Resource.create({"service.name": "servekit-front"})
+        self.resource = Resource.create({"service.name": hop.service})
         self.interval = interval
         self.shipped = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="front-spans", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{hop.name}-spans", daemon=True)
 
-    def start(self) -> FrontSpanShipper:
+    def start(self) -> SpanLogShipper:
         self._thread.start()
         return self
 
@@ -193,17 +239,17 @@ class FrontSpanShipper:
         self.ship()
 
     def ship(self) -> int:
-        """Export what the front logged since the last call; the number of spans sent."""
-        spans = [front_span(record, self.resource) for record in self.log.new_records()]
+        """Export what the hop logged since the last call; the number of spans sent."""
+        spans = [hop_span(record, self.resource, self.hop) for record in self.log.new_records()]
         if spans:
             try:
                 result = self.exporter.export(spans)
-            except Exception as exc:  # noqa: BLE001 - tracing never takes the gateway down
+            except Exception as exc:  # noqa: BLE001 - tracing never takes the gateway or the proxy down
                 result = exc
             if getattr(result, "name", "") == "SUCCESS":
                 self.shipped += len(spans)
             else:
-                logger.warning("front spans: export of %d spans failed (%s)", len(spans), result)
+                logger.warning("%s spans: export of %d spans failed (%s)", self.hop.name, len(spans), result)
         return len(spans)
 
     def stop(self) -> None:

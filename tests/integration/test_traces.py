@@ -1,10 +1,14 @@
-"""Traces across the hops, at a test OTLP receiver: gRPC gateway -> OIP front (nginx) -> TorchServe -> worker stages.
+"""Traces across the hops, at a test OTLP receiver: gRPC gateway -> OIP front (nginx) -> [canary proxy (nginx)]
+-> TorchServe -> worker stages.
 
 A real TorchServe started with an OTLP endpoint (``otlp_endpoint``, what ``servekit_otlp_endpoint`` in
 config.properties sets): the gateway and the workers export their spans to ``tests/otlp_receiver.py``.
 The nginx front is a hop with a span of its own (its span log, exported by the gateway), carries the W3C
 trace context on (and starts one for a request without it) and stamps ``X-Request-Start``, from which the
-worker measures each request's queue wait.
+worker measures each request's queue wait. The front's routing plane is the canary proxy's socket (as
+``make serve`` does): while the proxy is stopped the front goes to TorchServe directly; the proxy tests
+start it with the same endpoint, and it is then a hop with a span of its own too (its span log, exported
+by its span shipper).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +25,11 @@ import pytest
 import requests
 import tritonclient.grpc as triton_grpc
 
-from servekit.serving.server import TorchServeProcess
-from tests.integration.conftest import running_torchserve
-from tests.otlp_receiver import Receiver, otlp_receiver
+from servekit.deploy.proxy import NginxProxy
+from servekit.serving.router import router_address
+from servekit.serving.server import TorchServeProcess, free_port
+from tests.integration.conftest import Client, running_torchserve
+from tests.otlp_receiver import ReceivedSpan, Receiver, otlp_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +45,43 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path, receiver: Receiver):
-    with running_torchserve(tmp_path_factory.mktemp("traced"), model_store, otlp_endpoint=receiver.url) as ts:
+def proxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deploy") / "proxy"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_store: Path, receiver: Receiver, proxy_dir: Path):
+    with running_torchserve(tmp_path_factory.mktemp("traced"), model_store, otlp_endpoint=receiver.url,
+                            router=router_address(proxy_dir)) as ts:  # fmt: skip
         yield ts
+
+
+@pytest.fixture
+def proxy(server: TorchServeProcess, receiver: Receiver, proxy_dir: Path, digit: bytes) -> Iterator[NginxProxy]:
+    """The canary proxy between the front and TorchServe, with span export on; stopped after the test."""
+    proxy = NginxProxy(proxy_dir, free_port(), server.url("inference").split("//")[1], otlp_endpoint=receiver.url)
+    routed = lambda: proxy.request_log.read_text().count("/v2/models/digits/infer")  # noqa: E731
+    proxy.start()
+    try:
+        # The front may still be sending to TorchServe directly after failing to reach the stopped proxy
+        # (servekit.serving.oip_service, ROUTER_RETRY): on once one of its requests shows in the proxy's log.
+        before, deadline = routed(), time.monotonic() + 30
+        while routed() == before:
+            assert time.monotonic() < deadline, "the front never sent a request through the proxy"
+            infer_over_http(server, digit, {})
+            time.sleep(0.2)
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def infer_over_http(server: TorchServeProcess, digit: bytes, headers: dict[str, str]) -> requests.Response:
+    response = requests.post(server.url("oip_http", "/v2/models/digits/infer"),
+                             json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                               "data": [base64.b64encode(digit).decode()]}]},
+                             headers={**server.headers("inference"), **headers}, timeout=60)  # fmt: skip
+    assert response.status_code == 200, response.text
+    return response
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +158,80 @@ def test_the_queue_wait_has_a_histogram_per_version(server: TorchServeProcess, d
     count = re.search(r'^servekit_queue_seconds_count\{model="digits",version="1.0"\} (\S+)$', page, re.MULTILINE)
     assert count is not None, page[:2000]
     assert float(count.group(1)) >= 1
+
+
+# ------------------------------------------------------------------------------------------ through the canary proxy
+def one(spans: list[ReceivedSpan], name: str, **where: str) -> ReceivedSpan:
+    found = [s for s in spans if s.name == name and all(s.attributes.get(k) == v for k, v in where.items())]
+    assert len(found) == 1, [(s.service, s.name, s.attributes) for s in spans]
+    return found[0]
+
+
+def test_a_grpc_request_through_the_canary_proxy_has_a_span_per_hop_each_the_parent_of_the_next(
+    server: TorchServeProcess, receiver: Receiver, digit: bytes, proxy: NginxProxy
+) -> None:
+    trace_id, client_span = "5ce0e9a56015fec5aadfa328ae398115", "ab0b2c3d4e5f6a7b"
+    tensor = triton_grpc.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([digit], dtype=np.object_))
+    headers = {
+        "authorization": f"Bearer {server.keys()['inference']}",
+        "traceparent": f"00-{trace_id}-{client_span}-01",
+    }
+    with contextlib.closing(triton_grpc.InferenceServerClient(server.grpc_address)) as client:
+        result = client.infer("digits", [tensor], headers=headers)
+    assert result.as_numpy("labels")[0][0] in (b"3", "3")
+    hops = {"gateway ModelInfer", "front", "proxy", "worker", *STAGES}
+    spans = [s for s in receiver.wait_for(lambda got: hops <= {s.name for s in got if s.trace_id == trace_id})
+             if s.trace_id == trace_id]  # fmt: skip
+    print(sorted((s.service, s.name) for s in spans))
+    gateway, front, hop, worker = (one(spans, name) for name in ("gateway ModelInfer", "front", "proxy", "worker"))
+    # client -> gateway -> front -> proxy -> worker: each hop's parent is the span of the hop before it.
+    assert (gateway.service, gateway.parent_id) == ("servekit-gateway", client_span)
+    assert (front.service, front.parent_id) == ("servekit-front", gateway.span_id)
+    assert (hop.service, hop.parent_id) == ("servekit-proxy", front.span_id)
+    assert (worker.service, worker.parent_id) == ("servekit-worker", hop.span_id)
+    assert len({gateway.span_id, front.span_id, hop.span_id, worker.span_id}) == 4
+    assert hop.attributes["url.path"] == "/v2/models/digits/infer"
+    assert hop.attributes["http.response.status_code"] == 200
+    assert not hop.attributes["servekit.target_version"]  # "" (read back as 0 by the receiver): no canary split
+    assert hop.attributes["servekit.served_version"] == "1.0"
+    ms = 2_000_000  # nginx's clock has millisecond resolution
+    assert gateway.start_ns <= front.start_ns + ms
+    assert front.start_ns <= hop.start_ns + ms <= worker.start_ns + 2 * ms
+    assert worker.end_ns <= hop.end_ns + ms <= front.end_ns + 2 * ms
+    assert {s.name for s in spans if s.parent_id == worker.span_id} == STAGES
+
+
+def test_the_proxy_span_is_the_parent_of_the_canary_and_the_shadow_and_names_the_split_s_choice(
+    server: TorchServeProcess, receiver: Receiver, digit: bytes, proxy: NginxProxy
+) -> None:
+    Client(server).ensure_registered("2.0")
+    state = proxy.current()
+    state.model("digits").set_canary("2.0", 100)  # every request to the canary ...
+    state.model("digits").set_shadow("1.0")  # ... and a copy of it to the default
+    state.model("digits").observe("1.0", ["1.0", "2.0"])
+    proxy.apply(state)  # as servekit canary and shadow do: the proxy started with spans keeps them
+    trace_id, front_parent = "6ce0e9a56015fec5aadfa328ae398116", "bb0b2c3d4e5f6a7b"
+    try:
+        response = infer_over_http(server, digit, {"traceparent": f"00-{trace_id}-{front_parent}-01"})
+    finally:
+        state.model("digits").set_canary("2.0", 0)
+        state.model("digits").set_shadow(None)
+        proxy.apply(state)
+    assert response.json()["model_version"] == "2.0"
+
+    def done(got: list[ReceivedSpan]) -> bool:
+        mine = [s for s in got if s.trace_id == trace_id]
+        return {"front", "proxy"} <= {s.name for s in mine} and sum(s.name == "worker" for s in mine) == 2
+
+    spans = [s for s in receiver.wait_for(done) if s.trace_id == trace_id]
+    front, hop = one(spans, "front"), one(spans, "proxy")
+    canary, shadow = (
+        one(spans, "worker", **{"servekit.version": "2.0"}),
+        one(spans, "worker", **{"servekit.version": "1.0"}),
+    )
+    assert front.parent_id == front_parent
+    assert hop.parent_id == front.span_id
+    assert (canary.parent_id, shadow.parent_id) == (hop.span_id, hop.span_id)  # the mirror carries the proxy's span
+    assert (hop.attributes["servekit.target_version"], hop.attributes["servekit.served_version"]) == ("2.0", "2.0")
+    assert f"access_log {proxy.span_log} servekit_spans;" in proxy.conf.read_text()

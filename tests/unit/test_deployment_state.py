@@ -239,6 +239,17 @@ def test_every_protocols_inference_path_obeys_the_canary_and_the_shadow(tmp_path
         ), path
 
 
+def test_a_mirrored_request_keeps_the_split_s_choice_for_the_request_log(tmp_path: Path) -> None:
+    # The mirror shares its request's variables and runs the server's `set $servekit_target ""` again.
+    text = render_config(routed_state(), tmp_path)
+    block = text.split("location = /_shadow/digits {\n", 1)[1].split("}", 1)[0]
+    assert "            set $servekit_target $servekit_digits;\n" in block
+    shadow_only = routed_state()
+    shadow_only.model("digits").set_canary("2.0", 0)
+    block = render_config(shadow_only, tmp_path).split("location = /_shadow/digits {\n", 1)[1].split("}", 1)[0]
+    assert "servekit_target" not in block  # no split: the server's "" is right
+
+
 def test_explanations_of_every_protocol_follow_the_canary_and_are_never_mirrored(tmp_path: Path) -> None:
     text = render_config(routed_state(), tmp_path)
     route = '"" $uri;\n        default /explanations/digits$servekit_digits;'

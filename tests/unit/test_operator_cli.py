@@ -181,3 +181,24 @@ def test_a_servekit_error_anywhere_is_one_line(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().err == "servekit: error: --percent must be between 0 and 100, got 101\n"
     assert main([*flags, "--key-file", str(tmp_path / "none.json"), "status"]) == 1
     assert capsys.readouterr().err.startswith("servekit: error: no TorchServe key file at ")
+
+
+def test_proxy_start_takes_its_span_endpoint_from_config_properties_or_its_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import servekit.cli as cli
+
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://127.0.0.1:8080\n")
+    monkeypatch.setattr(cli, "BASE_CONFIG", config)
+    assert cli.build_parser().parse_args(["proxy", "start"]).otlp_endpoint == ""  # unset: no spans
+    config.write_text("servekit_otlp_endpoint=http://collector:4318/v1/traces\n")
+    assert cli.build_parser().parse_args(["proxy", "start"]).otlp_endpoint == "http://collector:4318/v1/traces"
+    assert cli.build_parser().parse_args(["proxy", "start", "--otlp-endpoint", ""]).otlp_endpoint == ""
+    # The flag reaches the proxy: a bad endpoint fails in one line before anything starts.
+    flags = ["--proxy-dir", str(tmp_path / "proxy"), "--history", str(tmp_path / "h.jsonl"), "--proxy-port", "18124"]
+    assert main([*flags, "proxy", "start", "--otlp-endpoint", "collector:4318"]) == 1
+    assert capsys.readouterr().err == (
+        "servekit: error: span shipper endpoint: must be an OTLP/HTTP traces URL (http://...), got 'collector:4318'\n"
+    )
+    assert not (tmp_path / "proxy" / "nginx.pid").exists()

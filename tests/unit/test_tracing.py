@@ -1,8 +1,10 @@
-"""Traces and the queue wait: header parsing, spans sent with OTLP to a real (test) receiver, and tracing off."""
+"""Traces and the queue wait: header parsing, spans sent with OTLP to a real (test) receiver, and tracing off;
+the nginx hops with spans of their own (the OIP front, the canary proxy): rendered, checked by nginx, their logs."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +12,22 @@ from pathlib import Path
 import pytest
 
 from handlers import tracing
+from servekit.deploy.proxy import SPAN_CONTEXT_MAPS as PROXY_SPAN_CONTEXT_MAPS
+from servekit.deploy.proxy import SPAN_LOG_FORMAT as PROXY_SPAN_LOG_FORMAT
+from servekit.deploy.proxy import NginxProxy, ProxyError, render_config
+from servekit.deploy.state import DeploymentState
 from servekit.serving.nginx import TEMP_DIRS, nginx_binary
 from servekit.serving.oip_service import render_front_config
 from servekit.serving.tracing import (
+    PROXY_HOP,
     SPAN_CONTEXT_MAPS,
     SPAN_LOG,
     TRACE_CONTEXT_MAPS,
-    FrontSpanShipper,
     GatewayTracer,
-    front_span,
-    front_span_record,
+    SpanLogShipper,
     gateway_tracer,
+    hop_span,
+    span_record,
     valid_traceparent,
 )
 from tests.otlp_receiver import otlp_receiver
@@ -143,12 +150,12 @@ def test_a_span_log_line_becomes_the_front_span_with_the_ids_nginx_sent_on() -> 
     from opentelemetry.trace import StatusCode
 
     resource = Resource.create({"service.name": "servekit-front"})
-    span = front_span(front_span_record(front_line()), resource)
+    span = hop_span(span_record(front_line()), resource)
     assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (PARENT[3:35], "1" * 16)
     assert f"{span.parent.span_id:016x}" == PARENT[36:52]
     assert (span.start_time, span.end_time) == (1_700_000_000_200_000_000, 1_700_000_000_250_000_000)
     assert span.attributes["url.path"] == "/v2/models/digits/infer"
-    root = front_span(front_span_record(front_line(parent="", status=502)), resource)
+    root = hop_span(span_record(front_line(parent="", status=502)), resource)
     assert root.parent is None  # nginx started the trace: the front's span is its root
     assert root.status.status_code is StatusCode.ERROR
 
@@ -159,14 +166,14 @@ def test_a_span_log_line_becomes_the_front_span_with_the_ids_nginx_sent_on() -> 
      front_line(end="soon"), json.dumps({"trace": PARENT[3:35]}).encode()],
 )  # fmt: skip
 def test_a_span_log_line_that_is_not_one_is_skipped(line: bytes) -> None:
-    assert front_span_record(line) is None
+    assert span_record(line) is None
 
 
 def test_the_shipper_exports_each_logged_request_once_across_a_rotation(tmp_path: Path) -> None:
     log = tmp_path / SPAN_LOG
     log.write_bytes(front_line(span="0" * 16) + b"\n")  # before the shipper started: not its to send
     with otlp_receiver() as receiver:
-        shipper = FrontSpanShipper(log, receiver.url, interval=3600)
+        shipper = SpanLogShipper(log, receiver.url, interval=3600)
         with log.open("ab") as out:
             out.write(front_line(span="1" * 16) + b"\n")
         log.rename(tmp_path / f"{SPAN_LOG}.1")  # the log keeper's rotation; nginx opens a new file
@@ -177,3 +184,144 @@ def test_the_shipper_exports_each_logged_request_once_across_a_rotation(tmp_path
         spans = receiver.wait_for(lambda spans: len(spans) == 2)
     assert sorted(s.span_id for s in spans) == ["1" * 16, "2" * 16]
     assert {(s.service, s.name) for s in spans} == {("servekit-front", "front")}
+
+
+# ------------------------------------------------------------------------------------------ the canary proxy's span
+def routed_state() -> DeploymentState:
+    """digits: a canary and a shadow (every kind of location the proxy renders); letters: no routes of its own."""
+    state = DeploymentState(listen="127.0.0.1:18090", upstream="127.0.0.1:18080")
+    state.model("digits").set_canary("2.0", 20)
+    state.model("digits").set_shadow("3.0")
+    state.model("digits").observe("1.0", ["1.0", "2.0", "3.0"])
+    state.model("letters").observe("1.0", ["1.0"])
+    return state
+
+
+def location_blocks(text: str) -> dict[str, str]:
+    """Each location of a rendered configuration, by its path: the text between its braces."""
+    return dict(re.findall(r"location (?:= )?(\S+) \{\n(.*?)\n        \}", text, re.DOTALL))
+
+
+def test_with_span_export_the_proxy_is_a_hop_of_its_own_on_every_route_and_passes_nginx_check(tmp_path: Path) -> None:
+    proxy = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:18080")
+    text = render_config(routed_state(), proxy.prefix, spans=True)
+    assert PROXY_SPAN_CONTEXT_MAPS in text
+    assert SPAN_CONTEXT_MAPS not in text  # the front's variables: none of the proxy's
+    assert TRACE_CONTEXT_MAPS not in text
+    assert '"00-${servekitspan_trace_id}-${servekitspan_own_span}-01"' in text  # what goes on: the proxy's span
+    server = text.split("    server {\n", 1)[1].split("        location ", 1)[0]
+    assert "proxy_set_header traceparent $servekitspan_traceparent;" in server
+    assert f"access_log {proxy.prefix / SPAN_LOG} servekit_spans;" in server  # one line per request, every route
+    assert text.count("servekit_spans;") == 1
+    assert '"target":"$servekit_target","served":"$upstream_http_x_model_version"}' in text
+    blocks = location_blocks(text)
+    assert {"/predictions/digits", "/explanations/digits", "/_shadow/digits", "/"} <= set(blocks)
+    for path, block in blocks.items():
+        assert "proxy_pass http://torchserve" in block, path
+        # A location with headers of its own inherits none of the server's: it must send the proxy's span itself.
+        assert "proxy_set_header" not in block or "traceparent $servekitspan_traceparent;" in block, path
+    assert "proxy_set_header traceparent $servekitspan_traceparent;" in blocks["/_shadow/digits"]
+    proxy.install(text)  # checked with nginx -t first
+    check = subprocess.run([nginx_binary(), "-t", "-p", str(proxy.prefix), "-c", str(proxy.conf)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_without_span_export_the_proxy_passes_the_context_through_and_logs_no_spans(tmp_path: Path) -> None:
+    state = routed_state()
+    text = render_config(state, tmp_path)
+    assert text == render_config(state, tmp_path, spans=False)
+    for absent in ("traceparent", "servekitspan", "servekit_spans", SPAN_LOG):
+        assert absent not in text, absent
+    assert TRACE_CONTEXT_MAPS not in text  # the client's traceparent goes on untouched (nginx passes its headers)
+
+
+def test_the_proxy_records_its_span_export_for_apply_and_rotates_its_span_log(tmp_path: Path) -> None:
+    on = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:18080", otlp_endpoint="http://127.0.0.1:4318/v1/traces")
+    assert on.span_log in on.log_keeper.logs
+    off = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:18080")
+    assert off.span_log not in off.log_keeper.logs
+    # servekit canary/shadow build a proxy without an endpoint: apply renders what the running proxy started with.
+    assert off.started_endpoint() is None
+    off.apply(routed_state())
+    assert "servekit_spans" not in off.conf.read_text()
+    off.spans_file.write_text("http://127.0.0.1:4318/v1/traces\n")  # what start writes with span export on
+    assert off.started_endpoint() == "http://127.0.0.1:4318/v1/traces"
+    off.apply(routed_state())
+    assert f"access_log {off.span_log} servekit_spans;" in off.conf.read_text()
+
+
+def test_an_invalid_span_endpoint_fails_the_proxy_start_before_anything_starts(tmp_path: Path) -> None:
+    proxy = NginxProxy(tmp_path / "proxy", 18090, "127.0.0.1:18080", otlp_endpoint="127.0.0.1:4318")
+    with pytest.raises(ProxyError, match=r"must be an OTLP/HTTP traces URL \(http://...\), got '127.0.0.1:4318'"):
+        proxy.start()
+    assert not proxy.conf.exists()
+    assert proxy.running_pid() is None
+
+
+def proxy_log_line(**values: str) -> bytes:
+    """A line as nginx writes it with the proxy's span log format (its variables replaced by ``values``)."""
+    body = "".join(re.findall(r"'([^']*)'", PROXY_SPAN_LOG_FORMAT))
+    return re.sub(r"\$([a-z_]+)", lambda m: values[m.group(1)], body).encode()
+
+
+PROXY_VALUES = {
+    "servekitspan_trace_id": PARENT[3:35], "servekitspan_own_span": "2" * 16, "servekitspan_parent_id": "1" * 16,
+    "msec": "1700000000.250", "request_time": "0.040", "status": "200", "request_method": "POST",
+    "uri": "/predictions/digits", "upstream_response_time": "0.039", "servekit_target": "/2.0",
+    "upstream_http_x_model_version": "2.0",
+}  # fmt: skip
+
+
+def test_a_proxy_span_log_line_becomes_the_proxy_span_with_its_ids_parent_times_and_versions() -> None:
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": PROXY_HOP.service})
+    span = hop_span(span_record(proxy_log_line(**PROXY_VALUES)), resource, PROXY_HOP)
+    assert (span.name, span.instrumentation_scope.name) == ("proxy", "servekit.deploy.proxy")
+    assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (PARENT[3:35], "2" * 16)
+    assert f"{span.parent.span_id:016x}" == "1" * 16  # the front's span, which sent the request here
+    assert (span.start_time, span.end_time) == (1_700_000_000_210_000_000, 1_700_000_000_250_000_000)
+    assert span.attributes["servekit.target_version"] == "2.0"  # the split's choice, logged "/2.0"
+    assert span.attributes["servekit.served_version"] == "2.0"
+    assert span.attributes["http.response.status_code"] == 200
+    line = proxy_log_line(**{**PROXY_VALUES, "servekit_target": "", "upstream_http_x_model_version": "1.0"})
+    default = hop_span(span_record(line), resource, PROXY_HOP)  # the default's share (or no split at all)
+    assert (default.attributes["servekit.target_version"], default.attributes["servekit.served_version"]) == ("", "1.0")
+    front = hop_span(span_record(front_line()), resource)  # the front's spans keep their name and no versions
+    assert front.name == "front"
+    assert "servekit.target_version" not in front.attributes
+
+
+def test_the_proxy_s_shipper_exports_proxy_spans_from_the_offset_it_is_given(tmp_path: Path) -> None:
+    log = tmp_path / SPAN_LOG
+    log.write_bytes(proxy_log_line(**{**PROXY_VALUES, "servekitspan_own_span": "0" * 16}) + b"\n")
+    offset = log.stat().st_size  # what was there before nginx started: not this shipper's
+    with log.open("ab") as out:  # written by nginx before the shipper had started
+        out.write(proxy_log_line(**PROXY_VALUES) + b"\n")
+    with otlp_receiver() as receiver:
+        shipper = SpanLogShipper(log, receiver.url, interval=3600, hop=PROXY_HOP, offset=offset)
+        assert shipper.ship() == 1
+        shipper.stop()
+        spans = receiver.wait_for(lambda spans: len(spans) == 1)
+    assert [(s.service, s.name, s.span_id, s.parent_id) for s in spans] == [
+        ("servekit-proxy", "proxy", "2" * 16, "1" * 16)
+    ]
+    assert (spans[0].attributes["servekit.target_version"], spans[0].attributes["servekit.served_version"]) == (
+        "2.0",
+        "2.0",
+    )
+
+
+def test_the_proxy_with_span_export_off_imports_nothing_of_opentelemetry(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; import servekit.cli\n"
+        "from servekit.deploy.proxy import NginxProxy, render_config\n"
+        "proxy = NginxProxy(Path(sys.argv[1]), 18090, '127.0.0.1:18080')\n"
+        "render_config(proxy.current(), proxy.prefix); proxy.log_keeper; proxy.stop()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "proxy")], capture_output=True, text=True,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,171 @@
+"""Exports the span log of an nginx hop that has no Python process beside it: the canary proxy's.
+
+The OIP front's span log is exported by the gateway process that runs with it
+(``servekit.serving.oip``). The canary proxy (``servekit.deploy.proxy``) is nginx alone, so with span
+export on ``NginxProxy.start`` also starts this small process, and ``NginxProxy.stop`` stops it, as
+it does its log keeper. It follows the log across the keeper's rotations and exports what it finds
+every ``interval`` seconds (``servekit.serving.tracing.SpanLogShipper``); on ``SIGTERM``, or once
+the nginx master under its prefix has been gone for two checks in a row, it ships what is left and
+exits. Its pid file is checked before any signal, as for every process of ours
+(``servekit.serving.processes``). Without OpenTelemetry's OTLP exporter installed it does not start.
+
+    shipper = SpanShipperProcess(prefix, prefix / "spans.jsonl", "http://COLLECTOR:4318/v1/traces", "proxy")
+    shipper.start(offset)   # python -m servekit.serving.span_shipper --prefix PREFIX --hop proxy ... LOG
+    shipper.stop()          # True if it was running
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from servekit.errors import ServekitError
+from servekit.serving.nginx import NginxInstance
+from servekit.serving.processes import owned_pid, read_pid, start_verified, stop_verified, verified_pid
+from servekit.serving.tracing import HOPS, SpanLogShipper
+
+__all__ = ["PID_FILE", "SpanShipperError", "SpanShipperProcess"]
+
+PID_FILE = "span-shipper.pid"
+DEFAULT_INTERVAL = 1.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY = "span shipper: exporting"  # its output, once it ships (and stops shipping what is left)
+EXPORTER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
+class SpanShipperError(ServekitError):
+    """The span shipper's settings are invalid, or it could not be started."""
+
+
+def _warn(message: str) -> None:
+    print(f"servekit: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _validated(hop: str, endpoint: str, interval: float) -> None:
+    if hop not in HOPS:
+        raise SpanShipperError(f"span shipper hop: must be one of {', '.join(sorted(HOPS))}, got {hop!r}")
+    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+        raise SpanShipperError(f"span shipper endpoint: must be an OTLP/HTTP traces URL (http://...), got {endpoint!r}")
+    if not isinstance(interval, int | float) or isinstance(interval, bool) or not 0.05 <= interval <= 60:
+        raise SpanShipperError(f"span shipper interval: must be from 0.05 to 60 seconds, got {interval!r}")
+
+
+@dataclass
+class SpanShipperProcess:
+    """The span shipper of the nginx under ``prefix``: its pid file and output there, checked before any signal."""
+
+    prefix: Path
+    log: Path
+    endpoint: str | None  # None: only to find or stop the running one
+    hop: str = "proxy"
+    interval: float = DEFAULT_INTERVAL
+    warn: Callable[[str], None] = field(default=_warn, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None:
+            _validated(self.hop, self.endpoint, self.interval)
+        self.prefix = Path(self.prefix).resolve()
+        self.log = Path(self.log)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / PID_FILE
+
+    @property
+    def output(self) -> Path:
+        return self.prefix / "span-shipper.log"
+
+    @property
+    def fragments(self) -> tuple[str, ...]:
+        """What our shipper's command line holds; nothing else is ever signalled."""
+        return ("-m servekit.serving.span_shipper", f"--prefix {self.prefix}")
+
+    def command(self, offset: int | None = None) -> list[str]:
+        return [
+            sys.executable, "-m", "servekit.serving.span_shipper", "--prefix", str(self.prefix), "--hop", self.hop,
+            "--endpoint", self.endpoint, "--interval", str(self.interval),
+            *(["--offset", str(offset)] if offset is not None else []), str(self.log),
+        ]  # fmt: skip
+
+    def running_pid(self) -> int | None:
+        """Our shipper's pid; a pid file naming anything else is reported, removed and never signalled."""
+        return verified_pid(self.pid_file, self.fragments, warn=self.warn)
+
+    def start(self, offset: int | None = None, timeout: float = 5.0) -> None:
+        """Start the shipper (one left over from a crashed nginx is stopped first); ``offset``: where in the log
+        to begin (``LogFollower.start``; default: its end when the shipper has started)."""
+        if self.endpoint is None:
+            raise SpanShipperError("the span shipper cannot start without an endpoint")
+        self.stop()
+        try:  # the check imports OpenTelemetry's parent packages only, not the exporter (what the child does)
+            installed = importlib.util.find_spec(EXPORTER) is not None
+        except ModuleNotFoundError:
+            installed = False
+        if not installed:
+            raise SpanShipperError(f"span export needs OpenTelemetry's OTLP exporter ({EXPORTER}): not installed")
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        try:
+            start_verified(self.command(offset), self.fragments, self.pid_file, self.output, REPO_ROOT, timeout)
+        except ChildProcessError:
+            raise SpanShipperError(f"the span shipper did not start (see {self.output})") from None
+        except OSError as exc:
+            raise SpanShipperError(f"the span shipper did not start: {exc}") from None
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        """Stop our shipper (SIGTERM: it ships what is left; SIGKILL after ``timeout`` s); False when not running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        stop_verified(pid, self.fragments, timeout)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+# ------------------------------------------------------------------------------------------ command line
+def run(interval: float, alive: Callable[[], bool], stop: threading.Event) -> None:
+    """Wait until ``stop`` is set or ``alive`` has been false for two checks ``interval`` s apart."""
+    missed = 0
+    while missed < 2 and not stop.wait(interval):
+        missed = 0 if alive() else missed + 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m servekit.serving.span_shipper", description=__doc__.split("\n")[0])
+    parser.add_argument("--prefix", type=Path, required=True, help="the nginx prefix (nginx.pid, nginx.conf)")
+    parser.add_argument("--hop", required=True, help="whose spans: " + ", ".join(sorted(HOPS)))
+    parser.add_argument("--endpoint", required=True, help="the collector's OTLP/HTTP traces URL")
+    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between two exports")
+    parser.add_argument("--offset", type=int, help="read the log from this byte on (default: from its end now)")
+    parser.add_argument("log", type=Path, help="the span log")
+    args = parser.parse_args(argv)
+    try:
+        _validated(args.hop, args.endpoint, args.interval)
+    except SpanShipperError as exc:
+        parser.error(str(exc))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        shipper = SpanLogShipper(args.log, args.endpoint, args.interval, HOPS[args.hop], offset=args.offset)
+    except ImportError as exc:
+        print(f"servekit: span export needs OpenTelemetry ({exc}): no {args.hop} spans", file=sys.stderr, flush=True)
+        return 2
+    shipper.start()
+    print(f"{READY} {args.log} to {args.endpoint} every {args.interval:g} s", flush=True)  # to its output file
+    nginx = NginxInstance(args.prefix)
+    run(args.interval, lambda: owned_pid(nginx.pid_file, nginx.master_fragments) is not None, stop)
+    shipper.stop()  # its last round ships what is left
+    pid_file = args.prefix / PID_FILE
+    if read_pid(pid_file) == os.getpid():  # gone with nginx: leave no stale pid file behind
+        pid_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
