@@ -49,6 +49,7 @@ from servekit.serving.server import (
     run_server,
     serve_in_foreground,
 )
+from servekit.serving.tracing import CONFIG_KEY as OTLP_CONFIG_KEY
 
 __all__ = ["PodRouting", "RoutingError", "main", "read_routes", "served_versions"]
 
@@ -194,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routing", help="the routes' JSON file (a ConfigMap's key); absent file: no routes")
     args = parser.parse_args(argv)
     try:
-        inference = read_properties(Path(args.config)).get(ADDRESS_KEYS["inference"], "")
+        props = read_properties(Path(args.config))
+        inference = props.get(ADDRESS_KEYS["inference"], "")
         if not inference.startswith("http://127.0.0.1:"):
             raise RoutingError(
                 f"{args.config}: inference_address must be on 127.0.0.1, behind the routing proxy, not {inference!r}"
             )
-        proxy = NginxProxy(Path(args.workdir).resolve() / "proxy", args.http_port, inference.removeprefix("http://"))
+        # With the deployment's trace export on, the proxy is a hop with its own spans, as on one host.
+        proxy = NginxProxy(Path(args.workdir).resolve() / "proxy", args.http_port, inference.removeprefix("http://"),
+                           otlp_endpoint=props.get(OTLP_CONFIG_KEY) or None)  # fmt: skip
         source = Path(args.routing) if args.routing else None
         routing = PodRouting(proxy, f"{args.bind}:{args.http_port}", source, served_versions(Path(args.config)))
         routing.routes(routing.read())  # a bad routing file stops the pod before TorchServe starts
