@@ -502,7 +502,7 @@ def changed_routes(bundle: Path, canaries: list[str], shadows: list[str]) -> dic
     it (``servekit.deploy.pod.read_routes``, against the bundle's config), so that a ConfigMap a pod
     would refuse is never written.
     """
-    from servekit.deploy.pod import read_routes, served_versions  # the pod's own check
+    from servekit.deploy.pod import RoutingError, read_routes, served_versions  # the pod's own check
 
     try:
         record = json.loads((Path(bundle) / "bundle.json").read_text(encoding="utf-8"))
@@ -522,7 +522,10 @@ def changed_routes(bundle: Path, canaries: list[str], shadows: list[str]) -> dic
             raise BundleError(f"--shadow {text!r}: use NAME:VERSION, e.g. digits:2.0")
         routes.setdefault(name, {})["shadow"] = version
     config = Path(bundle) / "config" / "config.properties"
-    read_routes(json.dumps({"routes": routes}).encode(), served_versions(config), Path(bundle) / "bundle.json")
+    try:
+        read_routes(json.dumps({"routes": routes}).encode(), served_versions(config), Path(bundle) / "bundle.json")
+    except RoutingError as exc:
+        raise BundleError(str(exc)) from None
     return routing_configmap({**record, "routing": {**record.get("routing", {}), "routes": routes}})
 
 

@@ -28,6 +28,7 @@ import tritonclient.http as triton_http
 import yaml
 
 from servekit.serving.server import read_properties
+from tests.integration.conftest import operator_cli
 from tests.integration.pods import Pod, make_bundle, pod_timing, record_of
 
 pytestmark = pytest.mark.integration
@@ -203,13 +204,20 @@ def handled(pod: Pod, version: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix))
 
 
-def test_the_pods_proxy_follows_its_routing_file_on_every_protocol(pod: Pod) -> None:
-    """The routing ConfigMap's file, changed while the pod serves: a canary's share on /predictions, a full
-    canary on every protocol, a shadow that clients never see, a refused change that keeps the routes."""
+def test_the_pods_proxy_follows_its_routing_file_on_every_protocol(pod: Pod, model_store: Path, tmp_path: Path) -> None:
+    """The routing ConfigMap's file, changed while the pod serves (docs/kubernetes.md, "Canary and shadow in
+    pods"): a canary's share on /predictions, a full canary on every protocol, a shadow that clients never see,
+    a refused change that keeps the routes, no routes."""
     default = pod.record["models"]["digits"]["default"]
     (other,) = [v for v in pod.record["models"]["digits"]["versions"] if v != default]
 
-    pod.write_routes({"digits": {"canary": {"version": other, "percent": 30}}})
+    # The first change as an operator makes it: servekit pod-routes writes the ConfigMap, the kubelet the file.
+    cli = operator_cli(None, model_store, REPO, tmp_path / "state")
+    out = tmp_path / "routes.yaml"
+    written = cli("pod-routes", "--bundle", str(pod.bundle), "--canary", f"digits:{other}:30", "--out", str(out))
+    assert written.returncode == 0, written.stderr
+    (configmap,) = yaml.safe_load_all(out.read_text())
+    pod.write_routes(configmap["data"]["routing.json"])
     wait_said(pod, f"routing: now digits: canary {other} (30%)")
     counts = send(300, predictions(pod))
     print(f"\n30% canary of {other} in the pod: {dict(counts)}")

@@ -746,6 +746,37 @@ def test_the_cli_writes_and_replaces_a_bundle(tmp_path: Path, model_store: Path,
     assert "refusing to replace" in capsys.readouterr().err
 
 
+def test_pod_routes_writes_a_configmap_the_pods_accept_and_refuses_what_they_would_not(
+    bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "routes.yaml"
+    argv = ["pod-routes", "--bundle", str(bundle.path), "--out", str(out)]
+    assert main([*argv, "--canary", "digits:1.0:25", "--shadow", "digits:1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"kubectl apply -f {out}" in printed
+    (configmap,) = yaml.safe_load_all(out.read_text())
+    written = json.loads(configmap["data"]["routing.json"])
+    assert written == {"routes": {"digits": {"canary": {"version": "1.0", "percent": 25}, "shadow": "1.0"}}}
+    bundled = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all((bundle.path / "k8s" / "servekit.yaml").read_text())
+    }
+    assert configmap["metadata"] == bundled["servekit-routing"]["metadata"]  # the same object, new routes
+    assert main([*argv]) == 0  # no flags: no routes
+    capsys.readouterr()
+    assert json.loads(yaml.safe_load(out.read_text())["data"]["routing.json"]) == {"routes": {}}
+    before = out.read_text()
+    for flags, message in (
+        (["--canary", "digits:9.9:10"], "routes digits to 9.9, which this pod does not serve"),
+        (["--canary", "digits:1.0"], "--canary 'digits:1.0': use NAME:VERSION:PERCENT"),
+        (["--shadow", "nosuch:1.0"], "routes nosuch, which this pod does not serve"),
+    ):
+        assert main([*argv, *flags]) == 1
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
+        assert out.read_text() == before  # nothing written
+
+
 def test_the_generator_imports_no_torch(repo_root: Path) -> None:
     code = (
         "import sys, servekit.deploy.bundle; "
