@@ -13,6 +13,7 @@ drains, exits 0 within the termination grace, and leaves no process of its own b
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ import yaml
 from servekit.serving.server import read_properties
 from tests.integration.conftest import operator_cli
 from tests.integration.pods import Pod, make_bundle, pod_timing, record_of
+from tests.otlp_receiver import otlp_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -292,3 +294,33 @@ def compact(probes: list[tuple[float, int | None]]) -> str:
         else:
             runs.append([status, 1, at, at])
     return ", ".join(f"{s or 'refused'} x{n} ({a:.2f}-{b:.2f}s)" for s, n, a, b in runs)
+
+
+# ------------------------------------------------------------------------------------------ traces in the pod
+def test_a_bundle_with_trace_export_gives_the_pods_proxy_a_span_between_the_front_and_the_worker(
+    tmp_path: Path, model_store: Path
+) -> None:
+    """``--otlp-endpoint`` per deployment: a gRPC request's spans chain gateway -> front -> proxy -> worker."""
+    trace_id, client_span = "6d1e0f5a7c3b4e2d9a8b7c6d5e4f3a2b", "1a2b3c4d5e6f7a8b"
+    with otlp_receiver() as receiver:
+        out = tmp_path / "traced-bundle"
+        make_bundle(out, model_store, "--models", "digits:1.0", "--otlp-endpoint", receiver.url)
+        pod = Pod(out, tmp_path / "home")
+        try:
+            pod.prepare()
+            pod.start()
+            pod.wait_ready(pod_timing(pod.record)["startup_s"])
+            tensor = triton_grpc.InferInput("image", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([DIGITS[7][1]], dtype=np.object_))
+            with contextlib.closing(triton_grpc.InferenceServerClient(f"127.0.0.1:{pod.ports['oip_grpc']}")) as grpc:
+                result = grpc.infer("digits", [tensor], headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+            assert result.as_numpy("labels")[0][0].decode() == "7"
+            hops = ("gateway ModelInfer", "front", "proxy", "worker")
+            got = receiver.wait_for(lambda spans: set(hops) <= {s.name for s in spans if s.trace_id == trace_id})
+            spans = {s.name: s for s in got if s.trace_id == trace_id and s.name in hops}
+        finally:
+            pod.kill()
+    parents = [client_span, *(spans[name].span_id for name in hops[:-1])]
+    assert [spans[name].parent_id for name in hops] == parents  # each hop's parent is the hop before it
+    assert spans["proxy"].service == "servekit-proxy"
+    assert spans["proxy"].attributes["servekit.served_version"] == "1.0"
