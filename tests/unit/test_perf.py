@@ -709,9 +709,22 @@ def test_the_tracing_sink_counts_exports_and_the_bar_needs_spans_and_a_small_cos
         assert (sink.exports, sink.received) == (1, 2)
     run = {"rps": 100.0}
     result = {"description": "d", "runs": {"on": [run], "off": [run]}, "rps_on": 97.0, "rps_off": 100.0,
-              "on_over_off": 0.97, "otlp_exports": 12, "otlp_bytes": 3456}  # fmt: skip
-    assert tracing_bar(result) == {"tracing on costs <= 5% of req/s (spans exported)": True}
-    assert list(tracing_bar({**result, "on_over_off": 0.94}).values()) == [False]
-    assert list(tracing_bar({**result, "otlp_exports": 0}).values()) == [False]  # nothing exported: not measured
+              "on_over_off": 0.97, "otlp_exports": 12, "otlp_bytes": 3456, "off_path_ns_per_request": 20.0,
+              "cpu_us_per_request": 20000.0, "off_share": 0.000001}  # fmt: skip
+    on_bar = "tracing on costs <= 5% of req/s (spans exported)"
+    off_bar = "tracing off costs < 0.1% of a request's CPU (its checks timed / served CPU)"
+    assert tracing_bar(result) == {on_bar: True, off_bar: True}
+    assert tracing_bar({**result, "on_over_off": 0.94})[on_bar] is False
+    assert tracing_bar({**result, "otlp_exports": 0})[on_bar] is False  # nothing exported: not measured
+    assert tracing_bar({**result, "off_share": 0.002})[off_bar] is False
+    assert tracing_bar({**result, "off_share": None})[off_bar] is False  # not measured: not met
     assert tracing_bar(None) == {}
+    assert "the worker's tracing checks take 20.0 ns per request, 0.00010%" in "\n".join(markdown(result))
     assert "the sink received 12 exports (3456 bytes)" in "\n".join(markdown(result))
+
+
+def test_the_tracing_off_path_is_timed_on_a_handler_without_a_tracer() -> None:
+    from servekit.perf import trace_load
+
+    seconds = trace_load.off_path_seconds(calls=20_000)
+    assert 0 < seconds < 1e-5  # two attribute checks: nanoseconds, not microseconds
