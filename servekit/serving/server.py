@@ -566,6 +566,7 @@ def serve_in_foreground(
     stops (and also when the run fails).
     """
     stopping: list[int] = []
+    clock: list[float] = []  # when the drain began, ended, and the hook returned
 
     def on_signal(signum: int, frame: object) -> None:
         stopping.append(signum)
@@ -588,14 +589,19 @@ def serve_in_foreground(
                 tick()
             time.sleep(0.2)
         print(f"signal {stopping[0]}: draining (at most {drain_timeout:g} s)", flush=True)
+        clock.append(time.monotonic())
         server.drain(drain_timeout)
+        clock.append(time.monotonic())
     finally:
         try:
             if drained is not None:
                 drained()
         finally:
+            clock.append(time.monotonic())
             server.stop()
-    print("stopped", flush=True)
+    # Where a stop's time goes (the termination grace must cover it): drain, the launcher's hook, TorchServe.
+    steps = [f"{b - a:.1f}" for a, b in zip(clock, [*clock[1:], time.monotonic()], strict=True)]
+    print(f"stopped (drain, hook, TorchServe: {', '.join(steps)} s)" if len(steps) == 3 else "stopped", flush=True)
     return 0
 
 
