@@ -44,14 +44,7 @@ from typing import Any, BinaryIO
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import (
-    owned_pid,
-    read_pid,
-    signal_if_matches,
-    start_verified,
-    stop_verified,
-    verified_pid,
-)
+from servekit.serving.processes import Companion, owned_pid, read_pid, signal_if_matches
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -176,7 +169,7 @@ def run(keeper: LogKeeper, interval: float, alive: Callable[[], bool], stop: thr
 
 # ------------------------------------------------------------------------------------------ the process
 @dataclass
-class LogKeeperProcess:
+class LogKeeperProcess(Companion):
     """The keeper process of the nginx under ``prefix``: its pid file and output there, checked before any signal."""
 
     prefix: Path
@@ -185,55 +178,24 @@ class LogKeeperProcess:
     keep: int = DEFAULT_KEEP
     interval: float = DEFAULT_INTERVAL
     warn: Callable[[str], None] = field(default=_warn, kw_only=True)
+    module = "servekit.serving.logkeeper"
+    pid_name, output_name, error, label = PID_FILE, "logkeeper.log", LogKeeperError, "log keeper"
 
     def __post_init__(self) -> None:
         _validated(self.max_bytes, self.keep, self.interval)
         self.prefix = Path(self.prefix).resolve()
         self.logs = tuple(Path(p) for p in self.logs)
 
-    @property
-    def pid_file(self) -> Path:
-        return self.prefix / PID_FILE
-
-    @property
-    def output(self) -> Path:
-        return self.prefix / "logkeeper.log"
-
-    @property
-    def fragments(self) -> tuple[str, ...]:
-        """What our keeper's command line holds; nothing else is ever signalled."""
-        return ("-m servekit.serving.logkeeper", f"--prefix {self.prefix}")
-
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "servekit.serving.logkeeper", "--prefix", str(self.prefix),
+            sys.executable, "-m", self.module, "--prefix", str(self.prefix),
             "--max-bytes", str(self.max_bytes), "--keep", str(self.keep), "--interval", str(self.interval),
             *(str(p) for p in self.logs),
         ]  # fmt: skip
 
-    def running_pid(self) -> int | None:
-        """Our keeper's pid; a pid file naming anything else is reported, removed and never signalled."""
-        return verified_pid(self.pid_file, self.fragments, warn=self.warn)
-
     def start(self, timeout: float = 5.0) -> None:
         """Start the keeper (one left over from a crashed proxy is stopped first)."""
-        self.stop()
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        try:
-            start_verified(self.command(), self.fragments, self.pid_file, self.output, REPO_ROOT, timeout)
-        except ChildProcessError:
-            raise LogKeeperError(f"the log keeper did not start (see {self.output})") from None
-        except OSError as exc:
-            raise LogKeeperError(f"the log keeper did not start: {exc}") from None
-
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop our keeper (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
-        pid = self.running_pid()
-        if pid is None:
-            return False
-        stop_verified(pid, self.fragments, timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        self.launch(self.command(), REPO_ROOT, timeout)
 
 
 # ------------------------------------------------------------------------------------------ reading

@@ -242,3 +242,54 @@ def free_port() -> int:
                 _HANDED_OUT.add(port)
                 return port
     raise OSError("no free loopback port that was not handed out already")
+
+
+class Companion:
+    """A helper process of the nginx under ``self.prefix`` (log keeper, span shipper), found by its pid file there
+    and signalled only when its command line holds ``fragments``. A subclass names its module, pid file,
+    output file and error, and builds its ``command``; ``self.warn`` reports a stale pid file."""
+
+    module: str
+    pid_name: str
+    output_name: str
+    error: type[Exception]
+    label: str
+    prefix: Path
+    warn: Callable[[str], None]
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / self.pid_name
+
+    @property
+    def output(self) -> Path:
+        return self.prefix / self.output_name
+
+    @property
+    def fragments(self) -> tuple[str, ...]:
+        """What our process's command line holds; nothing else is ever signalled."""
+        return (f"-m {self.module}", f"--prefix {self.prefix}")
+
+    def running_pid(self) -> int | None:
+        """Our process's pid; a pid file naming anything else is reported, removed and never signalled."""
+        return verified_pid(self.pid_file, self.fragments, warn=self.warn)
+
+    def launch(self, command: Sequence[str], cwd: Path, timeout: float) -> None:
+        """Start ``command`` (one left over from a crashed nginx is stopped first); ``error`` when it does not start."""
+        self.stop()
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        try:
+            start_verified(command, self.fragments, self.pid_file, self.output, cwd, timeout)
+        except ChildProcessError:
+            raise self.error(f"the {self.label} did not start (see {self.output})") from None
+        except OSError as exc:
+            raise self.error(f"the {self.label} did not start: {exc}") from None
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop our process (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        stop_verified(pid, self.fragments, timeout)
+        self.pid_file.unlink(missing_ok=True)
+        return True

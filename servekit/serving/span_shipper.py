@@ -28,7 +28,7 @@ from pathlib import Path
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import owned_pid, read_pid, start_verified, stop_verified, verified_pid
+from servekit.serving.processes import Companion, owned_pid, read_pid
 from servekit.serving.tracing import HOPS, SpanLogShipper
 
 __all__ = ["PID_FILE", "SpanShipperError", "SpanShipperProcess"]
@@ -58,7 +58,7 @@ def _validated(hop: str, endpoint: str, interval: float) -> None:
 
 
 @dataclass
-class SpanShipperProcess:
+class SpanShipperProcess(Companion):
     """The span shipper of the nginx under ``prefix``: its pid file and output there, checked before any signal."""
 
     prefix: Path
@@ -67,6 +67,8 @@ class SpanShipperProcess:
     hop: str = "proxy"
     interval: float = DEFAULT_INTERVAL
     warn: Callable[[str], None] = field(default=_warn, kw_only=True)
+    module = "servekit.serving.span_shipper"
+    pid_name, output_name, error, label = PID_FILE, "span-shipper.log", SpanShipperError, "span shipper"
 
     def __post_init__(self) -> None:
         if self.endpoint is not None:
@@ -74,58 +76,29 @@ class SpanShipperProcess:
         self.prefix = Path(self.prefix).resolve()
         self.log = Path(self.log)
 
-    @property
-    def pid_file(self) -> Path:
-        return self.prefix / PID_FILE
-
-    @property
-    def output(self) -> Path:
-        return self.prefix / "span-shipper.log"
-
-    @property
-    def fragments(self) -> tuple[str, ...]:
-        """What our shipper's command line holds; nothing else is ever signalled."""
-        return ("-m servekit.serving.span_shipper", f"--prefix {self.prefix}")
-
     def command(self, offset: int | None = None) -> list[str]:
         return [
-            sys.executable, "-m", "servekit.serving.span_shipper", "--prefix", str(self.prefix), "--hop", self.hop,
+            sys.executable, "-m", self.module, "--prefix", str(self.prefix), "--hop", self.hop,
             "--endpoint", self.endpoint, "--interval", str(self.interval),
             *(["--offset", str(offset)] if offset is not None else []), str(self.log),
         ]  # fmt: skip
-
-    def running_pid(self) -> int | None:
-        """Our shipper's pid; a pid file naming anything else is reported, removed and never signalled."""
-        return verified_pid(self.pid_file, self.fragments, warn=self.warn)
 
     def start(self, offset: int | None = None, timeout: float = 5.0) -> None:
         """Start the shipper (one left over from a crashed nginx is stopped first); ``offset``: where in the log
         to begin (``LogFollower.start``; default: its end when the shipper has started)."""
         if self.endpoint is None:
             raise SpanShipperError("the span shipper cannot start without an endpoint")
-        self.stop()
         try:  # the check imports OpenTelemetry's parent packages only, not the exporter (what the child does)
             installed = importlib.util.find_spec(EXPORTER) is not None
         except ModuleNotFoundError:
             installed = False
         if not installed:
             raise SpanShipperError(f"span export needs OpenTelemetry's OTLP exporter ({EXPORTER}): not installed")
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        try:
-            start_verified(self.command(offset), self.fragments, self.pid_file, self.output, REPO_ROOT, timeout)
-        except ChildProcessError:
-            raise SpanShipperError(f"the span shipper did not start (see {self.output})") from None
-        except OSError as exc:
-            raise SpanShipperError(f"the span shipper did not start: {exc}") from None
+        self.launch(self.command(offset), REPO_ROOT, timeout)
 
     def stop(self, timeout: float = 15.0) -> bool:
         """Stop our shipper (SIGTERM: it ships what is left; SIGKILL after ``timeout`` s); False when not running."""
-        pid = self.running_pid()
-        if pid is None:
-            return False
-        stop_verified(pid, self.fragments, timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return super().stop(timeout)
 
 
 # ------------------------------------------------------------------------------------------ command line
