@@ -325,3 +325,47 @@ def test_the_proxy_with_span_export_off_imports_nothing_of_opentelemetry(tmp_pat
                             check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_hand_encoded_spans_decode_as_otlp_with_every_field() -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    trace_id, span_id, parent_id = bytes(range(16)), bytes(range(8)), bytes(range(8, 16))
+    attributes = b"".join(tracing._field(9, tracing._attribute(k, v)) for k, v in
+                          (("code", 200), ("negative", -3), ("ok", True), ("path", "/v2/ü")))  # fmt: skip
+    span = tracing.encode_span(trace_id, span_id, parent_id, "worker", tracing.SPAN_KIND_SERVER, 2**62, 2**62 + 5,
+                               attributes)  # fmt: skip
+    body = tracing.encode_request({"service.name": "servekit-worker", "servekit.version": "2.0"}, "scope", [span])
+    (resource_spans,) = ExportTraceServiceRequest.FromString(body).resource_spans
+    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert resource == {"service.name": "servekit-worker", "servekit.version": "2.0"}
+    (scope_spans,) = resource_spans.scope_spans
+    assert scope_spans.scope.name == "scope"
+    (decoded,) = scope_spans.spans
+    assert (decoded.trace_id, decoded.span_id, decoded.parent_span_id) == (trace_id, span_id, parent_id)
+    assert (decoded.name, decoded.kind) == ("worker", decoded.SPAN_KIND_SERVER)
+    assert (decoded.start_time_unix_nano, decoded.end_time_unix_nano) == (2**62, 2**62 + 5)
+    values = {a.key: a.value for a in decoded.attributes}
+    assert (values["code"].int_value, values["negative"].int_value) == (200, -3)
+    assert (values["ok"].bool_value, values["path"].string_value) == (True, "/v2/ü")
+
+
+def test_a_collector_that_is_down_costs_dropped_spans_never_an_error() -> None:
+    tracer = tracing.Tracer("http://127.0.0.1:9/v1/traces", "servekit-worker", "digits", "1.0", interval=60)
+    base = 1_700_000_000 * 10**9
+    trace_id = tracer.request(None, base, base + 10, [("decode", base, base + 5)])
+    assert len(trace_id) == 32
+    assert int(trace_id, 16) != 0
+    assert tracer.flush() == 0  # connection refused: nothing exported, nothing raised
+    assert (tracer.exported, tracer.dropped) == (0, 2)
+    tracer.shutdown()
+
+
+def test_the_queue_is_bounded_while_the_collector_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "MAX_QUEUED_SPANS", 10)
+    tracer = tracing.Tracer("http://127.0.0.1:9/v1/traces", "servekit-worker", "digits", "1.0", interval=60)
+    stages = [("decode", 1, 2), ("inference", 2, 3)]  # 3 spans per request
+    for _ in range(5):
+        tracer.request(None, 1, 3, stages)
+    assert (tracer._count, tracer.dropped) == (9, 6)  # 3 requests queued, 2 dropped whole
+    tracer.shutdown()
