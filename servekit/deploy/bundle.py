@@ -485,7 +485,7 @@ def pod_routes(models: list[SelectedModel], state_file: Path) -> tuple[dict[str,
 
 
 def routing_configmap(record: dict) -> dict:
-    """The ConfigMap holding the pods' routes (``servekit.deploy.pod``; ``servekit bundle-route`` writes a new one)."""
+    """The ConfigMap holding the pods' routes (``servekit.deploy.pod``; ``servekit pod-routes`` writes a new one)."""
     routes = json.dumps({"routes": record["routing"]["routes"]}, indent=2, sort_keys=True) + "\n"
     return {
         "apiVersion": "v1",

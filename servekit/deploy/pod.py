@@ -14,7 +14,7 @@ The routes come from ``--routing``: a JSON file in the deployment state's ``rout
     {"routes": {"digits": {"canary": {"version": "2.0", "percent": 30}, "shadow": "2.0"}}}
 
 the ``routing.json`` key of the ``servekit-routing`` ConfigMap on Kubernetes (``servekit bundle``
-writes it from the deployment state; ``servekit bundle-route`` writes a changed one), and no file
+writes it from the deployment state; ``servekit pod-routes`` writes a changed one), and no file
 means no routes (KServe's form: KServe splits the traffic between revisions itself). Every route
 must name a model and a version this pod serves (the config's ``model_snapshot``). The file is read
 once a second: a change is checked, rendered, checked by ``nginx -t`` and applied by a reload, with
