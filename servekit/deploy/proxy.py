@@ -81,11 +81,12 @@ REQUEST_LOG = "requests.jsonl"
 # The header every answer of a servekit handler carries: the version that answered (``handlers.base``).
 VERSION_HEADER = "X-Model-Version"
 # One JSON object per request; ``target`` is what the canary split chose ("" = TorchServe's default),
-# ``served`` the version that answered (the handler's X-Model-Version; "" when no handler answered).
+# ``served`` the version that answered (the handler's X-Model-Version; "" when no handler answered). The log's
+# variable has a prefix of its own: ``servekit_`` + a model's name is that model's split (a model named ``target``).
 LOG_FORMAT = (
     "    log_format servekit_json escape=json\n"
     '        \'{"msec":$msec,"uri":"$uri","status":$status,"request_time":$request_time,'
-    '"target":"$servekit_target","served":"$upstream_http_x_model_version"}\';\n'
+    '"target":"$servekitlog_target","served":"$upstream_http_x_model_version"}\';\n'
 )
 
 
@@ -95,7 +96,7 @@ SPAN_VAR = "servekitspan"
 SPAN_CONTEXT_MAPS = span_context_maps(SPAN_VAR)
 # One JSON line per request routed to TorchServe, with the versions of the request log: the fields the shipper turns
 # into PROXY_HOP's attributes (a field it names and nothing here logs fails at import).
-_VERSIONS = {"target": "$servekit_target", "served": "$upstream_http_x_model_version"}
+_VERSIONS = {"target": "$servekitlog_target", "served": "$upstream_http_x_model_version"}
 SPAN_LOG_FORMAT = span_log_format("servekit_spans", SPAN_VAR, {key: _VERSIONS[key] for key, _ in PROXY_HOP.versions})
 SPAN_HEADER = f"proxy_set_header traceparent ${SPAN_VAR}_traceparent;  # the proxy's span: the next hop's parent\n"
 # Where a running proxy records the collector it was started with: ``apply`` (``servekit canary``, ``shadow``)
@@ -144,7 +145,7 @@ def _explained_locations(name: str, split: str) -> str:
     """The exact locations of ``name``'s explanation paths, split like its predictions (``split``: the variable)."""
     return "".join(
         f"        location = {form.format(name=name)} {{\n"
-        f"            set $servekit_target {split};\n"
+        f"            set $servekitlog_target {split};\n"
         f"            proxy_pass http://torchserve${_explain_variable(name)};\n"
         "        }\n"
         for _protocol, form in EXPLAINED_PATHS
@@ -159,7 +160,7 @@ def _routed_locations(name: str, split: str | None, shadow: bool) -> str:
         lines, target = "", path
         if split is not None:
             # The split's choice, for the request log ("" means TorchServe's default), and its route.
-            lines += f"            set $servekit_target {split};\n"
+            lines += f"            set $servekitlog_target {split};\n"
             target = f"${_route_variable(name)}"
         if shadow:
             lines += f"            mirror /_shadow/{name};\n            mirror_request_body on;\n"
@@ -200,7 +201,7 @@ def render_config(state: DeploymentState | dict, prefix: Path, spans: bool = Fal
         if model.shadow is not None:
             # A mirror shares its request's variables and runs the server's ``set`` again (its target ""):
             # with a canary it sets the split's choice back, or the logs would name the default for every request.
-            target = f"            set $servekit_target {split};\n" if split is not None else ""
+            target = f"            set $servekitlog_target {split};\n" if split is not None else ""
             locations.append(
                 f"        location = /_shadow/{name} {{\n"
                 "            internal;\n"
@@ -229,7 +230,7 @@ def render_config(state: DeploymentState | dict, prefix: Path, spans: bool = Fal
 {LOG_FORMAT}{span_maps}{"".join(splits)}    server {{
         listen {state.listen};
         listen unix:{router_socket(prefix)};  # the OIP front's way in (module docstring)
-        set $servekit_target "";
+        set $servekitlog_target "";
         proxy_set_header X-Request-Start "t=${{msec}}";  # when the request left here: the worker's queue wait
         access_log {prefix / REQUEST_LOG} servekit_json;
 {span_lines}        proxy_http_version 1.1;

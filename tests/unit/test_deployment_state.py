@@ -219,7 +219,7 @@ def test_render_config_is_a_pure_function_of_the_state(tmp_path: Path) -> None:
     assert 'split_clients "${request_id}" $servekit_digits {\n        20% "/2.0";\n        * "";\n    }' in text
     route = '"" $uri;\n        default /predictions/digits$servekit_digits;'
     assert f"map $servekit_digits $servekitroute_digits {{\n        {route}" in text
-    assert "location = /predictions/digits {\n            set $servekit_target $servekit_digits;" in text
+    assert "location = /predictions/digits {\n            set $servekitlog_target $servekit_digits;" in text
     assert text.count("proxy_pass http://torchserve$servekitroute_digits;") == 3  # native, OIP v2, KServe v1
     assert "mirror /_shadow/digits;" in text
     assert "proxy_pass http://torchserve/predictions/digits/3.0;" in text
@@ -232,7 +232,7 @@ def test_every_protocols_inference_path_obeys_the_canary_and_the_shadow(tmp_path
     for path in ("/predictions/digits", "/v2/models/digits/infer", "/v1/models/digits:predict"):
         block = text.split(f"location = {path} {{\n", 1)[1].split("}", 1)[0]
         assert block == (
-            "            set $servekit_target $servekit_digits;\n"
+            "            set $servekitlog_target $servekit_digits;\n"
             "            mirror /_shadow/digits;\n"
             "            mirror_request_body on;\n"
             "            proxy_pass http://torchserve$servekitroute_digits;\n        "
@@ -240,14 +240,14 @@ def test_every_protocols_inference_path_obeys_the_canary_and_the_shadow(tmp_path
 
 
 def test_a_mirrored_request_keeps_the_split_s_choice_for_the_request_log(tmp_path: Path) -> None:
-    # The mirror shares its request's variables and runs the server's `set $servekit_target ""` again.
+    # The mirror shares its request's variables and runs the server's `set $servekitlog_target ""` again.
     text = render_config(routed_state(), tmp_path)
     block = text.split("location = /_shadow/digits {\n", 1)[1].split("}", 1)[0]
-    assert "            set $servekit_target $servekit_digits;\n" in block
+    assert "            set $servekitlog_target $servekit_digits;\n" in block
     shadow_only = routed_state()
     shadow_only.model("digits").set_canary("2.0", 0)
     block = render_config(shadow_only, tmp_path).split("location = /_shadow/digits {\n", 1)[1].split("}", 1)[0]
-    assert "servekit_target" not in block  # no split: the server's "" is right
+    assert "servekitlog_target" not in block  # no split: the server's "" is right
 
 
 def test_explanations_of_every_protocol_follow_the_canary_and_are_never_mirrored(tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_explanations_of_every_protocol_follow_the_canary_and_are_never_mirrored
     for path in ("/explanations/digits", "/v2/models/digits/explain", "/v1/models/digits:explain"):
         block = text.split(f"location = {path} {{\n", 1)[1].split("}", 1)[0]
         assert block == (
-            "            set $servekit_target $servekit_digits;\n"
+            "            set $servekitlog_target $servekit_digits;\n"
             "            proxy_pass http://torchserve$servekitexplain_digits;\n        "
         ), path
     # The rollout judges predictions only: an explanation's latency is tens of inferences.
@@ -361,3 +361,12 @@ def test_a_socket_folder_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(folder, 12345, 12345)
     with pytest.raises(NginxError, match="not a folder of this user's"):
         private_socket_dir(folder / "router.sock")
+
+
+def test_a_model_named_like_the_logs_variable_keeps_its_canary_split(tmp_path: Path) -> None:
+    state = DeploymentState(listen="127.0.0.1:18090", upstream="127.0.0.1:18080")
+    state.model("target").set_canary("2.0", 30)
+    text = render_config(state, tmp_path)
+    assert 'split_clients "${request_id}" $servekit_target {' in text  # the model's split variable
+    assert "set $servekit_target" not in text  # never overwritten by the request log's own variable
+    assert "location = /predictions/target {\n            set $servekitlog_target $servekit_target;\n" in text

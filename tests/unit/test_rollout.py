@@ -451,7 +451,7 @@ def test_the_proxy_logs_json_lines_with_the_splits_choice_and_passes_nginx_check
                                capture_output=True, text=True, check=False)  # fmt: skip
         assert check.returncode == 0, check.stderr
     text = render_config(state, proxy.prefix)
-    assert "location = /predictions/digits {\n            set $servekit_target $servekit_digits;\n" in text
+    assert "location = /predictions/digits {\n            set $servekitlog_target $servekit_digits;\n" in text
     assert "location = /predictions/letters {\n            mirror /_shadow/letters;" in text
 
 

@@ -213,7 +213,7 @@ def test_with_span_export_the_proxy_is_a_hop_of_its_own_on_every_route_and_passe
     assert "proxy_set_header traceparent $servekitspan_traceparent;" in server
     assert f"access_log {proxy.prefix / SPAN_LOG} servekit_spans;" in server  # one line per request, every route
     assert text.count("servekit_spans;") == 1
-    assert '"target":"$servekit_target","served":"$upstream_http_x_model_version"}' in text
+    assert '"target":"$servekitlog_target","served":"$upstream_http_x_model_version"}' in text
     blocks = location_blocks(text)
     assert {"/predictions/digits", "/explanations/digits", "/_shadow/digits", "/"} <= set(blocks)
     for path, block in blocks.items():
@@ -268,7 +268,7 @@ def proxy_log_line(**values: str) -> bytes:
 PROXY_VALUES = {
     "servekitspan_trace_id": PARENT[3:35], "servekitspan_own_span": "2" * 16, "servekitspan_parent_id": "1" * 16,
     "msec": "1700000000.250", "request_time": "0.040", "status": "200", "request_method": "POST",
-    "uri": "/predictions/digits", "upstream_response_time": "0.039", "servekit_target": "/2.0",
+    "uri": "/predictions/digits", "upstream_response_time": "0.039", "servekitlog_target": "/2.0",
     "upstream_http_x_model_version": "2.0",
 }  # fmt: skip
 
@@ -285,7 +285,7 @@ def test_a_proxy_span_log_line_becomes_the_proxy_span_with_its_ids_parent_times_
     assert span.attributes["servekit.target_version"] == "2.0"  # the split's choice, logged "/2.0"
     assert span.attributes["servekit.served_version"] == "2.0"
     assert span.attributes["http.response.status_code"] == 200
-    line = proxy_log_line(**{**PROXY_VALUES, "servekit_target": "", "upstream_http_x_model_version": "1.0"})
+    line = proxy_log_line(**{**PROXY_VALUES, "servekitlog_target": "", "upstream_http_x_model_version": "1.0"})
     default = hop_span(span_record(line), resource, PROXY_HOP)  # the default's share (or no split at all)
     assert (default.attributes["servekit.target_version"], default.attributes["servekit.served_version"]) == ("", "1.0")
     front = hop_span(span_record(front_line()), resource)  # the front's spans keep their name and no versions
