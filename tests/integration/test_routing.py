@@ -5,7 +5,8 @@ A real TorchServe whose OIP address (nginx front + gRPC gateway) sends inference
 ``servekit`` command line changing the one deployment state. Clients are real ``tritonclient`` HTTP and
 gRPC clients and KServe v1 JSON; every answer says which version served it (``model_version``, and
 ``X-Model-Version`` on ``/predictions``). The store also holds 4.0, a drill version of 1.0 that sleeps
-200 ms per batch (``faults.delay_ms``): the bad version a rollout must roll back.
+1 s per batch (``faults.delay_ms``): the bad version a rollout must roll back, slow beside a default whose
+p99 reaches 300 ms on a loaded CI machine (200 ms was promoted once at a p99 ratio of 1.28).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 REQUESTS = 300
 CANARY_PERCENT = 30
-DRILLS = {"4.0": {"delay_ms": 200}}
+DRILLS = {"4.0": {"delay_ms": 1000}}
 ROLLOUT = ("--steps", "25,100", "--step-seconds", "5", "--min-requests", "10", "--source", "proxy-log")
 
 
@@ -314,12 +315,15 @@ def test_rollout_judges_grpc_traffic_rolls_back_a_slow_version_and_promotes_a_go
     log.start()
     started = time.time()
     with GrpcTraffic(server, digit) as traffic:
-        bad = cli("rollout", "digits", "4.0", *ROLLOUT, "--json")
+        # One gRPC client sends about 3 requests a second while a quarter of them take 1 s: 5 canary requests.
+        bad = cli("rollout", "digits", "4.0", *ROLLOUT, "--min-requests", "5", "--json")
         print(bad.stdout + bad.stderr)
         assert bad.returncode == 1, bad.stdout
         assert "rollout of digits 4.0 aborted at 25%: step 1 (25%): p99 ratio" in bad.stderr, bad.stderr
         assert cli.proxy.state()["routes"] == {}
-        good = cli("rollout", "digits", "2.0", *ROLLOUT, "--json")
+        # Two copies of one model: the p99 of 10-30 requests from one client is their slowest, and one stall
+        # of a loaded machine (a default's p99 of 299 ms against 384) must not roll a good version back.
+        good = cli("rollout", "digits", "2.0", *ROLLOUT, "--max-p99-ratio", "3", "--json")
         print(good.stdout + good.stderr)
         assert good.returncode == 0, good.stderr
     print(f"gRPC clients: {dict(traffic.versions)}, {len(traffic.failures)} failed")  # the report's figures
@@ -329,8 +333,8 @@ def test_rollout_judges_grpc_traffic_rolls_back_a_slow_version_and_promotes_a_go
     assert cli.proxy.state()["routes"] == {}
     aborted = step_events(bad)
     assert [e["verdict"] for e in aborted] == ["abort"]
-    assert aborted[0]["canary"]["requests"] >= 10
-    assert aborted[0]["canary"]["p99_ms"] >= 200
+    assert aborted[0]["canary"]["requests"] >= 5
+    assert aborted[0]["canary"]["p99_ms"] >= 1000
     promoted = step_events(good)
     assert [(e["percent"], e["verdict"]) for e in promoted] == [(25, "advance"), (100, "promote")]
     assert all(e["canary"]["requests"] >= 10 and e["canary"]["errors"] == 0 for e in promoted)
