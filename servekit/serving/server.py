@@ -14,9 +14,10 @@ all other settings then come from the snapshot (``ports`` is set from it), the m
 
     python -m servekit.serving.server start [--workdir var]   # background, returns when /ping is Healthy
     python -m servekit.serving.server stop  [--workdir var]
-    python -m servekit.serving.server run --config C --model-store S --bind 0.0.0.0   # a container's entrypoint
+    python -m servekit.serving.server run --config C --model-store S --bind 0.0.0.0   # in the foreground
 
-``run`` stays in the foreground (a container's main process): it starts TorchServe from ``--config``
+``run`` stays in the foreground (a container's main process; a bundle's pods run it through
+``servekit.deploy.pod``, which adds the routing proxy): it starts TorchServe from ``--config``
 (a bundle's, no snapshots: a pod is immutable), then waits for SIGTERM. On SIGTERM it drains: the
 OIP readiness turns false at once (``/v2/health/ready``: the gateway sees ``workdir/draining``),
 it waits until no request is queued (at most ``--drain-timeout`` s), and only then stops.
