@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import Companion, owned_pid, read_pid, signal_if_matches
+from servekit.serving.processes import Companion, owned_pid, release_own_pid_file, signal_if_matches
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -302,9 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     run(keeper, args.interval, lambda: owned_pid(nginx.pid_file, nginx.master_fragments) is not None, stop)
-    pid_file = args.prefix / PID_FILE
-    if read_pid(pid_file) == os.getpid():  # gone with nginx: leave no stale pid file behind
-        pid_file.unlink(missing_ok=True)
+    release_own_pid_file(args.prefix / PID_FILE)  # gone with nginx: leave no stale pid file behind
     return 0
 
 

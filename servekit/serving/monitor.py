@@ -38,7 +38,7 @@ from typing import NamedTuple
 from servekit.errors import ServekitError, one_line
 from servekit.files import atomic_write_text
 from servekit.serving.oip_service import DEFAULT_HTTP_PORT
-from servekit.serving.processes import command_line, stop_verified, verified_pid
+from servekit.serving.processes import command_line, stop_recorded, verified_pid
 from servekit.serving.server import BASE_CONFIG, read_properties
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -256,12 +256,7 @@ class PrometheusServer:
 
     def stop(self, timeout: float = 15.0) -> bool:
         """Stop our Prometheus (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
-        pid = self.running_pid()
-        if pid is None:
-            return False
-        stop_verified(pid, self.fragments, timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return stop_recorded(self.pid_file, self.fragments, timeout, self.warn)
 
     # ------------------------------------------------------------------ queries
     def ready(self) -> bool:

@@ -244,6 +244,24 @@ def free_port() -> int:
     raise OSError("no free loopback port that was not handed out already")
 
 
+def stop_recorded(pid_file: Path, fragments: Sequence[str], timeout: float,
+                  warn: Callable[[str], None] = _warn) -> bool:  # fmt: skip
+    """Stop the process ``pid_file`` names, only if its command line holds ``fragments`` (SIGTERM, then SIGKILL
+    after ``timeout`` s), and remove the file; False when none of ours was running."""
+    pid = verified_pid(pid_file, fragments, warn=warn)
+    if pid is None:
+        return False
+    stop_verified(pid, fragments, timeout)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def release_own_pid_file(pid_file: Path) -> None:
+    """Remove ``pid_file`` when it names this process (a companion leaving with its nginx): no stale file."""
+    if read_pid(pid_file) == os.getpid():
+        pid_file.unlink(missing_ok=True)
+
+
 class Companion:
     """A helper process of the nginx under ``self.prefix`` (log keeper, span shipper), found by its pid file there
     and signalled only when its command line holds ``fragments``. A subclass names its module, pid file,
@@ -287,9 +305,4 @@ class Companion:
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop our process (SIGTERM, then SIGKILL after ``timeout`` s); False when it was not running."""
-        pid = self.running_pid()
-        if pid is None:
-            return False
-        stop_verified(pid, self.fragments, timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return stop_recorded(self.pid_file, self.fragments, timeout, self.warn)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import signal
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from servekit.errors import ServekitError
 from servekit.serving.nginx import NginxInstance
-from servekit.serving.processes import Companion, owned_pid, read_pid
+from servekit.serving.processes import Companion, owned_pid, release_own_pid_file
 from servekit.serving.tracing import HOPS, SpanLogShipper
 
 __all__ = ["PID_FILE", "SpanShipperError", "SpanShipperProcess"]
@@ -134,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     nginx = NginxInstance(args.prefix)
     run(args.interval, lambda: owned_pid(nginx.pid_file, nginx.master_fragments) is not None, stop)
     shipper.stop()  # its last round ships what is left
-    pid_file = args.prefix / PID_FILE
-    if read_pid(pid_file) == os.getpid():  # gone with nginx: leave no stale pid file behind
-        pid_file.unlink(missing_ok=True)
+    release_own_pid_file(args.prefix / PID_FILE)  # gone with nginx: leave no stale pid file behind
     return 0
 
 
