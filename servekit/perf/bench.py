@@ -56,7 +56,14 @@ from servekit.perf import (
     peers,  # issue 25: model only, beside ONNX Runtime and OpenVINO
     trace_load,  # issue 24: span export on vs off
 )
-from servekit.perf.overhead import counter_bar, counter_cost_us, metrics_overhead, overhead_bar, with_counter_share
+from servekit.perf.overhead import (
+    counter_bar,
+    counter_cost_us,
+    metrics_overhead,
+    overhead_bar,
+    rounds_note,
+    with_counter_share,
+)
 from servekit.perf.photos import camera_jpeg, decode_ceiling
 from servekit.perf.resnet18 import SPEC_TEMPLATE, WEIGHTS_FILE, WEIGHTS_NOTE, WORKDIR, make_weights
 from servekit.perf.stats import percentile
@@ -970,7 +977,10 @@ def write_markdown(result: dict, path: Path) -> None:
         for mode in ("on", "off"):
             rates = ", ".join(str(r["rps"]) for r in overhead["runs"][mode])
             lines.append(f"| {mode} | {rates} | {overhead[f'rps_{mode}']} |")
-        lines += ["", f"On over off: {overhead['on_over_off']} (overhead {overhead['overhead']:.1%})."]
+        lines += [
+            "",
+            f"On over off: {overhead['on_over_off']} (overhead {overhead['overhead']:.1%}){rounds_note(overhead)}.",
+        ]
         if overhead.get("counter_share") is not None:
             lines += [
                 "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from servekit.perf.soak import Result, latency_comparison, per_second, phase_p99, scaling_window
@@ -728,3 +730,58 @@ def test_the_tracing_off_path_is_timed_on_a_handler_without_a_tracer() -> None:
 
     seconds = trace_load.off_path_seconds(calls=20_000)
     assert 0 < seconds < 1e-5  # two attribute checks: nanoseconds, not microseconds
+
+
+def test_an_on_off_comparison_runs_rounds_of_the_order_and_judges_the_median_round(monkeypatch) -> None:
+    """Full runs repeat (on, off, off, on) in rounds of half-length runs; one disturbed round does not decide."""
+    from servekit.perf import overhead
+    from servekit.perf.sweep import Target
+
+    started: list[str] = []
+
+    class FakeServer:
+        def __init__(self, *, workdir, env, **_):
+            self.mode = Path(workdir).name.rsplit("_", 1)[1]
+            self.env = env
+
+        def start(self):
+            started.append(self.mode)
+
+        def stop(self):
+            started.remove(self.mode)
+
+        def client(self, timeout):
+            mode = self.mode
+
+            class Client:
+                def manage(self, *args, **kwargs):
+                    return None
+
+                def url(self, kind, path):
+                    return f"{mode}{path}"
+
+                def token(self, kind):
+                    return "t"
+
+            return Client()
+
+    calls: list[tuple[str, float]] = []
+    # per round, on and off rates: round 3 is disturbed while the server with the feature on ran
+    rates = {"on": iter([97.0, 97.0, 98.0, 98.0, 60.0, 60.0, 99.0, 99.0]), "off": iter([100.0] * 8)}
+
+    def fake_hey(url, token, body, concurrency, seconds, bound, **kwargs):
+        mode = "on" if url.startswith("on") else "off"
+        calls.append((mode, seconds))
+        return {"rps": 50.0 if seconds == overhead.WARMUP_SECONDS else next(rates[mode]), "p99_ms": 1.0, "errors": 0}
+
+    monkeypatch.setattr(overhead, "TorchServeProcess", FakeServer)
+    target = Target("m", "1.0", "m_v1.0.mar")
+    result = overhead.switch_overhead(Path("/nowhere"), Path("/store"), target, Path("/photo"), 16, 10.0, False,
+                                      fake_hey, lambda line: None, name="x", envs={"on": {}, "off": {}})  # fmt: skip
+    measured = [c for c in calls if c[1] != overhead.WARMUP_SECONDS]
+    assert measured == [(mode, 5.0) for _ in range(overhead.ROUNDS) for mode in overhead.ORDER]
+    assert result["round_ratios"] == [0.97, 0.98, 0.6, 0.99]
+    assert result["on_over_off"] == 0.975  # the median round, where the mean of all runs says 0.885
+    assert result["rps_on"] == 88.5
+    assert started == []  # both servers stopped
+    assert "the median of 4 rounds' ratios (0.97, 0.98, 0.6, 0.99; runs of 5.0 s)" in overhead.rounds_note(result)
