@@ -59,6 +59,7 @@ from servekit.perf import (
 from servekit.perf.overhead import (
     counter_bar,
     counter_cost_us,
+    cpu_note,
     metrics_overhead,
     overhead_bar,
     rounds_note,
@@ -981,6 +982,8 @@ def write_markdown(result: dict, path: Path) -> None:
             "",
             f"On over off: {overhead['on_over_off']} (overhead {overhead['overhead']:.1%}){rounds_note(overhead)}.",
         ]
+        if cpu_note(overhead):
+            lines += ["", cpu_note(overhead)]
         if overhead.get("counter_share") is not None:
             lines += [
                 "",

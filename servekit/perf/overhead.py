@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from handlers.cpu_budget import ENV_REGISTRY
 from handlers.metrics import SWITCH
 from servekit.perf.sweep import Target
@@ -92,7 +94,13 @@ def switch_overhead(
             client = servers[mode].client(timeout=120)
             url = client.url("inference", f"/predictions/{target.model}/{target.version}")
             token = client.token("inference")
-            return run_hey(url, token, photo, concurrency, seconds, bound, content_type=content_type)
+            before = process_cpu(servers[mode].process.pid)
+            run = run_hey(url, token, photo, concurrency, seconds, bound, content_type=content_type)
+            after = process_cpu(servers[mode].process.pid)
+            if run.get("requests"):
+                run["cpu_us_per_request"] = {part: round((after[part] - before[part]) * 1e6 / run["requests"], 1)
+                                             for part in after}  # fmt: skip
+            return run
 
         if not quick:  # the frontends' JIT warms up on unmeasured load first: the first run is not the slowest
             for mode in ("on", "off"):
@@ -117,16 +125,61 @@ def switch_overhead(
             server.stop()
     mean = {mode: sum(r["rps"] for r in rs) / len(rs) for mode, rs in runs.items()}
     ratio = round(statistics.median(round_ratios), 3) if round_ratios else None
+    cpu = {mode: mean_cpu(rs) for mode, rs in runs.items()}
     return {
         "description": f"{target.archive}, /predictions at c={concurrency}, {name} on vs off, order {', '.join(ORDER)}",
         "runs": runs,
         "round_ratios": round_ratios,  # on/off per round of ORDER; on_over_off is their median
         "run_seconds": None if quick else round(each, 1),
+        # the server's own CPU per answered request (frontend, workers), mean of the measured runs
+        "served_cpu_us": cpu,
+        "cpu_on_over_off": round(sum(cpu["on"].values()) / sum(cpu["off"].values()), 3)
+        if cpu["on"] and cpu["off"]
+        else None,
         "rps_on": round(mean["on"], 1),
         "rps_off": round(mean["off"], 1),
         "on_over_off": ratio,
         "overhead": round(1 - ratio, 3) if ratio is not None else None,
     }
+
+
+def process_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a TorchServe's processes: its Java frontend, and its workers
+    (with the launcher, which sleeps). A process gone meanwhile no longer counts; a run's figure is a difference."""
+    totals = {"frontend": 0.0, "workers": 0.0}
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return totals
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            totals["frontend" if process.name() == "java" else "workers"] += times.user + times.system
+        except psutil.Error:
+            continue
+    return totals
+
+
+def mean_cpu(runs: list[dict]) -> dict[str, float]:
+    """The mean of the runs' ``cpu_us_per_request`` per part; empty when no run has one."""
+    measured = [r["cpu_us_per_request"] for r in runs if r.get("cpu_us_per_request")]
+    if not measured:
+        return {}
+    return {part: round(sum(m[part] for m in measured) / len(measured), 1) for part in measured[0]}
+
+
+def cpu_note(result: dict) -> str:
+    """The server's CPU per request with the feature on and off, for a report; empty when not measured."""
+    cpu = result.get("served_cpu_us") or {}
+    if not cpu.get("on") or not cpu.get("off"):
+        return ""
+    parts = "; ".join(f"{mode}: frontend {cpu[mode]['frontend']:.0f} µs, workers {cpu[mode]['workers']:.0f} µs"
+                      for mode in ("on", "off"))  # fmt: skip
+    return (
+        f"The server's own CPU per answered request (its process tree, mean of the measured runs): {parts}; "
+        f"on over off {result.get('cpu_on_over_off')}."
+    )
 
 
 def rounds_note(result: dict) -> str:

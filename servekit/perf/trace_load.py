@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from handlers.tracing import ENDPOINT_ENV
-from servekit.perf.overhead import rounds_note, switch_overhead
+from servekit.perf.overhead import cpu_note, rounds_note, switch_overhead
 from servekit.perf.sweep import Target
 
 MAX_TRACING_COST = 0.05  # issue 24: tracing on costs at most 5 % of req/s
@@ -132,6 +132,8 @@ def markdown(result: dict | None) -> list[str]:
     exported = f"{result['otlp_exports']} exports ({result['otlp_bytes']} bytes)"
     lines += ["", f"On over off: {result['on_over_off']}{rounds_note(result)}; the sink received {exported} from the "
               "server with tracing on."]  # fmt: skip
+    if cpu_note(result):
+        lines += ["", cpu_note(result)]
     if result.get("off_share") is not None:
         lines += ["", f"Off: the worker's tracing checks take {result['off_path_ns_per_request']} ns per request, "
                   f"{result['off_share']:.5%} of the {result['cpu_us_per_request']} µs of CPU a request had in the "

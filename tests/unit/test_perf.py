@@ -733,7 +733,8 @@ def test_the_tracing_off_path_is_timed_on_a_handler_without_a_tracer() -> None:
 
 
 def test_an_on_off_comparison_runs_rounds_of_the_order_and_judges_the_median_round(monkeypatch) -> None:
-    """Full runs repeat (on, off, off, on) in rounds of half-length runs; one disturbed round does not decide."""
+    """Full runs repeat (on, off, off, on) in rounds of half-length runs; one disturbed round does not decide;
+    the servers' own CPU per request is reported beside the rates."""
     from servekit.perf import overhead
     from servekit.perf.sweep import Target
 
@@ -743,6 +744,7 @@ def test_an_on_off_comparison_runs_rounds_of_the_order_and_judges_the_median_rou
         def __init__(self, *, workdir, env, **_):
             self.mode = Path(workdir).name.rsplit("_", 1)[1]
             self.env = env
+            self.process = type("P", (), {"pid": 1 if self.mode == "on" else 2})()
 
         def start(self):
             started.append(self.mode)
@@ -772,9 +774,20 @@ def test_an_on_off_comparison_runs_rounds_of_the_order_and_judges_the_median_rou
     def fake_hey(url, token, body, concurrency, seconds, bound, **kwargs):
         mode = "on" if url.startswith("on") else "off"
         calls.append((mode, seconds))
-        return {"rps": 50.0 if seconds == overhead.WARMUP_SECONDS else next(rates[mode]), "p99_ms": 1.0, "errors": 0}
+        rps = 50.0 if seconds == overhead.WARMUP_SECONDS else next(rates[mode])
+        return {"rps": rps, "requests": 100, "p99_ms": 1.0, "errors": 0}
+
+    # the server's CPU so far: each run of "on" costs its workers 10 % more than "off"'s
+    spent = {1: {"frontend": 0.0, "workers": 0.0}, 2: {"frontend": 0.0, "workers": 0.0}}
+
+    def fake_cpu(pid):
+        now = dict(spent[pid])
+        spent[pid]["frontend"] += 0.001
+        spent[pid]["workers"] += 0.011 if pid == 1 else 0.010
+        return now
 
     monkeypatch.setattr(overhead, "TorchServeProcess", FakeServer)
+    monkeypatch.setattr(overhead, "process_cpu", fake_cpu)
     target = Target("m", "1.0", "m_v1.0.mar")
     result = overhead.switch_overhead(Path("/nowhere"), Path("/store"), target, Path("/photo"), 16, 10.0, False,
                                       fake_hey, lambda line: None, name="x", envs={"on": {}, "off": {}})  # fmt: skip
@@ -784,4 +797,35 @@ def test_an_on_off_comparison_runs_rounds_of_the_order_and_judges_the_median_rou
     assert result["on_over_off"] == 0.975  # the median round, where the mean of all runs says 0.885
     assert result["rps_on"] == 88.5
     assert started == []  # both servers stopped
+    assert result["served_cpu_us"] == {"on": {"frontend": 10.0, "workers": 110.0},
+                                       "off": {"frontend": 10.0, "workers": 100.0}}  # fmt: skip
+    assert result["cpu_on_over_off"] == 1.091
+    assert "on: frontend 10 µs, workers 110 µs; off: frontend 10 µs, workers 100 µs; on over off 1.091" in (
+        overhead.cpu_note(result)
+    )
     assert "the median of 4 rounds' ratios (0.97, 0.98, 0.6, 0.99; runs of 5.0 s)" in overhead.rounds_note(result)
+
+
+def test_a_servers_cpu_is_read_from_its_process_tree_frontend_apart() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from servekit.perf import overhead
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    parent = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', sys.argv[1]])\ntime.sleep(30)"
+    root = subprocess.Popen([sys.executable, "-c", parent, busy])  # a launcher and a busy worker under it
+    try:
+        deadline = time.monotonic() + 20
+        while overhead.process_cpu(root.pid)["workers"] < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        totals = overhead.process_cpu(root.pid)
+        assert totals["workers"] >= 0.3  # the child's CPU counts: the tree is read, not the root alone
+        assert totals["frontend"] == 0.0  # no Java frontend among them
+    finally:
+        for process in overhead.psutil.Process(root.pid).children(recursive=True):
+            process.kill()
+        root.kill()
+        root.wait()
+    assert overhead.process_cpu(root.pid) == {"frontend": 0.0, "workers": 0.0}  # gone: nothing counted
