@@ -24,6 +24,7 @@ from handlers.cpu_budget import (
     process_start_time,
     share,
 )
+from tests.processes import sleeping_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,15 +112,8 @@ def test_share(budget: int, spec: list, expected: dict[int, int]) -> None:
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(["sleep", "30"])
-    deadline = time.monotonic() + 10
-    while process_start_time(process.pid) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
+    with sleeping_process(30) as process:
         yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 def test_registry_drops_dead_and_reused_pids(tmp_path: Path, sleeper: subprocess.Popen) -> None:

@@ -22,6 +22,7 @@ from servekit.serving.logkeeper import (
 )
 from servekit.serving.nginx import NginxInstance
 from servekit.serving.processes import pid_matches
+from tests.processes import sleeping_process, wait_for
 
 # A stand-in for nginx's master: the command line nginx gives itself, and a file written on SIGHUP.
 FAKE_MASTER = (
@@ -33,22 +34,8 @@ FAKE_MASTER = (
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(["sleep", "300"])
-    time.sleep(0.1)  # let it exec
-    try:
+    with sleeping_process() as process:
         yield process
-    finally:
-        process.kill()
-        process.wait()
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_rotate_shifts_the_backups_keeps_n_and_never_writes_through_a_link(tmp_path: Path) -> None:

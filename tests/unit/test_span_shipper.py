@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from servekit.serving.processes import pid_matches
 from servekit.serving.span_shipper import READY, SpanShipperError, SpanShipperProcess
 from servekit.serving.tracing import SPAN_LOG
 from tests.otlp_receiver import otlp_receiver
+from tests.processes import sleeping_process, wait_for
 
 pytestmark = pytest.mark.unit
 
@@ -23,22 +23,8 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen]:
-    process = subprocess.Popen(["sleep", "300"])
-    time.sleep(0.1)  # let it exec
-    try:
+    with sleeping_process() as process:
         yield process
-    finally:
-        process.kill()
-        process.wait()
-
-
-def wait_for(condition, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def line(span: str) -> bytes:

@@ -18,20 +18,14 @@ from servekit.deploy.proxy import NginxProxy
 from servekit.deploy.state_lock import StateLock, StateLockError
 from servekit.files import atomic_write_text
 from servekit.serving.processes import pid_matches, signal_if_matches, verified_pid
+from tests.processes import sleeping_process
 
 
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen]:
     """An unrelated process of ours, for a stale pid file to point at; SIGHUP, SIGQUIT or SIGTERM would end it."""
-    process = subprocess.Popen(["sleep", "300"])
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{process.pid}/cmdline").read_bytes() != b"sleep\x00300\x00" and time.monotonic() < deadline:
-        time.sleep(0.01)  # until it has exec'd: before that its command line is ours
-    try:
+    with sleeping_process() as process:
         yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 # ------------------------------------------------------------------------------------------ lock
