@@ -202,16 +202,17 @@ def test_ctrl_c_mid_step_leaves_no_canary_and_the_default(cli, traffic: Traffic,
 
 
 def test_a_good_version_is_walked_through_every_step_and_promoted(cli, traffic: Traffic) -> None:
-    # The walk is under test, not the latency gate (test_a_slow_version_fails_the_p99_ratio has it): two
-    # copies of one model can differ 1.8x in p99 over 20 requests when the suite's other processes load
-    # the machine, so the gate is 3 here, as in the metrics-source test below.
-    result = cli("rollout", "digits", "2.0", *FAST, "--max-p99-ratio", "3")
+    # The walk is under test, not the latency gate (test_a_slow_version_fails_the_p99_ratio has it): the p99
+    # of 10-20 canary requests is their slowest, and one request slowed by the suite's other processes put a
+    # good copy of the model at 7.6x the default's in CI (144 against 19 ms; 1.8x earlier), so the gate is
+    # 20 here, as in the metrics-source test below.
+    result = cli("rollout", "digits", "2.0", *FAST, "--max-p99-ratio", "20")
     assert result.returncode == 0, result.stderr
     print(result.stdout)  # docs/operating.md's transcript ("Rolling out a version")
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "rollout digits 2.0: default 1.0, steps 25,100%, figures from proxy-log"
     assert lines[1] == (
-        "settings: steps 25,100 (flag), step_seconds 5 (flag), max_error_rate 0.01 (spec), max_p99_ratio 3 "
+        "settings: steps 25,100 (flag), step_seconds 5 (flag), max_error_rate 0.01 (spec), max_p99_ratio 20 "
         "(flag), min_requests 10 (flag), max_wait_factor 4 (spec), max_drift off (default)"
     )
     assert "-> advance" in lines[2]

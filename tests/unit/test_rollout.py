@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -395,7 +396,16 @@ def test_a_real_signal_mid_step_aborts_cleanly_even_when_sigint_was_inherited_ig
 ) -> None:
     """A rollout started from a background job inherits SIGINT ignored; kill (SIGTERM) must not leave the canary."""
     deployer, clock, events = FakeDeployer(tmp_path), FakeClock(), []
-    clock.on_sleep = lambda sleeps: os.kill(os.getpid(), signum) if sleeps == 15 else None  # in the second step
+
+    def interrupt(sleeps: int) -> None:  # in the second step
+        if sleeps == 15:
+            # To the main thread itself, where the rollout's handler runs: a signal sent to the process may
+            # reach another of its threads (xdist's, a library's) later, after the rollout has ended and
+            # restored the default action, which then ends the test process (CI, twice).
+            assert signum not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "the signal is blocked here"
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    clock.on_sleep = interrupt
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with pytest.raises(RolloutAborted, match=rf"aborted at 50%: interrupted \({name}\)") as raised:
