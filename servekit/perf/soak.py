@@ -192,6 +192,10 @@ class OpenLoop:
 
 
 # ----------------------------------------------------------------------------------------- scaling
+SCALE_RETRIES = 1  # a scaling call TorchServe answers with 500 is sent once more (see Scaler.scale)
+SCALE_RETRY_PAUSE_S = 1.0
+
+
 class Scaler:
     """Scales one version beside the load, on the load's clock, and samples its workers once a second."""
 
@@ -209,15 +213,32 @@ class Scaler:
         return sum(w["status"] == "READY" for w in self.describe()["workers"])
 
     def scale(self, min_workers: int, max_workers: int) -> dict:
+        """Set the worker range; a 500 is retried once (``SCALE_RETRIES``), and every attempt is kept.
+
+        TorchServe 0.12 can answer a scale-down with 500 when a worker it stops still has a batch in
+        flight (a ``ConcurrentModificationException`` in its ``BatchAggregator.sendError``). The call
+        sets a range, so repeating it is safe; the event's ``status`` is the last attempt's, and
+        ``attempts`` keeps every answer so the report shows that TorchServe needed a second call.
+        """
         started = time.monotonic()
         path = f"/models/{self.model}/{self.version}?min_worker={min_workers}&max_worker={max_workers}&synchronous=true"
-        response = self.client.call("management", "PUT", path, timeout=300)
-        answer = response.json()
+        attempts = []
+        for attempt in range(1 + SCALE_RETRIES):
+            if attempt:
+                time.sleep(SCALE_RETRY_PAUSE_S)
+            response = self.client.call("management", "PUT", path, timeout=300)
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = {"message": response.text[:200]}
+            attempts.append({"status": response.status_code, "message": answer.get("status") or answer.get("message")})
+            if response.status_code != 500:
+                break
         return {
             "min_workers": min_workers,
             "max_workers": max_workers,
-            "status": response.status_code,
-            "message": answer.get("status") or answer.get("message"),
+            **attempts[-1],
+            "attempts": attempts,
             "seconds": round(time.monotonic() - started, 2),
         }
 
@@ -242,7 +263,10 @@ class Scaler:
         event["t_end"] = self.elapsed()
         event["ready_workers_after"] = self.ready_workers()
         self.events.append(event)
-        print(f"soak: scaled {key} at t={event['t_start']}s: {event['status']} {event['message']}", flush=True)
+        print(
+            f"soak: scaled {key} at t={event['t_start']}s: {event['status']} {event['message']}{retried(event)}",
+            flush=True,
+        )
 
     def sample_workers(self, t: float) -> None:
         """Record the worker count at second ``t`` in the background (the load must not wait for it)."""
@@ -257,6 +281,12 @@ class Scaler:
 
 
 # ----------------------------------------------------------------------------------------- report
+def retried(event: dict) -> str:
+    """``" (after 500: <message>)"`` when TorchServe needed the call repeated; empty otherwise."""
+    earlier = event.get("attempts", [])[:-1]
+    return "".join(f" (after {a['status']}: {a['message']})" for a in earlier)
+
+
 def per_second(results: list[Result], seconds: float, workers: dict[int, int]) -> list[dict]:
     rows = []
     for second in range(math.ceil(seconds)):
@@ -537,7 +567,7 @@ def summary(report: dict) -> str:
         lines.append(
             f"scale {event['action']} (min {event['min_workers']}, max {event['max_workers']}) at "
             f"t={event['t_start']}s: {event['status']} in {event['seconds']}s, "
-            f"{event['ready_workers_after']} READY workers after"
+            f"{event['ready_workers_after']} READY workers after{retried(event)}"
         )
     if report["aborted"]:
         lines.append(f"aborted: {report['aborted']}")

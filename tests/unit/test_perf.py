@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from servekit.perf.soak import Result, latency_comparison, per_second, phase_p99, scaling_window
+from servekit.perf import soak
+from servekit.perf.soak import Result, Scaler, latency_comparison, per_second, phase_p99, retried, scaling_window
 from servekit.perf.stats import ms, percentile
 
 
@@ -78,6 +79,58 @@ def test_per_second_buckets_by_due_time() -> None:
     ]
     assert (rows[0]["p50_ms"], rows[0]["p99_ms"], rows[0]["max_ms"]) == (20.0, 40.0, 40.0)
     assert rows[1]["p50_ms"] is None
+
+
+class _Answer:
+    def __init__(self, status: int, body: dict) -> None:
+        self.status_code, self._body, self.text = status, body, str(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+class _ScalingClient:
+    """Answers each PUT with the next of ``statuses`` and records the paths it was sent."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses, self.paths = list(statuses), []
+
+    def call(self, kind: str, method: str, path: str, **kwargs) -> _Answer:
+        assert (kind, method) == ("management", "PUT")
+        self.paths.append(path)
+        status = self.statuses.pop(0)
+        message = "Workers scaled" if status == 200 else "java.util.ConcurrentModificationException"
+        return _Answer(status, {"status": message} if status == 200 else {"code": status, "message": message})
+
+
+def test_a_scaling_call_answered_500_is_sent_once_more_and_both_answers_are_kept(monkeypatch) -> None:
+    monkeypatch.setattr(soak, "SCALE_RETRY_PAUSE_S", 0.0)
+    client = _ScalingClient(500, 200)
+    event = Scaler(client, "m", "1.0").scale(1, 1)
+    assert len(client.paths) == 2
+    assert client.paths[0] == client.paths[1]
+    assert "min_worker=1&max_worker=1&synchronous=true" in client.paths[0]
+    assert event["status"] == 200
+    assert event["message"] == "Workers scaled"
+    assert [a["status"] for a in event["attempts"]] == [500, 200]
+    assert retried(event) == " (after 500: java.util.ConcurrentModificationException)"
+
+
+def test_a_scaling_call_is_retried_only_after_500_and_only_once(monkeypatch) -> None:
+    monkeypatch.setattr(soak, "SCALE_RETRY_PAUSE_S", 0.0)
+    refused = _ScalingClient(400)  # a refusal is an answer: no retry
+    assert Scaler(refused, "m", "1.0").scale(1, 1)["status"] == 400
+    assert len(refused.paths) == 1
+    broken = _ScalingClient(500, 500, 200)  # still 500 after the retry: the call failed
+    event = Scaler(broken, "m", "1.0").scale(2, 2)
+    assert event["status"] == 500
+    assert len(broken.paths) == 2
+    assert broken.statuses == [200]
+    ok = _ScalingClient(200)
+    event = Scaler(ok, "m", "1.0").scale(2, 2)
+    assert event["status"] == 200
+    assert len(ok.paths) == 1
+    assert retried(event) == ""
 
 
 # ------------------------------------------------------------------------------------------ bench: OIP row
