@@ -115,7 +115,10 @@ class Serving:
     """TorchServe settings for one version, written into the archive's model-config.yaml."""
 
     batch_size: int = 1
-    max_batch_delay_ms: int = 10
+    # How long a worker that took a request from an empty queue waits for company. Under load batches fill
+    # from the queue anyway; a longer wait makes the few clients of a moderate load arrive as one batch on
+    # one worker while the other workers idle (docs/performance.md, "The batch delay").
+    max_batch_delay_ms: int = 1
     min_workers: int = 1
     max_workers: int = 1
     response_timeout_s: int = 60
