@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         elif "integration" in parts:
             item.add_marker(pytest.mark.integration)
     items.sort(key=_rank)  # stable: every module keeps its own order
+
+
+# Signals whose handlers code under test installs (the rollout, the companions' and servers' mains). A
+# test that changes one in the runner's process and leaves it changed alters every later test in that
+# process: a pytest-xdist worker once died of a SIGTERM meant for a handler a test had already removed.
+WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """Every test leaves the process's handlers of ``WATCHED_SIGNALS`` as it found them (``signals_restored``)."""
+    with signals_restored():
+        yield
+
+
+@contextlib.contextmanager
+def signals_restored(signals: tuple[signal.Signals, ...] = WATCHED_SIGNALS):
+    """Fails (``pytest.fail``) if the block left a handler of ``signals`` changed, after putting it back, so
+    that later tests in the same process run with the runner's own handlers. Off the main thread: no check."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    yield
+    left = {sig: signal.getsignal(sig) for sig in signals}
+    changed = [sig for sig in signals if left[sig] != before[sig]]
+    for sig in changed:
+        signal.signal(sig, before[sig] if before[sig] is not None else signal.SIG_DFL)
+    if changed:
+        names = ", ".join(f"{sig.name} ({before[sig]!r} -> {left[sig]!r})" for sig in changed)
+        pytest.fail(f"the test left the process's signal handlers changed: {names}; restore them (try/finally)")
 
 
 @pytest.fixture(scope="session")

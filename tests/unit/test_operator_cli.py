@@ -57,7 +57,7 @@ def test_registering_reads_settings_without_torch(repo_root: Path, model_store: 
     settings, torch_loaded = result.stdout.splitlines()
     assert torch_loaded == "False"
     assert json.loads(settings) == {
-        "initial_workers": 1, "batch_size": 8, "max_batch_delay": 5, "response_timeout": 30, "startup_timeout": 120,
+        "initial_workers": 1, "batch_size": 8, "max_batch_delay": 1, "response_timeout": 30, "startup_timeout": 120,
     }  # fmt: skip
 
 

@@ -379,6 +379,39 @@ def test_not_enough_traffic_aborts_after_the_longest_wait(tmp_path: Path) -> Non
     assert deployer.canary_of() is None
 
 
+class StarvedDefaultLog(FakeLog):
+    """A slow canary holding every client: while a canary is set, the default answers nothing."""
+
+    def records(self, since: float, until: float) -> list[LogRecord]:
+        out = super().records(since, until)
+        return [r for r in out if r.target] if self.deployer.canary_of() is not None else out
+
+
+def test_a_step_below_100_percent_waits_for_the_defaults_requests_and_aborts_without_them(tmp_path: Path) -> None:
+    """No latency yardstick, no advance: with the default starved, the step waits its longest and aborts."""
+    deployer, clock, events = FakeDeployer(tmp_path), FakeClock(), []
+    start = clock.now
+    log = StarvedDefaultLog(deployer, rate=20, behaviour={"2.0": (0.0, 0.2)})
+    with pytest.raises(RolloutAborted, match="not enough traffic on the default to compare p99: it had 0 of 20"):
+        rollout(deployer, log, clock, events, max_wait_factor=4).run("digits", "2.0")
+    assert clock.now - start == 40.0  # the canary had its 20 requests at 10 s; the step waited for the default
+    assert deployer.canary_of() is None
+    assert deployer.default == "1.0"
+
+
+def test_the_default_is_needed_only_below_100_percent() -> None:
+    from servekit.deploy.rollout.judging import Figures, analyse
+
+    canary, starved = Figures(requests=30, errors=0, p99_ms=200.0), Figures(requests=3, errors=0, p99_ms=10.0)
+    thresholds = Thresholds(min_requests=20)
+    split = analyse(canary, starved, thresholds, compare=True)
+    assert split.reason == "not enough traffic on the default to compare p99: it had 3 of 20 requests"
+    assert split.p99_ratio is None
+    assert analyse(canary, starved, thresholds, compare=False).passed  # at 100 %: errors alone
+    failing = Figures(requests=30, errors=30, p99_ms=200.0)  # the canary's own failures come first
+    assert analyse(failing, starved, thresholds, compare=True).reason.startswith("canary error rate 100.0%")
+
+
 def test_ctrl_c_mid_step_removes_the_canary_and_exits_130(tmp_path: Path) -> None:
     deployer, clock, events = FakeDeployer(tmp_path), FakeClock(), []
     clock.interrupt_at = 15  # in the second step

@@ -8,7 +8,10 @@ The rules, per step window (``Thresholds``), whatever the source:
   which must not roll a good canary back); when the default has fewer than ``min_requests`` (at
   100 % it has none), its rate from the latest step where it had enough is used;
 * p99 ratio = canary p99 / default p99 must be at most ``max_p99_ratio``; compared only when both
-  sides have ``min_requests`` in the window (at 100 % the last step is judged on errors alone);
+  sides have ``min_requests`` in the window. Below 100 % a step whose default never reached
+  ``min_requests`` within the step's longest wait aborts: a slow canary holds a closed-loop client's
+  requests, so the default gets few exactly when the latency gate matters (at 100 % the last step is
+  judged on errors alone);
 * with ``max_drift``: once the canary has its archive's ``drift_min_samples`` top-1 predictions in
   the window, the PSI of their class mix against the archive's drift reference
   (``servekit.observe.drift``) must be at most ``max_drift``.
@@ -85,8 +88,13 @@ class Analysis:
         return self.reason is None
 
 
-def analyse(canary: Figures, default: Figures, thresholds: Thresholds, baseline: float | None = None) -> Analysis:
+def analyse(
+    canary: Figures, default: Figures, thresholds: Thresholds, baseline: float | None = None, compare: bool = False
+) -> Analysis:
     """Compare the canary's figures with the default's over one window (module docstring rules).
+
+    ``compare``: the step splits traffic (below 100 %), so the p99 ratio must be measured: a default with
+    fewer than ``min_requests`` is a reason not to advance.
 
     ``baseline``: the default's error rate in an earlier step, used when the default has fewer than
     ``min_requests`` in this window (at 100 % it has none): clients' bad inputs, which every version
@@ -104,6 +112,11 @@ def analyse(canary: Figures, default: Figures, thresholds: Thresholds, baseline:
         reason = f"not enough traffic: the canary had {canary.requests} of {thresholds.min_requests} requests"
     elif canary.error_rate > limit:
         reason = f"canary error rate {canary.error_rate:.1%} > {limit:.1%} (default {default_rate:.1%})"
+    elif compare and default.requests < thresholds.min_requests:
+        reason = (
+            f"not enough traffic on the default to compare p99: it had {default.requests} of "
+            f"{thresholds.min_requests} requests"
+        )
     elif ratio is not None and ratio > thresholds.max_p99_ratio:
         reason = (
             f"p99 ratio {ratio:.2f} > {thresholds.max_p99_ratio:g} "

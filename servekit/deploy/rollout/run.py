@@ -275,12 +275,14 @@ class Rollout:
                 if now >= give_up_at:
                     raise _Abort(f"the step's figures could not be read: {exc}") from None
                 continue
-            analysis = analyse(window.canary, window.default, self.thresholds, self._baseline)
+            analysis = analyse(window.canary, window.default, self.thresholds, self._baseline, compare=percent < 100)
             drift = self._drift(window)
             self._status(window={"seconds": round(now - start, 1), **_figures(analysis, drift),
                                  "reason": analysis.reason or (drift.reason if drift else None)},
                          read_error=None)  # fmt: skip
-            enough = analysis.canary.requests >= self.thresholds.min_requests
+            # Below 100 % both sides need min_requests: the default's p99 is the canary's yardstick.
+            needed = (analysis.canary, analysis.default) if percent < 100 else (analysis.canary,)
+            enough = all(side.requests >= self.thresholds.min_requests for side in needed)
             if (now >= ready_at and enough) or now >= give_up_at:
                 return analysis, drift, now - start
 
