@@ -117,7 +117,8 @@ class Serving:
     batch_size: int = 1
     # How long a worker that took a request from an empty queue waits for company. Under load batches fill
     # from the queue anyway; a longer wait makes the few clients of a moderate load arrive as one batch on
-    # one worker while the other workers idle (docs/performance.md, "The batch delay").
+    # one worker while the other workers idle (docs/performance.md, "A longer batch delay makes a moderate
+    # load one batch").
     max_batch_delay_ms: int = 1
     min_workers: int = 1
     max_workers: int = 1
