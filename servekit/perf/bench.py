@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,12 @@ CAMERA_MIN_RATIO = 0.35  # the 4000x3000 rate over the 640x480 rate, INT8
 STOCK_MODEL, STOCK_VERSION = "resnet18_stock", "1.0"
 STOCK_ARCHIVE = archive_name(STOCK_MODEL, STOCK_VERSION)  # <name>_v<version>.mar: the only form the guard registers
 OIP_MIN_RATIO = 0.90  # the bar: OIP binary costs at most 10 % of the req/s of /predictions
+OIP_PAR_RATIO = 0.97  # the bar at every concurrency (issue 25): OIP at par with /predictions
+# The OIP comparison: rounds of /predictions, OIP, OIP, /predictions (full runs: OIP_ROUNDS of them, each run
+# OIP_ROUND_SECONDS at most); the judged ratio is the median of the rounds'. One pair of runs moved 5-7 %
+# between two runs of the same code (2026-12-07), more than the cost being judged.
+OIP_ROUNDS = 3
+OIP_ROUND_SECONDS = 5.0
 TABULAR_MODEL = "breast_cancer"  # in the repository's models.yaml
 TABULAR_RECORDS = 64  # records in one request body
 TABULAR_CONCURRENCY = (4, 16, 64)  # full run; --quick uses --concurrency
@@ -324,14 +331,20 @@ def _short(run: dict) -> dict:
 
 
 def oip_ratio_and_bar(oip: dict, top: int) -> tuple[float | None, dict[str, bool]]:
-    """OIP req/s over /predictions req/s at concurrency ``top``, and the bar on it (>= ``OIP_MIN_RATIO``)."""
+    """OIP req/s over /predictions req/s at concurrency ``top`` (the rounds' median), the bar on it
+    (>= ``OIP_MIN_RATIO``), and the bar at every concurrency (>= ``OIP_PAR_RATIO``)."""
     pair = next(r for r in oip["runs"] if r["concurrency"] == top)
-    ratio = _rps_ratio(pair["oip"], pair["predictions"])
+    ratio = pair["oip_over_predictions"]
     name = (
         f"{oip['variant']} OIP binary c={top} costs at most {1 - OIP_MIN_RATIO:.0%} of req/s "
         f"(>= {OIP_MIN_RATIO:g}x /predictions)"
     )
-    return ratio, {name: ratio is not None and ratio >= OIP_MIN_RATIO}
+    every = [r["oip_over_predictions"] for r in oip["runs"]]
+    par = f"{oip['variant']} OIP binary >= {OIP_PAR_RATIO:g}x /predictions at every concurrency"
+    return ratio, {
+        name: ratio is not None and ratio >= OIP_MIN_RATIO,
+        par: bool(every) and all(r is not None and r >= OIP_PAR_RATIO for r in every),
+    }
 
 
 def serve_variant(
@@ -389,24 +402,25 @@ def serve_variant(
             f"frontend queue wait {run['queue_wait_ms']} ms per request"
         )
         result["runs"].append(run)
-        if oip is not None:  # back to back with the /predictions run just made
-            binary = run_hey(
-                client.url("inference", oip["oip_route"]), token, oip_body, concurrency, seconds, bound,
-                content_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(oip["json_header_bytes"])},
+        if oip is not None:  # rounds of /predictions, OIP, OIP, /predictions right after that run
+            rounds = 1 if quick else OIP_ROUNDS
+            seconds_each = min(seconds, OIP_ROUND_SECONDS)
+            pair = oip_rounds(
+                partial(run_hey, url, token, jpeg_path, concurrency, seconds_each, bound),
+                partial(
+                    run_hey, client.url("inference", oip["oip_route"]), token, oip_body, concurrency, seconds_each,
+                    bound, content_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(oip["json_header_bytes"])},
+                ),
+                rounds,
             )  # fmt: skip
+            binary = pair["oip"]
             log(
                 f"{variant.key} OIP: c={concurrency}: {binary['rps']} req/s, p50 {binary['p50_ms']} ms, "
-                f"p99 {binary['p99_ms']} ms, {binary['errors']} errors of {binary['requests']}"
+                f"p99 {binary['p99_ms']} ms, {binary['errors']} errors of {binary['requests']}; over /predictions "
+                f"{pair['oip_over_predictions']} (median of {rounds} rounds: {[r['ratio'] for r in pair['rounds']]})"
             )
-            oip["runs"].append(
-                {
-                    "concurrency": concurrency,
-                    "predictions": _short(run),
-                    "oip": binary,
-                    "oip_over_predictions": _rps_ratio(binary, run),
-                }
-            )
+            oip["runs"].append({"concurrency": concurrency, **pair})
     if camera is not None:  # a phone photo at the top concurrency, right after the 640x480 runs
         top = max(concurrencies)
         run = run_hey(url, token, camera, top, seconds, 4 * top if quick else None)
@@ -440,6 +454,41 @@ def mean_queue_wait_ms(before: tuple[float, float] | None, after: tuple[float, f
     if before is None or after is None or after[1] <= before[1]:
         return None
     return round((after[0] - before[0]) / (after[1] - before[1]) / 1000.0, 2)
+
+
+def oip_rounds(predictions: Callable[[], dict], binary: Callable[[], dict], rounds: int) -> dict:
+    """``rounds`` rounds of /predictions, OIP, OIP, /predictions: each round's OIP req/s over its /predictions
+    req/s (both runs of each summed), and their median as the comparison's ratio.
+
+    A slow drift of the machine (a neighbour, a frequency change) falls on both sides of a round alike.
+    The first round's first run of each kind stands for the pair in the tables (p50, p99, errors); every
+    OIP run's errors count.
+    """
+    if rounds < 1:
+        raise ValueError("at least one round")
+    firsts: dict[str, dict] = {}
+    rows, errors = [], 0
+    for _ in range(rounds):
+        a1 = predictions()
+        o1, o2 = binary(), binary()
+        a2 = predictions()
+        firsts.setdefault("predictions", a1)
+        firsts.setdefault("oip", o1)
+        errors += o1["errors"] + o2["errors"]
+        base = a1["rps"] + a2["rps"]
+        ratio = round((o1["rps"] + o2["rps"]) / base, 3) if base else None
+        rows.append({"predictions_rps": [a1["rps"], a2["rps"]], "oip_rps": [o1["rps"], o2["rps"]], "ratio": ratio})
+    ratios = sorted(r["ratio"] for r in rows if r["ratio"] is not None)
+    median = None
+    if ratios:
+        middle = len(ratios) // 2
+        median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {
+        "predictions": _short(firsts["predictions"]),
+        "oip": {**firsts["oip"], "errors": errors},
+        "rounds": rows,
+        "oip_over_predictions": None if median is None else round(median, 2),
+    }
 
 
 def _prepare_oip(client: TorchServeClient, variant: Variant, jpeg_path: Path) -> tuple[dict, Path]:
@@ -909,20 +958,23 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [
             "",
             f"## Open Inference Protocol v2, binary tensors ({oip['variant']}: {oip['oip_route']} vs "
-            f"{oip['predictions_route']}, back to back)",
+            f"{oip['predictions_route']}, in rounds of /predictions, OIP, OIP, /predictions)",
             "",
             f"Body: {oip['json_header_bytes']} bytes of JSON header + one BYTES element (4-byte length + the JPEG), "
-            f"{oip['body_bytes']} bytes; binary outputs {', '.join(oip['check']['outputs'])}.",
+            f"{oip['body_bytes']} bytes; binary outputs {', '.join(oip['check']['outputs'])}. The ratio is the "
+            "median of the rounds' (each round: its two OIP runs' req/s over its two /predictions runs'); p50 and "
+            "p99 are the first round's.",
             "",
             "| concurrency | /predictions req/s | p50 ms | p99 ms | OIP req/s | p50 ms | p99 ms | OIP errors "
-            "| OIP / predictions |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| OIP / predictions | rounds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in oip["runs"]:
             a, b = r["predictions"], r["oip"]
+            rounds = ", ".join(str(x["ratio"]) for x in r.get("rounds", []))
             lines.append(
                 f"| {r['concurrency']} | {a['rps']} | {a['p50_ms']} | {a['p99_ms']} | {b['rps']} | {b['p50_ms']} "
-                f"| {b['p99_ms']} | {b['errors']} | {r['oip_over_predictions']} |"
+                f"| {b['p99_ms']} | {b['errors']} | {r['oip_over_predictions']} | {rounds} |"
             )
     tabular = result.get("tabular")
     if tabular:

@@ -63,6 +63,13 @@ def test_quick_bench_serves_every_variant_without_errors(repo_root: Path, tmp_pa
     assert set(report["lone_request"]) >= {"stock", "fp32", "int8"}
     assert report["lone_request"]["fp32"]["in_process_single_ms"] > 0
     assert "fp32 c=1 p50 <= 1.3x in-process single image" in report["bars"]
+    oip = report["oip"]  # OIP v2 binary against /predictions: one round of P, OIP, OIP, P per concurrency
+    assert [r["concurrency"] for r in oip["runs"]] == [1, 4]
+    for pair in oip["runs"]:
+        assert len(pair["rounds"]) == 1
+        assert pair["oip"]["errors"] == 0
+        assert pair["oip_over_predictions"] == pytest.approx(pair["rounds"][0]["ratio"], abs=0.01)
+    assert "int8 OIP binary >= 0.97x /predictions at every concurrency" in report["bars"]
     for key in ("stock", "int8"):  # a 4000x3000 phone photo served next to the 640x480 one
         camera = report["served"][key]["camera_photo"]
         assert (camera["concurrency"], camera["requests"], camera["errors"]) == (4, 16, 0), key
