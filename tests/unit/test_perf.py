@@ -935,3 +935,34 @@ def test_a_servers_cpu_is_read_from_its_process_tree_frontend_apart() -> None:
         root.kill()
         root.wait()
     assert overhead.process_cpu(root.pid) == {"frontend": 0.0, "workers": 0.0}  # gone: nothing counted
+
+
+def test_the_in_process_limit_judges_each_way_by_its_median_round(monkeypatch, tmp_path) -> None:
+    """``rounds`` > 1: both ways of every batch size run that many times, in turn; the median round counts."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    import servekit.perf.bench as bench
+    from servekit.build.spec import load_spec
+
+    spec = load_spec(bench.SPEC_TEMPLATE)[0]
+    calls: list[int] = []
+
+    def program(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        return batch.mean(dim=(2, 3))
+
+    monkeypatch.setattr(bench, "load_model", lambda path, config: program)
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 240), (90, 140, 200)).save(buffer, "JPEG")
+    result = bench.in_process_limit(tmp_path / "unused.pt", spec, buffer.getvalue(), [1, 2], 0.3, rounds=3)
+    assert set(result["rounds"]) == {1, 2}
+    for size in (1, 2):
+        rounds = result["rounds"][size]
+        assert [len(rounds[way]) for way in ("serial", "thread pool")] == [3, 3]
+        way = result["decode"] if size == result["best_batch"] else max(rounds, key=lambda w: sorted(rounds[w])[1])
+        assert result["by_batch"][size] == pytest.approx(sorted(rounds[way])[1], abs=0.11)  # the median of three
+    assert set(calls) == {1, 2}
+    assert bench.in_process_limit(tmp_path / "unused.pt", spec, buffer.getvalue(), [1], 0.1).get("rounds") is None
