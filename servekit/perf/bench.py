@@ -85,8 +85,8 @@ OIP_PAR_RATIO = 0.97  # the bar at every concurrency (issue 25): OIP at par with
 # OIP_ROUND_SECONDS at most); the judged ratio is the median of the rounds'. One pair of runs moved 5-7 %
 # between two runs of the same code (2026-12-07), more than the cost being judged.
 OIP_ROUNDS = 3
-IN_PROCESS_ROUNDS = 3  # full runs: each batch size's two ways in 3 rounds of a third of the time (in_process_limit)
 OIP_ROUND_SECONDS = 5.0
+IN_PROCESS_ROUNDS = 3  # full runs: each batch size's two ways in 3 rounds of a third of the time (in_process_limit)
 TABULAR_MODEL = "breast_cancer"  # in the repository's models.yaml
 TABULAR_RECORDS = 64  # records in one request body
 TABULAR_CONCURRENCY = (4, 16, 64)  # full run; --quick uses --concurrency
@@ -438,7 +438,7 @@ def serve_variant(
             binary = pair["oip"]
             log(
                 f"{variant.key} OIP: c={concurrency}: {binary['rps']} req/s, p50 {binary['p50_ms']} ms, "
-                f"p99 {binary['p99_ms']} ms, {binary['errors']} errors of {binary['requests']}; over /predictions "
+                f"p99 {binary['p99_ms']} ms, {binary['errors']} errors in its {2 * rounds} runs; over /predictions "
                 f"{pair['oip_over_predictions']} (median of {rounds} rounds: {[r['ratio'] for r in pair['rounds']]})"
             )
             oip["runs"].append({"concurrency": concurrency, **pair})
@@ -482,20 +482,21 @@ def oip_rounds(predictions: Callable[[], dict], binary: Callable[[], dict], roun
     req/s (both runs of each summed), and their median as the comparison's ratio.
 
     A slow drift of the machine (a neighbour, a frequency change) falls on both sides of a round alike.
-    The first round's first run of each kind stands for the pair in the tables (p50, p99, errors); every
-    OIP run's errors count.
+    The first round's first run of each kind stands for the pair in the tables (rate, p50, p99); the errors
+    are every run's of that kind.
     """
     if rounds < 1:
         raise ValueError("at least one round")
     firsts: dict[str, dict] = {}
-    rows, errors = [], 0
+    rows, errors = [], {"predictions": 0, "oip": 0}
     for _ in range(rounds):
         a1 = predictions()
         o1, o2 = binary(), binary()
         a2 = predictions()
         firsts.setdefault("predictions", a1)
         firsts.setdefault("oip", o1)
-        errors += o1["errors"] + o2["errors"]
+        errors["predictions"] += a1["errors"] + a2["errors"]
+        errors["oip"] += o1["errors"] + o2["errors"]
         base = a1["rps"] + a2["rps"]
         ratio = round((o1["rps"] + o2["rps"]) / base, 3) if base else None
         rows.append({"predictions_rps": [a1["rps"], a2["rps"]], "oip_rps": [o1["rps"], o2["rps"]], "ratio": ratio})
@@ -505,8 +506,8 @@ def oip_rounds(predictions: Callable[[], dict], binary: Callable[[], dict], roun
         middle = len(ratios) // 2
         median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
     return {
-        "predictions": _short(firsts["predictions"]),
-        "oip": {**firsts["oip"], "errors": errors},
+        "predictions": {**_short(firsts["predictions"]), "errors": errors["predictions"]},
+        "oip": {**firsts["oip"], "errors": errors["oip"]},
         "rounds": rows,
         "oip_over_predictions": None if median is None else round(median, 2),
     }
@@ -852,7 +853,7 @@ def compute_ratios_and_bars(result: dict, top: int) -> None:
     if result.get("oip"):
         ratios["oip_vs_predictions"], oip_bars = oip_ratio_and_bar(result["oip"], top)
         bars.update(oip_bars)
-        runs += [r["oip"] for r in result["oip"]["runs"]]
+        runs += [r[kind] for r in result["oip"]["runs"] for kind in ("predictions", "oip")]
     camera = served["int8"].get("camera_photo")
     if camera is not None:
         ratios["int8_camera_over_640x480"] = camera["over_640x480"]
@@ -988,7 +989,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"Body: {oip['json_header_bytes']} bytes of JSON header + one BYTES element (4-byte length + the JPEG), "
             f"{oip['body_bytes']} bytes; binary outputs {', '.join(oip['check']['outputs'])}. The ratio is the "
             "median of the rounds' (each round: its two OIP runs' req/s over its two /predictions runs'); p50 and "
-            "p99 are the first round's.",
+            "p99 are the first round's, the errors every OIP run's.",
             "",
             "| concurrency | /predictions req/s | p50 ms | p99 ms | OIP req/s | p50 ms | p99 ms | OIP errors "
             "| OIP / predictions | rounds |",

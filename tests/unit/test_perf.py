@@ -342,6 +342,21 @@ def test_oip_rounds_run_abba_and_judge_the_median_round() -> None:
     assert pair["predictions"]["rps"] == 100.0  # the first round's runs
     assert pair["oip"]["rps"] == 98.0
     assert pair["oip"]["errors"] == 6  # every OIP run's errors count
+    assert pair["predictions"]["errors"] == 0
+
+
+def test_an_error_in_any_run_of_the_oip_rounds_fails_the_zero_error_bar() -> None:
+    from servekit.perf.bench import compute_ratios_and_bars, oip_rounds
+
+    answers = iter([_hey(100.0), _hey(100.0), _hey(100.0), _hey(100.0, errors=2)])  # the last /predictions run
+    pair = oip_rounds(lambda: next(answers), lambda: _hey(100.0), 2)
+    assert pair["predictions"]["errors"] == 2
+    result = _fabricated_result(200.0)
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["zero errors in every served run"] is True
+    result["oip"]["runs"][0]["predictions"]["errors"] = pair["predictions"]["errors"]
+    compute_ratios_and_bars(result, 16)
+    assert result["bars"]["zero errors in every served run"] is False
 
 
 def test_oip_rounds_of_an_even_count_take_the_middle_two_and_refuse_none() -> None:
