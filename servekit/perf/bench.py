@@ -500,11 +500,8 @@ def oip_rounds(predictions: Callable[[], dict], binary: Callable[[], dict], roun
         base = a1["rps"] + a2["rps"]
         ratio = round((o1["rps"] + o2["rps"]) / base, 3) if base else None
         rows.append({"predictions_rps": [a1["rps"], a2["rps"]], "oip_rps": [o1["rps"], o2["rps"]], "ratio": ratio})
-    ratios = sorted(r["ratio"] for r in rows if r["ratio"] is not None)
-    median = None
-    if ratios:
-        middle = len(ratios) // 2
-        median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    median = statistics.median(ratios) if ratios else None
     return {
         "predictions": {**_short(firsts["predictions"]), "errors": errors["predictions"]},
         "oip": {**firsts["oip"], "errors": errors["oip"]},
