@@ -64,6 +64,24 @@ BASE_CONFIG = REPO_ROOT / "config.properties"
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 
 
+# libgomp's idle threads spin after every parallel region before they sleep: 300,000 turns by
+# default, several ms of a core. When a lone request ends, the worker's helper thread went on
+# spinning on the core the CPU budget had just lent it (handlers.cpu_budget), while the next
+# request, in the other worker, needed that core: a lone request on a two-worker model answered
+# about 1.4 ms later than on one worker. 20,000 turns still span the gaps between the parallel
+# regions of one inference (docs/performance.md, "Why a second worker cost a lone request 1.5 ms").
+# A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "20000"}
+OPENMP_USER_KEYS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def openmp_env(environ: dict[str, str]) -> dict[str, str]:
+    """The OpenMP settings the workers get: ours, unless ``environ`` already sets how its threads wait."""
+    if any(key in environ for key in OPENMP_USER_KEYS):
+        return {}
+    return dict(OPENMP_ENV)
+
+
 class ServerError(ServekitError):
     """TorchServe could not be started or stopped; the message says why."""
 
@@ -302,6 +320,26 @@ class TorchServeProcess:
             names += snapshot_archives(json.loads(self.props["model_snapshot"]))
         return sorted(set(names))
 
+    def environment(self) -> dict[str, str]:
+        """The environment of TorchServe and (inherited) its workers."""
+        return {
+            **os.environ,
+            **openmp_env({**os.environ, **self.env}),
+            "TMPDIR": str(self.workdir / "tmp"),
+            "TEMP": str(self.workdir / "tmp"),
+            "LOG_LOCATION": str(self.workdir / "logs"),
+            "METRICS_LOCATION": str(self.workdir / "logs"),
+            # Workers run only code unpacked from archives here (servekit.serving.worker_guard).
+            ENV_ROOT: str(self.workdir / "tmp" / "models"),
+            # Every worker's handler metrics, summed by the exporter (servekit.serving.exporter).
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
+            "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
+            # The workers' spans (handlers.tracing); empty: tracing off.
+            OTLP_WORKER_ENV: self.otlp_endpoint or "",
+            **self.env,
+        }
+
     def start(self, timeout: float = 180.0) -> None:
         snapshot = self.apply_snapshot() if self.restore else None
         if self.verify:
@@ -317,22 +355,7 @@ class TorchServeProcess:
         self.management_socket.parent.chmod(0o700)
         self.management_socket.unlink(missing_ok=True)
         self.key_file.unlink(missing_ok=True)
-        env = {
-            **os.environ,
-            "TMPDIR": str(self.workdir / "tmp"),
-            "TEMP": str(self.workdir / "tmp"),
-            "LOG_LOCATION": str(self.workdir / "logs"),
-            "METRICS_LOCATION": str(self.workdir / "logs"),
-            # Workers run only code unpacked from archives here (servekit.serving.worker_guard).
-            ENV_ROOT: str(self.workdir / "tmp" / "models"),
-            # Every worker's handler metrics, summed by the exporter (servekit.serving.exporter).
-            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
-            # The handlers fail an answer over this alone, before the frontend would drop the worker for it.
-            "SERVEKIT_MAX_RESPONSE_SIZE": str(self.props.get("max_response_size", "")),
-            # The workers' spans (handlers.tracing); empty: tracing off.
-            OTLP_WORKER_ENV: self.otlp_endpoint or "",
-            **self.env,
-        }
+        env = self.environment()
         clear_metrics(self.metrics_dir)
         ensure_installed()
         env.pop("TS_CONFIG_FILE", None)  # would win over --ts-config

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from handlers.cpu_budget import ENV_CGROUP_ROOT, ENV_LEND, ENV_REGISTRY, cpu_budget, live_members, share
-from servekit.serving.server import TorchServeProcess
+from servekit.serving.server import OPENMP_ENV, OPENMP_USER_KEYS, TorchServeProcess
 from tests.integration.conftest import Client, running_torchserve
 
 SETTLE_S = 60.0
@@ -107,6 +107,19 @@ def test_threads_follow_scaling_up_down_and_a_killed_worker(
     log = (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
     assert "cpu budget: threads - -> " in log
     assert "live servekit workers share a budget of" in log
+
+
+def test_workers_inherit_the_launchers_short_openmp_spin(
+    server: TorchServeProcess, registry: Path, samples_dir: Path
+) -> None:
+    """The frontend passes the launcher's GOMP_SPINCOUNT on to every worker it starts."""
+    if any(key in os.environ for key in OPENMP_USER_KEYS):
+        pytest.skip("this environment sets how OpenMP threads wait: the launcher keeps it")
+    client = Client(server)
+    counts = settle(client, registry, 1, (samples_dir / "digit_4.png").read_bytes(), cpu_budget().cpus)
+    for pid in counts:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMP_SPINCOUNT={OPENMP_ENV['GOMP_SPINCOUNT']}".encode() in environ, pid
 
 
 def test_threads_follow_the_cgroup_quota(

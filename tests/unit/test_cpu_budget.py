@@ -370,3 +370,26 @@ def test_lending_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cpu_budget.lend_max_requests() == 4
     monkeypatch.setenv(cpu_budget.ENV_LEND_MAX_REQUESTS, "many")
     assert cpu_budget.lend_max_requests() == cpu_budget.LEND_MAX_REQUESTS
+
+
+def test_workers_get_a_short_openmp_spin_unless_the_environment_sets_how_threads_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lent CPU is free when the inference ends only if the helper thread stops spinning soon after."""
+    from servekit.serving.server import OPENMP_ENV, TorchServeProcess
+
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    ours = TorchServeProcess(tmp_path / "a", tmp_path).environment()
+    assert ours["GOMP_SPINCOUNT"] == OPENMP_ENV["GOMP_SPINCOUNT"]
+    assert int(ours["GOMP_SPINCOUNT"]) < 300_000  # libgomp's default, several ms of a core
+
+    given = TorchServeProcess(tmp_path / "b", tmp_path, env={"GOMP_SPINCOUNT": "7"}).environment()
+    assert given["GOMP_SPINCOUNT"] == "7"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = TorchServeProcess(tmp_path / "c", tmp_path).environment()
+    assert passive["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT" not in passive
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000000")
+    assert TorchServeProcess(tmp_path / "d", tmp_path).environment()["GOMP_SPINCOUNT"] == "1000000"
