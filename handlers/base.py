@@ -40,7 +40,7 @@ import torch
 
 from handlers import explain, tracing
 from handlers.config import RuntimeConfig
-from handlers.cpu_budget import CpuBudget, cpu_budget
+from handlers.cpu_budget import CpuBudget, batches_running, cpu_budget
 from handlers.errors import (
     HandlerError,
     InferenceError,
@@ -187,8 +187,11 @@ class BatchHandler:
         self.warm_up_lent()
         if self.explainer:  # loaded and warm at the usual priority (a registration under load must not starve)
             moved = explain.idle_priority()
+            explain.serve_as_pool(explain.IdleGate(batches_running))
             logger.info("explanation pool of %s: %d threads on idle CPU time only (SCHED_IDLE, %d threads "
-                        "moved), outside the CPU budget", self.model_name, threads, moved)  # fmt: skip
+                        "moved; each chunk of an explanation starts once no prediction batch has run for "
+                        "%g ms), outside the CPU budget", self.model_name, threads, moved,
+                        explain.POOL_QUIET_S * 1000)  # fmt: skip
         self.initialized = True
 
     def warm_up(self) -> None:

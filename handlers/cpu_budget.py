@@ -151,6 +151,37 @@ def default_registry() -> Path:
     return base / f"servekit-cpu-{os.getuid()}"
 
 
+def batches_running(registry: Path | None = None) -> bool:
+    """True while some worker of the registry is in a batch, that is, holds a CPU token.
+
+    A worker holds its tokens exclusively from a batch's start to its inference's end. This tries each
+    token with a shared lock, without waiting, and gives it back at once (a worker taking it waits
+    microseconds at most). For explanation pools (``handlers.explain``), which run only on time the
+    prediction workers leave. Without lending no tokens are taken, and this is always False.
+    """
+    folder = default_registry() if registry is None else registry
+    try:
+        paths = [entry.path for entry in os.scandir(folder) if entry.name.startswith(TOKEN_PREFIX)]
+    except OSError:
+        return False
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+        else:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(descriptor)
+    return False
+
+
 def process_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (clock ticks since boot): tells a live pid from a reused one."""
     try:

@@ -219,13 +219,22 @@ def integrated_gradients(
 
     ``deadline`` (``time.monotonic()``): checked before every forward pass Captum makes (the path is
     run in chunks of at most 64 points per input), so a slow explanation stops with 503, not a dead worker.
+    In an explanation pool (``serve_as_pool``) the chunks are of 8 points, and each waits for idle time.
     """
     from captum.attr import IntegratedGradients
 
+    gate = _pool_gate
+    if gate is not None:
+        gate.start()
+
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if gate is not None:  # an explanation pool: each chunk waits for the prediction workers to be idle
+            gate.wait(deadline)
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded("the explanation ran past explain.timeout_s and was stopped: ask for fewer steps")
         return model(x).float()
+
+    chunk = POOL_CHUNK_POINTS if gate is not None else CHUNK_POINTS
 
     target = torch.tensor(targets, dtype=torch.long)
     with torch.inference_mode(False), torch.enable_grad():
@@ -238,7 +247,7 @@ def integrated_gradients(
             target=target,
             n_steps=steps,
             method=INTEGRATION,
-            internal_batch_size=len(targets) * min(steps, 64),
+            internal_batch_size=len(targets) * min(steps, chunk),
         )
         with torch.no_grad():
             both = model(torch.cat([inputs, baselines])).float()
@@ -346,6 +355,63 @@ def idle_priority() -> int:
             os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
             moved += 1
     return moved
+
+
+CHUNK_POINTS = 64  # path points per input in one forward and backward pass
+POOL_CHUNK_POINTS = 8  # in a pool: smaller chunks, so the idle gate is asked often
+POOL_QUIET_S = 0.01  # a pool's chunk starts only once no prediction batch has run for this long
+POOL_POLL_S = 0.001
+
+
+class IdleGate:
+    """A pool's chunk of work starts only on idle time: when no prediction batch has run for ``quiet_s``.
+
+    ``SCHED_IDLE`` alone is not enough. Under load the gaps between prediction batches are real idle
+    time, and a pool that fills them still costs the predictions: their caches, and a context switch
+    each time a prediction thread wakes on a CPU the pool holds. In ``make bench`` the prediction p99
+    doubled. ``busy`` says whether a prediction batch runs now (``handlers.cpu_budget.batches_running``).
+    """
+
+    def __init__(
+        self,
+        busy: Callable[[], bool],
+        quiet_s: float = POOL_QUIET_S,
+        poll_s: float = POOL_POLL_S,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.busy, self.quiet_s, self.poll_s, self.clock, self.sleep = busy, quiet_s, poll_s, clock, sleep
+        self.last_busy = clock()
+        self.waited_s = 0.0
+
+    def start(self) -> None:
+        """A new explanation: it has not yet seen the predictions quiet."""
+        self.last_busy, self.waited_s = self.clock(), 0.0
+
+    def wait(self, deadline: float | None) -> None:
+        began = self.clock()
+        while True:
+            now = self.clock()
+            if self.busy():
+                self.last_busy = now
+            elif now - self.last_busy >= self.quiet_s:
+                self.waited_s += now - began
+                return
+            if deadline is not None and now > deadline:
+                raise DeadlineExceeded(
+                    "the explanation pool found no idle CPU time before explain.timeout_s (the prediction "
+                    "workers were busy): retry later, or send it to the prediction workers"
+                )
+            self.sleep(self.poll_s)
+
+
+_pool_gate: IdleGate | None = None
+
+
+def serve_as_pool(gate: IdleGate | None) -> None:
+    """This process is an explanation pool: every explanation's chunks wait on ``gate`` (None: they do not)."""
+    global _pool_gate
+    _pool_gate = gate
 
 
 def only_explanations(pool: str, model: str) -> InvalidInput:

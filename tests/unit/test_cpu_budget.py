@@ -393,3 +393,21 @@ def test_workers_get_a_short_openmp_spin_unless_the_environment_sets_how_threads
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000000")
     assert TorchServeProcess(tmp_path / "d", tmp_path).environment()["GOMP_SPINCOUNT"] == "1000000"
+
+
+def test_batches_running_is_true_only_while_a_worker_holds_its_cpus(tmp_path: Path, sleeper: subprocess.Popen) -> None:
+    """What an explanation pool asks before each chunk: is some prediction worker in a batch now?"""
+    assert not cpu_budget.batches_running(tmp_path / "nowhere")
+    me, other = pair(tmp_path, sleeper)
+    assert not cpu_budget.batches_running(tmp_path)
+    other.hold_own()  # the other worker's batch begins
+    assert cpu_budget.batches_running(tmp_path)
+    other.release()
+    assert not cpu_budget.batches_running(tmp_path)
+    me.claim(requests=1)  # a lone request borrows every CPU
+    assert cpu_budget.batches_running(tmp_path)
+    me.release()
+    assert not cpu_budget.batches_running(tmp_path)
+    other.hold_own()  # the question itself takes nothing: the workers still get their tokens at once
+    assert other.held
+    other.release()

@@ -421,3 +421,56 @@ print(moved, len(policies), sorted(set(policies.values())) == [os.SCHED_IDLE])
     assert int(moved) >= 2  # the main thread and the one started before
     assert int(threads) >= 3  # and the one started after, which inherited the policy
     assert all_idle == "True"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_pool_chunk_starts_only_once_the_predictions_have_been_quiet_for_a_while() -> None:
+    clock = FakeClock()
+    busy_until = 100.05  # prediction batches run for the first 50 ms
+    gate = explain.IdleGate(lambda: clock() < busy_until, quiet_s=0.01, poll_s=0.001, clock=clock, sleep=clock.sleep)
+    gate.start()
+    gate.wait(deadline=None)
+    # Not at the first idle poll: 10 ms after the last poll that saw a batch (at most one poll before its end).
+    assert clock() >= busy_until - 0.001 + 0.01 - 1e-9
+    assert clock() < busy_until + 0.013
+    started = clock()
+    gate.wait(deadline=None)  # the next chunk of the same explanation, still quiet: at once
+    assert clock() == started
+    gate.start()  # a new explanation has not seen the quiet itself
+    gate.wait(deadline=None)
+    assert clock() >= started + 0.01
+
+
+def test_a_pool_explanation_that_never_finds_idle_time_stops_at_its_deadline() -> None:
+    clock = FakeClock()
+    gate = explain.IdleGate(lambda: True, clock=clock, sleep=clock.sleep)
+    gate.start()
+    with pytest.raises(DeadlineExceeded, match="no idle CPU time"):
+        gate.wait(deadline=clock() + 0.5)
+    assert clock() <= 100.5 + 0.002
+
+
+def test_a_pool_explains_in_small_chunks_each_waiting_on_the_gate() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x, baseline = torch.randn(1, 4), torch.zeros(1, 4)
+    asked: list[int] = []
+    gate = explain.IdleGate(lambda: asked.append(1) or False, quiet_s=0.0)
+    explain.serve_as_pool(gate)
+    try:
+        pooled = explain.integrated_gradients(net, x, baseline, [2], steps=32)
+    finally:
+        explain.serve_as_pool(None)
+    plain = explain.integrated_gradients(net, x, baseline, [2], steps=32)
+    assert len(asked) == 32 // explain.POOL_CHUNK_POINTS  # one question per chunk of 8 points
+    assert torch.allclose(pooled.attributions, plain.attributions, atol=1e-6)
