@@ -68,10 +68,10 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 # default, several ms of a core. When a lone request ends, the worker's helper thread went on
 # spinning on the core the CPU budget had just lent it (handlers.cpu_budget), while the next
 # request, in the other worker, needed that core: a lone request on a two-worker model answered
-# about 1.4 ms later than on one worker. 20,000 turns still span the gaps between the parallel
-# regions of one inference (docs/performance.md, "Why a second worker cost a lone request 1.5 ms").
-# A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "20000"}
+# about 1.2 ms later than on one worker. 100,000 turns end soon enough; 20,000 were as fast at c=1
+# but made the first answer after registration slower (docs/performance.md, "Why a second worker
+# cost a lone request 1.5 ms"). A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "100000"}
 OPENMP_USER_KEYS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
