@@ -382,20 +382,17 @@ class IdleGate:
     ) -> None:
         self.busy, self.quiet_s, self.poll_s, self.clock, self.sleep = busy, quiet_s, poll_s, clock, sleep
         self.last_busy = clock()
-        self.waited_s = 0.0
 
     def start(self) -> None:
         """A new explanation: it has not yet seen the predictions quiet."""
-        self.last_busy, self.waited_s = self.clock(), 0.0
+        self.last_busy = self.clock()
 
     def wait(self, deadline: float | None) -> None:
-        began = self.clock()
         while True:
             now = self.clock()
             if self.busy():
                 self.last_busy = now
             elif now - self.last_busy >= self.quiet_s:
-                self.waited_s += now - began
                 return
             if deadline is not None and now > deadline:
                 raise DeadlineExceeded(
