@@ -59,6 +59,25 @@ LEND_MAX_REQUESTS = 1  # a lone request borrows; a batch of several (load) keeps
 TOKEN_PREFIX, TOKEN_SUFFIX = "cpu-", ".lock"
 
 
+# libgomp's helper threads spin this many turns after a parallel region before they sleep (its default:
+# 300,000, several ms). servekit's launcher sets it for TorchServe, so for every worker: a CPU lent to a
+# lone request is then free soon after that request ends (docs/performance.md, "Why a second worker cost
+# a lone request 1.5 ms"). It must be in the environment before torch loads libgomp: the worker cannot set it.
+SPIN_ENV, SHORT_SPIN = "GOMP_SPINCOUNT", "100000"
+WAIT_ENVS = (SPIN_ENV, "OMP_WAIT_POLICY")  # either one set: the operator chose how OpenMP threads wait
+
+
+def spin_advice(environ: dict[str, str] | os._Environ[str]) -> str | None:
+    """One line for the log of a lending worker started without a spin count of its own (a bare ``torchserve``)."""
+    if any(key in environ for key in WAIT_ENVS):
+        return None
+    return (
+        f"{SPIN_ENV} is not set: after a lone request this worker's OpenMP threads spin for libgomp's default "
+        f"300,000 turns on the CPUs it borrowed, which the next request, in another worker, needs; start "
+        f"TorchServe with {SPIN_ENV}={SHORT_SPIN} (servekit's launcher does)"
+    )
+
+
 def lending() -> bool:
     return os.environ.get(ENV_LEND, "1").strip() != "0"
 

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from handlers.cpu_budget import SHORT_SPIN, SPIN_ENV, WAIT_ENVS
 from servekit.errors import ServekitError
 from servekit.serving.client import TorchServeClient, TorchServeError, read_keys
 from servekit.serving.exporter import clear as clear_metrics
@@ -65,14 +66,14 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 
 
 # libgomp's idle threads spin after every parallel region before they sleep: 300,000 turns by
-# default, several ms of a core. When a lone request ends, the worker's helper thread went on
+# default, several ms of a core. When a lone request ended, the worker's helper thread went on
 # spinning on the core the CPU budget had just lent it (handlers.cpu_budget), while the next
 # request, in the other worker, needed that core: a lone request on a two-worker model answered
 # about 1.2 ms later than on one worker. 100,000 turns end soon enough; 20,000 were as fast at c=1
 # but made the first answer after registration slower (docs/performance.md, "Why a second worker
 # cost a lone request 1.5 ms"). A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "100000"}
-OPENMP_USER_KEYS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+OPENMP_ENV = {SPIN_ENV: SHORT_SPIN}
+OPENMP_USER_KEYS = WAIT_ENVS
 
 
 def openmp_env(environ: dict[str, str]) -> dict[str, str]:

@@ -310,3 +310,32 @@ def test_handler_module_defines_exactly_one_class() -> None:
 
     assert classes == [ImageClassifier]
     assert ImageClassifier.__module__ == module.__name__
+
+
+@pytest.mark.parametrize("environ", [{}, {"GOMP_SPINCOUNT": "100000"}, {"OMP_WAIT_POLICY": "PASSIVE"}])
+def test_a_lending_worker_without_a_spin_count_says_how_to_start_torchserve(
+    environ: dict[str, str],
+    model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bare ``torchserve --start`` leaves libgomp's long spin: the worker's log says what to set."""
+    if cpu_budget.cpu_budget().cpus < 2:
+        pytest.skip("nothing is lent on a budget of one CPU")
+    for key in cpu_budget.WAIT_ENVS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(ENV_REGISTRY, str(tmp_path / "registry"))
+    monkeypatch.setenv(cpu_budget.ENV_LEND, "1")
+    handler = ImageClassifier()
+    with caplog.at_level("WARNING", logger="handlers.base"):
+        handler.initialize(make_context(model_dirs["2.0"]))
+    handler.cpu.unregister()
+    advice = [r.getMessage() for r in caplog.records if "GOMP_SPINCOUNT is not set" in r.getMessage()]
+    if environ:
+        assert advice == []
+    else:
+        assert len(advice) == 1
+        assert "GOMP_SPINCOUNT=100000" in advice[0]
