@@ -25,6 +25,7 @@ from handlers.config import ExplainConfig
 from handlers.errors import DeadlineExceeded, TooManyRequests
 from handlers.image_classifier import ImageClassifier
 from handlers.tabular_classifier import TabularClassifier
+from tests.fake_clock import FakeClock
 from tests.fake_context import FakeContext
 
 pytestmark = pytest.mark.unit
@@ -423,19 +424,8 @@ print(moved, len(policies), sorted(set(policies.values())) == [os.SCHED_IDLE])
     assert all_idle == "True"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def test_a_pool_chunk_starts_only_once_the_predictions_have_been_quiet_for_a_while() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     busy_until = 100.05  # prediction batches run for the first 50 ms
     gate = explain.IdleGate(lambda: clock() < busy_until, quiet_s=0.01, poll_s=0.001, clock=clock, sleep=clock.sleep)
     gate.start()
@@ -452,7 +442,7 @@ def test_a_pool_chunk_starts_only_once_the_predictions_have_been_quiet_for_a_whi
 
 
 def test_a_pool_explanation_that_never_finds_idle_time_stops_at_its_deadline() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     gate = explain.IdleGate(lambda: True, clock=clock, sleep=clock.sleep)
     gate.start()
     with pytest.raises(DeadlineExceeded, match="no idle CPU time"):

@@ -19,6 +19,7 @@ from servekit.deploy.history import History
 from servekit.deploy.state import DeploymentState, DeploymentStore, promotions_to_undo, write_state
 from servekit.deploy.workflows import QUIET_S, Deployer, DeployError
 from servekit.serving.client import TorchServeClient
+from tests.fake_clock import FakeClock
 
 
 @dataclass
@@ -95,17 +96,6 @@ def route(deployer: Deployer, version: str, canary: int = 0, shadow: bool = Fals
     state.model("digits").set_canary(version, canary)
     state.model("digits").set_shadow(version if shadow else None)
     deployer.deployments.save(state)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class GoldenDeployer(Deployer):
