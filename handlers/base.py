@@ -40,7 +40,7 @@ import torch
 
 from handlers import explain, tracing
 from handlers.config import RuntimeConfig
-from handlers.cpu_budget import CpuBudget, batches_running, cpu_budget, spin_advice
+from handlers.cpu_budget import CpuBudget, batches_running, cpu_budget
 from handlers.errors import (
     HandlerError,
     InferenceError,
@@ -167,8 +167,7 @@ class BatchHandler:
             self.cpu = CpuBudget(label=f"{getattr(context, 'model_name', '?')} pid {os.getpid()}", pinned=pinned)
             self.cpu.register()
             threads = self.resize_threads(force=True)
-            advice = spin_advice(os.environ) if self.cpu.lend and not pinned and self.cpu.budget.cpus > 1 else None
-            if advice:
+            if advice := self.cpu.spin_advice():
                 logger.warning("cpu budget: %s", advice)
         started = time.perf_counter()
         self.load(context, self.settings)

@@ -403,6 +403,12 @@ class CpuBudget:
             self.waited_s = time.perf_counter() - began
         return own
 
+    def spin_advice(self, environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+        """``spin_advice`` for a worker that lends (a pinned worker, or a budget of one CPU, lends nothing)."""
+        if not self.lend or self.pinned or self.budget.cpus < 2:
+            return None
+        return spin_advice(environ)
+
     def lendable(self) -> int:
         """The most threads a lone request can get: every flexible CPU."""
         return max(1, flexible_cpus(self.budget.cpus, self._members) if self._members else self.budget.cpus)

@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handlers.cpu_budget import SHORT_SPIN, SPIN_ENV, WAIT_ENVS
 from servekit.errors import ServekitError
 from servekit.serving.client import TorchServeClient, TorchServeError, read_keys
 from servekit.serving.exporter import clear as clear_metrics
@@ -72,8 +71,10 @@ ADDRESS_KEYS = {"inference": "inference_address", "management": "management_addr
 # about 1.2 ms later than on one worker. 100,000 turns end soon enough; 20,000 were as fast at c=1
 # but made the first answer after registration slower (docs/performance.md, "Why a second worker
 # cost a lone request 1.5 ms"). A GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
-OPENMP_ENV = {SPIN_ENV: SHORT_SPIN}
-OPENMP_USER_KEYS = WAIT_ENVS
+# The operator side imports nothing of handlers/: the workers' copy, handlers.cpu_budget.SHORT_SPIN
+# (what a worker started without it advises), is checked against this one by a unit test.
+OPENMP_ENV = {"GOMP_SPINCOUNT": "100000"}
+OPENMP_USER_KEYS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
 def openmp_env(environ: dict[str, str]) -> dict[str, str]:

@@ -376,13 +376,17 @@ def test_workers_get_a_short_openmp_spin_unless_the_environment_sets_how_threads
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lent CPU is free when the inference ends only if the helper thread stops spinning soon after."""
-    from servekit.serving.server import OPENMP_ENV, TorchServeProcess
+    from servekit.serving.server import OPENMP_ENV, OPENMP_USER_KEYS, TorchServeProcess
 
     for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
         monkeypatch.delenv(key, raising=False)
     ours = TorchServeProcess(tmp_path / "a", tmp_path).environment()
     assert ours["GOMP_SPINCOUNT"] == OPENMP_ENV["GOMP_SPINCOUNT"]
     assert int(ours["GOMP_SPINCOUNT"]) < 300_000  # libgomp's default, several ms of a core
+    # What a worker started without it advises is what the launcher sets (two copies: the operator side
+    # imports nothing of handlers/).
+    assert OPENMP_ENV == {cpu_budget.SPIN_ENV: cpu_budget.SHORT_SPIN}
+    assert set(OPENMP_USER_KEYS) == set(cpu_budget.WAIT_ENVS)
 
     given = TorchServeProcess(tmp_path / "b", tmp_path, env={"GOMP_SPINCOUNT": "7"}).environment()
     assert given["GOMP_SPINCOUNT"] == "7"

@@ -261,6 +261,9 @@ class _NoBudget:
     def refresh(self, force: bool = False) -> tuple[int, None]:
         return 1, None
 
+    def spin_advice(self) -> None:
+        return None
+
 
 @pytest.mark.parametrize(
     ("content_type", "body"),
